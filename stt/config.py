@@ -1,0 +1,240 @@
+"""Typed configuration for every part of stt: dataclasses in, YAML and dotted overrides on top.
+
+A run's whole configuration is one `Config`. Files hold a nested mapping with the same
+section names (`model`, `temporal`, `propagation`, ...); command lines add overrides such as
+`temporal.alpha=500` or `propagation.aggregation=per-frame`. Unknown keys are errors, so a typo
+never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The encoder. Stride presets follow DESIGN.md: `stride` is the output stride of res4."""
+
+    arch: str = "resnet18"  # resnet18 | resnet50
+    stride: int = 8  # 8: res3 at 1/4, res4 at 1/8; 4: res3 and res4 at 1/4 (no max-pool, layer3 stride 1)
+    weights: str = "random"  # random | path to a local torchvision ImageNet state dict
+    input_space: str = "rgb"  # rgb (ImageNet-normalised) | lab (normalised Lab, the temporal stage's input)
+
+
+@dataclass
+class SpatialConfig:
+    """Stage 1: MoCo v2-style contrastive learning on still images (DetCo-style local terms optional)."""
+
+    method: str = "moco"  # moco | detco
+    feature_dim: int = 128
+    queue_size: int = 4096
+    momentum: float = 0.999
+    temperature: float = 0.2
+    # Shuffle-BN substitute within one worker: keys are encoded as this many BatchNorm groups of a
+    # shuffled batch, queries as the same number of unshuffled groups (see stt/spatial.py).
+    bn_splits: int = 4
+    image_size: int = 224
+    lr: float = 0.03
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TemporalConfig:
+    """Stage 2 objective: L = L_rec^p + alpha * L_lc^e + beta * L_gc (paper 001, Sec. 3.2-3.3)."""
+
+    rec_levels: tuple[str, ...] = ("res3", "res4")  # ("res4",) is Table 1's first row
+    radius_res3: int = 12
+    radius_res4: int = 6
+    rec_scale: float = 20.0  # smooth-L1 is multiplied by this, per level
+    channel_dropout_scale: float = 1.5  # the kept colour channel is scaled by this
+    alpha: float = 1000.0  # local correlation distillation weight; 0 disables it
+    # How the res3 correlation's 2x2 reference cells merge into one res4 cell for the pseudo-label:
+    # mean (authors' code, RAFT-style avg-pool; pooled rows sum to 1/4) | sum (rows stay distributions)
+    lc_reference_pooling: str = "mean"
+    entropy: str = "neglog"  # neglog (Eq. 6 as printed, authors' code) | shannon | none
+    entropy_threshold: float = 0.7
+    threshold_mode: str = "keep_fraction"  # keep_fraction (per-sample quantile) | absolute
+    beta: float = 50.0  # global correlation distillation weight; 0 disables it
+    teacher_temperature: float = 0.07
+
+
+@dataclass
+class PropagationConfig:
+    """Label propagation, Algorithm 1 of paper 004; defaults are DESIGN.md's DAVIS settings."""
+
+    aggregation: str = "overall"  # overall | per-frame
+    per_frame_norm: str = "before-mask"  # per-frame softmax over the whole frame (UVC) | after-mask (MAST)
+    temperature: float = 0.07
+    topk: int = 10
+    context: int = 20  # previous frames used as context, in addition to the first frame
+    radius: float = 12.0  # in feature cells; 0 disables the spatial window
+    window: str = "square"  # square | circle
+    window_first_frame: bool = True
+    soft_labels: bool = True  # carry soft predictions forward (else one-hot argmax)
+    normalize: bool = True  # L2-normalise features
+    chunk_size: int = 2048  # target positions per chunk in the windowed implementation
+
+
+@dataclass
+class EvalConfig:
+    """Feature extraction for evaluation."""
+
+    layer: str = "res4"
+    max_short_side: int = 480  # frames are fed at native size, downscaled only if taller than this (DAVIS: 480p)
+    vip_size: int = 560
+    jhmdb_size: int = 240
+    batch_size: int = 8
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how training pairs are sampled."""
+
+    root: str = ""  # empty: the embedded synthetic default
+    images: str = ""  # image folder for the spatial stage; empty: frames of `root`
+    crop_size: int = 256
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (1.5, 2.0)
+    frame_gap: int = 1  # in annotated-list steps; YouTube-VOS lists every 5th raw frame
+    data_cpus: float = 1.0  # CPUs of the Ray Data decode/augment actors, kept free of Train workers (stt.data.pipeline)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation schedule of one stage."""
+
+    recipe: str = "spatial-then-temporal"
+    batch_size: int = 16
+    lr: float = 5e-5
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    checkpoint_every: int = 100
+    seed: int = 0
+    log_every: int = 10  # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
+    eval_every: int = 500  # steps between DAVIS J&F evaluations on rank 0 (at a checkpoint); 0 disables them
+    eval_davis_root: str = ""  # the small held-out DAVIS-layout set for those; empty: the embedded synthetic val set
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise naming `where`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or value == "None":
+            return None
+        return _coerce(value, options[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ValueError(f"{where}: expected {len(item_types)} items, got {value!r}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, item_types))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if annotation is int:
+            if number != int(number):
+                raise ValueError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if annotation is str:
+        return str(value)
+    raise TypeError(f"{where}: unsupported field type {annotation!r}")
+
+
+def _update(obj: Any, mapping: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in mapping.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise KeyError(f"unknown config key '{where}' (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            _update(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings in order; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        nested: dict = {}
+        cursor = nested
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        _update(config, nested, "")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A `Config` from defaults, then the YAML file at `path` (if any), then `overrides`."""
+    config = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        mapping = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(mapping).__name__}")
+        _update(config, mapping, "")
+    return apply_overrides(config, overrides or [])
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists), safe for YAML, JSON and `torch.save(weights_only)`."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def from_dict(mapping: dict) -> Config:
+    config = Config()
+    _update(config, mapping, "")
+    return config

@@ -1,0 +1,1 @@
+"""Dataset readers (official layouts), the synthetic generator, and the training data stream."""

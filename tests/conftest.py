@@ -1,0 +1,23 @@
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def davis_real_root() -> Path:
+    """Eight real DAVIS sequences in the official layout, shipped beside the repository."""
+    root = SHARED / "data" / "davis-real"
+    if not root.is_dir():
+        pytest.skip(f"real DAVIS sample not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session: 2 CPUs, as on the smallest laptop."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

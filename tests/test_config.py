@@ -1,0 +1,53 @@
+import pytest
+
+from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
+
+
+def test_defaults_match_design():
+    cfg = Config()
+    assert (cfg.propagation.aggregation, cfg.propagation.temperature, cfg.propagation.topk) == ("overall", 0.07, 10)
+    assert (cfg.propagation.context, cfg.propagation.radius, cfg.propagation.window) == (20, 12.0, "square")
+    assert (cfg.temporal.alpha, cfg.temporal.beta, cfg.temporal.entropy_threshold) == (1000.0, 50.0, 0.7)
+    assert (cfg.temporal.radius_res3, cfg.temporal.radius_res4) == (12, 6)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("temporal:\n  alpha: 500\n  rec_levels: [res4]\npropagation:\n  topk: 5\n")
+    cfg = load_config(path, ["propagation.topk=7", "propagation.window_first_frame=false", "data.crop_scale=[0.5, 0.9]"])
+    assert cfg.temporal.alpha == 500.0 and isinstance(cfg.temporal.alpha, float)
+    assert cfg.temporal.rec_levels == ("res4",)
+    assert cfg.propagation.topk == 7 and cfg.propagation.window_first_frame is False
+    assert cfg.data.crop_scale == (0.5, 0.9)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("temporal.alpah=3", "unknown config key 'temporal.alpah'"),
+        ("propagation.topk=2.5", "propagation.topk: expected an integer"),
+        ("propagation.normalize=maybe", "propagation.normalize: expected true or false"),
+        ("data.crop_scale=[1]", "data.crop_scale: expected 2 items"),
+        ("temporal=3", "temporal: expected a mapping"),
+        ("topk", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises((KeyError, ValueError), match=message.replace("[", r"\[").replace(".", r"\.")):
+        apply_overrides(Config(), [override])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_dict_round_trip_is_plain():
+    cfg = load_config(None, ["temporal.rec_levels=[res4]", "model.arch=resnet50"])
+    plain = to_dict(cfg)
+    assert plain["temporal"]["rec_levels"] == ["res4"]
+    assert from_dict(plain) == cfg
