@@ -1,0 +1,358 @@
+"""python -m stt.evaluate: label propagation on DAVIS-2017, VIP and JHMDB, and exact scoring.
+
+Reads top to bottom in the order the algorithm runs: read frames, extract features (cached),
+downsample the first annotation to the feature grid, propagate, upsample, argmax, save indexed
+PNGs, score.
+
+    python -m stt.evaluate davis --checkpoint CKPT|random|lab:4 --out DIR [--davis-root ROOT] [--set val]
+    python -m stt.evaluate vip   --checkpoint CKPT --out DIR [--vip-root ROOT]
+    python -m stt.evaluate jhmdb --checkpoint CKPT --out DIR [--jhmdb-root ROOT]
+    python -m stt.evaluate score --davis-root ROOT --results DIR [--set val] [--json OUT]
+
+Every subcommand takes `--config FILE.yaml` and trailing dotted overrides such as
+`propagation.topk=5`; with no dataset root it uses the embedded synthetic default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from stt.config import Config, load_config, to_dict
+from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
+from stt.data.synthetic import ensure_dataset
+from stt.features import FeatureCache, FeatureExtractor
+from stt.metrics import confusion_matrix, evaluate_davis_sequence, mean_iou, pck, summarize_davis
+from stt.propagation import downsample_labels, labels_to_mask, propagate, upsample_labels
+
+SUMMARY_KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("STT_CACHE", Path.home() / ".cache" / "stt"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def propagate_video(
+    features: torch.Tensor, first_labels: np.ndarray, num_labels: int, out_size: tuple[int, int], cfg: Config, implementation: str
+) -> np.ndarray:
+    """Propagate the first frame's label map through a video.
+
+    features: T x C x h x w; first_labels: H x W integer ids in [0, num_labels).
+    Returns T x H x W uint8 predicted ids; frame 0 is the given annotation.
+    """
+    grid = tuple(features.shape[-2:])
+    labels = downsample_labels(torch.from_numpy(first_labels.astype(np.int64)), num_labels, grid).to(features)  # L x h x w
+    soft = propagate(features, labels, cfg.propagation, implementation=implementation)  # T x L x h x w
+    masks = torch.stack([labels_to_mask(upsample_labels(s[None], out_size))[0] for s in soft])  # T x H x W
+    masks = masks.to(torch.uint8).cpu().numpy()
+    masks[0] = first_labels
+    return masks
+
+
+def save_indexed_png(mask: np.ndarray, palette: list[int], path: Path) -> None:
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(palette)
+    image.save(path)
+
+
+def save_overlays(frames: np.ndarray, masks: np.ndarray, palette: list[int], out_dir: Path) -> None:
+    """PNG per frame (prediction blended over the frame, object boundaries kept readable) and one GIF."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = np.asarray(palette[: 3 * 256], dtype=np.float32).reshape(-1, 3)
+    blended = []
+    for index, (frame, mask) in enumerate(zip(frames, masks)):
+        colour = colours[mask]
+        alpha = np.where(mask[..., None] > 0, 0.5, 0.0)
+        image = (frame * (1 - alpha) + colour * alpha).round().astype(np.uint8)
+        Image.fromarray(image).save(out_dir / f"{index:05d}.png")
+        blended.append(Image.fromarray(image))
+    blended[0].save(out_dir / "overlay.gif", save_all=True, append_images=blended[1:], duration=100, loop=0)
+
+
+def to_jsonable(value):
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def print_davis_table(summary: dict, rows: list[dict], file=sys.stdout) -> None:
+    print("  ".join(f"{k:>9}" for k in SUMMARY_KEYS), file=file)
+    print("  ".join(f"{summary[k]:9.3f}" for k in SUMMARY_KEYS), file=file)
+    print(f"{'sequence':<28}{'J-Mean':>8}{'F-Mean':>8}", file=file)
+    for row in rows:
+        print(f"{row['sequence'] + '_' + str(row['object']):<28}{row['J-Mean']:8.3f}{row['F-Mean']:8.3f}", file=file)
+
+
+def public_rows(rows: list[dict]) -> list[dict]:
+    return [to_jsonable(row) for row in rows]
+
+
+# ----------------------------------------------------------------------------------------- DAVIS
+def evaluate_davis(
+    root: Path,
+    checkpoint: str,
+    cfg: Config,
+    out: Path | None,
+    *,
+    split: str = "val",
+    resolution: str = "480p",
+    device: str = "auto",
+    feature_cache: Path | None = None,
+    implementation: str = "windowed",
+    overlays: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Propagate every sequence's first mask, save the results layout under `out` (if given) and score.
+
+    Returns the report written to `out/metrics.json`: summary (the seven official keys), one row per
+    (sequence, object), and how many network forward passes ran (0 when every feature was cached).
+    """
+    dataset = DAVIS(root, split=split, resolution=resolution)
+    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+    cache = FeatureCache(feature_cache or default_cache_dir() / "features")
+    rows, started = [], time.perf_counter()
+    for seq in tqdm(dataset.sequences, desc="davis", unit="seq", disable=not progress):
+        frame_paths = dataset.frame_paths(seq)
+        features = cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+        gt = dataset.read_masks(seq)  # T x H x W, 255 = void
+        first = np.where(gt[0] == 255, 0, gt[0])
+        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], cfg, implementation)
+        if out is not None:
+            palette = dataset.palette(seq)
+            (out / seq).mkdir(parents=True, exist_ok=True)
+            for mask, path in zip(pred, dataset.mask_paths(seq)):
+                save_indexed_png(mask, palette, out / seq / f"{path.stem}.png")
+            if overlays:
+                save_overlays(dataset.read_frames(seq), pred, palette, out / "overlays" / seq)
+        rows.extend(evaluate_davis_sequence(gt, pred, seq))
+    report = {
+        "summary": summarize_davis(rows),
+        "rows": public_rows(rows),
+        "checkpoint": checkpoint,
+        "davis_root": str(root),
+        "set": split,
+        "network_calls": extractor.network_calls,
+        "seconds": time.perf_counter() - started,
+        "config": to_dict(cfg),
+    }
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
+    return report
+
+
+def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
+    root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
+    report = evaluate_davis(
+        root, args.checkpoint, cfg, Path(args.out), split=args.set, resolution=args.resolution, device=args.device,
+        feature_cache=args.feature_cache, implementation=args.implementation, overlays=args.overlays,
+    )
+    print_davis_table(report["summary"], report["rows"])
+    return report
+
+
+def read_result_masks(results: Path, seq: str, stems: list[str]) -> np.ndarray:
+    """The official evaluator reads only frames 1..T-2; first and last are filled with zeros (never scored)."""
+    inner = [read_mask(results / seq / f"{stem}.png") for stem in stems[1:-1]]
+    blank = np.zeros_like(inner[0])
+    return np.stack([blank, *inner, blank])
+
+
+def score_davis(davis_root: Path, results: Path, split: str, resolution: str = "480p") -> tuple[dict, list[dict]]:
+    """Score a results folder `results/<seq>/<frame>.png` exactly like the official semi-supervised DAVIS tool."""
+    if not results.is_dir():
+        raise FileNotFoundError(f"results folder {results} does not exist")
+    dataset = DAVIS(davis_root, split=split, resolution=resolution)
+    rows = []
+    for seq in tqdm(dataset.sequences, desc="score", unit="seq"):
+        gt = dataset.read_masks(seq)
+        stems = [p.stem for p in dataset.mask_paths(seq)]
+        pred = read_result_masks(results, seq, stems)
+        if pred.shape[1:] != gt.shape[1:]:
+            raise ValueError(f"{results / seq}: result masks are {pred.shape[1:]}, the ground truth is {gt.shape[1:]}")
+        rows.extend(evaluate_davis_sequence(gt, pred, seq))
+    return summarize_davis(rows), rows
+
+
+def run_score(args: argparse.Namespace, cfg: Config) -> dict:
+    root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
+    summary, rows = score_davis(root, Path(args.results), args.set, args.resolution)
+    print_davis_table(summary, rows)
+    report = {"summary": summary, "rows": public_rows(rows)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_jsonable(report), indent=1))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- VIP
+def resized_frames(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """T x size[0] x size[1] x 3 uint8: VIP and JHMDB are evaluated at a fixed square size."""
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.BILINEAR)) for p in paths])
+
+
+def evaluate_vip(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, device: str = "auto",
+                 feature_cache: Path | None = None, implementation: str = "windowed", progress: bool = True) -> dict:
+    """Semantic part propagation on VIP: mIoU over 20 classes at the annotated frames after the first.
+
+    VIP annotates every 25th frame and, as in paper 004 Sec. 7, labels are propagated along the
+    annotated frames themselves (25 raw frames apart), fed at `eval.vip_size` squared.
+    """
+    dataset = VIP(root)
+    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+    cache = FeatureCache(feature_cache or default_cache_dir() / "features")
+    size = (cfg.eval.vip_size, cfg.eval.vip_size)
+    confusion, started = np.zeros((20, 20), dtype=np.int64), time.perf_counter()
+    for video in tqdm(dataset.videos, desc="vip", unit="video", disable=not progress):
+        annotated = sorted(dataset.label_paths(video).items())
+        frame_paths = [dataset.frame_paths(video)[index] for index, _ in annotated]
+        labels = np.stack([dataset.read_label(path) for _, path in annotated])  # T x H x W
+        features = cache.load_or_compute(extractor, frame_paths, lambda: resized_frames(frame_paths, size), variant=f"square{size[0]}")
+        pred = propagate_video(features, labels[0], 20, labels.shape[1:], cfg, implementation)
+        confusion += confusion_matrix(labels[1:], pred[1:], num_classes=20)
+        if out is not None:
+            (out / video).mkdir(parents=True, exist_ok=True)
+            for mask, (_, path) in zip(pred, annotated):
+                Image.fromarray(mask).save(out / video / f"{path.stem}.png")
+    miou, per_class = mean_iou(confusion)
+    report = {"mIoU": miou, "per_class_iou": per_class, "checkpoint": checkpoint, "vip_root": str(root),
+              "network_calls": extractor.network_calls, "seconds": time.perf_counter() - started, "config": to_dict(cfg)}
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- JHMDB
+def joints_to_heatmaps(joints: np.ndarray, image_size: tuple[int, int], grid: tuple[int, int], sigma: float) -> torch.Tensor:
+    """15 x 2 joint (x, y) pixel coordinates -> 15 x h x w Gaussian maps on the feature grid (sigma in cells)."""
+    (height, width), (h, w) = image_size, grid
+    cx = (joints[:, 0] + 0.5) * w / width - 0.5  # pixel centre -> cell coordinates
+    cy = (joints[:, 1] + 0.5) * h / height - 0.5
+    ys, xs = np.mgrid[0:h, 0:w]
+    d2 = (xs[None] - cx[:, None, None]) ** 2 + (ys[None] - cy[:, None, None]) ** 2
+    return torch.from_numpy(np.exp(-d2 / (2 * sigma**2))).float()
+
+
+def heatmaps_to_joints(heatmaps: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+    """T x 15 x h x w propagated maps -> T x 15 x 2 (x, y) pixel coordinates of each map's peak at image size."""
+    up = upsample_labels(heatmaps, image_size)  # T x 15 x H x W
+    flat = up.flatten(2).argmax(-1).cpu().numpy()
+    return np.stack([flat % image_size[1], flat // image_size[1]], axis=-1).astype(np.float64)
+
+
+def evaluate_jhmdb(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, device: str = "auto",
+                   feature_cache: Path | None = None, implementation: str = "windowed", progress: bool = True,
+                   sigma: float = 0.5) -> dict:
+    """Keypoint propagation on JHMDB split 1 (test): PCK@0.1 and @0.2, frames fed at `eval.jhmdb_size` squared."""
+    dataset = JHMDB(root)
+    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+    cache = FeatureCache(feature_cache or default_cache_dir() / "features")
+    size = (cfg.eval.jhmdb_size, cfg.eval.jhmdb_size)
+    predictions, truths, started = [], [], time.perf_counter()
+    for action, video in tqdm(dataset.videos, desc="jhmdb", unit="video", disable=not progress):
+        joints = dataset.joints(action, video)  # T x 15 x 2
+        # Some JHMDB videos have more frames than joint annotations: use the shorter (as VFS does).
+        frame_paths = dataset.frame_paths(action, video)[: len(joints)]
+        joints = joints[: len(frame_paths)]
+        image_size = Image.open(frame_paths[0]).size[::-1]
+        features = cache.load_or_compute(extractor, frame_paths, lambda: resized_frames(frame_paths, size), variant=f"square{size[0]}")
+        first = joints_to_heatmaps(joints[0], image_size, tuple(features.shape[-2:]), sigma).to(features)
+        soft = propagate(features, first, cfg.propagation, implementation=implementation)
+        predictions.append(heatmaps_to_joints(soft, image_size))
+        truths.append(joints)
+    scores = pck(predictions, truths)
+    report = {**scores, "checkpoint": checkpoint, "jhmdb_root": str(root), "network_calls": extractor.network_calls,
+              "seconds": time.perf_counter() - started, "config": to_dict(cfg)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
+    return report
+
+
+def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
+    root = Path(args.vip_root) if args.vip_root else ensure_dataset("vip")
+    report = evaluate_vip(root, args.checkpoint, cfg, Path(args.out), device=args.device,
+                          feature_cache=args.feature_cache, implementation=args.implementation)
+    print(f"VIP mIoU {report['mIoU']:.4f}")
+    return report
+
+
+def run_jhmdb(args: argparse.Namespace, cfg: Config) -> dict:
+    root = Path(args.jhmdb_root) if args.jhmdb_root else ensure_dataset("jhmdb")
+    report = evaluate_jhmdb(root, args.checkpoint, cfg, Path(args.out), device=args.device,
+                            feature_cache=args.feature_cache, implementation=args.implementation)
+    print("  ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("PCK")))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- parser
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", help="YAML file with config sections (propagation, eval, model)")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. propagation.topk=5")
+
+    def propagation_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--checkpoint", default="random", help="checkpoint file, 'random[:SEED]', or 'lab[:STRIDE]' (Lab pixels)")
+        sub.add_argument("--out", required=True, help="output folder for predictions and metrics.json")
+        sub.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        sub.add_argument("--feature-cache", help="feature cache folder (default: $STT_CACHE/features)")
+        sub.add_argument("--implementation", default="windowed", choices=("windowed", "dense"))
+        sub.add_argument("--overlays", action="store_true", help="also write PNG/GIF overlays of the predictions")
+
+    davis = commands.add_parser("davis", help="propagate DAVIS-2017 masks and score them")
+    davis.add_argument("--davis-root", help="DAVIS-2017 root (default: the embedded synthetic set)")
+    davis.add_argument("--set", default="val", help="ImageSets/2017/<set>.txt")
+    davis.add_argument("--resolution", default="480p", choices=("480p", "Full-Resolution"))
+    propagation_args(davis)
+    common(davis)
+
+    vip = commands.add_parser("vip", help="propagate VIP part labels and report mIoU")
+    vip.add_argument("--vip-root", help="folder holding VIP_Fine/ (default: the embedded synthetic set)")
+    propagation_args(vip)
+    common(vip)
+
+    jhmdb = commands.add_parser("jhmdb", help="propagate JHMDB keypoints and report PCK")
+    jhmdb.add_argument("--jhmdb-root", help="folder holding Rename_Images/, joint_positions/, splits/ (default: synthetic)")
+    propagation_args(jhmdb)
+    common(jhmdb)
+
+    score = commands.add_parser("score", help="score a results folder like the official DAVIS tool")
+    score.add_argument("--davis-root", help="DAVIS-2017 root (default: the embedded synthetic set)")
+    score.add_argument("--results", required=True, help="folder of indexed PNGs: RESULTS/<seq>/<frame>.png")
+    score.add_argument("--set", default="val")
+    score.add_argument("--resolution", default="480p", choices=("480p", "Full-Resolution"))
+    score.add_argument("--json", help="also write the scores to this JSON file")
+    common(score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run = {"davis": run_davis, "vip": run_vip, "jhmdb": run_jhmdb, "score": run_score}[args.command]
+    return run(args, cfg)
+
+
+if __name__ == "__main__":
+    main()

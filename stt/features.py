@@ -1,0 +1,146 @@
+"""Dense per-frame features for label propagation, extracted once and cached on disk in fp16.
+
+A sweep re-runs propagation hundreds of times with other settings; the network runs once per
+(feature source, layer, input size, frames). Feature sources:
+
+- a checkpoint file written by `stt.train` (`{"model", "config", "stage", "step"}`), or a plain
+  torchvision ResNet state dict (ImageNet weights from a local file);
+- `random` / `random:SEED`: a randomly initialised encoder (a baseline, seeded);
+- `lab:STRIDE`: Lab pixels average-pooled to a stride-STRIDE grid (the classic colour baseline).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stt.color import normalize_lab, rgb_to_lab
+from stt.config import EvalConfig, ModelConfig, from_dict
+from stt.models import build_encoder, load_encoder_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def frames_to_input(frames: np.ndarray, input_space: str, device: torch.device) -> torch.Tensor:
+    """uint8 frames `T x H x W x 3` (RGB) -> the network's input `T x 3 x H x W` (float32)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    if input_space == "rgb":
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std
+    if input_space == "lab":
+        return normalize_lab(rgb_to_lab(x))
+    raise ValueError(f"model.input_space: expected 'rgb' or 'lab', got {input_space!r}")
+
+
+def resize_short_side(x: torch.Tensor, max_short_side: int) -> torch.Tensor:
+    """Downscale `T x 3 x H x W` so min(H, W) <= max_short_side, keeping the aspect ratio; never upscale."""
+    h, w = x.shape[-2:]
+    if max_short_side <= 0 or min(h, w) <= max_short_side:
+        return x
+    scale = max_short_side / min(h, w)
+    size = (round(h * scale), round(w * scale))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class FeatureExtractor:
+    """Turns uint8 frames `T x H x W x 3` into features `T x C x h x w` (float32, on `device`).
+
+    `cache_key` identifies everything that determines the output except the frames themselves.
+    `network_calls` counts forward passes, so a caller can prove a cached run never touched the network.
+    """
+
+    def __init__(self, source: str, model_cfg: ModelConfig, eval_cfg: EvalConfig, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.eval_cfg = eval_cfg
+        self.network_calls = 0
+        self.encoder = None
+        self.model_cfg = model_cfg
+        if source.startswith("lab"):
+            self.stride = int(source.split(":", 1)[1]) if ":" in source else 8
+            self.input_space = "lab"
+            identity = f"lab-pixels-stride{self.stride}"
+        elif source.startswith("random"):
+            seed = int(source.split(":", 1)[1]) if ":" in source else 0
+            torch.manual_seed(seed)
+            self.encoder = build_encoder(model_cfg)
+            self.input_space = model_cfg.input_space
+            identity = f"random-seed{seed}"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint {path} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "model" in state and "config" in state:
+                self.model_cfg = model_cfg = from_dict(state["config"]).model
+                weights = state["model"]
+            else:  # a bare torchvision state dict, e.g. local ImageNet weights
+                weights = state
+            self.encoder = build_encoder(model_cfg)
+            load_encoder_weights(self.encoder, weights)
+            self.input_space = model_cfg.input_space
+            identity = f"checkpoint-{file_sha256(path)}"
+        if self.encoder is not None:
+            self.encoder.eval().to(self.device)
+            self.stride = self.encoder.strides[eval_cfg.layer]
+            identity += f"-{model_cfg.arch}-stride{model_cfg.stride}-{self.input_space}-{eval_cfg.layer}"
+        self.cache_key = f"{identity}-short{eval_cfg.max_short_side}"
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(frames), self.eval_cfg.batch_size):
+            x = frames_to_input(frames[start : start + self.eval_cfg.batch_size], self.input_space, self.device)
+            x = resize_short_side(x, self.eval_cfg.max_short_side)
+            if self.encoder is None:
+                chunks.append(F.avg_pool2d(x, self.stride, ceil_mode=True))
+                continue
+            self.network_calls += 1
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out = self.encoder(x, layers=(self.eval_cfg.layer,))[self.eval_cfg.layer]
+            chunks.append(out.float())
+        return torch.cat(chunks)
+
+
+class FeatureCache:
+    """fp16 features on disk, one `.npy` per (extractor key, frame list)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path_for(self, extractor_key: str, frame_paths: list[Path], variant: str = "") -> Path:
+        # Frames are fingerprinted by path, size and mtime: a changed file yields a new entry.
+        frames = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in frame_paths]
+        digest = hashlib.sha256(json.dumps([extractor_key, variant, frames]).encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest}.npy"
+
+    def load_or_compute(self, extractor: FeatureExtractor, frame_paths: list[Path], read_frames, variant: str = "") -> torch.Tensor:
+        """Features `T x C x h x w` (float32, on the extractor's device); `read_frames()` is called only on a miss.
+
+        `variant` names any preprocessing `read_frames` applies (e.g. a fixed resize), so it keys the cache too.
+        """
+        path = self.path_for(extractor.cache_key, frame_paths, variant)
+        if path.is_file():
+            return torch.from_numpy(np.load(path)).to(extractor.device).float()
+        features = extractor(read_frames()).to(torch.float16)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.save(tmp, features.cpu().numpy())
+        os.replace(tmp.name, path)  # atomic: a killed run never leaves a half-written entry
+        # Rounded through fp16 either way, so a cached rerun reproduces the first run exactly.
+        return features.float()

@@ -1,0 +1,97 @@
+"""The evaluation CLI honours DESIGN.md's contracts on the tiny synthetic set and on real DAVIS frames."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stt.data.layouts import DAVIS
+from stt.data.synthetic import generate
+from stt.evaluate import main, score_davis
+
+KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
+
+
+def copy_ground_truth(dataset: DAVIS, out):
+    for seq in dataset.sequences:
+        (out / seq).mkdir(parents=True)
+        for path in dataset.mask_paths(seq):
+            shutil.copy(path, out / seq / path.name)
+
+
+def test_score_of_ground_truth_is_perfect(tiny, tmp_path):
+    copy_ground_truth(DAVIS(tiny["davis"]), tmp_path / "results")
+    report = main(["score", "--davis-root", str(tiny["davis"]), "--results", str(tmp_path / "results"), "--json", str(tmp_path / "s.json")])
+    assert set(KEYS) <= set(report["summary"])
+    assert report["summary"]["J-Mean"] == 1.0 and report["summary"]["F-Mean"] == 1.0
+    assert json.loads((tmp_path / "s.json").read_text())["summary"]["J&F-Mean"] == 1.0
+
+
+def test_score_refuses_missing_frames_and_extra_objects(tiny, tmp_path):
+    dataset = DAVIS(tiny["davis"])
+    results = tmp_path / "results"
+    copy_ground_truth(dataset, results)
+    seq = dataset.sequences[0]
+    victim = dataset.mask_paths(seq)[2]
+    (results / seq / victim.name).unlink()
+    with pytest.raises(Exception, match=victim.stem):
+        score_davis(tiny["davis"], results, "val")
+    mask = np.asarray(Image.open(dataset.mask_paths(seq)[2])).copy()
+    mask[:2, :2] = dataset.num_objects(seq) + 1  # an id the ground truth does not have
+    Image.fromarray(mask, mode="L").save(results / seq / victim.name)
+    with pytest.raises(ValueError, match=seq):
+        score_davis(tiny["davis"], results, "val")
+
+
+def test_davis_writes_results_layout_and_caches_features(tiny, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "random", "--out", str(out),
+            "--feature-cache", str(cache), "--device", "cpu", "--overlays", "propagation.context=3"]
+    first = main(argv)
+    dataset = DAVIS(tiny["davis"])
+    for seq in dataset.sequences:
+        written = sorted(p.name for p in (out / seq).glob("*.png"))
+        assert written == [p.name for p in dataset.mask_paths(seq)]
+        image = Image.open(out / seq / written[1])
+        assert image.mode == "P" and image.size == Image.open(dataset.frame_paths(seq)[1]).size
+        assert (out / "overlays" / seq / "overlay.gif").is_file()
+    assert first["network_calls"] > 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["summary"] == pytest.approx(first["summary"])
+    assert {row["sequence"] for row in saved["rows"]} == set(dataset.sequences)
+
+    # `score` on what `davis` wrote reproduces its numbers: one metric implementation, one layout.
+    rescored, _ = score_davis(tiny["davis"], out, "val")
+    assert rescored == pytest.approx(first["summary"])
+
+    # A propagation-only rerun reads cached features and never calls the network.
+    second = main(argv[:-1] + ["propagation.context=3", "propagation.topk=5"])
+    assert second["network_calls"] == 0
+
+
+def test_lab_pixels_beat_copying_on_real_davis(davis_real_root, tmp_path):
+    """Real frames: propagation of Lab pixels must track the car better than copying the first mask."""
+    root = tmp_path / "davis"
+    for sub in ("JPEGImages/480p", "Annotations/480p"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "car-shadow").symlink_to(davis_real_root / sub / "car-shadow")
+    (root / "ImageSets/2017").mkdir(parents=True)
+    (root / "ImageSets/2017/val.txt").write_text("car-shadow\n")
+    lab = main(["davis", "--davis-root", str(root), "--checkpoint", "lab:8", "--out", str(tmp_path / "lab"),
+                "--feature-cache", str(tmp_path / "cache"), "propagation.normalize=false"])
+    gt = DAVIS(root).read_masks("car-shadow")
+    copied = score_davis_arrays(gt)
+    assert lab["summary"]["J-Mean"] > copied + 0.1
+
+
+def score_davis_arrays(gt):
+    from stt.metrics import evaluate_davis_sequence, summarize_davis
+
+    pred = np.repeat(gt[:1], len(gt), axis=0)
+    return summarize_davis(evaluate_davis_sequence(gt, pred, "car-shadow"))["J-Mean"]

@@ -1,0 +1,262 @@
+"""Label propagation (paper 004, Algorithm 1): hand-computed weights, window semantics, and the
+windowed implementation agreeing with the dense reference across every factor."""
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stt.config import PropagationConfig
+from stt.propagation import (
+    downsample_labels,
+    labels_to_mask,
+    propagate,
+    propagate_dense,
+    propagate_windowed,
+    upsample_labels,
+    window_geometry,
+    window_mask,
+)
+
+BOTH = [propagate_dense, propagate_windowed]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up would cost more than it saves on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_hot_video(features: torch.Tensor) -> torch.Tensor:
+    """First-frame labels that name each location: label i is one-hot at flat location i."""
+    h, w = features.shape[2:]
+    return torch.eye(h * w).reshape(h * w, h, w)
+
+
+def plain(**overrides) -> PropagationConfig:
+    """Raw dot products, temperature 1, no window: the numbers below are exp() of the features' products."""
+    return replace(PropagationConfig(normalize=False, temperature=1.0, radius=0.0, context=1), **overrides)
+
+
+# ---------------------------------------------------------------- hand-computed weights
+
+
+# Context frame (2x2 grid, flat order) and target features; label i marks context location i, so
+# the prediction at target j is the weight each context location gets.
+CONTEXT_2X2 = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]
+TARGET_2X2 = [[1.0, 0.5], [0.2, 1.0], [-1.0, 0.1], [0.3, -2.0]]
+
+
+def two_by_two_video() -> torch.Tensor:
+    """T x C x h x w = 2 x 2 x 2 x 2: frame 0 the context, frame 1 the target."""
+    return torch.tensor([CONTEXT_2X2, TARGET_2X2]).permute(0, 2, 1).reshape(2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("propagate_fn", BOTH)
+def test_overall_top2_weights_by_hand(propagate_fn):
+    video = two_by_two_video()
+    out = propagate_fn(video, one_hot_video(video), plain(aggregation="overall", topk=2))[1].reshape(4, 4)
+    # target 0: affinities (1, 0.5, -1, -0.5); top-2 = locations 0, 1; softmax over those two
+    assert torch.allclose(out[:, 0], torch.tensor([1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5)), 0, 0]))
+    # target 3: affinities (0.3, -2, -0.3, 2); top-2 = locations 3, 0
+    assert torch.allclose(out[:, 3], torch.tensor([1 / (1 + math.exp(1.7)), 0, 0, 1 / (1 + math.exp(-1.7))]))
+
+
+@pytest.mark.parametrize("propagate_fn", BOTH)
+def test_per_frame_top2_weights_by_hand(propagate_fn):
+    video = two_by_two_video()
+    out = propagate_fn(video, one_hot_video(video), plain(aggregation="per-frame", topk=2))[1].reshape(4, 4)
+    # softmax over the whole frame, then the top-2 probabilities kept as they are (no renormalising)
+    total = math.exp(1) + math.exp(0.5) + math.exp(-1) + math.exp(-0.5)
+    assert torch.allclose(out[:, 0], torch.tensor([math.exp(1) / total, math.exp(0.5) / total, 0, 0]))
+    total = math.exp(0.3) + math.exp(-2) + math.exp(-0.3) + math.exp(2)
+    assert torch.allclose(out[:, 3], torch.tensor([math.exp(0.3) / total, 0, 0, math.exp(2) / total]))
+
+
+def one_by_three_video() -> torch.Tensor:
+    """1x3 grid. For target 0 the context affinities are (1, 0.5, 1.5): the best match, location 2,
+    lies 2 cells away, outside a radius-1 window."""
+    context = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # location x C
+    target = torch.tensor([[1.0, 0.5], [0.0, 0.0], [0.0, 0.0]])
+    return torch.stack([context, target]).permute(0, 2, 1).reshape(2, 2, 1, 3)
+
+
+@pytest.mark.parametrize("propagate_fn", BOTH)
+def test_window_changes_the_weights_as_each_normalisation_says(propagate_fn):
+    video = one_by_three_video()
+    labels = one_hot_video(video)
+    e1, e05, e15 = math.exp(1), math.exp(0.5), math.exp(1.5)
+
+    def weights(**cfg):
+        return propagate_fn(video, labels, plain(topk=2, **cfg))[1, :, 0, 0]
+
+    # no window: the top-2 are locations 2 and 0
+    assert torch.allclose(weights(aggregation="overall"), torch.tensor([e1, 0, e15]) / (e1 + e15))
+    # window: location 2 never contributes, even though its affinity is the highest
+    assert torch.allclose(weights(aggregation="overall", radius=1.0), torch.tensor([e1, e05, 0]) / (e1 + e05))
+    # per-frame before-mask: the softmax still counts location 2 in its normaliser (UVC)
+    before = weights(aggregation="per-frame", per_frame_norm="before-mask", radius=1.0)
+    assert torch.allclose(before, torch.tensor([e1, e05, 0]) / (e1 + e05 + e15))
+    # per-frame after-mask: the softmax runs over the window only (CorrFlow / MAST)
+    after = weights(aggregation="per-frame", per_frame_norm="after-mask", radius=1.0)
+    assert torch.allclose(after, torch.tensor([e1, e05, 0]) / (e1 + e05))
+
+
+@pytest.mark.parametrize("propagate_fn", BOTH)
+def test_masked_zero_never_outranks_negative_affinities(propagate_fn):
+    """With normalised features every in-window affinity can be negative; multiplying the masked
+    ones by 0 (the paper's M * A) would then copy the label from outside the window."""
+    context = torch.tensor([[-1.0, 0.0], [-1.0, 0.2], [0.0, 1.0]])  # affinities with target 0: -1, -0.98, 0
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    video = torch.stack([context, target]).permute(0, 2, 1).reshape(2, 2, 1, 3)
+    cfg = replace(PropagationConfig(), context=1, radius=1.0, topk=1)
+    out = propagate_fn(video, one_hot_video(video), cfg)
+    assert torch.allclose(out[1, :, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
+
+
+# ---------------------------------------------------------------- the window
+
+
+def test_window_shapes_by_hand():
+    square = window_mask(5, 5, 1.5, "square")[12].reshape(5, 5)  # around the centre (2, 2)
+    circle = window_mask(5, 5, 1.5, "circle")[12].reshape(5, 5)
+    assert square.sum() == 9 and square[1:4, 1:4].all()  # Chebyshev distance <= 1
+    assert circle.sum() == 9  # dy^2 + dx^2 <= 2.25: the 3x3 block, corners at 2
+    assert window_mask(5, 5, 2.0, "circle")[12].sum() == 13  # the corners (dy^2 + dx^2 = 8) stay out
+    assert window_mask(5, 5, 2.0, "square")[0].reshape(5, 5)[:3, :3].all()  # clipped at the border
+    geometry = window_geometry(5, 5, replace(PropagationConfig(), radius=3.5, window="circle"))
+    assert geometry.offsets.shape == (37, 2)  # 7 + 2*7 + 2*5 + 2*3 cells
+
+
+# ---------------------------------------------------------------- recurrence and sanity
+
+
+@pytest.mark.parametrize("propagate_fn", BOTH)
+def test_frame_zero_is_the_given_labels(propagate_fn):
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(3, 8, 5, 6, generator=generator)
+    labels = torch.softmax(torch.randn(3, 5, 6, generator=generator), dim=0)
+    out = propagate_fn(features, labels, replace(PropagationConfig(), radius=2.0))
+    assert out.shape == (3, 3, 5, 6)
+    assert torch.equal(out[0], labels)
+
+
+@pytest.mark.parametrize("aggregation", ["overall", "per-frame"])
+@pytest.mark.parametrize("implementation", ["dense", "windowed"])
+def test_still_video_keeps_the_first_mask(aggregation, implementation):
+    generator = torch.Generator().manual_seed(2)
+    still = torch.randn(1, 16, 7, 8, generator=generator).expand(5, -1, -1, -1)
+    mask = torch.randint(0, 3, (7, 8), generator=generator)
+    labels = F.one_hot(mask, 3).permute(2, 0, 1).float()
+    cfg = replace(PropagationConfig(), aggregation=aggregation)  # DAVIS defaults
+    out = propagate(still, labels, cfg, implementation)
+    assert torch.equal(labels_to_mask(out), mask.expand(5, -1, -1))
+    if aggregation == "overall":  # top-1 copies each location's own label exactly
+        exact = propagate(still, labels, replace(cfg, topk=1), implementation)
+        assert torch.allclose(exact, labels.expand(5, -1, -1, -1))
+
+
+def test_context_is_the_first_frame_plus_the_previous_ones():
+    """Frame 3 matches frame 1's location 0 best, which frame 1 predicted as label 1; frame 0
+    offers only a weaker match with label 0. With context 1 (frames 0 and 2) frame 1 is out of
+    reach, with context 2 it is in."""
+    per_location = [  # frame -> C x location, raw dot products, top-1, no window
+        [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]],  # frame 0: label 0 at location 0, label 1 at location 1
+        [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]],  # frame 1: location 0 matches frame 0's location 1 -> label 1
+        [[0.1, 0.1], [0.0, 0.0], [0.0, 0.0]],  # frame 2: label 0 everywhere
+        [[0.5, 0.5], [0.0, 0.0], [1.0, 1.0]],  # frame 3: affinity 1 with frame 1's location 0, 0.5 with frame 0's
+    ]
+    features = torch.tensor(per_location).reshape(4, 3, 1, 2)
+    labels = torch.eye(2).reshape(2, 1, 2)
+    for fn in BOTH:
+        assert labels_to_mask(fn(features, labels, plain(topk=1, context=1))[3]).tolist() == [[0, 0]]
+        assert labels_to_mask(fn(features, labels, plain(topk=1, context=2))[3]).tolist() == [[1, 1]]
+
+
+# ---------------------------------------------------------------- windowed == dense
+
+
+WINDOWS = [(0.0, "square", True)] + list(itertools.product([2.0, 3.5], ["square", "circle"], [True, False]))
+NORMALISATIONS = [("overall", "before-mask"), ("per-frame", "before-mask"), ("per-frame", "after-mask")]
+
+
+@pytest.mark.parametrize("aggregation,per_frame_norm", NORMALISATIONS)
+@pytest.mark.parametrize("radius,window,window_first_frame", WINDOWS)
+def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, window_first_frame):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(6, 16, 9, 11, generator=generator)
+    labels = torch.softmax(3 * torch.randn(4, 9, 11, generator=generator), dim=0)
+    base = replace(
+        PropagationConfig(),
+        aggregation=aggregation,
+        per_frame_norm=per_frame_norm,
+        radius=radius,
+        window=window,
+        window_first_frame=window_first_frame,
+        chunk_size=30,  # several chunks, the last one ragged
+    )
+    # Every (soft_labels, normalize) pair, each under a different (topk, context): the full
+    # product would take four times as long and these two factors do not touch the window.
+    label_modes = itertools.cycle(itertools.product([True, False], [True, False]))
+    for (topk, context), (soft_labels, normalize) in zip(itertools.product([1, 5, 60], [1, 3]), label_modes):
+        cfg = replace(base, topk=topk, context=context, soft_labels=soft_labels, normalize=normalize)
+        cfg = replace(cfg, temperature=0.07 if normalize else 1.0)
+        dense = propagate_dense(features, labels, cfg)
+        windowed = propagate_windowed(features, labels, cfg, tile=4)  # 9 x 11 is not a multiple of 4
+        assert torch.allclose(windowed, dense, atol=1e-5), cfg
+
+
+@pytest.mark.parametrize("tile,chunk_size", [(1, 1), (3, 50), (8, 4096)])
+def test_windowed_tiles_and_chunks_do_not_change_the_result(tile, chunk_size):
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(4, 8, 10, 7, generator=generator)
+    labels = torch.softmax(torch.randn(3, 10, 7, generator=generator), dim=0)
+    cfg = replace(PropagationConfig(), radius=3.0, topk=7, chunk_size=chunk_size)
+    windowed = propagate_windowed(features, labels, cfg, tile=tile)
+    assert torch.allclose(windowed, propagate_dense(features, labels, cfg), atol=1e-5)
+
+
+# ---------------------------------------------------------------- grid <-> image
+
+
+def test_downsample_averages_areas_by_hand():
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 1], [2, 2, 2, 2]])
+    soft = downsample_labels(mask, 3, (2, 2))
+    expected = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.25]], [[0.0, 0.0], [1.0, 0.75]]])
+    assert torch.allclose(soft, expected)
+
+
+def test_davis_sizes_down_and_back_up():
+    mask = torch.zeros(480, 854, dtype=torch.long)
+    mask[100:300, 200:500] = 1
+    mask[250:480, 600:854] = 2
+    soft = downsample_labels(mask, 3, (60, 107))
+    assert soft.shape == (3, 60, 107)
+    assert torch.allclose(soft.sum(0), torch.ones(60, 107))
+    up = upsample_labels(soft.expand(2, -1, -1, -1), (480, 854))
+    assert up.shape == (2, 3, 480, 854)
+    assert (labels_to_mask(up[0]) == mask).float().mean() > 0.99
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_named():
+    features, labels = torch.randn(2, 4, 3, 3), torch.ones(1, 3, 3)
+    with pytest.raises(ValueError, match="propagation.aggregation"):
+        propagate(features, labels, replace(PropagationConfig(), aggregation="mean"))
+    with pytest.raises(ValueError, match="propagation.window"):
+        propagate(features, labels, replace(PropagationConfig(), window="hexagon"))
+    with pytest.raises(ValueError, match="propagation.radius"):
+        propagate(features, labels, replace(PropagationConfig(), radius=-1.0))
+    with pytest.raises(ValueError, match="first_labels: grid"):
+        propagate(features, torch.ones(1, 3, 4), PropagationConfig())
+    with pytest.raises(ValueError, match="implementation"):
+        propagate(features, labels, PropagationConfig(), implementation="sparse")
+    with pytest.raises(ValueError, match=r"label ids must lie in \[0, 2\)"):
+        downsample_labels(torch.tensor([[0, 2]]), 2, (1, 1))
