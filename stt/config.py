@@ -52,7 +52,7 @@ class TemporalConfig:
     radius_res3: int = 12
     radius_res4: int = 6
     rec_scale: float = 20.0  # smooth-L1 is multiplied by this, per level
-    channel_dropout_scale: float = 1.5  # the kept colour channel is scaled by this
+    channel_dropout_scale: float = 1.5  # after zeroing a or b, the whole Lab frame is scaled by this (authors, MAST)
     alpha: float = 1000.0  # local correlation distillation weight; 0 disables it
     # How the res3 correlation's 2x2 reference cells merge into one res4 cell for the pseudo-label:
     # mean (authors' code, RAFT-style avg-pool; pooled rows sum to 1/4) | sum (rows stay distributions)
@@ -110,6 +110,7 @@ class TrainConfig:
     """The optimisation schedule of one stage."""
 
     recipe: str = "spatial-then-temporal"
+    gamma: float = 1.0  # spatiotemporal recipe only: L = L_nce + gamma * L_t (paper 001 Sec. 3.3 (ii))
     batch_size: int = 16
     lr: float = 5e-5
     warmup_steps: int = 100
@@ -118,7 +119,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
     eval_every: int = 500  # steps between DAVIS J&F evaluations on rank 0 (at a checkpoint); 0 disables them
-    eval_davis_root: str = ""  # the small held-out DAVIS-layout set for those; empty: the embedded synthetic val set
+    eval_davis_root: str = ""  # the small held-out DAVIS-layout set for those; empty: the embedded synthetic set
+    eval_davis_set: str = "val"  # its split (ImageSets/2017/<set>.txt); the sweep tunes on "train"
 
 
 @dataclass

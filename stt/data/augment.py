@@ -1,0 +1,64 @@
+"""MoCo v2's augmentation for the spatial stage: two independently augmented views of one image.
+
+Recipe of MoCo v2 (Chen et al. 2020, `aug_plus`): RandomResizedCrop(scale 0.2-1), colour jitter
+(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2, Gaussian blur (sigma 0.1-2) with p 0.5,
+horizontal flip, ImageNet normalisation. Built from torchvision.transforms.v2, so PIL images and
+tensors (3 x H x W; uint8, or float in [0, 1]) are accepted alike.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """An odd kernel of about 10% of the image side (SimCLR's choice; MoCo v2 blurs with PIL,
+    which sizes its kernel from sigma): 23 at 224. Sigma <= 2 makes anything wider irrelevant."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def moco_v2_transform(image_size: int) -> v2.Compose:
+    """One random MoCo v2 view: PIL image or tensor in, 3 x S x S normalised float32 out."""
+    if image_size <= 0:
+        raise ValueError(f"spatial.image_size: expected a positive size, got {image_size!r}")
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class TwoViews:
+    """Two independent draws of a transform on one image: the query and the key view.
+
+    torchvision's transforms draw from torch's global generator; given a `generator`, the call
+    seeds a forked copy of that state from it, so results depend only on the generator and the
+    caller's global random state is left untouched.
+    """
+
+    def __init__(self, image_size: int):
+        self.transform = moco_v2_transform(image_size)
+
+    def __call__(self, image: Image.Image | Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")  # image folders hold grayscale and CMYK JPEGs too
+        elif image.ndim < 3 or image.shape[-3] != 3:
+            raise ValueError(f"expected an RGB image tensor (... x 3 x H x W), got shape {tuple(image.shape)}")
+        if generator is None:
+            return self.transform(image), self.transform(image)
+        seed = int(torch.randint(2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.transform(image)
