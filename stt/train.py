@@ -1,0 +1,522 @@
+"""python -m stt.train: the spatial and temporal stages on Ray Train.
+
+    python -m stt.train --workers N --stage spatial|temporal|all [--cpu] [--max-steps N]
+                        [--storage DIR|s3://...] [--name NAME] [--config FILE.yaml] [section.key=value ...]
+
+Stage `spatial` trains MoCo v2 on still images (RGB input); stage `temporal` trains the stride-8
+student on frame pairs (normalised Lab input) with the frozen spatial encoder as the teacher and
+the initialisation; `all` runs one after the other. Each stage is one Ray Train run stored at
+`<storage>/<name>/<stage>/`, checkpointed every `train.checkpoint_every` steps; its last checkpoint
+is also exported as `<storage>/<name>/<stage>-final.pt`, the file `stt.evaluate --checkpoint`
+takes. Re-running with the same storage and name resumes each stage from its latest checkpoint,
+and a crashed worker group restarts from it (`--max-failures`).
+
+A checkpoint is one file that `torch.load(path, weights_only=True)` opens:
+`{"model": encoder state dict (torchvision key names), "config", "stage", "step", "optimizer",
+"moco" (spatial stage: heads, momentum encoder, queues)}`.
+
+Learning rate: `train.batch_size` is per worker, so the global batch is batch_size x workers, and
+the base learning rate (`spatial.lr` for the spatial stage, `train.lr` for the temporal one) is
+multiplied by the number of workers (linear scaling rule), then warmed up linearly over
+`train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
+
+Metrics (loss terms, lr, pairs/s, the fraction of wall time spent waiting for data, DAVIS J&F
+every `train.eval_every` steps) go to `ray.train.report`, to TensorBoard under
+`<storage>/<name>/tensorboard` (local storage; `--tensorboard DIR` otherwise) and, as Ray metrics
+named `stt_train_*`, to the Ray dashboard.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import Tensor, nn
+
+from stt.config import Config, from_dict, load_config, to_dict
+from stt.data.pipeline import check_cpu_budget
+from stt.models import build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
+from stt.objectives import temporal_config, temporal_step
+from stt.spatial import MoCo
+
+STAGES = ("spatial", "temporal")
+BATCH_COLUMNS = {"spatial": ["view_q", "view_k"], "temporal": ["target", "reference"]}  # the tensors a step reads
+CHECKPOINT_FILE = "checkpoint.pt"
+INPUT_SPACE = {"spatial": "rgb", "temporal": "lab"}  # what each stage's encoder is fed; the evaluator feeds the same
+
+
+# ----------------------------------------------------------------------------------------- schedule
+def scaled_lr(base_lr: float, num_workers: int) -> float:
+    """Linear scaling rule: the global batch grows with the workers, so does the learning rate."""
+    return base_lr * num_workers
+
+
+def learning_rate(step: int, peak_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """The lr of optimisation step `step` (0-based): linear warm-up to `peak_lr`, then cosine to 0.
+
+    Warm-up: peak_lr * (step + 1) / warmup_steps for step < warmup_steps. Then
+    0.5 * peak_lr * (1 + cos(pi * (step - warmup_steps) / (max_steps - warmup_steps))).
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------- storage
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """pyarrow's filesystem and path for a local path or an object-store URI (s3://, gs://)."""
+    if is_uri(path):
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, fs_path = _filesystem(path)
+    try:
+        with fs.open_input_stream(fs_path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint file at {path}") from None
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write then rename, so a reader never sees half a file (object stores put atomically anyway)."""
+    fs, fs_path = _filesystem(path)
+    fs.create_dir(os.path.dirname(fs_path), recursive=True)
+    partial = fs_path + ".tmp"
+    with fs.open_output_stream(partial) as f:
+        f.write(data)
+    fs.move(partial, fs_path)
+
+
+def exists(path: str) -> bool:
+    fs, fs_path = _filesystem(path)
+    return fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def checkpoint_payload(encoder: nn.Module, cfg: Config, stage: str, step: int, optimizer: torch.optim.Optimizer,
+                       moco: MoCo | None = None) -> dict[str, Any]:
+    """The one-file checkpoint: plain tensors, numbers, strings, lists and dicts only."""
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in encoder_state_dict(encoder).items()},
+        "config": to_dict(cfg),
+        "stage": stage,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+    }
+    if moco is not None:
+        payload["moco"] = {k: v.detach().cpu() for k, v in _unwrap(moco).state_dict().items()}
+    return payload
+
+
+def load_payload(data: bytes | str | os.PathLike, what: str) -> dict[str, Any]:
+    """A checkpoint from bytes or a local path, checked to hold what `checkpoint_payload` writes."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "config", "stage", "step") if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"{what}: not an stt.train checkpoint (missing {missing})")
+    return payload
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------------------- models
+def stage_config(cfg: Config, stage: str) -> Config:
+    """A copy of `cfg` whose model input space is the stage's, so the evaluator feeds what training fed."""
+    staged = from_dict(to_dict(cfg))
+    staged.model.input_space = INPUT_SPACE[stage]
+    return staged
+
+
+def build_spatial(cfg: Config) -> tuple[MoCo, torch.optim.Optimizer]:
+    """MoCo v2 and its optimiser (SGD, momentum 0.9, as MoCo v2); lr is set every step."""
+    moco = MoCo(cfg.spatial, cfg.model)
+    params = [p for p in moco.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.spatial.lr, momentum=0.9, weight_decay=cfg.spatial.weight_decay)
+    return moco, optimizer
+
+
+def build_temporal(cfg: Config, init: dict[str, Tensor] | None) -> tuple[nn.Module, nn.Module | None, torch.optim.Optimizer]:
+    """Student (initialised from the spatial encoder `init` if given), frozen teacher, Adam.
+
+    The teacher is needed only for global correlation distillation (beta > 0 in the recipe); it is the
+    spatial encoder itself, or `model.weights` when no spatial checkpoint is given.
+    """
+    student = build_encoder(cfg.model)
+    if init is not None:
+        load_encoder_weights(student, init)
+    teacher = None
+    beta = temporal_config(cfg).beta  # the recipe may drop global distillation
+    if beta > 0:
+        if init is None and cfg.model.weights == "random":
+            raise ValueError(
+                f"temporal.beta={beta} (train.recipe={cfg.train.recipe}) needs a frozen teacher: pass --init SPATIAL_CHECKPOINT, "
+                "run --stage all, set model.weights to a local state dict, or set temporal.beta=0"
+            )
+        teacher = build_teacher(cfg.model, init if init is not None else student.state_dict())
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr)
+    return student, teacher, optimizer
+
+
+# ----------------------------------------------------------------------------------------- one step
+def train_one_step(compute_losses, optimizer: torch.optim.Optimizer, lr: float, device: torch.device) -> dict[str, Tensor]:
+    """Set the lr, run `compute_losses()` (bf16 autocast on GPU), back-propagate "loss", step.
+
+    Returns the detached losses; reading them (`.item()`) is left to the caller, so a GPU step
+    never waits on the host.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        losses = compute_losses()
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in losses.items()}
+
+
+class WindowMeter:
+    """Averages losses, and measures throughput and data waiting, over the steps between reports."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.data_wait_s = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.float()
+        self.steps += 1
+
+    def summary(self, pairs_per_step: int) -> dict[str, float]:
+        """Mean losses; pairs/s (all workers) and the fraction of wall time spent waiting for a batch."""
+        averages = {name: float(total) / self.steps for name, total in self.sums.items()}  # syncs the GPU once
+        wall = time.perf_counter() - self.started
+        averages["pairs_per_s"] = pairs_per_step * self.steps / wall
+        averages["data_wait_fraction"] = self.data_wait_s / wall
+        return averages
+
+
+def endless_batches(shard, batch_size: int, device: torch.device):
+    """Batches of `shard` (a Ray Data iterator) epoch after epoch, moved to `device`.
+
+    Every worker's shard holds the same number of rows (Ray Train splits with equal=True), so all
+    workers see the same number of batches per epoch and step in lockstep.
+    """
+    epoch = 0
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(
+                f"the training data yields no full batch of train.batch_size={batch_size} per worker "
+                f"(epoch {epoch}): use more data, fewer workers or a smaller batch"
+            )
+        epoch += 1
+
+
+def spatial_losses(moco: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """MoCo's InfoNCE on the two augmented views of each image (DetCo adds its local terms)."""
+    outputs = moco(batch["view_q"], batch["view_k"])
+    return {name: value for name, value in outputs.items() if name != "logits"}
+
+
+def temporal_losses(student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    """The temporal objective of `cfg` (stt.objectives) on a batch of uint8 RGB frame pairs."""
+    return temporal_step(student, teacher, batch, cfg)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def davis_jf(checkpoint: Path, cfg: Config, device: torch.device) -> float:
+    """J&F-Mean of label propagation with the checkpoint's encoder on the small held-out DAVIS set."""
+    from stt.data.synthetic import ensure_dataset
+    from stt.evaluate import evaluate_davis
+
+    root = Path(cfg.train.eval_davis_root) if cfg.train.eval_davis_root else ensure_dataset("davis")
+    with tempfile.TemporaryDirectory() as features:  # a fresh checkpoint's features are never reused
+        report = evaluate_davis(root, str(checkpoint), cfg, out=None, split=cfg.train.eval_davis_set, device=str(device),
+                                feature_cache=Path(features), progress=False)
+    return float(report["summary"]["J&F-Mean"])
+
+
+# ----------------------------------------------------------------------------------------- the worker
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. `config`: {"config": to_dict(Config), "stage", "init": spatial checkpoint
+    path/URI or "", "skipped_frames": the stream's corrupt-frame counter (an actor)}."""
+    cfg, stage = from_dict(config["config"]), config["stage"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    resume = None
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as folder:
+            resume = load_payload(Path(folder) / CHECKPOINT_FILE, f"{latest.path}/{CHECKPOINT_FILE}")
+    start_step = resume["step"] if resume else 0
+
+    teacher = None
+    if stage == "spatial":
+        model, optimizer = build_spatial(cfg)
+        encoder, peak_lr = model.encoder, scaled_lr(cfg.spatial.lr, world)
+        if resume:
+            model.load_state_dict(resume["moco"])
+    else:
+        init = load_payload(read_bytes(config["init"]), config["init"])["model"] if config["init"] else None
+        model, teacher, optimizer = build_temporal(cfg, init)
+        encoder, peak_lr = model, scaled_lr(cfg.train.lr, world)
+        if resume:
+            load_encoder_weights(model, resume["model"])
+        if teacher is not None:
+            teacher.to(device)
+    model.to(device)  # in place: the optimiser keeps the same parameter objects
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])  # after the move: its state lands on the parameters' device
+    if device.type == "cuda" and world > 1 and stage == "temporal":
+        # MoCo keeps per-worker BatchNorm on purpose: shuffle-BN relies on it (see stt.spatial).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_options(cfg, stage))
+
+    step_losses = {
+        "spatial": lambda batch: spatial_losses(ddp_model, batch),
+        "temporal": lambda batch: temporal_losses(ddp_model, teacher, batch, cfg),
+    }[stage]
+    batches = endless_batches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, device)
+    pairs_per_step = cfg.train.batch_size * world
+    meter = WindowMeter()
+    step = start_step
+    while step < cfg.train.max_steps:
+        waited = time.perf_counter()
+        batch = next(batches)
+        meter.data_wait_s += time.perf_counter() - waited
+        lr = learning_rate(step, peak_lr, cfg.train.warmup_steps, cfg.train.max_steps)
+        meter.add(train_one_step(lambda: step_losses(batch), optimizer, lr, device))
+        step += 1
+
+        checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
+        if not (checkpoint_due or step % cfg.train.log_every == 0):
+            continue
+        metrics = {**meter.summary(pairs_per_step), "step": step, "lr": lr, "start_step": start_step}
+        if rank == 0:
+            metrics["skipped_frames"] = ray.get(config["skipped_frames"].total.remote())
+        if not checkpoint_due:
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if rank == 0:  # one writer: every worker holds the same weights under DDP
+                    path = Path(folder) / CHECKPOINT_FILE
+                    torch.save(checkpoint_payload(encoder, cfg, stage, step, optimizer, model if stage == "spatial" else None), path)
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                        metrics["J&F"] = davis_jf(path, cfg, device)
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{stage}-step{step:07d}")
+        if rank == 0:
+            print(f"stt.train {stage} step {step}/{cfg.train.max_steps}  " + "  ".join(
+                f"{name} {value:.4g}" for name, value in metrics.items() if name not in ("step", "start_step")), flush=True)
+        meter.reset()
+
+
+def ddp_options(cfg: Config, stage: str) -> dict[str, Any]:
+    """DistributedDataParallel must be told when some parameters get no gradient in a step:
+    without global distillation the temporal objective never reaches res5 (layer4)."""
+    return {"find_unused_parameters": stage == "temporal" and temporal_config(cfg).beta == 0}
+
+
+# ----------------------------------------------------------------------------------------- orchestration
+class MetricsLogger(ray.train.UserCallback):
+    """A Ray Train callback (it runs in the controller, on the driver's node) that copies rank 0's
+    reported numbers to TensorBoard and to Ray metrics `stt_train_<name>` for the dashboard."""
+
+    def __init__(self, logdir: str | None, run: str, stage: str):
+        self.logdir, self.run, self.stage = logdir, run, stage
+        self.writer = None
+        self.gauges: dict[str, Any] = {}
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        from ray.util.metrics import Gauge
+
+        values = {k: float(v) for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(values["step"])
+        if self.logdir and self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(self.logdir)
+        for name, value in values.items():
+            if self.writer is not None and name != "step":
+                self.writer.add_scalar(f"{self.stage}/{name}", value, step)
+            if name not in self.gauges:
+                self.gauges[name] = Gauge(f"stt_train_{re.sub(r'[^a-zA-Z0-9_]', '_', name)}",
+                                          description=f"stt.train: {name}", tag_keys=("run", "stage"))
+            self.gauges[name].set(value, tags={"run": self.run, "stage": self.stage})
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def export_final(checkpoint: ray.train.Checkpoint, destination: str) -> None:
+    """Copy a Ray checkpoint's one file to `destination` (local path or URI)."""
+    with checkpoint.as_directory() as folder:
+        write_bytes_atomic(destination, (Path(folder) / CHECKPOINT_FILE).read_bytes())
+
+
+def training_stream(cfg: Config, stage: str, num_workers: int):
+    """The stage's Ray Data stream (stt.data.pipeline), long enough for `train.max_steps` steps.
+
+    Spatial: two augmented views of each image; temporal: uint8 RGB frame pairs (the Lab input is
+    computed on the worker's device, the teacher takes the RGB). One pass over the stream holds as
+    many epochs as the steps need, each in its own order drawn from (seed, epoch).
+    """
+    from stt.data import pipeline
+
+    if stage == "spatial":
+        stream = pipeline.spatial_view_dataset(cfg.data, cfg.spatial, seed=cfg.train.seed)
+    else:
+        stream = pipeline.temporal_pair_dataset(cfg.data, seed=cfg.train.seed)
+    rows_needed = cfg.train.max_steps * cfg.train.batch_size * num_workers
+    epochs = max(1, math.ceil(rows_needed / max(1, stream.rows_per_epoch)))
+    if epochs == 1:
+        return stream
+    if stage == "spatial":
+        return pipeline.spatial_view_dataset(cfg.data, cfg.spatial, seed=cfg.train.seed, epochs=epochs)
+    return pipeline.temporal_pair_dataset(cfg.data, seed=cfg.train.seed, epochs=epochs)
+
+
+def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use_gpu: bool, workers: int,
+                        cpus_per_worker: float, callbacks: tuple = (), max_failures: int = 3, keep_checkpoints: int = 3,
+                        tensorboard: str | None = None, run_name: str = "stt") -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of one stage, stored as the Ray Train run `<run_dir>/<stage>`.
+
+    Everything Ray needs (scaling, storage, failure policy) is declared here; `stt.train` and the
+    sweep (which adds a Tune callback) both build their trainers through this function.
+    """
+    cfg = stage_config(cfg, stage)
+    check_cpu_budget(workers, cpus_per_worker, cfg.data.data_cpus)
+    stream = training_stream(cfg, stage, workers)
+    tensorboard = tensorboard or (None if is_uri(run_dir) else join(run_dir, "tensorboard"))
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "stage": stage, "init": init, "skipped_frames": stream.skipped},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=stage,  # same storage and name: Ray Train finds the run's checkpoints and resumes
+            storage_path=run_dir,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=[MetricsLogger(tensorboard, run_name, stage), *callbacks],
+        ),
+        datasets={"train": stream.dataset.select_columns(BATCH_COLUMNS[stage])},
+    )
+
+
+def run_stage(stage: str, cfg: Config, args: argparse.Namespace, run_dir: str, init: str, use_gpu: bool) -> str:
+    """Train one stage as the Ray Train run `<run_dir>/<stage>`; returns the exported final checkpoint."""
+    final = join(run_dir, f"{stage}-final.pt")
+    if exists(final):
+        done = load_payload(read_bytes(final), final)
+        if done["stage"] == stage and done["step"] >= cfg.train.max_steps:
+            print(f"stt.train: {stage} stage already finished at step {done['step']} ({final}); skipping it")
+            return final
+    trainer = build_stage_trainer(
+        stage, cfg, run_dir, init, use_gpu=use_gpu, workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(args.workers, use_gpu, cfg.data.data_cpus),
+        max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard, run_name=args.name,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the {stage} stage reported no checkpoint (train.max_steps={cfg.train.max_steps})")
+    export_final(result.checkpoint, final)
+    print(f"stt.train: {stage} stage finished; final checkpoint {final}")
+    return final
+
+
+def default_cpus_per_worker(num_workers: int, use_gpu: bool, data_cpus: float) -> float:
+    """One CPU per worker, or on a CPU-only cluster an equal share of what Ray Data leaves (it hangs
+    if training holds every CPU)."""
+    if use_gpu:
+        return 1.0
+    return min(1.0, (ray.cluster_resources().get("CPU", 1.0) - data_cpus) / num_workers)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stt.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (one GPU each on GPU); the lr is multiplied by this")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="all: spatial, then temporal initialised from it")
+    parser.add_argument("--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs (default: GPUs when present)")
+    parser.add_argument("--max-steps", type=int, help="optimisation steps per stage (overrides train.max_steps)")
+    parser.add_argument("--storage", default="runs", help="local folder or s3:// URI for checkpoints and logs (default: ./runs)")
+    parser.add_argument("--name", default="stt", help="run name: <storage>/<name>/<stage>/; re-running with it resumes")
+    parser.add_argument("--init", default="", help="temporal stage: the spatial checkpoint to start from and distil (default with --stage all: the spatial stage's)")
+    parser.add_argument("--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per stage (the latest ones)")
+    parser.add_argument("--cpus-per-worker", type=float,
+                        help="CPUs reserved per training worker (default: 1, or on CPUs a share of what data.data_cpus leaves)")
+    parser.add_argument("--tensorboard", help="TensorBoard folder (default: <storage>/<name>/tensorboard for local storage)")
+    parser.add_argument("--config", help="YAML file with config sections (train, data, model, spatial, temporal, ...)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 temporal.beta=0")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    """Run the requested stages; returns {stage: final checkpoint path}."""
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.workers < 1:
+        raise ValueError(f"--workers: expected at least 1, got {args.workers}")
+    if not cfg.data.root:
+        from stt.data.synthetic import ensure_dataset
+
+        cfg.data.root = str(ensure_dataset("ytvos"))
+        print(f"stt.train: no data.root given: training on the embedded synthetic YouTube-VOS set {cfg.data.root}"
+              + ("" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else " on a local Ray cluster"))
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster in RAY_ADDRESS, else starts a local one
+    use_gpu = not args.cpu and ray.cluster_resources().get("GPU", 0) >= 1
+    run_dir = join(args.storage if is_uri(args.storage) else os.path.abspath(args.storage), args.name)
+
+    finals: dict[str, str] = {}
+    init = args.init
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        finals[stage] = run_stage(stage, cfg, args, run_dir, init, use_gpu)
+        init = finals[stage] if stage == "spatial" else init
+    return finals
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""prepare (shards), the per-sample transforms, and the Ray Data streams built on them.
+
+The stream tests use frames whose pixels say where they came from: red is a ramp over x, green a
+ramp over y, blue a code of (video, frame). Two crops of the same box and flip then have the same
+red and green maps, and the blue level names the frame each view was cut from.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.color import rgb2lab
+
+from stt.config import DataConfig, SpatialConfig
+from stt.data import prepare as prep
+from stt.data.layouts import DatasetError
+from stt.data.pipeline import Clip, Source, check_cpu_budget, draw_unit, interleaved_pairs, spatial_view_dataset, temporal_pair_dataset
+from stt.data.transforms import (
+    CropBox,
+    crop_resize,
+    decode_rgb_or_none,
+    pair_crops,
+    random_resized_crop_box,
+    uint8_to_normalized_lab,
+)
+
+HEIGHT, WIDTH = 48, 64
+VIDEOS = {"cat": (10, 6), "dog": (35, 6)}  # name -> (first frame number, listed frames); every 5th
+CORRUPT = ("dog", 3)  # (video, list position) written truncated
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()
+
+
+def blue_code(video_index: int, position: int) -> int:
+    return 30 + 100 * video_index + 12 * position
+
+
+def coded_frame(video_index: int, position: int) -> np.ndarray:
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    red = np.round(x * 255 / (WIDTH - 1))
+    green = np.round(y * 255 / (HEIGHT - 1))
+    blue = np.full_like(red, blue_code(video_index, position))
+    return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def coded_ytvos(tmp_path_factory) -> Path:
+    """A YouTube-VOS train layout of coded frames, one of them truncated."""
+    root = tmp_path_factory.mktemp("coded") / "youtube-vos"
+    for v, (name, (start, count)) in enumerate(VIDEOS.items()):
+        folder = root / "train" / "JPEGImages" / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            data = jpeg_bytes(coded_frame(v, i))
+            if (name, i) == CORRUPT:
+                data = data[: len(data) // 2]
+            (folder / f"{start + 5 * i:05d}.jpg").write_bytes(data)
+    return root
+
+
+# --------------------------------------------------------------------------- transforms (no Ray)
+
+
+def test_crop_box_respects_scale_ratio_and_frame():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        box = random_resized_crop_box(rng, 180, 320, (0.6, 1.0), (1.5, 2.0))
+        assert 0 <= box.top and box.top + box.height <= 180 and 0 <= box.left and box.left + box.width <= 320
+        area = box.height * box.width / (180 * 320)
+        assert 0.6 - 0.02 <= area <= 1.0
+        assert 1.5 - 0.03 <= box.width / box.height <= 2.0 + 0.03  # width / height, rounding aside
+
+
+def test_crop_box_falls_back_to_a_centred_crop_within_ratio():
+    # A portrait 100 x 40 frame cannot hold a 60% crop with width / height >= 1.5.
+    box = random_resized_crop_box(np.random.default_rng(0), 100, 40, (0.6, 1.0), (1.5, 2.0))
+    assert box == CropBox(top=36, left=0, height=27, width=40)  # height round(40 / 1.5) = 27; top (100 - 27) // 2
+
+
+def test_crop_resize_by_hand():
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    box = CropBox(top=1, left=2, height=2, width=2)
+    np.testing.assert_array_equal(crop_resize(image, box, 2, flip=False), image[1:3, 2:4])
+    np.testing.assert_array_equal(crop_resize(image, box, 2, flip=True), image[1:3, 2:4][:, ::-1])
+    # Shrinking 2 x 2 -> 1 x 1 (bilinear at the centre) and 4 x 4 -> 1 x 1 (area) both average all.
+    square = np.array([[[0, 0, 0], [100, 100, 100]], [[20, 20, 20], [40, 40, 40]]], dtype=np.uint8)
+    np.testing.assert_array_equal(crop_resize(square, CropBox(0, 0, 2, 2), 1, flip=False), [[[40, 40, 40]]])
+    ramp = np.repeat(np.arange(0, 160, 10, dtype=np.uint8).reshape(4, 4, 1), 3, axis=2)  # mean 75, centre mean 75
+    ramp[0, 0] = 250  # a corner only averaging sees: mean (75 * 16 + 250) / 16 = 90.6
+    assert crop_resize(ramp, CropBox(0, 0, 4, 4), 1, flip=False)[0, 0, 0] == 91
+    assert crop_resize(image, box, 7, flip=False).shape == (7, 7, 3)
+
+
+def test_pair_crops_cut_the_same_place_of_both_frames():
+    rng = np.random.default_rng(3)
+    target = coded_frame(0, 0)
+    reference = coded_frame(1, 2)
+    for _ in range(20):
+        t, r = pair_crops(target, reference, rng, 16, (0.6, 1.0), (1.5, 2.0))
+        np.testing.assert_array_equal(t[..., :2], r[..., :2])  # same red/green maps: same box, same flip
+        assert (t[..., 2] == blue_code(0, 0)).all() and (r[..., 2] == blue_code(1, 2)).all()
+
+
+def test_decode_rejects_empty_truncated_and_garbage_bytes():
+    data = jpeg_bytes(coded_frame(0, 0))
+    decoded = decode_rgb_or_none(data)
+    assert decoded.shape == (HEIGHT, WIDTH, 3) and np.abs(decoded.astype(int) - coded_frame(0, 0)).max() < 10
+    assert decode_rgb_or_none(b"") is None
+    assert decode_rgb_or_none(data[: len(data) // 2]) is None
+    assert decode_rgb_or_none(b"not a jpeg") is None
+
+
+def test_lab_matches_skimage():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 3, 5, 7), dtype=np.uint8)
+    expected = rgb2lab(images.transpose(0, 2, 3, 1) / 255.0).transpose(0, 3, 1, 2)
+    expected = (expected - np.array([50, 0, 0]).reshape(1, 3, 1, 1)) / np.array([50, 127, 127]).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(uint8_to_normalized_lab(images), expected, atol=1e-4)
+
+
+def test_interleaved_pairs_cover_every_pair_decode_once_and_skip_corrupt():
+    decodes = []
+
+    def clip(name, count, bad=()):
+        def decode(i):
+            decodes.append((name, i))
+            return None if i in bad else np.full((2, 2, 3), i, np.uint8)
+        return Clip(name, [5 * i for i in range(count)], [f"{name}/{i}" for i in range(count)], decode)
+
+    corrupt = []
+    clips = [clip("a", 5), clip("b", 4, bad=(1,)), clip("c", 1)]
+    pairs = list(interleaved_pairs(clips, 2, np.random.default_rng(0), corrupt))
+    got = sorted((c.name, i, int(t[0, 0, 0]), int(r[0, 0, 0])) for c, i, t, r in pairs)
+    # a: (0,2) (1,3) (2,4); b: (0,2) only, (1,3) needs the corrupt frame 1; c: too short.
+    assert got == [("a", 0, 2, 0), ("a", 1, 3, 1), ("a", 2, 4, 2), ("b", 0, 2, 0)]
+    assert corrupt == ["b/1"]
+    assert len(decodes) == len(set(decodes)) == 5 + 4  # each frame of a and b decoded exactly once
+
+
+def test_draw_unit_visits_every_unit_once_per_epoch():
+    epoch0 = [draw_unit(i, 7, seed=1)[0] for i in range(7)]
+    epoch1 = [draw_unit(i, 7, seed=1)[0] for i in range(7, 14)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(7)) and epoch0 != epoch1
+    assert epoch0 == [draw_unit(i, 7, seed=1)[0] for i in range(7)]
+
+
+def test_pack_videos_keeps_videos_whole():
+    videos = [prep.Video(str(n), tuple(range(n)), ()) for n in (3, 4, 2, 9, 1)]
+    groups = prep.pack_videos(videos, 6)
+    assert [[len(v.frames) for v in g] for g in groups] == [[3], [4, 2], [9], [1]]
+
+
+def test_check_cpu_budget():
+    check_cpu_budget(2, 0.5, 1.0, cluster_cpus=2)
+    with pytest.raises(ValueError, match="leave data_cpus free"):
+        check_cpu_budget(2, 1.0, 1.0, cluster_cpus=2)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def test_prepare_writes_resumes_and_hides_a_killed_shard(tmp_path, monkeypatch):
+    from stt.data.synthetic import generate
+
+    src = generate(tmp_path / "raw", preset="tiny", kinds=("ytvos",))["ytvos"]
+    out = tmp_path / "shards"
+    settings = prep.Settings("ytvos", short_side=48, frames_per_row_group=8, row_groups_per_shard=1)
+    videos = prep.list_videos("ytvos", src)
+    shards = prep.plan_shards(videos, settings)
+    assert len(shards) == 3  # tiny: 3 videos x 5 frames, whole videos per row group of <= 8
+
+    real_table = prep._group_table
+    calls = []
+
+    def dies_on_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed mid-shard
+        return real_table(*args)
+
+    monkeypatch.setattr(prep, "_group_table", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare("ytvos", src, str(out), settings)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet.tmp"]
+    with pytest.raises(DatasetError, match="_manifest.json: missing"):
+        prep.read_manifest(str(out))
+
+    monkeypatch.setattr(prep, "_group_table", real_table)
+    first_written = (out / "shard-00000.parquet").stat().st_mtime_ns
+    manifest = prep.prepare("ytvos", src, "file://" + str(out), settings)  # URIs work as well as paths
+    assert (out / "shard-00000.parquet").stat().st_mtime_ns == first_written  # skipped, not rewritten
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [f"shard-0000{i}.parquet" for i in range(3)]
+    assert manifest == json.loads((out / "_manifest.json").read_text())
+    assert manifest["frames"] == 15 and manifest["videos"] == 3 and manifest["corrupt_sources"] == []
+
+    table = prep.read_row_group(str(out), "shard-00000.parquet", 0)
+    video = videos[0]
+    assert table.column("video").to_pylist() == [video.name] * 5
+    assert table.column("frame").to_pylist() == list(video.frames)
+    assert table.column("source").to_pylist() == [Path(p).relative_to(src).as_posix() for p in video.paths]
+    assert set(table.column("height").to_pylist()) == {48} and set(table.column("width").to_pylist()) == {72}
+    stored = decode_rgb_or_none(table.column("jpeg")[0].as_py())
+    assert stored.shape == (48, 72, 3)
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".parquet"}
+    prep.prepare("ytvos", src, str(out), settings)
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".parquet"}
+
+    with pytest.raises(ValueError, match="shard-00000.parquet: holds other videos or settings"):
+        prep.prepare("ytvos", src, str(out), prep.Settings("ytvos", short_side=32, frames_per_row_group=8,
+                                                            row_groups_per_shard=1))
+
+
+# --------------------------------------------------------------------------- streams (Ray)
+
+
+def check_pairs(rows: list[dict], cfg: DataConfig) -> None:
+    names = list(VIDEOS)
+    for row in rows:
+        v = names.index(row["video"])
+        start = VIDEOS[row["video"]][0]
+        assert row["gap"] == 5 * cfg.frame_gap == row["target_frame"] - row["reference_frame"]
+        target, reference = row["target"].astype(int), row["reference"].astype(int)
+        assert target.shape == reference.shape == (3, cfg.crop_size, cfg.crop_size)
+        for frame_number, view in ((row["target_frame"], target), (row["reference_frame"], reference)):
+            assert abs(view[2].mean() - blue_code(v, (frame_number - start) // 5)) < 5  # the frame it claims
+        difference = np.abs(target[:2] - reference[:2])
+        assert difference.mean() < 3 and difference.max() < 20  # same crop and flip: same ramps
+    ramps = {row["target"][0].tobytes() for row in rows}
+    assert len(ramps) > len(rows) // 2  # and the crops themselves vary
+
+
+def expected_pairs(gap: int) -> set[tuple[str, int]]:
+    pairs = set()
+    for name, (start, count) in VIDEOS.items():
+        for i in range(count - gap):
+            if CORRUPT[0] == name and CORRUPT[1] in (i, i + gap):
+                continue
+            pairs.add((name, start + 5 * (i + gap)))
+    return pairs
+
+
+def test_stream_from_raw_and_from_shards(ray_local, coded_ytvos, tmp_path):
+    cfg = DataConfig(root=str(coded_ytvos), crop_size=24, frame_gap=1, data_cpus=1.0)
+    raw = temporal_pair_dataset(cfg, seed=0, lab=True)
+    assert raw.rows_per_epoch == 10
+    rows = raw.dataset.take_all()
+    assert {(r["video"], r["target_frame"]) for r in rows} == expected_pairs(1) and len(rows) == 8
+    assert raw.skipped_frames() == 1
+    assert ray_local.get(raw.skipped.first_sources.remote()) == [str(coded_ytvos / "train/JPEGImages/dog/00050.jpg")]
+    check_pairs(rows, cfg)
+    lab = np.stack([r["target_lab"] for r in rows])
+    np.testing.assert_allclose(lab, uint8_to_normalized_lab(np.stack([r["target"] for r in rows])), atol=1e-6)
+
+    out = tmp_path / "shards"
+    manifest = prep.prepare("ytvos", coded_ytvos, str(out), prep.Settings("ytvos", quality=95))
+    assert manifest["corrupt_sources"] == ["train/JPEGImages/dog/00050.jpg"]
+    cfg2 = DataConfig(root=str(out), crop_size=24, frame_gap=2, data_cpus=1.0)
+    sharded = temporal_pair_dataset(cfg2, seed=0, epochs=2)
+    assert sharded.units_per_epoch == 1
+    rows = sharded.dataset.take_all()
+    assert sorted((r["video"], r["target_frame"]) for r in rows) == sorted(list(expected_pairs(2)) * 2)
+    assert sharded.skipped_frames() == 2  # the corrupt frame, once per epoch
+    check_pairs(rows, cfg2)
+
+    def by_pair(rows):
+        return {(r["video"], r["target_frame"]): r["target"] for r in rows}
+
+    # Seeded: a one-epoch stream repeats the first epoch of the two-epoch one; another seed does not.
+    first = by_pair(temporal_pair_dataset(cfg2, source=Source("shards", str(out)), seed=0).dataset.take_all())
+    other = by_pair(temporal_pair_dataset(cfg2, seed=1).dataset.take_all())
+    two_epochs = [((r["video"], r["target_frame"]), r["target"]) for r in rows]
+    assert all(any(k == key and np.array_equal(first[k], t) for key, t in two_epochs) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
+
+
+def test_spatial_views_skip_and_count_corrupt_images(ray_local, tmp_path):
+    folder = tmp_path / "images" / "class_a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(coded_frame(0, i)))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    cfg = DataConfig(images=str(tmp_path / "images"), data_cpus=1.0)
+    stream = spatial_view_dataset(cfg, SpatialConfig(image_size=20), seed=0)
+    rows = stream.dataset.take_all()
+    assert sorted(r["image"] for r in rows) == [f"class_a/img{i}.jpg" for i in range(3)]
+    for row in rows:
+        assert row["view_q"].shape == row["view_k"].shape == (3, 20, 20) and row["view_q"].dtype == np.float32
+        assert not np.array_equal(row["view_q"], row["view_k"])  # two independent augmentations
+    assert stream.skipped_frames() == 1
+
+
+def test_temporal_stream_refuses_image_shards_and_unknown_roots(ray_local, tmp_path):
+    with pytest.raises(DatasetError, match="not a shard folder"):
+        temporal_pair_dataset(DataConfig(root=str(tmp_path)))
+    with pytest.raises(ValueError, match="frame_gap"):
+        temporal_pair_dataset(DataConfig(root=str(tmp_path), frame_gap=0), source=Source("ytvos", str(tmp_path)))

@@ -1,0 +1,197 @@
+"""stt.train: schedule and checkpoint format by hand, then real Ray Train runs on a local cluster:
+both stages with 2 workers, resuming by name, and a SIGKILLed worker restarted from its checkpoint."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stt.config import Config, from_dict, load_config
+from stt.models import build_encoder
+from stt.train import (
+    CHECKPOINT_FILE,
+    build_spatial,
+    build_temporal,
+    checkpoint_payload,
+    learning_rate,
+    load_payload,
+    main,
+    scaled_lr,
+    stage_config,
+    train_one_step,
+)
+
+TINY = [
+    "model.arch=resnet18", "train.batch_size=4", "train.warmup_steps=2", "train.checkpoint_every=2", "train.log_every=1",
+    "train.eval_every=0", "data.crop_size=64", "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, [*TINY, *overrides])
+
+
+# ----------------------------------------------------------------------------------------- without Ray
+def test_learning_rate_warmup_then_cosine_by_hand():
+    # warm-up over 4 steps to 0.8, cosine to 0 over the 8 steps after
+    assert [learning_rate(s, 0.8, 4, 12) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert learning_rate(4, 0.8, 4, 12) == pytest.approx(0.8)
+    assert learning_rate(6, 0.8, 4, 12) == pytest.approx(0.4 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(8, 0.8, 4, 12) == pytest.approx(0.4)
+    assert learning_rate(12, 0.8, 4, 12) == pytest.approx(0.0)
+    assert learning_rate(0, 0.8, 0, 10) == pytest.approx(0.8)  # no warm-up
+
+
+def test_lr_scales_linearly_with_workers():
+    assert scaled_lr(5e-5, 4) == pytest.approx(2e-4)
+
+
+def test_stage_config_sets_the_input_space_and_leaves_the_original_alone():
+    cfg = Config()
+    assert stage_config(cfg, "spatial").model.input_space == "rgb"
+    assert stage_config(cfg, "temporal").model.input_space == "lab"
+    assert cfg.model.input_space == "rgb"
+
+
+def test_temporal_stage_without_teacher_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"temporal.beta=50.0 \(train.recipe=spatial-then-temporal\) needs a frozen teacher"):
+        build_temporal(tiny_config(), init=None)
+    student, teacher, _ = build_temporal(tiny_config("temporal.beta=0"), init=None)
+    assert teacher is None
+
+
+def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    cfg = stage_config(tiny_config(), "spatial")
+    moco, optimizer = build_spatial(cfg)
+    views = torch.randn(2, 4, 3, 64, 64)
+    train_one_step(lambda: moco(views[0], views[1]), optimizer, 0.1, torch.device("cpu"))
+    path = tmp_path / CHECKPOINT_FILE
+    torch.save(checkpoint_payload(moco.encoder, cfg, "spatial", 7, optimizer, moco), path)
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["stage"] == "spatial" and payload["step"] == 7
+    assert from_dict(payload["config"]).model.input_space == "rgb"
+    assert set(payload["model"]) == {k for k in moco.encoder.state_dict()}  # torchvision names, no wrapper prefixes
+    # the encoder weights load into the temporal student (another stride preset)
+    student = build_encoder(cfg.model)
+    student.load_state_dict(payload["model"])
+
+    # a rebuilt MoCo + optimiser restored from the file takes the same next step as the original
+    restored, restored_optimizer = build_spatial(cfg)
+    restored.load_state_dict(load_payload(path, "test")["moco"])
+    restored_optimizer.load_state_dict(payload["optimizer"])
+    for model, opt in ((moco, optimizer), (restored, restored_optimizer)):
+        torch.manual_seed(1)  # the key shuffle of shuffle-BN is random
+        train_one_step(lambda: model(views[1], views[0]), opt, 0.1, torch.device("cpu"))
+    for (name, a), b in zip(moco.state_dict().items(), restored.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_load_payload_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="weights.pt: not an stt.train checkpoint"):
+        load_payload(path, str(path))
+
+
+# ----------------------------------------------------------------------------------------- on a local Ray cluster
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from stt.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data"), preset="tiny", kinds=("ytvos", "davis"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 cores shared by the whole test session: oversubscribed threads make torch 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(storage: Path, name: str, stage: str, steps: int, data: dict, *extra: str) -> dict[str, str]:
+    return main(["--workers", "2", "--cpu", "--stage", stage, "--max-steps", str(steps), "--storage", str(storage),
+                 "--name", name, "--cpus-per-worker", "0.5", *TINY, f"data.root={data['ytvos']}",
+                 f"train.eval_davis_root={data['davis']}", *extra])
+
+
+def reported(run_dir: Path) -> list[dict]:
+    """The metrics attached to each checkpoint Ray Train kept for a run, oldest first."""
+    import ray.train
+
+    result = ray.train.Result.from_path(str(run_dir))
+    return sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["step"])
+
+
+def test_both_stages_on_two_workers_then_resume_by_name(ray_local, tiny_data, tmp_path):
+    finals = run(tmp_path, "both", "all", 2, tiny_data, "train.eval_every=2")
+    for stage, space in (("spatial", "rgb"), ("temporal", "lab")):
+        payload = torch.load(finals[stage], map_location="cpu", weights_only=True)
+        assert (payload["stage"], payload["step"]) == (stage, 2)
+        assert from_dict(payload["config"]).model.input_space == space
+        build_encoder(from_dict(payload["config"]).model).load_state_dict(payload["model"])
+        metrics = reported(tmp_path / "both" / stage)[-1]
+        assert 0.0 <= metrics["J&F"] <= 1.0 and metrics["pairs_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] <= 1
+
+    # the same name again with more steps: each stage continues from its step-2 checkpoint
+    finals = run(tmp_path, "both", "temporal", 4, tiny_data, f"--init={finals['spatial']}")
+    assert torch.load(finals["temporal"], weights_only=True)["step"] == 4
+    assert [(m["step"], m["start_step"]) for m in reported(tmp_path / "both" / "temporal")][-2:] == [(2, 0), (4, 2)]
+
+
+def ray_train_worker_pids() -> list[int]:
+    """Ray Train worker processes of THIS test's Ray cluster: titled `ray::RayTrainWorker...` and
+    descended from this process (ray.init started the raylet, which forks the workers)."""
+    parents, titles = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes()
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, title in titles.items() if title.startswith(b"ray::RayTrainWorker") and mine(pid)]
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tiny_data, tmp_path):
+    # written once a checkpoint is registered (its folder appears earlier, while it is uploaded)
+    registered = tmp_path / "killed" / "spatial" / "checkpoint_manager_snapshot.json"
+    killed: list[int] = []
+    earlier = set(ray_train_worker_pids())  # processes of the previous test's runs may not have exited yet
+
+    def kill_one_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while not registered.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [pid for pid in ray_train_worker_pids() if pid not in earlier]
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    finals = run(tmp_path, "killed", "spatial", 12, tiny_data, "--keep-checkpoints=20")
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert torch.load(finals["spatial"], weights_only=True)["step"] == 12
+    starts = {m["start_step"] for m in reported(tmp_path / "killed" / "spatial")}
+    assert starts - {0}, f"no report came from a restarted worker group (start steps {starts})"
+    assert min(starts - {0}) >= 2 and min(starts - {0}) % 2 == 0  # it resumed at a checkpoint, not from scratch
