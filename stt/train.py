@@ -425,6 +425,8 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
     """
     cfg = stage_config(cfg, stage)
     check_cpu_budget(workers, cpus_per_worker, cfg.data.data_cpus)
+    # Workers print their own progress lines; Ray Data's per-operator bars would flood the terminal.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     stream = training_stream(cfg, stage, workers)
     tensorboard = tensorboard or (None if is_uri(run_dir) else join(run_dir, "tensorboard"))
     return ray.train.torch.TorchTrainer(

@@ -17,7 +17,9 @@ def davis_real_root() -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the whole session: 2 CPUs, as on the smallest laptop."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    import ray
+
+    # The dashboard runs as in real use: Tune's ASHA relies on it to release stopped trials' resources.
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()

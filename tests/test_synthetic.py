@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from stt.data import synthetic
+from stt.data import layouts, synthetic
 from stt.data.synthetic import PRESETS
 
 # sha256 over the sorted relative paths and bytes of `generate(dir, "tiny", seed=0)`. It changes only
@@ -157,13 +157,12 @@ def test_vip_layout(tiny):
 
 
 def test_readers_in_stt_data_layouts_accept_the_tiny_trees(tiny):
-    layouts = pytest.importorskip("stt.data.layouts")
     davis = layouts.DAVIS(tiny["davis"], "val")
     assert davis.sequences == ["val-00", "val-01"]
     for seq in davis.sequences:
         frames, masks = davis.read_frames(seq), davis.read_masks(seq)
         assert frames.shape[:3] == masks.shape and davis.num_objects(seq) == masks[0].max()
-        assert davis.palette(seq) == synthetic.davis_palette() == layouts.davis_palette()
+        assert davis.palette(seq) == layouts.davis_palette()
     ytvos = layouts.YouTubeVOS(tiny["ytvos"])
     assert len(ytvos.videos) == PRESETS["tiny"].ytvos_videos
     for video in ytvos.videos:
@@ -279,7 +278,7 @@ def test_to_uint8_rounds_half_up_and_clips():
 
 
 def test_davis_palette_is_the_voc_colour_map():
-    palette = np.array(synthetic.davis_palette()).reshape(256, 3)
+    palette = np.array(layouts.davis_palette()).reshape(256, 3)
     assert palette[:8].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128],
                                     [128, 0, 128], [0, 128, 128], [128, 128, 128]]
     assert palette[255].tolist() == [224, 224, 192]  # the void colour of DAVIS and VOC

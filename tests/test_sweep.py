@@ -1,0 +1,102 @@
+"""tune/sweep.py: search space, the PRUNED bookkeeping, and a tiny end-to-end sweep with ASHA and --resume."""
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+from optuna.trial import TrialState
+from ray import tune
+
+from stt.config import load_config
+from stt.data.synthetic import generate
+
+SWEEP_FILE = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
+spec = importlib.util.spec_from_file_location("sweep", SWEEP_FILE)
+sweep = importlib.util.module_from_spec(spec)
+sys.modules["sweep"] = sweep
+spec.loader.exec_module(sweep)
+# Ray workers cannot import a script by path: ship its functions by value, as for `python tune/sweep.py`.
+ray.cloudpickle.register_pickle_by_value(sweep)
+
+
+def test_default_space_covers_losses_and_propagation():
+    space = sweep.load_space(sweep.SPACE_FILE)
+    assert {"temporal.alpha", "temporal.beta", "temporal.entropy_threshold", "temporal.entropy"} <= set(space["training"])
+    assert {"propagation.topk", "propagation.temperature", "propagation.context", "propagation.radius",
+            "propagation.aggregation"} <= set(space["propagation"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("training:\n  temporal.alpah: {uniform: [1, 2]}\n", "temporal.alpah"),
+        ("training:\n  temporal.alpha: {normal: [1, 2]}\n", "training.temporal.alpha: expected one of"),
+        ("propagation:\n  propagation.topk: {choice: [2.5, 3]}\n", "propagation.topk: expected an integer"),
+        ("sampling:\n  temporal.alpha: {uniform: [1, 2]}\n", "expected sections"),
+    ],
+)
+def test_bad_space_files_name_the_entry(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises((KeyError, ValueError), match=message):
+        sweep.load_space(path)
+
+
+def test_asha_stopped_trials_are_pruned_not_complete(tmp_path):
+    """Ray's OptunaSearch would record an early-stopped trial's partial J&F as a final value."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    search = sweep.PrunedAwareOptunaSearch(space={"temporal.alpha": tune.loguniform(1, 10)}, metric="jf", mode="max",
+                                           seed=0, study_name="s", storage=storage, full_steps=12)
+    for trial_id, last_step in (("stopped", 6), ("finished", 12)):
+        assert search.suggest(trial_id)["temporal.alpha"] > 0
+        search.on_trial_result(trial_id, {"jf": 0.25, "step": 6, "training_iteration": 1})
+        # ASHA's stopping result and the final one reach only on_trial_complete
+        search.on_trial_complete(trial_id, {"jf": 0.5, "step": last_step, "training_iteration": last_step // 6})
+    stopped, finished = optuna.load_study(study_name="s", storage=storage).trials
+    assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {6: 0.25}
+    assert finished.state == TrialState.COMPLETE and finished.value == 0.5 and finished.intermediate_values == {6: 0.25, 12: 0.5}
+
+
+def test_tuning_on_the_reported_split_is_refused():
+    with pytest.raises(ValueError, match="tuning on the reported split"):
+        sweep.main(["--quick", "--tune-set", "val", "--report-set", "val"])
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
+    data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
+    small = replace(sweep.PLANS["quick"], training_trials=3, propagation_trials=3, spatial_steps=2, temporal_steps=4,
+                    eval_every=2, reduction_factor=2,
+                    overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
+                               "train.warmup_steps=1", "spatial.bn_splits=1"))
+    monkeypatch.setitem(sweep.PLANS, "quick", small)
+    argv = ["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root", str(data["ytvos"]),
+            "--davis-root", str(data["davis"])]
+    result = sweep.main(argv)
+
+    experiment, table = result["experiment"], result["table"]
+    training, propagation = table[table["kind"] == "training"], table[table["kind"] == "propagation"]
+    assert len(training) == 3 and set(training["state"]) <= {"COMPLETE", "PRUNED"}
+    assert len(propagation) == 3 and set(propagation["state"]) == {"COMPLETE"}  # each asserted zero network calls
+    assert pd.read_parquet(experiment / "trials.parquet")["tuning_jf"].notna().all()
+    assert (experiment / "trials.csv").is_file() and (experiment / "summary.md").read_text().count("reported split") == 1
+    assert any((experiment / "plots").glob("*-history.png"))
+    best = load_config(experiment / "best.yaml")  # what `stt.train --config` and `stt.evaluate --config` accept
+    chosen = result["state"]["best_propagation"]["params"]
+    assert best.propagation.topk == chosen["propagation.topk"]
+    assert result["state"]["final"]["summary"]["J&F-Mean"] == result["state"]["final"]["reported_jf"]
+
+    # An interrupted sweep: phases 3-4 unfinished, their Tune experiment on disk. --resume must not
+    # rerun any finished trial: the Optuna studies keep exactly the trials they had.
+    state = json.loads((experiment / "state.json").read_text())
+    for phase in ("best_propagation", "final"):
+        state.pop(phase)
+    (experiment / "state.json").write_text(json.dumps(state))
+    resumed = sweep.main(argv + ["--resume"])
+    assert len(resumed["table"]) == len(table)
+    assert resumed["state"]["best_propagation"]["params"] == chosen
