@@ -134,6 +134,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """ValueError naming the config field `name` when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or raise naming `where`."""
     origin = typing.get_origin(annotation)

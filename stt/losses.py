@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stt.config import TemporalConfig
+from stt.config import TemporalConfig, check_choice
 from stt.correlation import aggregate_local, global_correlation, local_correlation, local_softmax
 
 PYRAMID_LEVELS = ("res3", "res4")  # fine to coarse: res3 is distilled into res4
@@ -189,12 +189,9 @@ def check_temporal_config(cfg: TemporalConfig) -> None:
     unknown = [level for level in cfg.rec_levels if level not in PYRAMID_LEVELS]
     if unknown or len(set(cfg.rec_levels)) != len(cfg.rec_levels):
         raise ValueError(f"temporal.rec_levels: expected distinct names from {PYRAMID_LEVELS}, got {cfg.rec_levels!r}")
-    if cfg.entropy not in ENTROPY_SCORES:
-        raise ValueError(f"temporal.entropy: expected one of {ENTROPY_SCORES}, got {cfg.entropy!r}")
-    if cfg.threshold_mode not in THRESHOLD_MODES:
-        raise ValueError(f"temporal.threshold_mode: expected one of {THRESHOLD_MODES}, got {cfg.threshold_mode!r}")
-    if cfg.lc_reference_pooling not in REFERENCE_POOLINGS:
-        raise ValueError(f"temporal.lc_reference_pooling: expected one of {REFERENCE_POOLINGS}, got {cfg.lc_reference_pooling!r}")
+    check_choice("temporal.entropy", cfg.entropy, ENTROPY_SCORES)
+    check_choice("temporal.threshold_mode", cfg.threshold_mode, THRESHOLD_MODES)
+    check_choice("temporal.lc_reference_pooling", cfg.lc_reference_pooling, REFERENCE_POOLINGS)
     for name in ("alpha", "beta", "rec_scale"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"temporal.{name}: expected a non-negative weight, got {getattr(cfg, name)!r}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stt.config import PropagationConfig
+from stt.config import PropagationConfig, check_choice
 
 AGGREGATIONS = ("overall", "per-frame")
 PER_FRAME_NORMS = ("before-mask", "after-mask")
@@ -293,12 +293,9 @@ def _check(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationC
         raise ValueError(f"first_labels on {first_labels.device} but features on {features.device}")
     if features.shape[0] < 1:
         raise ValueError("features: expected at least one frame")
-    if cfg.aggregation not in AGGREGATIONS:
-        raise ValueError(f"propagation.aggregation: expected one of {AGGREGATIONS}, got {cfg.aggregation!r}")
-    if cfg.per_frame_norm not in PER_FRAME_NORMS:
-        raise ValueError(f"propagation.per_frame_norm: expected one of {PER_FRAME_NORMS}, got {cfg.per_frame_norm!r}")
-    if cfg.window not in WINDOWS:
-        raise ValueError(f"propagation.window: expected one of {WINDOWS}, got {cfg.window!r}")
+    check_choice("propagation.aggregation", cfg.aggregation, AGGREGATIONS)
+    check_choice("propagation.per_frame_norm", cfg.per_frame_norm, PER_FRAME_NORMS)
+    check_choice("propagation.window", cfg.window, WINDOWS)
     if not cfg.temperature > 0:
         raise ValueError(f"propagation.temperature: expected a positive number, got {cfg.temperature!r}")
     if not cfg.radius >= 0:

@@ -25,13 +25,7 @@ from stt.losses import (
     temporal_losses,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared, loaded machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Tiny pyramid: a 32 x 32 input, res3 8 x 8 (stride 4), res4 4 x 4 (stride 8), res5 2 x 2.

@@ -23,13 +23,7 @@ from stt.propagation import (
 BOTH = [propagate_dense, propagate_windowed]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up would cost more than it saves on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_hot_video(features: torch.Tensor) -> torch.Tensor:
