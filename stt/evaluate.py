@@ -223,7 +223,8 @@ def evaluate_vip(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, 
     confusion, started = np.zeros((20, 20), dtype=np.int64), time.perf_counter()
     for video in tqdm(dataset.videos, desc="vip", unit="video", disable=not progress):
         annotated = sorted(dataset.label_paths(video).items())
-        frame_paths = [dataset.frame_paths(video)[index] for index, _ in annotated]
+        all_frames = dataset.frame_paths(video)
+        frame_paths = [all_frames[index] for index, _ in annotated]
         labels = np.stack([dataset.read_label(path) for _, path in annotated])  # T x H x W
         features = cache.load_or_compute(extractor, frame_paths, lambda: resized_frames(frame_paths, size), variant=f"square{size[0]}")
         pred = propagate_video(features, labels[0], 20, labels.shape[1:], cfg, implementation)

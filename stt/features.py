@@ -77,8 +77,9 @@ class FeatureExtractor:
             identity = f"lab-pixels-stride{self.stride}"
         elif source.startswith("random"):
             seed = int(source.split(":", 1)[1]) if ":" in source else 0
-            torch.manual_seed(seed)
-            self.encoder = build_encoder(model_cfg)
+            with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+                torch.manual_seed(seed)
+                self.encoder = build_encoder(model_cfg)
             self.input_space = model_cfg.input_space
             identity = f"random-seed{seed}"
         else:

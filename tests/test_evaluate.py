@@ -97,3 +97,24 @@ def test_oracle_features_recover_real_masks(davis_real_root):
     oracle = summarize_davis(evaluate_davis_sequence(gt, pred, "dog"))["J-Mean"]
     copied = summarize_davis(evaluate_davis_sequence(gt, np.repeat(gt[:1], len(gt), axis=0), "dog"))["J-Mean"]
     assert oracle > 0.95 and copied < 0.4
+
+
+def test_vip_and_jhmdb_run_end_to_end(tmp_path):
+    data = generate(tmp_path / "data", preset="tiny", kinds=("vip", "jhmdb"))
+    common = ["--checkpoint", "lab:8", "--feature-cache", str(tmp_path / "cache"), "--device", "cpu"]
+    vip = main(["vip", "--vip-root", str(data["vip"]), "--out", str(tmp_path / "vip"), *common])
+    assert 0.0 < vip["mIoU"] <= 1.0 and len(vip["per_class_iou"]) == 20
+    assert json.loads((tmp_path / "vip" / "metrics.json").read_text())["mIoU"] == pytest.approx(vip["mIoU"])
+    jhmdb = main(["jhmdb", "--jhmdb-root", str(data["jhmdb"]), "--out", str(tmp_path / "jhmdb"), *common])
+    assert 0.0 <= jhmdb["PCK@0.1"] <= jhmdb["PCK@0.2"] <= 100.0
+
+
+def test_joint_heatmaps_round_trip_within_one_stride():
+    """Keypoints -> Gaussian maps on a stride-8 grid -> upsampled peaks: back within one cell."""
+    from stt.evaluate import heatmaps_to_joints, joints_to_heatmaps
+
+    joints = np.array([[12.0, 20.0], [100.5, 7.0], [230.0, 150.0]])  # (x, y) pixels in a 160 x 240 image
+    maps = joints_to_heatmaps(joints, (160, 240), (20, 30), sigma=0.5)
+    assert maps.shape == (3, 20, 30)
+    recovered = heatmaps_to_joints(maps[None], (160, 240))[0]
+    assert np.abs(recovered - joints).max() <= 8

@@ -284,7 +284,9 @@ class Sweep:
                              reduction_factor=plan.reduction_factor)
         concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
         results = self.tuner("training", trainable, self.space["training"], search, asha, concurrency, plan.training_trials).fit()
-        best = results.get_best_result(metric=METRIC, mode="max", scope="all")
+        # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
+        # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
+        best = results.get_best_result(metric=METRIC, mode="max", scope="last")
         run = self.experiment / "training-runs" / best.metrics["trial_id"] / "temporal"
         chosen = {"params": {k: best.config[k] for k in self.space["training"]}, "tuning_jf": best.metrics[METRIC],
                   "checkpoint": str(latest_checkpoint(run))}
