@@ -111,6 +111,10 @@ class TrainConfig:
 
     recipe: str = "spatial-then-temporal"
     gamma: float = 1.0  # spatiotemporal recipe only: L = L_nce + gamma * L_t (paper 001 Sec. 3.3 (ii))
+    # EWC recipes only (stt.ewc): penalty weight lambda (paper 001 does not state it: tune it) and the
+    # batches of the earlier stage's own stream its diagonal Fisher is averaged over, at its last step.
+    ewc_weight: float = 100.0
+    ewc_fisher_batches: int = 8
     batch_size: int = 16
     lr: float = 5e-5
     warmup_steps: int = 100

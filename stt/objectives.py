@@ -60,6 +60,23 @@ def recipe_of(cfg: Config) -> Recipe:
     return RECIPES[cfg.train.recipe]
 
 
+def feeds_ewc(cfg: Config, stage: str) -> bool:
+    """Whether `stage` is the one the recipe's EWC stage is anchored to (it must leave its Fisher)."""
+    recipe = recipe_of(cfg)
+    if recipe.ewc_stage is None:
+        return False
+    anchored_to = recipe.stages.index(recipe.ewc_stage) - 1
+    return anchored_to >= 0 and recipe.stages[anchored_to] == stage
+
+
+def add_penalty(losses: dict[str, Tensor], penalty: Callable[[], Tensor] | None) -> dict[str, Tensor]:
+    """losses with penalty() added to "loss" and reported as "penalty" (unchanged if penalty is None)."""
+    if penalty is None:
+        return losses
+    extra = penalty()
+    return {**losses, "loss": losses["loss"] + extra, "penalty": extra.detach()}
+
+
 def table1_config(row: str, base: TemporalConfig | None = None) -> TemporalConfig:
     """The TemporalConfig of one Table 1 row (radii, weights and scores otherwise from `base`)."""
     if row not in TABLE1_ROWS:
@@ -134,11 +151,7 @@ def temporal_step(
     losses = temporal_losses(
         student_t, student_r, take_channel(lab_t, dropped), take_channel(lab_r, dropped), temporal, teacher_t, teacher_r
     )
-    if penalty is not None:
-        extra = penalty()
-        losses["loss"] = losses["loss"] + extra
-        losses["penalty"] = extra.detach()
-    return losses
+    return add_penalty(losses, penalty)
 
 
 def shared_trunk_student(encoder: Encoder, model: ModelConfig) -> Encoder:
@@ -174,3 +187,17 @@ def spatiotemporal_step(
     nce = moco(spatial_batch["view_q"], spatial_batch["view_k"])["loss"]
     temporal = temporal_step(student, None, temporal_batch, cfg, generator)
     return {**temporal, "loss": nce + cfg.train.gamma * temporal["loss"], "nce": nce.detach()}
+
+
+class SpatiotemporalModel(nn.Module):
+    """Recipe (ii) as one module, so DistributedDataParallel sees one forward per step:
+    forward(spatial_batch, temporal_batch) -> `spatiotemporal_step`'s losses."""
+
+    def __init__(self, moco: nn.Module, cfg: Config):
+        super().__init__()
+        self.moco = moco
+        self.student = shared_trunk_student(moco.encoder, cfg.model)  # the same parameters, registered twice
+        self.cfg = cfg
+
+    def forward(self, spatial_batch: dict[str, Tensor], temporal_batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return spatiotemporal_step(self.moco, self.student, spatial_batch, temporal_batch, self.cfg)

@@ -1,11 +1,16 @@
 """python -m stt.train: the spatial and temporal stages on Ray Train.
 
-    python -m stt.train --workers N --stage spatial|temporal|all [--cpu] [--max-steps N]
-                        [--storage DIR|s3://...] [--name NAME] [--config FILE.yaml] [section.key=value ...]
+    python -m stt.train --workers N --stage spatial|temporal|spatiotemporal|all [--cpu] [--max-steps N]
+                        [--storage DIR|s3://...] [--name NAME] [--table1-row ROW] [--config FILE.yaml]
+                        [section.key=value ...]
 
 Stage `spatial` trains MoCo v2 on still images (RGB input); stage `temporal` trains the stride-8
 student on frame pairs (normalised Lab input) with the frozen spatial encoder as the teacher and
-the initialisation; `all` runs one after the other. Each stage is one Ray Train run stored at
+the initialisation; stage `spatiotemporal` trains L_nce + gamma L_t jointly on one trunk. `all`
+runs the stages of `train.recipe` (stt.objectives.RECIPES, paper 001 Table 2) in order, each
+initialised from the one before; spatial-then-temporal by default. In an EWC recipe the earlier
+stage also stores the diagonal Fisher of its objective in its last checkpoint, and the later stage
+adds the EWC penalty toward the earlier stage's weights. Each stage is one Ray Train run stored at
 `<storage>/<name>/<stage>/`, checkpointed every `train.checkpoint_every` steps; its last checkpoint
 is also exported as `<storage>/<name>/<stage>-final.pt`, the file `stt.evaluate --checkpoint`
 takes. Re-running with the same storage and name resumes each stage from its latest checkpoint,
@@ -13,10 +18,12 @@ and a crashed worker group restarts from it (`--max-failures`).
 
 A checkpoint is one file that `torch.load(path, weights_only=True)` opens:
 `{"model": encoder state dict (torchvision key names), "config", "stage", "step", "optimizer",
-"moco" (spatial stage: heads, momentum encoder, queues)}`.
+"moco" (spatial and spatiotemporal stages: heads, momentum encoder, queues), "fisher" (last
+checkpoint of a stage an EWC stage follows: parameter name -> diagonal Fisher)}`.
 
 Learning rate: `train.batch_size` is per worker, so the global batch is batch_size x workers, and
-the base learning rate (`spatial.lr` for the spatial stage, `train.lr` for the temporal one) is
+the base learning rate (`spatial.lr` with MoCo's SGD for the spatial and the joint stage, `train.lr`
+with Adam for the temporal one) is
 multiplied by the number of workers (linear scaling rule), then warmed up linearly over
 `train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
 
@@ -28,6 +35,8 @@ named `stt_train_*`, to the Ray dashboard.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import io
 import math
 import os
@@ -46,14 +55,27 @@ from torch import Tensor, nn
 
 from stt.config import Config, from_dict, load_config, to_dict
 from stt.data.pipeline import check_cpu_budget
-from stt.models import build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
-from stt.objectives import temporal_config, temporal_step
+from stt.ewc import ewc_penalty, fisher_diagonal
+from stt.models import Encoder, build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
+from stt.objectives import (
+    TABLE1_ROWS,
+    SpatiotemporalModel,
+    add_penalty,
+    feeds_ewc,
+    recipe_of,
+    table1_config,
+    temporal_config,
+    temporal_step,
+)
 from stt.spatial import MoCo
 
-STAGES = ("spatial", "temporal")
+STAGES = ("spatial", "temporal", "spatiotemporal")
+STAGE_STREAMS = {"spatial": ("spatial",), "temporal": ("temporal",), "spatiotemporal": ("spatial", "temporal")}
 BATCH_COLUMNS = {"spatial": ["view_q", "view_k"], "temporal": ["target", "reference"]}  # the tensors a step reads
 CHECKPOINT_FILE = "checkpoint.pt"
-INPUT_SPACE = {"spatial": "rgb", "temporal": "lab"}  # what each stage's encoder is fed; the evaluator feeds the same
+# What each stage's encoder is fed; the evaluator feeds the same. The joint stage's trunk sees both;
+# it is evaluated on Lab, the input of the objective that learns correspondence.
+INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab"}
 
 
 # ----------------------------------------------------------------------------------------- schedule
@@ -117,7 +139,7 @@ def exists(path: str) -> bool:
 
 # ----------------------------------------------------------------------------------------- checkpoints
 def checkpoint_payload(encoder: nn.Module, cfg: Config, stage: str, step: int, optimizer: torch.optim.Optimizer,
-                       moco: MoCo | None = None) -> dict[str, Any]:
+                       moco: MoCo | None = None, fisher: dict[str, Tensor] | None = None) -> dict[str, Any]:
     """The one-file checkpoint: plain tensors, numbers, strings, lists and dicts only."""
     payload = {
         "model": {k: v.detach().cpu() for k, v in encoder_state_dict(encoder).items()},
@@ -128,6 +150,8 @@ def checkpoint_payload(encoder: nn.Module, cfg: Config, stage: str, step: int, o
     }
     if moco is not None:
         payload["moco"] = {k: v.detach().cpu() for k, v in _unwrap(moco).state_dict().items()}
+    if fisher is not None:
+        payload["fisher"] = {k: v.cpu() for k, v in fisher.items()}
     return payload
 
 
@@ -153,9 +177,13 @@ def stage_config(cfg: Config, stage: str) -> Config:
     return staged
 
 
-def build_spatial(cfg: Config) -> tuple[MoCo, torch.optim.Optimizer]:
-    """MoCo v2 and its optimiser (SGD, momentum 0.9, as MoCo v2); lr is set every step."""
+def build_spatial(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[MoCo, torch.optim.Optimizer]:
+    """MoCo v2 (its query and momentum encoders initialised from the encoder weights `init` if
+    given) and its optimiser (SGD, momentum 0.9, as MoCo v2); lr is set every step."""
     moco = MoCo(cfg.spatial, cfg.model)
+    if init is not None:
+        load_encoder_weights(moco.encoder, init)
+        moco.key_net["encoder"].load_state_dict(moco.encoder.state_dict())
     params = [p for p in moco.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.spatial.lr, momentum=0.9, weight_decay=cfg.spatial.weight_decay)
     return moco, optimizer
@@ -246,15 +274,53 @@ def endless_batches(shard, batch_size: int, device: torch.device):
         epoch += 1
 
 
+def stage_batches(shards: dict[str, Any], batch_size: int, device: torch.device):
+    """{stream name: batch} for every step, one batch of each of the stage's streams (`endless_batches`)."""
+    streams = {name: endless_batches(shard, batch_size, device) for name, shard in shards.items()}
+    while True:
+        yield {name: next(stream) for name, stream in streams.items()}
+
+
 def spatial_losses(moco: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """MoCo's InfoNCE on the two augmented views of each image (DetCo adds its local terms)."""
     outputs = moco(batch["view_q"], batch["view_k"])
     return {name: value for name, value in outputs.items() if name != "logits"}
 
 
-def temporal_losses(student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
-    """The temporal objective of `cfg` (stt.objectives) on a batch of uint8 RGB frame pairs."""
-    return temporal_step(student, teacher, batch, cfg)
+def ewc_regulariser(encoder: Encoder, init: dict[str, Any] | None, cfg: Config, init_path: str):
+    """The EWC penalty toward the earlier stage's weights (`init`, a checkpoint payload that holds its
+    Fisher), as a closure over `encoder`'s parameters (stt.ewc.ewc_penalty)."""
+    if init is None or "fisher" not in init:
+        raise ValueError(
+            f"train.recipe={cfg.train.recipe} regularises this stage with EWC, which needs the earlier stage's checkpoint "
+            f"with its Fisher information; {init_path or 'no --init'} has none (run --stage all, or the earlier stage "
+            "with this recipe)"
+        )
+    device = next(encoder.parameters()).device
+    fisher = {name: value.to(device) for name, value in init["fisher"].items()}
+    anchor = {name: init["model"][name].to(device) for name in fisher}
+    parameters = dict(encoder.named_parameters())
+    return lambda: ewc_penalty(parameters, anchor, fisher, cfg.train.ewc_weight)
+
+
+def objective_fisher(model: nn.Module, stage: str, teacher: nn.Module | None, cfg: Config, batches, num_batches: int
+                     ) -> dict[str, Tensor]:
+    """Diagonal Fisher of the stage's objective over the encoder's parameters, averaged over
+    `num_batches` batches of its stream on every worker. It runs on a copy of the (unwrapped)
+    model, so MoCo's queue and momentum encoder and BatchNorm statistics stay as trained."""
+    copy_of = copy.deepcopy(_unwrap(model))
+    if stage == "spatial":
+        encoder, loss_of = copy_of.encoder, lambda batch: copy_of(batch["spatial"]["view_q"], batch["spatial"]["view_k"])["loss"]
+    elif stage == "temporal":
+        encoder, loss_of = copy_of, lambda batch: temporal_step(copy_of, teacher, batch["temporal"], cfg)["loss"]
+    else:
+        raise ValueError(f"no EWC recipe is anchored to the {stage} stage")
+    fisher = fisher_diagonal(dict(encoder.named_parameters()), loss_of, (next(batches) for _ in range(num_batches)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for value in fisher.values():
+            torch.distributed.all_reduce(value)
+            value /= torch.distributed.get_world_size()
+    return fisher
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -272,8 +338,9 @@ def davis_jf(checkpoint: Path, cfg: Config, device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------------------- the worker
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker. `config`: {"config": to_dict(Config), "stage", "init": spatial checkpoint
-    path/URI or "", "skipped_frames": the stream's corrupt-frame counter (an actor)}."""
+    """One Ray Train worker. `config`: {"config": to_dict(Config), "stage", "init": the earlier stage's
+    checkpoint path/URI or "", "fisher_batches": batches for the Fisher stored at the last step (0:
+    none), "skipped_frames": the stream's corrupt-frame counter (an actor)}."""
     cfg, stage = from_dict(config["config"]), config["stage"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -286,36 +353,39 @@ def train_loop_per_worker(config: dict) -> None:
         with latest.as_directory() as folder:
             resume = load_payload(Path(folder) / CHECKPOINT_FILE, f"{latest.path}/{CHECKPOINT_FILE}")
     start_step = resume["step"] if resume else 0
+    init = load_payload(read_bytes(config["init"]), config["init"]) if config["init"] else None
 
-    teacher = None
-    if stage == "spatial":
-        model, optimizer = build_spatial(cfg)
-        encoder, peak_lr = model.encoder, scaled_lr(cfg.spatial.lr, world)
-        if resume:
-            model.load_state_dict(resume["moco"])
-    else:
-        init = load_payload(read_bytes(config["init"]), config["init"])["model"] if config["init"] else None
-        model, teacher, optimizer = build_temporal(cfg, init)
+    teacher = moco = None
+    if stage == "temporal":
+        model, teacher, optimizer = build_temporal(cfg, init["model"] if init else None)
         encoder, peak_lr = model, scaled_lr(cfg.train.lr, world)
         if resume:
             load_encoder_weights(model, resume["model"])
         if teacher is not None:
             teacher.to(device)
+    else:  # spatial, and the joint stage: MoCo, the latter with a student sharing its trunk
+        moco, optimizer = build_spatial(cfg, init["model"] if init else None)
+        model = moco if stage == "spatial" else SpatiotemporalModel(moco, cfg)
+        encoder, peak_lr = moco.encoder, scaled_lr(cfg.spatial.lr, world)
+        if resume:
+            moco.load_state_dict(resume["moco"])
     model.to(device)  # in place: the optimiser keeps the same parameter objects
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])  # after the move: its state lands on the parameters' device
+    penalty = ewc_regulariser(encoder, init, cfg, config["init"]) if recipe_of(cfg).ewc_stage == stage else None
     if device.type == "cuda" and world > 1 and stage == "temporal":
         # MoCo keeps per-worker BatchNorm on purpose: shuffle-BN relies on it (see stt.spatial).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_options(cfg, stage))
 
     step_losses = {
-        "spatial": lambda batch: spatial_losses(ddp_model, batch),
-        "temporal": lambda batch: temporal_losses(ddp_model, teacher, batch, cfg),
+        "spatial": lambda batch: add_penalty(spatial_losses(ddp_model, batch["spatial"]), penalty),
+        "temporal": lambda batch: temporal_step(ddp_model, teacher, batch["temporal"], cfg, penalty=penalty),
+        "spatiotemporal": lambda batch: ddp_model(batch["spatial"], batch["temporal"]),
     }[stage]
-    batches = endless_batches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, device)
+    batches = stage_batches({name: ray.train.get_dataset_shard(name) for name in STAGE_STREAMS[stage]}, cfg.train.batch_size, device)
     pairs_per_step = cfg.train.batch_size * world
     meter = WindowMeter()
     step = start_step
@@ -336,11 +406,14 @@ def train_loop_per_worker(config: dict) -> None:
         if not checkpoint_due:
             ray.train.report(metrics)
         else:
+            fisher = None
+            if step == cfg.train.max_steps and config["fisher_batches"]:  # every worker: its batches join the mean
+                fisher = objective_fisher(model, stage, teacher, cfg, batches, config["fisher_batches"])
             with tempfile.TemporaryDirectory() as folder:
                 checkpoint = None
                 if rank == 0:  # one writer: every worker holds the same weights under DDP
                     path = Path(folder) / CHECKPOINT_FILE
-                    torch.save(checkpoint_payload(encoder, cfg, stage, step, optimizer, model if stage == "spatial" else None), path)
+                    torch.save(checkpoint_payload(encoder, cfg, stage, step, optimizer, moco, fisher), path)
                     if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                         metrics["J&F"] = davis_jf(path, cfg, device)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -393,26 +466,34 @@ def export_final(checkpoint: ray.train.Checkpoint, destination: str) -> None:
         write_bytes_atomic(destination, (Path(folder) / CHECKPOINT_FILE).read_bytes())
 
 
-def training_stream(cfg: Config, stage: str, num_workers: int):
-    """The stage's Ray Data stream (stt.data.pipeline), long enough for `train.max_steps` steps.
+def training_streams(cfg: Config, stage: str, num_workers: int, start_step: int, extra_steps: int) -> dict[str, Any]:
+    """The stage's Ray Data streams (stt.data.pipeline) by name, for steps `start_step` to
+    `train.max_steps` plus `extra_steps` (the Fisher's batches), skipping what a resumed run consumed.
 
-    Spatial: two augmented views of each image; temporal: uint8 RGB frame pairs (the Lab input is
-    computed on the worker's device, the teacher takes the RGB). One pass over the stream holds as
-    many epochs as the steps need, each in its own order drawn from (seed, epoch).
+    "spatial": two augmented views of each image; "temporal": uint8 RGB frame pairs (the Lab input is
+    computed on the worker's device, the teacher takes the RGB). Each is as many epochs as the steps
+    need, each in its own order drawn from (seed, epoch). The joint stage reads both, each with half
+    of `data.data_cpus`.
     """
     from stt.data import pipeline
 
-    if stage == "spatial":
-        stream = pipeline.spatial_view_dataset(cfg.data, cfg.spatial, seed=cfg.train.seed)
-    else:
-        stream = pipeline.temporal_pair_dataset(cfg.data, seed=cfg.train.seed)
-    rows_needed = cfg.train.max_steps * cfg.train.batch_size * num_workers
-    epochs = max(1, math.ceil(rows_needed / max(1, stream.rows_per_epoch)))
-    if epochs == 1:
-        return stream
-    if stage == "spatial":
-        return pipeline.spatial_view_dataset(cfg.data, cfg.spatial, seed=cfg.train.seed, epochs=epochs)
-    return pipeline.temporal_pair_dataset(cfg.data, seed=cfg.train.seed, epochs=epochs)
+    names = STAGE_STREAMS[stage]
+    data = dataclasses.replace(cfg.data, data_cpus=cfg.data.data_cpus / len(names))
+    rows_per_step = cfg.train.batch_size * num_workers
+    span = {"rows": max(1, (cfg.train.max_steps - start_step + extra_steps) * rows_per_step), "skip_rows": start_step * rows_per_step}
+    build = {
+        "spatial": lambda: pipeline.spatial_view_dataset(data, cfg.spatial, seed=cfg.train.seed, **span),
+        "temporal": lambda: pipeline.temporal_pair_dataset(data, seed=cfg.train.seed, **span),
+    }
+    return {name: build[name]() for name in names}
+
+
+def resumed_step(stage_dir: str) -> int:
+    """The step of the checkpoint Ray Train resumes the run stored at `stage_dir` from (0: a new run)."""
+    if not exists(join(stage_dir, "checkpoint_manager_snapshot.json")):
+        return 0
+    result = ray.train.Result.from_path(stage_dir)
+    return int(result.metrics["step"]) if result.checkpoint is not None else 0
 
 
 def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use_gpu: bool, workers: int,
@@ -427,11 +508,14 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
     check_cpu_budget(workers, cpus_per_worker, cfg.data.data_cpus)
     # Workers print their own progress lines; Ray Data's per-operator bars would flood the terminal.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    stream = training_stream(cfg, stage, workers)
+    fisher_batches = cfg.train.ewc_fisher_batches if feeds_ewc(cfg, stage) else 0
+    streams = training_streams(cfg, stage, workers, resumed_step(join(run_dir, stage)), fisher_batches)
     tensorboard = tensorboard or (None if is_uri(run_dir) else join(run_dir, "tensorboard"))
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "stage": stage, "init": init, "skipped_frames": stream.skipped},
+        train_loop_config={"config": to_dict(cfg), "stage": stage, "init": init, "fisher_batches": fisher_batches,
+                           # the first stream's counter: the joint stage's views come from the same frames
+                           "skipped_frames": next(iter(streams.values())).skipped},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=stage,  # same storage and name: Ray Train finds the run's checkpoints and resumes
@@ -440,7 +524,7 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=[MetricsLogger(tensorboard, run_name, stage), *callbacks],
         ),
-        datasets={"train": stream.dataset.select_columns(BATCH_COLUMNS[stage])},
+        datasets={name: stream.dataset.select_columns(BATCH_COLUMNS[name]) for name, stream in streams.items()},
     )
 
 
@@ -450,6 +534,9 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace, run_dir: str, i
     if exists(final):
         done = load_payload(read_bytes(final), final)
         if done["stage"] == stage and done["step"] >= cfg.train.max_steps:
+            if feeds_ewc(cfg, stage) and "fisher" not in done:
+                raise ValueError(f"{final}: the finished {stage} stage has no Fisher information, which "
+                                 f"train.recipe={cfg.train.recipe} needs; train it again under a new --name")
             print(f"stt.train: {stage} stage already finished at step {done['step']} ({final}); skipping it")
             return final
     trainer = build_stage_trainer(
@@ -477,17 +564,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stt.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (one GPU each on GPU); the lr is multiplied by this")
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="all: spatial, then temporal initialised from it")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all",
+                        help="all: the stages of train.recipe in order (default recipe: spatial, then temporal initialised from it)")
     parser.add_argument("--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs (default: GPUs when present)")
     parser.add_argument("--max-steps", type=int, help="optimisation steps per stage (overrides train.max_steps)")
     parser.add_argument("--storage", default="runs", help="local folder or s3:// URI for checkpoints and logs (default: ./runs)")
     parser.add_argument("--name", default="stt", help="run name: <storage>/<name>/<stage>/; re-running with it resumes")
-    parser.add_argument("--init", default="", help="temporal stage: the spatial checkpoint to start from and distil (default with --stage all: the spatial stage's)")
+    parser.add_argument("--init", default="", help="the earlier stage's checkpoint to start from (temporal stage: and to distil); with --stage all, each stage starts from the one before")
     parser.add_argument("--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint")
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per stage (the latest ones)")
     parser.add_argument("--cpus-per-worker", type=float,
                         help="CPUs reserved per training worker (default: 1, or on CPUs a share of what data.data_cpus leaves)")
     parser.add_argument("--tensorboard", help="TensorBoard folder (default: <storage>/<name>/tensorboard for local storage)")
+    parser.add_argument("--table1-row", choices=list(TABLE1_ROWS),
+                        help="paper 001 Table 1: set the temporal objective of this row (over --config and overrides); "
+                             "the paper trains these with train.recipe=temporal")
     parser.add_argument("--config", help="YAML file with config sections (train, data, model, spatial, temporal, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 temporal.beta=0")
     return parser
@@ -497,6 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     """Run the requested stages; returns {stage: final checkpoint path}."""
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.table1_row:
+        cfg.temporal = table1_config(args.table1_row, cfg.temporal)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     if args.workers < 1:
@@ -514,9 +607,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
     finals: dict[str, str] = {}
     init = args.init
-    for stage in STAGES if args.stage == "all" else (args.stage,):
-        finals[stage] = run_stage(stage, cfg, args, run_dir, init, use_gpu)
-        init = finals[stage] if stage == "spatial" else init
+    for stage in recipe_of(cfg).stages if args.stage == "all" else (args.stage,):
+        finals[stage] = init = run_stage(stage, cfg, args, run_dir, init, use_gpu)
     return finals
 
 

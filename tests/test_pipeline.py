@@ -18,7 +18,16 @@ from skimage.color import rgb2lab
 from stt.config import DataConfig, SpatialConfig
 from stt.data import prepare as prep
 from stt.data.layouts import DatasetError
-from stt.data.pipeline import Clip, Source, check_cpu_budget, draw_unit, interleaved_pairs, spatial_view_dataset, temporal_pair_dataset
+from stt.data.pipeline import (
+    Clip,
+    Source,
+    check_cpu_budget,
+    draw_unit,
+    interleaved_pairs,
+    spatial_view_dataset,
+    stream_units,
+    temporal_pair_dataset,
+)
 from stt.data.transforms import (
     CropBox,
     crop_resize,
@@ -149,6 +158,22 @@ def test_draw_unit_visits_every_unit_once_per_epoch():
     epoch1 = [draw_unit(i, 7, seed=1)[0] for i in range(7, 14)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(7)) and epoch0 != epoch1
     assert epoch0 == [draw_unit(i, 7, seed=1)[0] for i in range(7)]
+
+
+def test_stream_units_by_hand():
+    # seed 1 orders 3 units as [0, 1, 2] in epoch 0 and [2, 0, 1] in epoch 1 (draw_unit)
+    assert [draw_unit(i, 3, seed=1)[0] for i in range(6)] == [0, 1, 2, 2, 0, 1]
+    rows = np.array([3, 0, 5])  # per unit: 8 rows per epoch
+    assert stream_units(rows, 1, epochs=2) == range(0, 6)
+    assert stream_units(rows, 1, rows=4) == range(0, 3)  # one epoch holds 8 >= 4 rows
+    assert stream_units(rows, 1, rows=9) == range(0, 6)  # whole epochs: two
+    # a run resumed after 3 rows: unit 0 (rows 0-2) and the empty unit 1 are done; unit 2 starts at row 3
+    assert stream_units(rows, 1, rows=5, skip_rows=3) == range(2, 3)
+    # after 10 rows: epoch 0 (8 rows) is done, epoch 1's first unit (unit 2: rows 8-12) is not
+    assert stream_units(rows, 1, rows=20, skip_rows=10) == range(3, 12)  # up to row 30: 4 epochs
+    assert stream_units(rows, 1, rows=1, skip_rows=8) == range(3, 6)
+    with pytest.raises(ValueError, match="skip_rows"):
+        stream_units(rows, 1, rows=1, skip_rows=-1)
 
 
 def test_pack_videos_keeps_videos_whole():

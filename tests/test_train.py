@@ -19,9 +19,12 @@ from stt.train import (
     build_spatial,
     build_temporal,
     checkpoint_payload,
+    ewc_regulariser,
     learning_rate,
     load_payload,
     main,
+    objective_fisher,
+    resumed_step,
     scaled_lr,
     stage_config,
     train_one_step,
@@ -94,6 +97,37 @@ def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_every_recipe_names_the_stage_its_ewc_stage_is_anchored_to():
+    from stt.objectives import RECIPES, feeds_ewc
+
+    anchors = {(recipe, stage) for recipe in RECIPES for stage in ("spatial", "temporal", "spatiotemporal")
+               if feeds_ewc(tiny_config(f"train.recipe={recipe}"), stage)}
+    assert anchors == {("spatial-then-temporal-ewc", "spatial"), ("temporal-then-spatial-ewc", "temporal")}
+
+
+def test_spatial_fisher_then_ewc_penalty_on_the_temporal_student():
+    torch.manual_seed(0)
+    cfg = tiny_config("train.recipe=spatial-then-temporal-ewc", "train.ewc_weight=3")
+    moco, _ = build_spatial(cfg)
+    queue_before = moco.global_queue.clone()
+    views = iter([{"spatial": {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}} for _ in range(2)])
+    fisher = objective_fisher(moco, "spatial", None, cfg, views, 2)
+    assert set(fisher) == {name for name, _ in moco.encoder.named_parameters()}
+    assert all((value >= 0).all() for value in fisher.values()) and any(value.sum() > 0 for value in fisher.values())
+    assert torch.equal(moco.global_queue, queue_before)  # computed on a copy: the trained state is untouched
+
+    init = {"model": {k: v.clone() for k, v in moco.encoder.state_dict().items()}, "fisher": fisher}
+    student, _, _ = build_temporal(cfg, init["model"])
+    penalty = ewc_regulariser(student, init, cfg, "spatial-final.pt")
+    assert penalty().item() == 0.0  # at the anchor
+    with torch.no_grad():
+        student.conv1.weight.add_(0.5)
+    expected = 3 / 2 * (fisher["conv1.weight"] * 0.25).sum()
+    torch.testing.assert_close(penalty(), expected)
+    with pytest.raises(ValueError, match="spatial-final.pt has none"):
+        ewc_regulariser(student, {"model": init["model"]}, cfg, "spatial-final.pt")
+
+
 def test_load_payload_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(1)}, path)
@@ -142,10 +176,34 @@ def test_both_stages_on_two_workers_then_resume_by_name(ray_local, tiny_data, tm
         metrics = reported(tmp_path / "both" / stage)[-1]
         assert 0.0 <= metrics["J&F"] <= 1.0 and metrics["pairs_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] <= 1
 
-    # the same name again with more steps: each stage continues from its step-2 checkpoint
+    # the same name again with more steps: each stage continues from its step-2 checkpoint, its
+    # stream from the rows after the ones 2 steps consumed
+    assert resumed_step(str(tmp_path / "both" / "temporal")) == 2 and resumed_step(str(tmp_path / "none")) == 0
     finals = run(tmp_path, "both", "temporal", 4, tiny_data, f"--init={finals['spatial']}")
     assert torch.load(finals["temporal"], weights_only=True)["step"] == 4
     assert [(m["step"], m["start_step"]) for m in reported(tmp_path / "both" / "temporal")][-2:] == [(2, 0), (4, 2)]
+
+
+def test_temporal_then_spatial_with_ewc_on_two_workers(ray_local, tiny_data, tmp_path):
+    finals = run(tmp_path, "ts", "all", 2, tiny_data, "train.recipe=temporal-then-spatial-ewc", "train.ewc_fisher_batches=2")
+    assert list(finals) == ["temporal", "spatial"]
+    temporal = torch.load(finals["temporal"], map_location="cpu", weights_only=True)
+    assert temporal["fisher"].keys() == {name for name, _ in build_encoder(from_dict(temporal["config"]).model).named_parameters()}
+    assert any(value.sum() > 0 for value in temporal["fisher"].values())
+    spatial = torch.load(finals["spatial"], map_location="cpu", weights_only=True)
+    assert (spatial["stage"], spatial["step"]) == ("spatial", 2) and from_dict(spatial["config"]).model.input_space == "rgb"
+    assert "fisher" not in spatial  # nothing is anchored to the last stage
+    assert reported(tmp_path / "ts" / "spatial")[-1]["penalty"] > 0  # step 2 starts away from the anchor
+
+
+def test_spatiotemporal_stage_on_two_workers(ray_local, tiny_data, tmp_path):
+    finals = run(tmp_path, "joint", "all", 2, tiny_data, "train.recipe=spatiotemporal", "train.gamma=0.5")
+    payload = torch.load(finals["spatiotemporal"], map_location="cpu", weights_only=True)
+    assert (payload["stage"], payload["step"]) == ("spatiotemporal", 2) and "moco" in payload
+    assert from_dict(payload["config"]).model.input_space == "lab"
+    metrics = reported(tmp_path / "joint" / "spatiotemporal")[-1]
+    assert metrics["loss"] == pytest.approx(metrics["nce"] + 0.5 * (metrics["rec_res3"] + metrics["rec_res4"]
+                                                                     + 1000 * metrics["lc"]), rel=1e-4)
 
 
 def ray_train_worker_pids() -> list[int]:

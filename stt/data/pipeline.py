@@ -4,7 +4,9 @@ augmented views of an image for the spatial stage.
 How the stream is built. The source (Parquet shards from stt.data.prepare, or a raw YouTube-VOS /
 DAVIS / image-folder layout) is cut into UNITS of whole videos, about 256 frames each: a shard row
 group, or the same packing of a raw listing. One epoch visits every unit once, in an order drawn
-from (seed, epoch). The dataset is `ray.data.range(epochs x units)` -> `map_batches` of Ray tasks
+from (seed, epoch), so the unit ids 0, 1, 2, ... name an endless sequence of epochs; a stream is a
+range of them (`stream_units`: whole epochs, or as many rows as training needs, starting where a
+resumed run left off). The dataset is `ray.data.range` over that range -> `map_batches` of Ray tasks
 (at most `data_cpus` CPUs at once) that turn one unit id into its pairs, so nothing is ever
 materialised: Ray Data's streaming executor pulls units as the trainer consumes batches, and its
 back-pressure bounds the memory. The listing (a `Plan` of numpy arrays) sits once in the object
@@ -77,6 +79,7 @@ class Stream:
     skipped: ray.actor.ActorHandle
     units_per_epoch: int
     rows_per_epoch: int  # pairs (temporal) or images (spatial) if no frame is corrupt
+    units: range  # the unit ids streamed (`stream_units`)
 
     def skipped_frames(self) -> int:
         return ray.get(self.skipped.total.remote())
@@ -285,11 +288,11 @@ def unit_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, cfg:
 
 
 def make_pairs(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
-               data_cfg: DataConfig, lab: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: unit ids (column `id`) -> batches of temporal pairs."""
+               first_unit: int, data_cfg: DataConfig, lab: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of temporal pairs."""
     plan = ray.get(plan_ref[0])  # in a list, so Ray passes the reference and the array stays zero-copy
-    for unit_id in batch["id"]:
-        yield from unit_pairs(plan, int(unit_id), shard_root, seed, data_cfg, lab, lambda c: _report(skipped, c))
+    for row_id in batch["id"]:
+        yield from unit_pairs(plan, first_unit + int(row_id), shard_root, seed, data_cfg, lab, lambda c: _report(skipped, c))
 
 
 def _pair_batch(pairs: list, cfg: DataConfig, lab: bool) -> dict[str, np.ndarray]:
@@ -311,12 +314,12 @@ def _pair_batch(pairs: list, cfg: DataConfig, lab: bool) -> dict[str, np.ndarray
 
 
 def make_views(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
-               image_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: unit ids (column `id`) -> batches of two MoCo v2 views per image."""
+               first_unit: int, image_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2 views per image."""
     plan = ray.get(plan_ref[0])
     two_views = TwoViews(image_size)
-    for unit_id in batch["id"]:
-        unit, rng = draw_unit(int(unit_id), plan.num_units, seed)
+    for row_id in batch["id"]:
+        unit, rng = draw_unit(first_unit + int(row_id), plan.num_units, seed)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         images = [(clip, i) for clip in plan.clips(unit, shard_root) for i in range(len(clip.frames))]
         corrupt: list[str] = []
@@ -343,33 +346,71 @@ def _decode_all(images: Iterator[tuple[Clip, int]], corrupt: list[str]) -> Itera
 # --------------------------------------------------------------------------- the datasets
 
 
-def _build(fn, plan: Plan, shard_root: str | None, epochs: int, data_cpus: float, **fn_kwargs):
+def stream_units(unit_rows: np.ndarray, seed: int, epochs: int = 1, rows: int | None = None, skip_rows: int = 0) -> range:
+    """The unit ids (rows of the range dataset, see `draw_unit`) a stream visits.
+
+    unit_rows: U rows per unit (pairs or images, if no frame is corrupt). Without `rows`: `epochs`
+    whole epochs. With `rows`: from the first unit not wholly inside the first `skip_rows` rows of
+    the epoch order (a resumed run skips what it consumed), to the end of the epoch in which
+    `rows` more rows have been reached. Rows are counted in unit order; Ray Data does not keep
+    that order exactly, so a resumed stream may repeat or skip a few units' worth of rows.
+    """
     if epochs < 1:
         raise ValueError(f"epochs: expected at least 1, got {epochs}")
+    if (rows is not None and rows < 1) or skip_rows < 0:
+        raise ValueError(f"rows: expected at least 1 and skip_rows at least 0, got rows={rows}, skip_rows={skip_rows}")
+    num_units = len(unit_rows)
+    if rows is None and skip_rows == 0:
+        return range(epochs * num_units)
+    per_epoch = int(unit_rows.sum())
+    if per_epoch == 0:
+        raise DatasetError("the source yields no rows (every video is shorter than the frame gap)")
+    first = 0
+    consumed = 0
+    while True:  # skip whole epochs arithmetically, then units of the epoch where skip_rows falls
+        epoch, position = divmod(first, num_units)
+        if position == 0 and consumed + per_epoch <= skip_rows:
+            consumed += per_epoch
+            first += num_units
+            continue
+        unit = int(np.random.default_rng([seed, epoch]).permutation(num_units)[position])
+        if consumed + unit_rows[unit] > skip_rows:
+            break
+        consumed += int(unit_rows[unit])
+        first += 1
+    if rows is None:
+        return range(first, first + epochs * num_units)
+    needed_until = skip_rows + rows  # rows counted from the start of the first epoch
+    end_epoch = -(-needed_until // per_epoch)  # ceil: whole epochs
+    return range(first, max(end_epoch * num_units, first + 1))
+
+
+def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: float, **fn_kwargs):
     if data_cpus <= 0:
         raise ValueError(f"data.data_cpus: expected a positive CPU count, got {data_cpus}")
     tasks = max(1, int(data_cpus))
     skipped = SkippedFrames.remote()
-    total = epochs * plan.num_units
-    dataset = ray.data.range(total, override_num_blocks=min(total, 10_000)).map_batches(
+    dataset = ray.data.range(len(units), override_num_blocks=min(len(units), 10_000)).map_batches(
         fn,
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=data_cpus / tasks,
-        fn_kwargs={"plan_ref": [ray.put(plan)], "shard_root": shard_root, "skipped": skipped, **fn_kwargs},
+        fn_kwargs={"plan_ref": [ray.put(plan)], "shard_root": shard_root, "skipped": skipped, "first_unit": units.start,
+                   **fn_kwargs},
     )
     return dataset, skipped
 
 
 def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *, seed: int = 0, epochs: int = 1,
-                          lab: bool = False) -> Stream:
+                          lab: bool = False, rows: int | None = None, skip_rows: int = 0) -> Stream:
     """(target, reference) pairs of `frame_gap` list steps, same crop and flip on both.
 
     Columns: target, reference: 3 x S x S uint8 RGB (S = crop_size; the frozen teacher takes RGB,
     and on a GPU `stt.color.rgb_to_lab` on the device is cheaper than shipping floats); with `lab`
     also target_lab, reference_lab: 3 x S x S float32 normalised Lab (stt.color). video (str),
     target_frame, reference_frame (raw frame numbers) and gap = their difference (int64).
-    `source`: None reads `data_cfg.root` (see `resolve_source`).
+    `source`: None reads `data_cfg.root` (see `resolve_source`). `epochs`, `rows`, `skip_rows`: which
+    part of the endless epoch sequence to stream (`stream_units`).
     """
     source = source or resolve_source(data_cfg.root)
     if data_cfg.frame_gap < 1:
@@ -383,24 +424,33 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     else:
         raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
     shard_root = source.root if source.kind == "shards" else None
-    dataset, skipped = _build(make_pairs, plan, shard_root, epochs, data_cfg.data_cpus, seed=seed,
+    unit_rows = _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
+    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
+    dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, seed=seed,
                               data_cfg=data_cfg, lab=lab)
-    pairs = int(np.clip(plan.counts - data_cfg.frame_gap, 0, None).sum())
-    return Stream(dataset, skipped, plan.num_units, pairs)
+    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()), units)
 
 
 def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, source: Source | None = None, *,
-                         seed: int = 0, epochs: int = 1) -> Stream:
+                         seed: int = 0, epochs: int = 1, rows: int | None = None, skip_rows: int = 0) -> Stream:
     """Two MoCo v2 views of every image (stt.data.augment): view_q, view_k 3 x S x S float32
     ImageNet-normalised (S = spatial.image_size), image (str). `source`: None reads `data_cfg.images`,
-    or the frames of `data_cfg.root` when that is empty."""
+    or the frames of `data_cfg.root` when that is empty. `epochs`, `rows`, `skip_rows`: as
+    `temporal_pair_dataset`."""
     if source is None:
         source = resolve_source(data_cfg.images, images=True) if data_cfg.images else resolve_source(data_cfg.root)
     plan = shard_plan(source.root)[1] if source.kind == "shards" else raw_plan(source, as_images=True)
     shard_root = source.root if source.kind == "shards" else None
-    dataset, skipped = _build(make_views, plan, shard_root, epochs, data_cfg.data_cpus, seed=seed,
+    unit_rows = _per_unit(plan, plan.counts)
+    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
+    dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, seed=seed,
                               image_size=spatial_cfg.image_size)
-    return Stream(dataset, skipped, plan.num_units, int(plan.counts.sum()))
+    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()), units)
+
+
+def _per_unit(plan: Plan, video_rows: np.ndarray) -> np.ndarray:
+    """Rows per unit from rows per video (videos are stored unit by unit)."""
+    return np.add.reduceat(video_rows, plan.unit_start[:-1]) if plan.num_units else np.zeros(0, dtype=np.int64)
 
 
 def check_cpu_budget(num_workers: int, cpus_per_worker: float, data_cpus: float, cluster_cpus: float | None = None) -> None:
