@@ -14,7 +14,8 @@ adds the EWC penalty toward the earlier stage's weights. Each stage is one Ray T
 `<storage>/<name>/<stage>/`, checkpointed every `train.checkpoint_every` steps; its last checkpoint
 is also exported as `<storage>/<name>/<stage>-final.pt`, the file `stt.evaluate --checkpoint`
 takes. Re-running with the same storage and name resumes each stage from its latest checkpoint,
-and a crashed worker group restarts from it (`--max-failures`).
+and a crashed worker group restarts from it (`--max-failures`); either way the data stream goes on
+from the first unit of videos the checkpointed steps had not wholly consumed.
 
 A checkpoint is one file that `torch.load(path, weights_only=True)` opens:
 `{"model": encoder state dict (torchvision key names), "config", "stage", "step", "optimizer",
@@ -54,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from stt.config import Config, from_dict, load_config, to_dict
-from stt.data.pipeline import check_cpu_budget
+from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.models import Encoder, build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
 from stt.objectives import (
@@ -466,26 +467,27 @@ def export_final(checkpoint: ray.train.Checkpoint, destination: str) -> None:
         write_bytes_atomic(destination, (Path(folder) / CHECKPOINT_FILE).read_bytes())
 
 
-def training_streams(cfg: Config, stage: str, num_workers: int, start_step: int, extra_steps: int) -> dict[str, Any]:
-    """The stage's Ray Data streams (stt.data.pipeline) by name, for steps `start_step` to
-    `train.max_steps` plus `extra_steps` (the Fisher's batches), skipping what a resumed run consumed.
+def training_dataset(cfg: Config, stage: str, stream: str, num_workers: int, stage_dir: str, extra_steps: int, skipped):
+    """One of the stage's Ray Data streams (stt.data.pipeline), from where the run's latest checkpoint
+    left off to `train.max_steps` plus `extra_steps` (the Fisher's batches).
 
-    "spatial": two augmented views of each image; "temporal": uint8 RGB frame pairs (the Lab input is
-    computed on the worker's device, the teacher takes the RGB). Each is as many epochs as the steps
-    need, each in its own order drawn from (seed, epoch). The joint stage reads both, each with half
-    of `data.data_cpus`.
+    stream "spatial": two augmented views of each image; "temporal": uint8 RGB frame pairs (the Lab
+    input is computed on the worker's device, the teacher takes the RGB). As many epochs as the
+    steps need, each in its own order drawn from (seed, epoch). The joint stage reads both, each
+    with half of `data.data_cpus`. `skipped`: the run's corrupt-frame counter (a SkippedFrames actor).
     """
     from stt.data import pipeline
 
-    names = STAGE_STREAMS[stage]
-    data = dataclasses.replace(cfg.data, data_cpus=cfg.data.data_cpus / len(names))
+    data = dataclasses.replace(cfg.data, data_cpus=cfg.data.data_cpus / len(STAGE_STREAMS[stage]))
+    start_step = resumed_step(stage_dir)
     rows_per_step = cfg.train.batch_size * num_workers
-    span = {"rows": max(1, (cfg.train.max_steps - start_step + extra_steps) * rows_per_step), "skip_rows": start_step * rows_per_step}
-    build = {
-        "spatial": lambda: pipeline.spatial_view_dataset(data, cfg.spatial, seed=cfg.train.seed, **span),
-        "temporal": lambda: pipeline.temporal_pair_dataset(data, seed=cfg.train.seed, **span),
-    }
-    return {name: build[name]() for name in names}
+    span = {"rows": max(1, (cfg.train.max_steps - start_step + extra_steps) * rows_per_step),
+            "skip_rows": start_step * rows_per_step, "skipped": skipped, "seed": cfg.train.seed}
+    if stream == "spatial":
+        built = pipeline.spatial_view_dataset(data, cfg.spatial, **span)
+    else:
+        built = pipeline.temporal_pair_dataset(data, **span)
+    return built.dataset.select_columns(BATCH_COLUMNS[stream])
 
 
 def resumed_step(stage_dir: str) -> int:
@@ -508,14 +510,23 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
     check_cpu_budget(workers, cpus_per_worker, cfg.data.data_cpus)
     # Workers print their own progress lines; Ray Data's per-operator bars would flood the terminal.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Train builds the streams in its controller; a wrong data path is reported here, plainly.
+    resolve_source(cfg.data.root)
+    if cfg.data.images and "spatial" in STAGE_STREAMS[stage]:
+        resolve_source(cfg.data.images, images=True)
     fisher_batches = cfg.train.ewc_fisher_batches if feeds_ewc(cfg, stage) else 0
-    streams = training_streams(cfg, stage, workers, resumed_step(join(run_dir, stage)), fisher_batches)
+    skipped = SkippedFrames.remote()
+
+    def dataset_factory(stream: str):
+        # Ray Train calls it at every start of the worker group, so a group restarted after a crash
+        # streams on from its checkpoint too, not from the first row.
+        return lambda: training_dataset(cfg, stage, stream, workers, join(run_dir, stage), fisher_batches, skipped)
+
     tensorboard = tensorboard or (None if is_uri(run_dir) else join(run_dir, "tensorboard"))
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "stage": stage, "init": init, "fisher_batches": fisher_batches,
-                           # the first stream's counter: the joint stage's views come from the same frames
-                           "skipped_frames": next(iter(streams.values())).skipped},
+                           "skipped_frames": skipped},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=stage,  # same storage and name: Ray Train finds the run's checkpoints and resumes
@@ -524,7 +535,7 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=[MetricsLogger(tensorboard, run_name, stage), *callbacks],
         ),
-        datasets={name: stream.dataset.select_columns(BATCH_COLUMNS[name]) for name, stream in streams.items()},
+        datasets={stream: dataset_factory(stream) for stream in STAGE_STREAMS[stage]},
     )
 
 

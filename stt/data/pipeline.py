@@ -385,11 +385,11 @@ def stream_units(unit_rows: np.ndarray, seed: int, epochs: int = 1, rows: int | 
     return range(first, max(end_epoch * num_units, first + 1))
 
 
-def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: float, **fn_kwargs):
+def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: float, skipped, **fn_kwargs):
     if data_cpus <= 0:
         raise ValueError(f"data.data_cpus: expected a positive CPU count, got {data_cpus}")
     tasks = max(1, int(data_cpus))
-    skipped = SkippedFrames.remote()
+    skipped = skipped or SkippedFrames.remote()
     dataset = ray.data.range(len(units), override_num_blocks=min(len(units), 10_000)).map_batches(
         fn,
         batch_size=1,
@@ -402,7 +402,7 @@ def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: floa
 
 
 def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *, seed: int = 0, epochs: int = 1,
-                          lab: bool = False, rows: int | None = None, skip_rows: int = 0) -> Stream:
+                          lab: bool = False, rows: int | None = None, skip_rows: int = 0, skipped=None) -> Stream:
     """(target, reference) pairs of `frame_gap` list steps, same crop and flip on both.
 
     Columns: target, reference: 3 x S x S uint8 RGB (S = crop_size; the frozen teacher takes RGB,
@@ -410,7 +410,8 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     also target_lab, reference_lab: 3 x S x S float32 normalised Lab (stt.color). video (str),
     target_frame, reference_frame (raw frame numbers) and gap = their difference (int64).
     `source`: None reads `data_cfg.root` (see `resolve_source`). `epochs`, `rows`, `skip_rows`: which
-    part of the endless epoch sequence to stream (`stream_units`).
+    part of the endless epoch sequence to stream (`stream_units`). `skipped`: a `SkippedFrames`
+    actor to count into (None: a new one), so rebuilt streams of one run share a count.
     """
     source = source or resolve_source(data_cfg.root)
     if data_cfg.frame_gap < 1:
@@ -426,16 +427,17 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     shard_root = source.root if source.kind == "shards" else None
     unit_rows = _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, seed=seed,
+    dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
                               data_cfg=data_cfg, lab=lab)
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()), units)
 
 
 def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, source: Source | None = None, *,
-                         seed: int = 0, epochs: int = 1, rows: int | None = None, skip_rows: int = 0) -> Stream:
+                         seed: int = 0, epochs: int = 1, rows: int | None = None, skip_rows: int = 0,
+                         skipped=None) -> Stream:
     """Two MoCo v2 views of every image (stt.data.augment): view_q, view_k 3 x S x S float32
     ImageNet-normalised (S = spatial.image_size), image (str). `source`: None reads `data_cfg.images`,
-    or the frames of `data_cfg.root` when that is empty. `epochs`, `rows`, `skip_rows`: as
+    or the frames of `data_cfg.root` when that is empty. `epochs`, `rows`, `skip_rows`, `skipped`: as
     `temporal_pair_dataset`."""
     if source is None:
         source = resolve_source(data_cfg.images, images=True) if data_cfg.images else resolve_source(data_cfg.root)
@@ -443,7 +445,7 @@ def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, sourc
     shard_root = source.root if source.kind == "shards" else None
     unit_rows = _per_unit(plan, plan.counts)
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, seed=seed,
+    dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
                               image_size=spatial_cfg.image_size)
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()), units)
 
