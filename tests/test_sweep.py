@@ -67,6 +67,11 @@ def test_tuning_on_the_reported_split_is_refused():
         sweep.main(["--quick", "--tune-set", "val", "--report-set", "val"])
 
 
+def test_object_store_storage_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="--storage s3://bucket/sweeps: the sweep keeps its Optuna study"):
+        sweep.main(["--storage", "s3://bucket/sweeps"])
+
+
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))

@@ -2,7 +2,7 @@
 
     python tune/sweep.py --quick                          # minutes on a laptop, embedded synthetic data
     python tune/sweep.py                                  # a longer local sweep on the same data
-    python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage s3://bucket/sweeps --name r18
+    python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage /mnt/shared/sweeps --name r18
     python tune/sweep.py --resume --name NAME             # continue an interrupted sweep
 
 How the two kinds of trial combine: nested, in four phases, each resumable.
@@ -439,7 +439,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, help="training trials (default: the plan's)")
     parser.add_argument("--propagation-samples", type=int, help="propagation trials (default: the plan's)")
     parser.add_argument("--space", default=str(SPACE_FILE), help="search space YAML (default: tune/space.yaml)")
-    parser.add_argument("--storage", default="sweeps", help="experiment folder root (default: ./sweeps)")
+    parser.add_argument("--storage", default="sweeps",
+                        help="experiment folder root, a file system path (on a cluster: a shared mount) (default: ./sweeps)")
     parser.add_argument("--name", help="experiment name (default: quick or local); with --resume, the one to continue")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept, not rerun")
     parser.add_argument("--data-root", default="", help="YouTube-VOS root or Parquet shards (default: embedded synthetic)")
@@ -461,6 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
                    propagation_trials=args.propagation_samples or plan.propagation_trials,
                    workers_per_trial=args.workers or plan.workers_per_trial)
     args.name = args.name or ("quick" if args.quick else "local")
+    if "://" in args.storage:
+        raise ValueError(f"--storage {args.storage}: the sweep keeps its Optuna study (SQLite), feature cache and trial "
+                         "runs in a folder; give a local path, or on a cluster a file system every node mounts (docs/cluster.md)")
     if args.tune_set == args.report_set:
         raise ValueError(f"--tune-set and --report-set are both '{args.tune_set}': tuning on the reported split is what this tool exists to prevent")
     space = load_space(Path(args.space))

@@ -6,7 +6,7 @@ DAVIS / image-folder layout) is cut into UNITS of whole videos, about 256 frames
 group, or the same packing of a raw listing. One epoch visits every unit once, in an order drawn
 from (seed, epoch), so the unit ids 0, 1, 2, ... name an endless sequence of epochs; a stream is a
 range of them (`stream_units`: whole epochs, or as many rows as training needs, starting where a
-resumed run left off). The dataset is `ray.data.range` over that range -> `map_batches` of Ray tasks
+resumed run left off). The dataset is one row per unit id of that range -> `map_batches` of Ray tasks
 (at most `data_cpus` CPUs at once) that turn one unit id into its pairs, so nothing is ever
 materialised: Ray Data's streaming executor pulls units as the trainer consumes batches, and its
 back-pressure bounds the memory. The listing (a `Plan` of numpy arrays) sits once in the object
@@ -390,7 +390,10 @@ def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: floa
         raise ValueError(f"data.data_cpus: expected a positive CPU count, got {data_cpus}")
     tasks = max(1, int(data_cpus))
     skipped = skipped or SkippedFrames.remote()
-    dataset = ray.data.range(len(units), override_num_blocks=min(len(units), 10_000)).map_batches(
+    # from_items, not ray.data.range: range's read tasks each need a whole free CPU, which small
+    # nodes shared with fractional-CPU Train workers may never have (a deadlock seen in cluster/rehearse.py).
+    rows = ray.data.from_items([{"id": row} for row in range(len(units))], override_num_blocks=min(len(units), 10_000))
+    dataset = rows.map_batches(
         fn,
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=tasks),
