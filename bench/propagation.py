@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stt.config import PropagationConfig
-from stt.propagation import labels_to_mask, predict_dense, predict_windowed, window_geometry
+from stt.propagation import labels_to_mask, predict_dense, predict_windowed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregation", default=defaults.aggregation, help="overall | per-frame")
     parser.add_argument("--per-frame-norm", default=defaults.per_frame_norm, help="before-mask | after-mask")
     parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
-    parser.add_argument("--tile", type=int, default=12, help="target tile side of the windowed implementation")
+    parser.add_argument("--tile", type=int, default=8, help="target tile side of the windowed implementation (many channels)")
     parser.add_argument("--implementations", nargs="+", default=["dense", "windowed"], choices=["dense", "windowed"])
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -127,10 +127,9 @@ def main(args: argparse.Namespace) -> None:
     features, labels = synthetic_video(num_context + args.frames, args.channels, tuple(args.grid), args.labels, args.seed)
     features, labels = features.to(device), labels.to(device)
     h, w = args.grid
-    geometry = window_geometry(h, w, cfg, args.tile, device)
     predictors = {
         "dense": lambda c, y, g: predict_dense(c, y, g, cfg),
-        "windowed": lambda c, y, g: predict_windowed(c, y, g, cfg, geometry),
+        "windowed": lambda c, y, g: predict_windowed(c, y, g, cfg, args.tile),
     }
 
     print(

@@ -19,14 +19,14 @@ every real negative affinity and copy labels from outside the window.
 
 Two implementations give the same numbers: `propagate_dense` builds the whole
 N x (n*N) affinity of each frame (the reference); `propagate_windowed` computes affinities only
-inside the window, tile by tile, in chunks of target rows, so memory stays bounded at full DAVIS
-resolution. Shapes: T frames, C channels, h x w feature grid (N = h*w), L labels (background
-included), n context frames, B target locations in a chunk, K window offsets.
+inside the window (the D x D square of offsets around each target, D = 2R + 1, R = floor(radius)),
+in chunks of target rows, so memory stays bounded at full DAVIS resolution. Shapes: T frames,
+C channels, h x w feature grid (N = h*w), L labels (background included), n context frames,
+B target locations in a chunk (r rows of the grid).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,13 @@ from stt.config import PropagationConfig, check_choice
 AGGREGATIONS = ("overall", "per-frame")
 PER_FRAME_NORMS = ("before-mask", "after-mask")
 WINDOWS = ("square", "circle")
+# Up to this many feature channels the window logits are computed as shifted multiply-adds,
+# above it as tile matmuls (measured on a 2-core CPU at 60x107: shift 1.4x faster at C = 3,
+# even at C = 4, tile faster from C = 8 on).
+SHIFT_MAX_CHANNELS = 4
+# Logits per chunk of the windowed implementation (n * M per target), at most: small enough to
+# stay in cache (measured fastest from 2**20 to 2**21 on the CPU); the tile matmuls take whole tile rows.
+CHUNK_LOGITS = 2**21
 
 
 # ---------------------------------------------------------------- labels on the grid and back
@@ -90,48 +97,6 @@ def window_mask(h: int, w: int, radius: float, window: str, device: torch.device
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()  # N
     return inside_window(ys[None, :] - ys[:, None], xs[None, :] - xs[:, None], radius, window)
-
-
-@dataclass(frozen=True)
-class WindowGeometry:
-    """Index tables of the window on an h x w grid, built once per video for `predict_windowed`.
-
-    offsets:   K x 2 (dy, dx) inside the window.
-    neighbour: N x K flat index of target j's k-th window cell (clamped to the grid).
-    valid:     N x K whether that cell lies on the grid.
-    in_tile:   tile*tile x K index of the cell in the (tile + 2R)^2 context patch of the target's tile.
-    """
-
-    h: int
-    w: int
-    reach: int  # R = floor(radius): the window spans [-R, R] cells on each axis
-    tile: int
-    offsets: torch.Tensor
-    neighbour: torch.Tensor
-    valid: torch.Tensor
-    in_tile: torch.Tensor
-
-
-def window_geometry(h: int, w: int, cfg: PropagationConfig, tile: int = 12, device: torch.device | str = "cpu") -> WindowGeometry:
-    """The window's index tables for an h x w grid; `tile` is the side of the target tiles."""
-    if tile < 1:
-        raise ValueError(f"tile: expected a positive number of cells, got {tile}")
-    reach = math.floor(cfg.radius)
-    span = torch.arange(-reach, reach + 1, device=device)
-    dy, dx = torch.meshgrid(span, span, indexing="ij")
-    keep = inside_window(dy, dx, cfg.radius, cfg.window)
-    offsets = torch.stack([dy[keep], dx[keep]], dim=1)  # K x 2
-
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    ny = ys.flatten()[:, None] + offsets[:, 0]  # N x K
-    nx = xs.flatten()[:, None] + offsets[:, 1]
-    valid = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-    neighbour = ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)
-
-    ty, tx = torch.meshgrid(torch.arange(tile, device=device), torch.arange(tile, device=device), indexing="ij")
-    patch = tile + 2 * reach
-    in_tile = (ty.flatten()[:, None] + reach + offsets[:, 0]) * patch + (tx.flatten()[:, None] + reach + offsets[:, 1])
-    return WindowGeometry(h, w, reach, tile, offsets, neighbour, valid, in_tile)
 
 
 # ---------------------------------------------------------------- one target frame
@@ -190,30 +155,159 @@ def predict_dense(
     return (_soft_copy(values.exp(), index, labels) / n).T.reshape(-1, h, w)
 
 
-def _context_band(frame: torch.Tensor, y0: int, rows: int, reach: int, padded_w: int) -> torch.Tensor:
-    """Rows [y0 - R, y0 + rows + R) of one context frame, zero-padded to C x (rows + 2R) x (padded_w + 2R)."""
-    h, w = frame.shape[1:]
-    top, bottom = y0 - reach, y0 + rows + reach
-    band = frame[:, max(top, 0) : min(bottom, h)]
-    return F.pad(band, (reach, reach + padded_w - w, max(0, -top), max(0, bottom - h)))
+# The windowed implementation scores a chunk of target rows y0 <= y < y1 against M context cells
+# per target and windowed context frame: logits n x (target dims) x M; a bias (target dims) x M,
+# -inf where the context cell is off the grid or outside the window, else 0 (the same for every
+# frame, so it is added to the few values that need it); and each cell's flat location in its
+# frame, (target dims) x M. The target dims flatten, row-major, to a grid of at least r x w
+# targets (r = y1 - y0) whose top-left r x w block is the chunk. No N x (n*N) tensor is built.
 
 
-def _window_affinity(band: torch.Tensor, target: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-    """Affinity of each target cell with the context cells of its window, tile by tile.
+def window_bias(
+    target_y: torch.Tensor,
+    target_x: torch.Tensor,
+    context_y: torch.Tensor,
+    context_x: torch.Tensor,
+    grid: tuple[int, int],
+    radius: float,
+    window: str,
+) -> torch.Tensor:
+    """0 where context cell (context_y, context_x) lies on the h x w grid and in the window of
+    target (target_y, target_x), else -inf (broadcast shape of the four integer tensors).
+    Added to the products, it excludes those cells before the top-k."""
+    h, w = grid
+    on_grid = (context_y >= 0) & (context_y < h) & (context_x >= 0) & (context_x < w)
+    allowed = on_grid & inside_window(context_y - target_y, context_x - target_x, radius, window)
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
-    band: C x (a*t + 2R) x (b*t + 2R) context rows around the targets (`_context_band`);
-    target: C x a*t x b*t. Each t x t target tile is multiplied with its (t + 2R)^2 context patch
-    in one batched matmul, then the window's K cells are picked out. Returns a*t x b*t x K.
+
+def _buffer(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A `shape` tensor in the memory of `out` (flat, large enough) when given, else a new one.
+
+    The windowed implementation reuses one buffer for every chunk's logits: on the CPU a fresh
+    allocation of tens of MiB comes from mmap and costs a page fault per 4 KiB at first touch."""
+    if out is None:
+        return like.new_empty(shape)
+    return out[: math.prod(shape)].view(shape)
+
+
+def _flat_location(context_y: torch.Tensor, context_x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """y * w + x, clamped onto the grid: an off-grid cell has logit -inf (weight 0) but must still index."""
+    h, w = grid
+    return context_y.clamp(0, h - 1) * w + context_x.clamp(0, w - 1)
+
+
+def _context_band(context: torch.Tensor, y0: int, y1: int, reach: int, width: int) -> torch.Tensor:
+    """Rows [y0 - R, y1 + R) and columns [-R, width + R) of the context frames, zero where off the
+    h x w grid: n x C x (y1 - y0 + 2R) x (width + 2R)."""
+    h, w = context.shape[-2:]
+    top, bottom = y0 - reach, y1 + reach
+    band = context[..., max(top, 0) : min(bottom, h), :]
+    return F.pad(band, (reach, reach + width - w, max(0, -top), max(0, bottom - h)))
+
+
+def window_logits_by_shift(
+    context: torch.Tensor, query: torch.Tensor, y0: int, y1: int, radius: float, window: str, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window logits as C multiply-adds over shifted views (few channels: far fewer operations than a matmul).
+
+    context: n x C x h x w; query: C x h x w (target features / temperature). The M = D*D cells
+    of target (y, x) are (y + dy, x + dx), |dy|, |dx| <= R = floor(radius). Returns logits
+    n x r x w x D*D, [f, y - y0, x, (R + dy) * D + R + dx] = query[:, y, x] . context[f, :, y + dy, x + dx]
+    (in `out`'s memory if given, `_buffer`), bias and locations r x w x D*D.
     """
-    channels = band.shape[0]
-    t, reach = geometry.tile, geometry.reach
-    a, b = target.shape[1] // t, target.shape[2] // t
-    patch = t + 2 * reach
-    patches = band.unfold(1, patch, t).unfold(2, patch, t)  # C x a x b x patch x patch (a view)
-    patches = patches.permute(1, 2, 0, 3, 4).reshape(a, b, channels, patch * patch)
-    tiles = target.reshape(channels, a, t, b, t).permute(1, 3, 2, 4, 0).reshape(a, b, t * t, channels)
-    window = torch.matmul(tiles, patches).gather(-1, geometry.in_tile.expand(a, b, -1, -1))  # a x b x t*t x K
-    return window.reshape(a, b, t, t, -1).transpose(1, 2).reshape(a * t, b * t, -1)
+    n, channels, h, w = context.shape
+    rows, reach = y1 - y0, math.floor(radius)
+    size = 2 * reach + 1
+    offsets = torch.arange(-reach, reach + 1, device=context.device)
+    target_y = torch.arange(y0, y1, device=context.device)[:, None]  # r x 1
+    target_x = torch.arange(w, device=context.device)  # w
+    context_y, context_x = offsets[:, None, None, None] + target_y, offsets[:, None, None] + target_x  # D x 1 x r x 1, D x 1 x w
+    bias = window_bias(target_y, target_x, context_y, context_x, (h, w), radius, window).permute(2, 3, 0, 1).flatten(2)
+    locations = _flat_location(context_y, context_x, (h, w)).permute(2, 3, 0, 1).reshape(rows, w, size * size)
+
+    band = _context_band(context, y0, y1, reach, w)  # n x C x (r + 2R) x (w + 2R)
+    shifted = band.unfold(2, size, 1).unfold(3, size, 1)  # n x C x r x w x D x D: [.., y, x, i, j] = band[.., y + i, x + j]
+    target = query[:, y0:y1, :, None, None]  # C x r x w x 1 x 1
+    logits = _buffer(out, (n, size, size, rows, w), context).permute(0, 3, 4, 1, 2)  # n x r x w x D x D
+    torch.mul(shifted[:, 0], target[0], out=logits)
+    for c in range(1, channels):
+        logits.addcmul_(shifted[:, c], target[c])
+    return logits.flatten(3), bias, locations
+
+
+def window_logits_by_tile(
+    context: torch.Tensor,
+    query: torch.Tensor,
+    y0: int,
+    y1: int,
+    radius: float,
+    window: str,
+    tile: int,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window logits as one matmul per context frame and t x t target tile (many channels).
+
+    Each tile's targets are multiplied with the tile's whole (t + 2R)^2 context patch, the M
+    cells of each of its targets (those outside a target's window get bias -inf). Arguments as
+    `window_logits_by_shift`; returns logits n x a x t x b x t x M (a x b tiles over r x w),
+    bias and locations a x t x b x t x M.
+    """
+    n, channels, h, w = context.shape
+    rows, reach = y1 - y0, math.floor(radius)
+    patch = tile + 2 * reach
+    a, b = math.ceil(rows / tile), math.ceil(w / tile)  # tiles down and across
+    in_tile, in_patch = torch.arange(tile, device=context.device), torch.arange(patch, device=context.device)
+    tile_y = y0 + tile * torch.arange(a, device=context.device)  # a: first row of each tile
+    tile_x = tile * torch.arange(b, device=context.device)  # b
+    context_y = (tile_y[:, None] + in_patch - reach)[:, None, None, None, :, None]  # a x 1 x 1 x 1 x patch x 1
+    context_x = (tile_x[:, None] + in_patch - reach)[:, None, None, None, :]  # b x 1 x 1 x 1 x patch
+    target_y = (tile_y[:, None] + in_tile)[:, None, :, None, None, None]  # a x 1 x t x 1 x 1 x 1
+    target_x = (tile_x[:, None] + in_tile)[:, None, :, None, None]  # b x t x 1 x 1
+    bias = window_bias(target_y, target_x, context_y, context_x, (h, w), radius, window)  # a x b x t x t x patch x patch
+    locations = _flat_location(context_y, context_x, (h, w)).reshape(a, 1, b, 1, patch * patch)
+
+    target = F.pad(query[:, y0:y1], (0, b * tile - w, 0, a * tile - rows))  # C x a*t x b*t
+    tiles = target.reshape(channels, a, tile, b, tile).permute(1, 3, 2, 4, 0).reshape(a * b, tile * tile, channels)
+    logits = _buffer(out, (n, a, b, tile, tile, patch * patch), context)
+    # One frame's context rows and patches at a time, refilled: fresh memory would cost page faults.
+    top, bottom = max(y0 - reach, 0), min(y0 + a * tile + reach, h)
+    band = context.new_zeros(channels, a * tile + 2 * reach, b * tile + 2 * reach)  # zero off the grid
+    on_grid = band[:, top - (y0 - reach) : bottom - (y0 - reach), reach : reach + w]
+    patches = context.new_empty(a * b, channels, patch, patch)
+    for f in range(n):
+        on_grid.copy_(context[f, :, top:bottom])
+        patches.view(a, b, channels, patch, patch).copy_(band.unfold(1, patch, tile).unfold(2, patch, tile).permute(1, 2, 0, 3, 4))
+        torch.bmm(tiles, patches.view(a * b, channels, -1), out=logits[f].view(a * b, tile * tile, -1))
+    bias = bias.reshape(a, b, tile, tile, patch * patch).permute(0, 2, 1, 3, 4)
+    return logits.permute(0, 1, 3, 2, 4, 5), bias, locations.expand(a, tile, b, tile, -1)
+
+
+def _top_overall(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest of each target's n*M biased logits (n x ... x M, bias ... x M): values,
+    frames and cells, each ... x k.
+
+    Each of them lies in one of the k cells with the largest maximum over frames (otherwise k
+    larger logits would exist), so the full top-k runs over n*k candidates instead of n*M.
+    """
+    n, num_cells = logits.shape[0], min(k, logits.shape[-1])
+    best = torch.amax(logits, dim=0, out=torch.empty_like(logits[0])).add_(bias)  # laid out as one frame: one pass
+    cell = best.topk(num_cells, dim=-1).indices  # ... x k'
+    candidates = logits.gather(-1, cell.expand(n, *cell.shape)) + bias.gather(-1, cell)  # n x ... x k'
+    values, pick = candidates.movedim(0, -2).flatten(-2).topk(min(k, n * num_cells), dim=-1)
+    return values, pick // num_cells, cell.gather(-1, pick % num_cells)
+
+
+def _top_per_frame(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest logits of each target in each frame (n x ... x M): values, frames and cells, each ... x n x k."""
+    values, cell = logits.topk(min(k, logits.shape[-1]), dim=-1)  # n x ... x k
+    frame = torch.arange(logits.shape[0], device=logits.device).view(-1, *[1] * (cell.dim() - 1)).expand_as(cell)
+    return values.movedim(0, -2), frame.movedim(0, -2), cell.movedim(0, -2)
+
+
+def _chunk_targets(x: torch.Tensor, scored: tuple[int, int], rows: int, w: int) -> torch.Tensor:
+    """(target dims) x m, the target dims flattening to a `scored` grid, -> the chunk's rows*w x m."""
+    return x.reshape(*scored, x.shape[-1])[:rows, :w].reshape(rows * w, -1)
 
 
 def predict_windowed(
@@ -221,61 +315,76 @@ def predict_windowed(
     context_labels: torch.Tensor,
     target_features: torch.Tensor,
     cfg: PropagationConfig,
-    geometry: WindowGeometry,
+    tile: int = 8,
 ) -> torch.Tensor:
     """Same result as `predict_dense`, computing affinities only inside the window.
 
-    Targets go in chunks of whole tile rows (about cfg.chunk_size locations) and context frames
-    one at a time, so memory is O(chunk_size * (t + 2R)^2 * C / t^2), not O(n * N^2). Each
-    context frame yields its own top-k; for "overall" the top-k of the union of those is the
-    exact top-k. Frames without a window (radius 0, or the first frame unless
-    window_first_frame) and the before-mask softmax normaliser use the whole frame.
-    Shapes as `predict_dense`; `geometry` from `window_geometry` for this grid.
+    Targets go in chunks of whole rows (at most cfg.chunk_size locations, and CHUNK_LOGITS
+    logits), so memory stays bounded, never O(n * N^2). The windowed context frames are scored
+    all at once, by `window_logits_by_shift` up to SHIFT_MAX_CHANNELS channels, else by
+    `window_logits_by_tile` with `tile` x `tile` target tiles. Frames without a window (radius 0,
+    or the first frame unless window_first_frame) and the before-mask softmax normaliser use the
+    whole frame. Shapes as `predict_dense`.
     """
-    n, _, h, w = context_features.shape
+    n, channels, h, w = context_features.shape
     num = h * w
-    if (geometry.h, geometry.w) != (h, w):
-        raise ValueError(f"geometry: built for a {geometry.h}x{geometry.w} grid, features are {h}x{w}")
+    if tile < 1:
+        raise ValueError(f"tile: expected a positive number of cells, got {tile}")
     labels = _flat_labels(context_labels)  # (n*N) x L
     first_windowed = _first_windowed_frame(cfg, n)
-    t, reach = geometry.tile, geometry.reach
-    padded_w = math.ceil(w / t) * t
-    rows_per_chunk = t * max(1, cfg.chunk_size // (t * w))
+    windowed = context_features[first_windowed:]
+    query = target_features / cfg.temperature  # logits are query . context
+    by_shift = channels <= SHIFT_MAX_CHANNELS
+    span = 2 * math.floor(cfg.radius) + 1 + (0 if by_shift else tile - 1)  # cells per target: span^2
+    targets_per_chunk = min(cfg.chunk_size, max(1, CHUNK_LOGITS // (max(1, len(windowed)) * span**2)))
+    rows_per_chunk = max(1, targets_per_chunk // w)
+    scored_width = w
+    if not by_shift:  # whole tiles: a chunk is padded up to multiples of the tile
+        rows_per_chunk = tile * max(1, rows_per_chunk // tile)
+        scored_width = math.ceil(w / tile) * tile
+    buffer = query.new_empty(len(windowed) * rows_per_chunk * scored_width * span**2)  # every chunk's logits
 
     prediction = labels.new_empty(num, labels.shape[1])  # N x L
     for y0 in range(0, h, rows_per_chunk):
         y1 = min(y0 + rows_per_chunk, h)
-        chunk = slice(y0 * w, y1 * w)
-        query = target_features[:, y0:y1].flatten(1)  # C x B
-        tiled_rows = math.ceil((y1 - y0) / t) * t
-        target = F.pad(target_features[:, y0:y1], (0, padded_w - w, 0, tiled_rows - (y1 - y0)))  # C x a*t x b*t
-        top_values, top_labels = [], []  # per context frame: B x k logits and label rows
-        for f, frame in enumerate(context_features):
-            if f < first_windowed:
-                logits = query.T @ frame.flatten(1) / cfg.temperature  # B x N
-                if cfg.aggregation == "per-frame":
-                    logits = logits.log_softmax(dim=-1)
-                values, index = logits.topk(min(cfg.topk, num), dim=-1)
+        targets = query[:, y0:y1].flatten(1)  # C x B
+        num_targets = targets.shape[1]
+        values, label_rows = [], []  # B x m: logits (overall) or log-probabilities (per-frame), label rows
+        for f in range(first_windowed):
+            logits = targets.T @ context_features[f].flatten(1)  # B x N
+            top, index = logits.topk(min(cfg.topk, num), dim=-1)
+            if cfg.aggregation == "per-frame":
+                top = top - logits.logsumexp(dim=-1, keepdim=True)
+            values.append(top)
+            label_rows.append(index + f * num)
+        if windowed.shape[0]:
+            if by_shift:
+                logits, bias, locations = window_logits_by_shift(windowed, query, y0, y1, cfg.radius, cfg.window, buffer)
             else:
-                band = _context_band(frame, y0, tiled_rows, reach, padded_w)
-                window = _window_affinity(band, target, geometry)[: y1 - y0, :w]  # rows x w x K
-                logits = window.reshape(query.shape[1], -1).div_(cfg.temperature)  # B x K
-                logits.masked_fill_(~geometry.valid[chunk], float("-inf"))
-                if cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask":
-                    logits -= torch.logsumexp(query.T @ frame.flatten(1) / cfg.temperature, dim=-1, keepdim=True)
-                elif cfg.aggregation == "per-frame":
-                    logits = logits.log_softmax(dim=-1)
-                values, index = logits.topk(min(cfg.topk, logits.shape[1]), dim=-1)
-                index = geometry.neighbour[chunk].gather(1, index)
-            top_values.append(values)
-            top_labels.append(index + f * num)
+                logits, bias, locations = window_logits_by_tile(windowed, query, y0, y1, cfg.radius, cfg.window, tile, buffer)
+            if cfg.aggregation == "overall":
+                top, frame, cell = _top_overall(logits, bias, cfg.topk)  # each (target dims) x k
+            else:
+                top, frame, cell = _top_per_frame(logits.add_(bias), cfg.topk)  # each (target dims) x n' x k
+                if cfg.per_frame_norm == "after-mask":
+                    top = top - logits.logsumexp(dim=-1).movedim(0, -1)[..., None]
+                top, frame, cell = top.flatten(-2), frame.flatten(-2), cell.flatten(-2)
+            rows = (frame + first_windowed) * num + locations.gather(-1, cell)
+            scored = (y1 - y0 if by_shift else math.ceil((y1 - y0) / tile) * tile, scored_width)
+            top, rows = _chunk_targets(top, scored, y1 - y0, w), _chunk_targets(rows, scored, y1 - y0, w)
+            if cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask":
+                whole_frames = [(targets.T @ context.flatten(1)).logsumexp(dim=-1) for context in windowed]
+                top = (top.view(num_targets, len(windowed), -1) - torch.stack(whole_frames, dim=1)[..., None]).flatten(1)
+            values.append(top)
+            label_rows.append(rows)
+        values, label_rows = torch.cat(values, dim=1), torch.cat(label_rows, dim=1)
 
+        chunk = slice(y0 * w, y1 * w)
         if cfg.aggregation == "overall":
-            values, pick = torch.cat(top_values, dim=1).topk(min(cfg.topk, sum(v.shape[1] for v in top_values)), dim=-1)
-            label_index = torch.cat(top_labels, dim=1).gather(1, pick)
-            prediction[chunk] = _soft_copy(values.softmax(dim=-1), label_index, labels)
+            values, pick = values.topk(min(cfg.topk, values.shape[1]), dim=-1)
+            prediction[chunk] = _soft_copy(values.softmax(dim=-1), label_rows.gather(1, pick), labels)
         else:
-            prediction[chunk] = sum(_soft_copy(v.exp(), i, labels) for v, i in zip(top_values, top_labels)) / n
+            prediction[chunk] = _soft_copy(values.exp(), label_rows, labels) / n
     return prediction.T.reshape(-1, h, w)
 
 
@@ -330,14 +439,13 @@ def propagate_dense(features: torch.Tensor, first_labels: torch.Tensor, cfg: Pro
 
 
 def propagate_windowed(
-    features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, tile: int = 12
+    features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, tile: int = 8
 ) -> torch.Tensor:
     """Same as `propagate_dense`, with affinities only inside the window and memory bounded by
-    cfg.chunk_size; `tile` (cells) trades wasted window work ((t + 2R)^2 per target instead of
-    (2R + 1)^2) against matmul efficiency."""
+    cfg.chunk_size; `tile` (cells, many channels only) trades wasted window work ((t + 2R)^2 per
+    target instead of (2R + 1)^2) against matmul efficiency."""
     _check(features, first_labels, cfg)
-    geometry = window_geometry(features.shape[2], features.shape[3], cfg, tile, features.device)
-    return _propagate_video(features, first_labels, cfg, lambda c, y, g: predict_windowed(c, y, g, cfg, geometry))
+    return _propagate_video(features, first_labels, cfg, lambda c, y, g: predict_windowed(c, y, g, cfg, tile))
 
 
 IMPLEMENTATIONS = {"dense": propagate_dense, "windowed": propagate_windowed}

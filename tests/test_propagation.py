@@ -10,13 +10,16 @@ import torch.nn.functional as F
 
 from stt.config import PropagationConfig
 from stt.propagation import (
+    SHIFT_MAX_CHANNELS,
     downsample_labels,
+    inside_window,
     labels_to_mask,
+    predict_windowed,
     propagate,
     propagate_dense,
     propagate_windowed,
     upsample_labels,
-    window_geometry,
+    window_bias,
     window_mask,
 )
 
@@ -123,8 +126,27 @@ def test_window_shapes_by_hand():
     assert circle.sum() == 9  # dy^2 + dx^2 <= 2.25: the 3x3 block, corners at 2
     assert window_mask(5, 5, 2.0, "circle")[12].sum() == 13  # the corners (dy^2 + dx^2 = 8) stay out
     assert window_mask(5, 5, 2.0, "square")[0].reshape(5, 5)[:3, :3].all()  # clipped at the border
-    geometry = window_geometry(5, 5, replace(PropagationConfig(), radius=3.5, window="circle"))
-    assert geometry.offsets.shape == (37, 2)  # 7 + 2*7 + 2*5 + 2*3 cells
+    span = torch.arange(-3, 4)
+    assert inside_window(span[:, None], span[None, :], 3.5, "circle").sum() == 37  # 7 + 2*7 + 2*5 + 2*3 cells
+
+
+def test_window_bias_by_hand():
+    """3 x 4 grid, radius 1: a context cell off the grid or outside the window gets -inf."""
+    offsets = torch.arange(-1, 2)
+    dy, dx = offsets[:, None], offsets[None, :]  # 3 x 3 cells around each target
+
+    def allowed(y, x, window):
+        bias = window_bias(torch.tensor(y), torch.tensor(x), y + dy, x + dx, (3, 4), 1.0, window)
+        assert bias.shape == (3, 3) and ((bias == 0) | (bias == float("-inf"))).all()
+        return (bias == 0).tolist()
+
+    # target (1, 0): no column to its left; the circle also drops the four corners
+    assert allowed(1, 0, "square") == [[False, True, True], [False, True, True], [False, True, True]]
+    assert allowed(1, 0, "circle") == [[False, True, False], [False, True, True], [False, True, False]]
+    # target (2, 3), bottom right: no row below, no column to the right
+    assert allowed(2, 3, "square") == [[True, True, False], [True, True, False], [False, False, False]]
+    # a padding target beside the grid (x = 5 > w - 1) may still see on-grid cells, never its own column
+    assert allowed(1, 4, "square") == [[True, False, False], [True, False, False], [True, False, False]]
 
 
 # ---------------------------------------------------------------- recurrence and sanity
@@ -179,11 +201,16 @@ WINDOWS = [(0.0, "square", True)] + list(itertools.product([2.0, 3.5], ["square"
 NORMALISATIONS = [("overall", "before-mask"), ("per-frame", "before-mask"), ("per-frame", "after-mask")]
 
 
+# Both ways of computing the window logits: shifted multiply-adds (few channels) and tile matmuls.
+CHANNELS = [SHIFT_MAX_CHANNELS, SHIFT_MAX_CHANNELS + 1]
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("aggregation,per_frame_norm", NORMALISATIONS)
 @pytest.mark.parametrize("radius,window,window_first_frame", WINDOWS)
-def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, window_first_frame):
+def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, window_first_frame, channels):
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(6, 16, 9, 11, generator=generator)
+    features = torch.randn(6, channels, 9, 11, generator=generator)
     labels = torch.softmax(3 * torch.randn(4, 9, 11, generator=generator), dim=0)
     base = replace(
         PropagationConfig(),
@@ -205,14 +232,34 @@ def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, wind
         assert torch.allclose(windowed, dense, atol=1e-5), cfg
 
 
+@pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("tile,chunk_size", [(1, 1), (3, 50), (8, 4096)])
-def test_windowed_tiles_and_chunks_do_not_change_the_result(tile, chunk_size):
+def test_windowed_tiles_and_chunks_do_not_change_the_result(tile, chunk_size, channels):
     generator = torch.Generator().manual_seed(3)
-    features = torch.randn(4, 8, 10, 7, generator=generator)
+    features = torch.randn(4, channels, 10, 7, generator=generator)
     labels = torch.softmax(torch.randn(3, 10, 7, generator=generator), dim=0)
     cfg = replace(PropagationConfig(), radius=3.0, topk=7, chunk_size=chunk_size)
     windowed = propagate_windowed(features, labels, cfg, tile=tile)
     assert torch.allclose(windowed, propagate_dense(features, labels, cfg), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_overall_top_k_may_take_one_offset_from_several_frames(channels):
+    """1 x 3 grid, target location 1, radius 1 (all three locations), three context frames.
+    Dot products with the target: frame 0 (0.1, 0.5, 0.4), frame 1 (0.9, 0.2, 0), frame 2 (0.8, 0.3, 0).
+    The top-2 are both at location 0 (frames 1 and 2), although frame 0 prefers locations 1 and 2
+    and location 1 has the second-best maximum over frames."""
+    products = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.2, 0.0], [0.8, 0.3, 0.0]])  # frame x location
+    context = torch.zeros(3, channels, 1, 3)
+    context[:, 0, 0] = products  # the target is (1, 0, ...) at location 1: channel 0 holds the products
+    target = torch.zeros(channels, 1, 3)
+    target[0, 0, 1] = 1.0
+    labels = torch.eye(9).reshape(9, 3, 3).permute(1, 0, 2).reshape(3, 9, 1, 3)  # label f*3 + i marks frame f's location i
+    cfg = replace(PropagationConfig(), normalize=False, temperature=1.0, radius=1.0, topk=2)
+    weights = predict_windowed(context, labels, target, cfg)[:, 0, 1]
+    expected = torch.zeros(9)
+    expected[3], expected[6] = 1 / (1 + math.exp(-0.1)), 1 / (1 + math.exp(0.1))  # softmax of (0.9, 0.8)
+    assert torch.allclose(weights, expected)
 
 
 # ---------------------------------------------------------------- grid <-> image
