@@ -79,7 +79,6 @@ class Stream:
     skipped: ray.actor.ActorHandle
     units_per_epoch: int
     rows_per_epoch: int  # pairs (temporal) or images (spatial) if no frame is corrupt
-    units: range  # the unit ids streamed (`stream_units`)
 
     def skipped_frames(self) -> int:
         return ray.get(self.skipped.total.remote())
@@ -368,12 +367,11 @@ def stream_units(unit_rows: np.ndarray, seed: int, epochs: int = 1, rows: int | 
     first = 0
     consumed = 0
     while True:  # skip whole epochs arithmetically, then units of the epoch where skip_rows falls
-        epoch, position = divmod(first, num_units)
-        if position == 0 and consumed + per_epoch <= skip_rows:
+        if first % num_units == 0 and consumed + per_epoch <= skip_rows:
             consumed += per_epoch
             first += num_units
             continue
-        unit = int(np.random.default_rng([seed, epoch]).permutation(num_units)[position])
+        unit = draw_unit(first, num_units, seed)[0]
         if consumed + unit_rows[unit] > skip_rows:
             break
         consumed += int(unit_rows[unit])
@@ -432,7 +430,7 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
     dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
                               data_cfg=data_cfg, lab=lab)
-    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()), units)
+    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
 
 
 def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, source: Source | None = None, *,
@@ -450,7 +448,7 @@ def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, sourc
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
     dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
                               image_size=spatial_cfg.image_size)
-    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()), units)
+    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
 
 
 def _per_unit(plan: Plan, video_rows: np.ndarray) -> np.ndarray:
