@@ -36,10 +36,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_FILE = REPO / "cluster" / "local.yaml"
 # The smallest runs that still exercise every part: tiny crops, 2-pair batches, no periodic J&F.
-TINY_TRAIN = ["train.batch_size=2", "data.crop_size=32", "spatial.image_size=32", "spatial.queue_size=16",
-              "spatial.bn_splits=1", "train.warmup_steps=1", "train.checkpoint_every=2", "train.log_every=1"]
 TINY_SWEEP = ["data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
               "spatial.bn_splits=1", "train.warmup_steps=1"]
+TINY_TRAIN = [*TINY_SWEEP, "train.checkpoint_every=2", "train.log_every=1"]
 
 
 def free_port() -> int:
