@@ -59,6 +59,9 @@ class TemporalConfig:
     lc_reference_pooling: str = "mean"
     entropy: str = "neglog"  # neglog (Eq. 6 as printed, authors' code) | shannon | none
     entropy_threshold: float = 0.7
+    # Which keys a row's score is over (stt.losses.entropy_score): normalised (in-frame keys against the
+    # uniform row over them: no border bias) | padded (the authors' fixed zero-padded window) | in-frame
+    entropy_window: str = "normalised"
     threshold_mode: str = "keep_fraction"  # keep_fraction (per-sample quantile) | absolute
     beta: float = 50.0  # global correlation distillation weight; 0 disables it
     teacher_temperature: float = 0.07

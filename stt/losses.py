@@ -40,9 +40,15 @@ Entropy selection (Eq. 6). A per-position score of the res4 correlation row (det
     least one); the authors threshold at the T-quantile of each *row of the feature map* (with an
     indexing slip that mixes rows and columns); per-sample is the intent. "absolute" keeps
     score > T. The score is of the very distribution being distilled (q.k / sqrt(C), out-of-frame
-    keys masked, so they do not enter the sum). The authors score a separate mmcv Correlation
-    instead: unscaled q.k (a sharper softmax) and out-of-frame keys as logit 0 (which adds large
-    -log p terms at the borders); neither choice is motivated in the paper.
+    keys masked). A raw sum over in-frame keys grows with their number n, so at 32 x 32 with
+    radius 6 (61 % of positions with cut-off windows) keep_fraction kept every full window and
+    about half of the border ones whatever the features (`temporal.entropy_window="in-frame"`,
+    kept for old runs). The default ("normalised") scores each row against the uniform row over its
+    own n keys (KL(u || p) for neglog, H / log n for shannon; entropy_score). The authors' form,
+    which `entropy_window="padded"` reproduces, scores a separate mmcv Correlation: a fixed
+    (2r+1)^2 window with out-of-frame keys as logit 0 and unscaled q.k. It is unbiased only for
+    zero-mean features: on non-negative (post-ReLU) smoothed random features it keeps ~96 % of
+    border rows and ~43 % of full windows, because there a 0 logit is an unusually low one.
 
 Global correlation distillation (Eqs. 8-9) at res5: student softmax(q.k / sqrt(C)) against the
     frozen teacher's softmax(q.k / tau), tau = 0.07, on unnormalised features like the authors'
@@ -61,6 +67,7 @@ from stt.correlation import aggregate_local, global_correlation, local_correlati
 
 PYRAMID_LEVELS = ("res3", "res4")  # fine to coarse: res3 is distilled into res4
 ENTROPY_SCORES = ("neglog", "shannon", "none")
+ENTROPY_WINDOWS = ("normalised", "padded", "in-frame")
 THRESHOLD_MODES = ("keep_fraction", "absolute")
 REFERENCE_POOLINGS = ("mean", "sum")
 TERMS = ("rec_res3", "rec_res4", "lc", "gc", "kept_fraction")
@@ -120,19 +127,40 @@ def downsample_local_correlation(probs: Tensor, radius: int, factor: int, refere
     return (pooled / divisor).reshape(batch, coarse_side * coarse_side, height // factor, width // factor)
 
 
-def entropy_score(logits: Tensor, kind: str) -> Tensor:
-    """Per-position uncertainty of a local correlation: logits B x (2r+1)^2 x h x w (-inf outside) -> B x h x w.
+def entropy_score(logits: Tensor, kind: str, window: str = "normalised", logit_scale: float = 1.0) -> Tensor:
+    """Per-position score of a local correlation: logits B x (2r+1)^2 x h x w (-inf outside) -> B x h x w.
 
-    kind "neglog": sum_j -log p_j; "shannon": -sum_j p_j log p_j; both over in-frame entries.
+    kind "neglog" (sum_j -log p_j, Eq. 6 as printed) or "shannon" (-sum_j p_j log p_j); `window`
+    says which keys the row is over and how a border row (n < (2r+1)^2 in-frame keys) compares:
+      "normalised": in-frame keys, scored against the uniform row over those n keys, so the score
+          does not grow with n: neglog -> mean_j(-log p_j) - log n = KL(u || p) (0 when flat, large
+          when peaked), shannon -> H / log n (1 when flat, 0 when one-hot; 1 when n = 1).
+      "padded": the authors' fixed (2r+1)^2 window, out-of-frame keys as logit 0 (their zero-padded
+          mmcv Correlation); logits are multiplied by `logit_scale` first (sqrt(C) undoes q.k /
+          sqrt(C), as their correlation is unscaled).
+      "in-frame": the raw sums over in-frame keys only (stt before issue 17); the number of terms
+          dominates them, so with keep_fraction it degenerates into a border mask.
     """
-    log_p = torch.log_softmax(logits.float(), dim=1)
+    check_choice("temporal.entropy_window", window, ENTROPY_WINDOWS)
+    valid = torch.isfinite(logits)
+    logits = logits.float()
+    if window == "padded":
+        logits = torch.where(valid, logits * logit_scale, 0.0)
+        valid = torch.ones_like(valid)
+    log_p = torch.log_softmax(logits, dim=1)
     if kind == "neglog":
         terms = -log_p
     elif kind == "shannon":
         terms = -log_p.exp() * log_p
     else:
         raise ValueError(f"entropy score: expected 'neglog' or 'shannon', got {kind!r}")
-    return torch.where(torch.isfinite(logits), terms, 0.0).sum(1)
+    score = torch.where(valid, terms, 0.0).sum(1)
+    if window != "normalised":
+        return score
+    count = valid.sum(1).to(score.dtype)
+    if kind == "neglog":
+        return score / count - count.log()
+    return torch.where(count > 1, score / count.log().clamp_min(1e-12), 1.0)
 
 
 def select_positions(score: Tensor, mode: str, threshold: float) -> Tensor:
@@ -191,6 +219,7 @@ def check_temporal_config(cfg: TemporalConfig) -> None:
         raise ValueError(f"temporal.rec_levels: expected distinct names from {PYRAMID_LEVELS}, got {cfg.rec_levels!r}")
     check_choice("temporal.entropy", cfg.entropy, ENTROPY_SCORES)
     check_choice("temporal.threshold_mode", cfg.threshold_mode, THRESHOLD_MODES)
+    check_choice("temporal.entropy_window", cfg.entropy_window, ENTROPY_WINDOWS)
     check_choice("temporal.lc_reference_pooling", cfg.lc_reference_pooling, REFERENCE_POOLINGS)
     for name in ("alpha", "beta", "rec_scale"):
         if getattr(cfg, name) < 0:
@@ -255,7 +284,8 @@ def temporal_losses(
             if cfg.entropy == "none":
                 keep = torch.ones_like(probs["res4"][:, 0], dtype=torch.bool)
             else:
-                score = entropy_score(logits["res4"].detach(), cfg.entropy)
+                channels = _feature(student_t, "res4", "student_t").shape[1]
+                score = entropy_score(logits["res4"].detach(), cfg.entropy, cfg.entropy_window, math.sqrt(channels))
                 keep = select_positions(score, cfg.threshold_mode, cfg.entropy_threshold)
         if pseudo_label.shape != probs["res4"].shape:
             raise ValueError(

@@ -114,8 +114,9 @@ def slow_temporal_losses(student_t, student_r, target, reference, teacher_t, tea
                 # mean over the query cell; mean (authors' avg-pool) or sum over the key cell
                 pseudo[i, j] = sum(fine[a, r] for a in cells for r in refs) / 4.0 / key_divisor
         scores = []
-        for i in range(h4 * w4):  # Eq. 6 as printed, over the in-frame window
-            scores.append(sum(-math.log(p) for p in probs["res4"][b][divmod(i, w4)].values()))
+        for i in range(h4 * w4):  # Eq. 6 as printed, over the in-frame window, against the uniform row
+            row = probs["res4"][b][divmod(i, w4)].values()
+            scores.append(sum(-math.log(p) for p in row) / len(row) - math.log(len(row)))
         keep_count = round(cfg.entropy_threshold * h4 * w4)
         kept = sorted(range(h4 * w4), key=lambda i: -scores[i])[:keep_count]
         for i in kept:
@@ -283,11 +284,11 @@ def test_entropy_scores_and_selection_on_hand_made_rows():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0], [0.0, 0.0, -inf, -inf]])
     logits = logits.T.reshape(1, 4, 2, 2)  # positions (0,0) flat, (0,1) mild, (1,0) peaked, (1,1) border
     mild_top, mild_rest = math.e / (math.e + 3), 1 / (math.e + 3)
-    neglog = entropy_score(logits, "neglog")
+    neglog = entropy_score(logits, "neglog", "in-frame")
     assert torch.allclose(
         neglog.flatten(), torch.tensor([4 * math.log(4), 4 * math.log(math.e + 3) - 1, 4 * math.log(math.exp(10) + 3) - 10, 2 * math.log(2)])
     )
-    shannon = entropy_score(logits, "shannon")
+    shannon = entropy_score(logits, "shannon", "in-frame")
     peaked_top, peaked_rest = math.exp(10) / (math.exp(10) + 3), 1 / (math.exp(10) + 3)
     expected_shannon = [
         math.log(4),
@@ -303,6 +304,58 @@ def test_entropy_scores_and_selection_on_hand_made_rows():
     assert select_positions(neglog, "keep_fraction", 0.75).flatten().tolist() == [True, True, True, False]
     assert select_positions(shannon, "keep_fraction", 0.75).flatten().tolist() == [True, True, False, True]
     assert select_positions(neglog, "absolute", 5.7).flatten().tolist() == [False, True, True, False]
+
+
+def test_normalised_and_padded_entropy_windows_on_hand_made_rows():
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, -inf, -inf], [1.0, 1.0, -inf, -inf], [3.0, -inf, -inf, -inf]])
+    logits = logits.T.reshape(1, 4, 2, 2)
+    # normalised neglog: mean(-log p) - log n = KL(uniform || p); 0 for flat rows of any size
+    two = [math.e**2 / (math.e**2 + 1), 1 / (math.e**2 + 1)]
+    expected = [0.0, -sum(math.log(p) for p in two) / 2 - math.log(2), 0.0, 0.0]
+    assert torch.allclose(entropy_score(logits, "neglog").flatten(), torch.tensor(expected), atol=1e-6)
+    # normalised shannon: H / log n, 1 for flat rows of any size, 1 by convention for n = 1
+    expected = [1.0, -sum(p * math.log(p) for p in two) / math.log(2), 1.0, 1.0]
+    assert torch.allclose(entropy_score(logits, "shannon").flatten(), torch.tensor(expected), atol=1e-6)
+    # padded (the authors): all 4 keys, out-of-frame ones at logit 0, in-frame logits scaled first
+    padded = entropy_score(logits, "neglog", "padded", logit_scale=2.0)
+    rows = [[0.0] * 4, [4.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0], [6.0, 0.0, 0.0, 0.0]]
+    expected = [sum(math.log(sum(math.exp(v) for v in row)) - v for v in row) for row in rows]
+    assert torch.allclose(padded.flatten(), torch.tensor(expected), atol=1e-5)
+    with pytest.raises(ValueError, match="temporal.entropy_window"):
+        entropy_score(logits, "neglog", "zero")
+
+
+def _distance_to_border(height: int, width: int) -> torch.Tensor:
+    y, x = torch.arange(height).view(height, 1), torch.arange(width).view(1, width)
+    return torch.minimum(torch.minimum(y, height - 1 - y), torch.minimum(x, width - 1 - x))
+
+
+@pytest.mark.parametrize("kind", ["neglog", "shannon"])
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_kept_fraction_does_not_depend_on_distance_to_the_border(kind, nonnegative):
+    """Issue 17: features with no border structure must be kept alike near the border and inside.
+
+    Smoothed random features (3 x 3 box, like nearby positions of a real map), the reference a noisy
+    copy of the target, 32 x 32 at radius 6 as at training: 61 % of positions have cut-off windows.
+    The in-frame sum kept ~10 % (neglog) / ~48 % (shannon) of the outer ring and 100 % / 79 % of
+    full windows.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def smooth(x):
+        return F.avg_pool2d(x, 3, stride=1) * 3
+
+    target = smooth(torch.randn(8, 64, 34, 34, generator=generator))
+    reference = target + 0.5 * smooth(torch.randn(8, 64, 34, 34, generator=generator))
+    if nonnegative:
+        target, reference = target.relu(), reference.relu()
+    logits = local_correlation(target, reference, 6)
+    keep = select_positions(entropy_score(logits, kind), "keep_fraction", 0.7)
+    distance = _distance_to_border(32, 32)
+    outer_ring = keep[:, distance < 2].float().mean()
+    full_window = keep[:, distance >= 6].float().mean()
+    assert abs(float(outer_ring - full_window)) < 0.15, (float(outer_ring), float(full_window))
 
 
 def test_keep_fraction_is_per_sample():
