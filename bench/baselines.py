@@ -16,24 +16,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stt.config import load_config
-from stt.data.layouts import DAVIS
 from stt.data.synthetic import generate
-from stt.evaluate import evaluate_davis
-from stt.metrics import evaluate_davis_sequence, summarize_davis
-
-
-def copy_first_mask(root: Path, split: str) -> dict:
-    dataset = DAVIS(root, split=split)
-    rows = []
-    for seq in dataset.sequences:
-        gt = dataset.read_masks(seq)
-        first = np.where(gt[0] == 255, 0, gt[0])
-        rows.extend(evaluate_davis_sequence(gt, np.repeat(first[None], len(gt), axis=0), seq))
-    return summarize_davis(rows)
+from stt.evaluate import copy_first_mask, evaluate_davis
 
 
 def main() -> None:

@@ -160,6 +160,17 @@ def evaluate_davis(
     return report
 
 
+def copy_first_mask(root: Path, split: str = "val", resolution: str = "480p") -> dict:
+    """The no-propagation yardstick: each sequence's first mask copied to every frame, scored like a result."""
+    dataset = DAVIS(root, split=split, resolution=resolution)
+    rows = []
+    for seq in dataset.sequences:
+        gt = dataset.read_masks(seq)
+        first = np.where(gt[0] == 255, 0, gt[0])
+        rows.extend(evaluate_davis_sequence(gt, np.repeat(first[None], len(gt), axis=0), seq))
+    return summarize_davis(rows)
+
+
 def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
     root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
     report = evaluate_davis(

@@ -532,7 +532,7 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
             name=stage,  # same storage and name: Ray Train finds the run's checkpoints and resumes
             storage_path=run_dir,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints or None),  # 0: keep all
             callbacks=[MetricsLogger(tensorboard, run_name, stage), *callbacks],
         ),
         datasets={stream: dataset_factory(stream) for stream in STAGE_STREAMS[stage]},
@@ -583,7 +583,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="stt", help="run name: <storage>/<name>/<stage>/; re-running with it resumes")
     parser.add_argument("--init", default="", help="the earlier stage's checkpoint to start from (temporal stage: and to distil); with --stage all, each stage starts from the one before")
     parser.add_argument("--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint")
-    parser.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per stage (the latest ones)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per stage (the latest ones; 0 keeps every one, e.g. for a learning curve)")
     parser.add_argument("--cpus-per-worker", type=float,
                         help="CPUs reserved per training worker (default: 1, or on CPUs a share of what data.data_cpus leaves)")
     parser.add_argument("--tensorboard", help="TensorBoard folder (default: <storage>/<name>/tensorboard for local storage)")

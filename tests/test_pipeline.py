@@ -23,10 +23,15 @@ from stt.data.pipeline import (
     Source,
     check_cpu_budget,
     draw_unit,
+    frame_spacing_note,
     interleaved_pairs,
+    raw_frame_step,
+    raw_plan,
+    resolve_source,
     spatial_view_dataset,
     stream_units,
     temporal_pair_dataset,
+    unit_pairs,
 )
 from stt.data.transforms import (
     CropBox,
@@ -327,3 +332,25 @@ def test_temporal_stream_refuses_image_shards_and_unknown_roots(ray_local, tmp_p
         temporal_pair_dataset(DataConfig(root=str(tmp_path)))
     with pytest.raises(ValueError, match="frame_gap"):
         temporal_pair_dataset(DataConfig(root=str(tmp_path), frame_gap=0), source=Source("ytvos", str(tmp_path)))
+
+
+def test_all_frames_layout_pairs_are_as_far_apart_as_configured():
+    """ytvos-real lists every raw frame (24 fps): frame_gap counts list steps, so 4 steps are 4 raw frames
+    (0.167 s, YouTube-VOS's 5 raw frames at 30 fps), whichever folder of the download is given."""
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ytvos-real"
+    if not (root / "train_all_frames" / "JPEGImages").is_dir():
+        pytest.skip(f"real YouTube-VOS sample not found at {root}")
+    for given in (root, root / "train_all_frames"):  # the download root, or the split folder itself
+        source = resolve_source(str(given))
+        assert source.kind == "ytvos"
+        plan = raw_plan(source)
+        assert raw_frame_step(plan) == 1 and plan.counts.sum() == 2079
+    cfg = DataConfig(root=str(root), crop_size=16, frame_gap=4)
+    rows = [row for batch in unit_pairs(plan, 0, None, 0, cfg, False, lambda corrupt: corrupt.clear())
+            for row in batch["gap"].tolist()]
+    unit = draw_unit(0, plan.num_units, 0)[0]  # the unit that stream row 0 stands for
+    first, last = plan.unit_start[unit], plan.unit_start[unit + 1]
+    assert rows == [4] * int((plan.counts[first:last] - 4).sum())  # every pair of the unit, 4 raw frames apart
+    # The default frame_gap=1 on such a listing pairs adjacent raw frames: said in one line, not silently.
+    assert "lists every raw frame" in frame_spacing_note(plan, 1, str(root))
+    assert frame_spacing_note(plan, 4, str(root)) is None

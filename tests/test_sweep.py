@@ -88,7 +88,17 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     training, propagation = table[table["kind"] == "training"], table[table["kind"] == "propagation"]
     assert len(training) == 3 and set(training["state"]) <= {"COMPLETE", "PRUNED"}
     assert len(propagation) == 3 and set(propagation["state"]) == {"COMPLETE"}  # each asserted zero network calls
-    assert pd.read_parquet(experiment / "trials.parquet")["tuning_jf"].notna().all()
+    stored = pd.read_parquet(experiment / "trials.parquet")
+    assert stored.loc[stored["kind"] != "yardstick", "tuning_jf"].notna().all()
+    # Yardsticks beside the result, on the reported split: the untuned defaults trained with a trial's budget,
+    # the tuned training with default propagation, random init, Lab pixels, the copied first mask.
+    yardsticks = stored[stored["kind"] == "yardstick"].set_index("yardstick")["reported_jf"]
+    assert set(yardsticks.index) == {"tuned training, default propagation", "untuned defaults", "random init",
+                                     "Lab pixels (stride 8)", "first mask copied"}
+    assert yardsticks.between(0, 1).all() and (experiment / "untuned-temporal-final.pt").is_file()
+    assert yardsticks["untuned defaults"] == result["state"]["yardsticks"]["untuned defaults"]["J&F"]
+    summary_text = (experiment / "summary.md").read_text()
+    assert "| untuned defaults |" in summary_text and "the untuned defaults trained with the same budget by" in summary_text
     assert (experiment / "trials.csv").is_file() and (experiment / "summary.md").read_text().count("reported split") == 1
     assert any((experiment / "plots").glob("*-history.png"))
     best = load_config(experiment / "best.yaml")  # what `stt.train --config` and `stt.evaluate --config` accept

@@ -52,7 +52,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 from stt.data.synthetic import ensure_dataset
-from stt.evaluate import evaluate_davis
+from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.train import build_stage_trainer, export_final, join
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
@@ -334,6 +334,37 @@ class Sweep:
         return entry
 
 
+    def yardsticks(self, spatial_checkpoint: str, best_training: dict) -> dict:
+        """What the reported J&F is read against, each evaluated once on the reported split at the result's
+        resolution with the default propagation: the tuned training with default propagation (what the
+        propagation search added), the untuned default configuration trained with one training trial's
+        budget (what the training search added), random init, Lab pixels and the first mask copied."""
+        if "yardsticks" in self.state:
+            return self.state["yardsticks"]
+        args, plan = self.args, self.plan
+        print(f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.temporal_steps} steps, "
+              "random init, Lab pixels, the copied first mask)")
+        default_checkpoint = self.experiment / "untuned-temporal-final.pt"
+        if not default_checkpoint.exists():  # trained once; a rerun of the sweep only re-reads it
+            cfg = replace_train(self.base, max_steps=plan.temporal_steps, eval_every=0, checkpoint_every=plan.temporal_steps)
+            trainer = build_stage_trainer("temporal", cfg, str(self.experiment / "untuned-run"), spatial_checkpoint,
+                                          use_gpu=self.use_gpu, workers=plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
+            export_final(trainer.fit().checkpoint, str(default_checkpoint))
+        sources = {"tuned training, default propagation": best_training["checkpoint"],
+                   "untuned defaults": str(default_checkpoint),
+                   "random init": f"random:{plan.seed}",
+                   f"Lab pixels (stride {self.base.model.stride})": f"lab:{self.base.model.stride}"}
+        rows = {}
+        for name, source in sources.items():  # cached features: a rerun costs propagation only
+            summary = evaluate_davis(Path(args.davis_root), source, self.base, None, split=args.report_set,
+                                     feature_cache=self.experiment / "features", progress=False)["summary"]
+            rows[name] = {"source": source, "J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
+        summary = copy_first_mask(Path(args.davis_root), args.report_set)
+        rows["first mask copied"] = {"source": "copy", "J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
+        self.save_state(yardsticks=rows)
+        return rows
+
+
 def latest_checkpoint(run: Path) -> Path:
     """The newest `checkpoint.pt` of a training trial's Ray Train run (the checkpoint of its last J&F report)."""
     found = sorted(run.glob("temporal-step*/checkpoint.pt"))
@@ -370,7 +401,9 @@ def trials_table(experiment: Path, state: dict) -> pd.DataFrame:
         for key, value in best.items():
             chosen &= table[key] == value
         table["reported_jf"] = table["tuning_jf"].where(~chosen, state["final"]["reported_jf"]).where(chosen)
-    return table
+    yardsticks = [{"kind": "yardstick", "yardstick": name, "state": "COMPLETE", "reported_jf": row["J&F"]}
+                  for name, row in state.get("yardsticks", {}).items()]
+    return pd.concat([table, pd.DataFrame(yardsticks)], ignore_index=True) if yardsticks else table
 
 
 def write_plots(experiment: Path, table: pd.DataFrame) -> list[Path]:
@@ -429,7 +462,24 @@ def summary_paragraph(args: argparse.Namespace, state: dict, table: pd.DataFrame
         f"'{args.report_set}'), the chosen configuration scores J&F {final['reported_jf']:.3f} (J {final['summary']['J-Mean']:.3f}, "
         f"F {final['summary']['F-Mean']:.3f}): that is the result; tuning-split numbers are optimistic by construction. "
         f"Frames were fed at short side <= {state['final']['max_short_side']}. Configuration: best.yaml."
+        + yardstick_table(args, state)
     )
+
+
+def yardstick_table(args: argparse.Namespace, state: dict) -> str:
+    """The result beside its yardsticks (the sweep's `yardsticks` phase), as a Markdown table and one verdict."""
+    final, yardsticks = state["final"], state.get("yardsticks")
+    if not yardsticks:
+        return ""
+    lines = [f"\n\n| on DAVIS '{args.report_set}', short side <= {final['max_short_side']} | J&F | J | F |", "|---|---|---|---|",
+             f"| **tuned** (training + propagation search) | **{final['reported_jf']:.3f}** | {final['summary']['J-Mean']:.3f} "
+             f"| {final['summary']['F-Mean']:.3f} |"]
+    lines += [f"| {name} | {row['J&F']:.3f} | {row['J']:.3f} | {row['F']:.3f} |" for name, row in yardsticks.items()]
+    margin = final["reported_jf"] - yardsticks["untuned defaults"]["J&F"]
+    verdict = "beats" if margin > 0 else "does not beat"
+    lines.append(f"\nThe tuned configuration {verdict} the untuned defaults trained with the same budget by {margin:+.3f} J&F "
+                 "on the reported split (yardsticks: default propagation, same split and resolution).")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -483,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     best_training = sweep.training(spatial_checkpoint)
     best_propagation = sweep.propagation(best_training)
     sweep.report(best_training, best_propagation)
+    sweep.yardsticks(spatial_checkpoint, best_training)
 
     table = trials_table(sweep.experiment, sweep.state)
     table.to_parquet(sweep.experiment / "trials.parquet")

@@ -301,6 +301,8 @@ class YouTubeVOS:
         folder_name = f"{split}_all_frames" if all_frames else split
         # Accept both the download root and the split folder itself.
         self.split_dir = root if (root / "JPEGImages").is_dir() else root / folder_name
+        if not all_frames and not self.split_dir.is_dir() and (root / f"{split}_all_frames" / "JPEGImages").is_dir():
+            self.split_dir = root / f"{split}_all_frames"  # a download of the all-frames archive alone
         self.frame_root = _require_dir(self.split_dir / "JPEGImages", f"YouTube-VOS {folder_name}/JPEGImages")
         self.videos: list[str] = _subdirs(self.frame_root)
         meta_path = self.split_dir / "meta.json"

@@ -102,7 +102,7 @@ def resolve_source(root: str, images: bool = False) -> Source:
     if prepare.is_shard_folder(root):
         return Source("shards", root)
     path = Path(root)
-    if (path / "JPEGImages").is_dir() or (path / "train" / "JPEGImages").is_dir():
+    if any((path / folder / "JPEGImages").is_dir() for folder in (".", "train", "train_all_frames")):
         return Source("ytvos", root)
     if (path / "ImageSets" / "2017").is_dir():
         return Source("davis", root)
@@ -426,6 +426,8 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     else:
         raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
     shard_root = source.root if source.kind == "shards" else None
+    if note := frame_spacing_note(plan, data_cfg.frame_gap, source.root):
+        print(note)
     unit_rows = _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
     dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
@@ -449,6 +451,24 @@ def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, sourc
     dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
                               image_size=spatial_cfg.image_size)
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
+
+
+def raw_frame_step(plan: Plan) -> int:
+    """The median step between consecutive frame numbers of a raw plan's videos: 5 for YouTube-VOS
+    `train/` (every 5th raw frame listed), 1 for `train_all_frames/` and DAVIS."""
+    starts = np.cumsum(plan.counts) - plan.counts
+    steps = np.diff(plan.frames)
+    within_video = np.ones(len(steps), dtype=bool)
+    within_video[starts[1:] - 1] = False  # the step from one video's last frame to the next one's first
+    return int(np.median(steps[within_video])) if within_video.any() else 1
+
+
+def frame_spacing_note(plan: Plan, frame_gap: int, root: str) -> str | None:
+    """One line when a raw listing of every frame meets frame_gap 1 (pairs of adjacent raw frames), else None."""
+    if plan.frames is None or frame_gap != 1 or raw_frame_step(plan) != 1:
+        return None
+    return (f"stt.data: {root} lists every raw frame (e.g. YouTube-VOS train_all_frames), so data.frame_gap=1 pairs "
+            "adjacent raw frames; the paper's pairs are ~0.17 s apart: data.frame_gap=5 at 30 fps, 4 at 24 fps")
 
 
 def _per_unit(plan: Plan, video_rows: np.ndarray) -> np.ndarray:
