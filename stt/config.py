@@ -81,7 +81,24 @@ class PropagationConfig:
     window_first_frame: bool = True
     soft_labels: bool = True  # carry soft predictions forward (else one-hot argmax)
     normalize: bool = True  # L2-normalise features
+    # The authors' evaluator (vanilla_tracker.py), each rule off by default (DESIGN.md says why);
+    # `python -m stt.evaluate --preset authors` or configs/authors.yaml turns on all three:
+    repeat_first_frame: bool = False  # early targets see the first frame twice (key_start = max(0, t - context))
+    label_sampling: str = "area"  # first labels on the grid: area (fraction of each cell) | nearest (one pixel, PIL)
+    minmax_normalise: bool = False  # per-frame, per-channel min-max of the upsampled soft labels before the argmax
     chunk_size: int = 2048  # target positions per chunk in the windowed implementation
+
+
+# Named evaluation protocols as dotted overrides (`python -m stt.evaluate ... --preset NAME`), applied
+# after --config and before command-line overrides. "authors": the evaluator of the authors' code
+# (qianduoduolr/Spa-then-Temp vanilla_tracker.py); configs/authors.yaml holds the same settings.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "authors": (
+        "propagation.repeat_first_frame=true",
+        "propagation.label_sampling=nearest",
+        "propagation.minmax_normalise=true",
+    ),
+}
 
 
 @dataclass

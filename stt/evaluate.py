@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stt.config import Config, load_config, to_dict
+from stt.config import PRESETS, Config, load_config, to_dict
 from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
 from stt.data.synthetic import ensure_dataset
 from stt.features import FeatureCache, FeatureExtractor
 from stt.metrics import confusion_matrix, evaluate_davis_sequence, mean_iou, pck, summarize_davis
-from stt.propagation import downsample_labels, labels_to_mask, propagate, upsample_labels
+from stt.propagation import downsample_labels, propagate, soft_labels_to_mask, upsample_labels
 
 SUMMARY_KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
@@ -55,9 +55,10 @@ def propagate_video(
     Returns T x H x W uint8 predicted ids; frame 0 is the given annotation.
     """
     grid = tuple(features.shape[-2:])
-    labels = downsample_labels(torch.from_numpy(first_labels.astype(np.int64)), num_labels, grid).to(features)  # L x h x w
+    first = torch.from_numpy(first_labels.astype(np.int64))
+    labels = downsample_labels(first, num_labels, grid, cfg.propagation.label_sampling).to(features)  # L x h x w
     soft = propagate(features, labels, cfg.propagation, implementation=implementation)  # T x L x h x w
-    masks = torch.stack([labels_to_mask(upsample_labels(s[None], out_size))[0] for s in soft])  # T x H x W
+    masks = soft_labels_to_mask(soft, out_size, cfg.propagation.minmax_normalise)  # T x H x W
     masks = masks.to(torch.uint8).cpu().numpy()
     masks[0] = first_labels
     return masks
@@ -322,6 +323,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--config", help="YAML file with config sections (propagation, eval, model)")
+        sub.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol (config.PRESETS), applied "
+                         "after --config and before the overrides; 'authors': the authors' DAVIS evaluator")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. propagation.topk=5")
 
     def propagation_args(sub: argparse.ArgumentParser) -> None:
@@ -361,7 +364,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*PRESETS.get(args.preset or "", ()), *args.overrides])
     run = {"davis": run_davis, "vip": run_vip, "jhmdb": run_jhmdb, "score": run_score}[args.command]
     return run(args, cfg)
 

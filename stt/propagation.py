@@ -36,6 +36,7 @@ from stt.config import PropagationConfig, check_choice
 AGGREGATIONS = ("overall", "per-frame")
 PER_FRAME_NORMS = ("before-mask", "after-mask")
 WINDOWS = ("square", "circle")
+LABEL_SAMPLINGS = ("area", "nearest")
 # Up to this many feature channels the window logits are computed as shifted multiply-adds,
 # above it as tile matmuls (measured on a 2-core CPU at 60x107: shift 1.4x faster at C = 3,
 # even at C = 4, tile faster from C = 8 on).
@@ -48,22 +49,37 @@ CHUNK_LOGITS = 2**21
 # ---------------------------------------------------------------- labels on the grid and back
 
 
-def downsample_labels(mask: torch.Tensor, num_labels: int, grid: tuple[int, int]) -> torch.Tensor:
+def downsample_labels(mask: torch.Tensor, num_labels: int, grid: tuple[int, int], mode: str = "area") -> torch.Tensor:
     """Label ids at image resolution -> soft labels on the feature grid.
 
-    Each grid cell gets the fraction of its image area covered by each label (adaptive average
-    pooling of the one-hot map), so non-integer ratios such as 480x854 -> 60x107 work.
+    mode "area": each grid cell gets the fraction of its image area covered by each label
+    (adaptive average pooling of the one-hot map), so non-integer ratios such as 480x854 -> 60x107
+    work. mode "nearest": the one-hot of one sampled pixel per cell, as the authors' evaluator
+    (PIL's nearest resize of the id map): cell i reads pixel floor((i + 1/2) H / h), clamped.
     mask: H x W integer ids in [0, num_labels). Returns L x h x w float32 (sums to 1 per cell).
     """
     if mask.dim() != 2 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
         raise ValueError(f"mask: expected an H x W tensor of integer label ids, got {mask.dtype} of shape {tuple(mask.shape)}")
     if num_labels < 1:
         raise ValueError(f"num_labels: expected at least 1, got {num_labels}")
+    check_choice("propagation.label_sampling", mode, LABEL_SAMPLINGS)
     low, high = int(mask.min()), int(mask.max())
     if low < 0 or high >= num_labels:
         raise ValueError(f"mask: label ids must lie in [0, {num_labels}), found ids from {low} to {high}")
+    if mode == "nearest":
+        rows = nearest_source_index(grid[0], mask.shape[0], mask.device)
+        cols = nearest_source_index(grid[1], mask.shape[1], mask.device)
+        picked = mask[rows[:, None], cols[None, :]].long()  # h x w
+        return F.one_hot(picked, num_labels).permute(2, 0, 1).float()
     one_hot = F.one_hot(mask.long(), num_labels).permute(2, 0, 1).float()  # L x H x W
     return F.adaptive_avg_pool2d(one_hot.unsqueeze(0), grid).squeeze(0)  # L x h x w
+
+
+def nearest_source_index(out_size: int, in_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """out_size source indices of a nearest resize from in_size samples: floor((i + 1/2) in / out),
+    clamped (pixel centres, as PIL's NEAREST; torch's mode="nearest" uses floor(i in / out) instead)."""
+    index = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size)).floor().long()
+    return index.clamp_(0, in_size - 1)
 
 
 def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -78,6 +94,28 @@ def labels_to_mask(labels: torch.Tensor) -> torch.Tensor:
     if labels.dim() < 3:
         raise ValueError(f"labels: expected (..., L, H, W), got shape {tuple(labels.shape)}")
     return labels.argmax(dim=-3)
+
+
+def minmax_normalise(labels: torch.Tensor) -> torch.Tensor:
+    """(..., L, H, W) -> each frame's channel rescaled to [0, 1] over H x W (the authors' rule before
+    the argmax, so a faint object whose soft label never beats the background still wins where it
+    peaks). A channel whose maximum is not positive stays as it is: (x - min) / (max - min + 1e-12)."""
+    if labels.dim() < 3:
+        raise ValueError(f"labels: expected (..., L, H, W), got shape {tuple(labels.shape)}")
+    flat = labels.flatten(-2)
+    low, high = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+    return torch.where(high > 0, (labels - low) / (high - low + 1e-12), labels)
+
+
+def soft_labels_to_mask(labels: torch.Tensor, size: tuple[int, int], minmax: bool = False) -> torch.Tensor:
+    """Soft labels T x L x h x w -> label ids T x H x W: bilinear upsampling, optional per-frame,
+    per-channel min-max normalisation (`minmax_normalise`), argmax. One frame at a time: a frame's
+    L x H x W upsampled map is the largest tensor of an evaluation."""
+    masks = []
+    for frame in labels:
+        up = upsample_labels(frame[None], size)
+        masks.append(labels_to_mask(minmax_normalise(up) if minmax else up)[0])
+    return torch.stack(masks)
 
 
 # ---------------------------------------------------------------- the spatial window
@@ -405,6 +443,7 @@ def _check(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationC
     check_choice("propagation.aggregation", cfg.aggregation, AGGREGATIONS)
     check_choice("propagation.per_frame_norm", cfg.per_frame_norm, PER_FRAME_NORMS)
     check_choice("propagation.window", cfg.window, WINDOWS)
+    check_choice("propagation.label_sampling", cfg.label_sampling, LABEL_SAMPLINGS)
     if not cfg.temperature > 0:
         raise ValueError(f"propagation.temperature: expected a positive number, got {cfg.temperature!r}")
     if not cfg.radius >= 0:
@@ -412,6 +451,18 @@ def _check(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationC
     for name, value, low in [("topk", cfg.topk, 1), ("context", cfg.context, 0), ("chunk_size", cfg.chunk_size, 1)]:
         if value < low:
             raise ValueError(f"propagation.{name}: expected an integer >= {low}, got {value!r}")
+
+
+def context_indices(t: int, context: int, repeat_first: bool = False) -> list[int]:
+    """The frames target t copies from: the first frame, then the `context` frames before t.
+
+    repeat_first=False: [0, max(1, t - n) .. t-1], the first frame once. repeat_first=True, the
+    authors' queue (`key_start = max(0, t - n)` after the first frame): [0, max(0, t - n) .. t-1],
+    so for t <= n the first frame appears twice and its cells count double in the top-k.
+    """
+    if t < 1 or context < 0:
+        raise ValueError(f"context_indices: expected t >= 1 and context >= 0, got t={t}, context={context}")
+    return [0, *range(max(0 if repeat_first else 1, t - context), t)]
 
 
 def _propagate_video(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, predict) -> torch.Tensor:
@@ -424,7 +475,7 @@ def _propagate_video(features: torch.Tensor, first_labels: torch.Tensor, cfg: Pr
     predicted[0] = first_labels
     carried = predicted if cfg.soft_labels else predicted.clone()  # what later frames copy from
     for t in range(1, num_frames):
-        context = [0, *range(max(1, t - cfg.context), t)]  # the first frame is never duplicated
+        context = context_indices(t, cfg.context, cfg.repeat_first_frame)
         predicted[t] = predict(features[context], carried[context], features[t])
         if not cfg.soft_labels:
             carried[t] = F.one_hot(predicted[t].argmax(dim=0), num_labels).permute(2, 0, 1)

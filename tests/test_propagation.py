@@ -4,20 +4,25 @@ import itertools
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stt.config import PropagationConfig
+from stt.config import PRESETS, PropagationConfig, load_config
 from stt.propagation import (
     SHIFT_MAX_CHANNELS,
+    context_indices,
     downsample_labels,
     inside_window,
     labels_to_mask,
+    minmax_normalise,
+    nearest_source_index,
     predict_windowed,
     propagate,
     propagate_dense,
     propagate_windowed,
+    soft_labels_to_mask,
     upsample_labels,
     window_bias,
     window_mask,
@@ -282,6 +287,143 @@ def test_davis_sizes_down_and_back_up():
     up = upsample_labels(soft.expand(2, -1, -1, -1), (480, 854))
     assert up.shape == (2, 3, 480, 854)
     assert (labels_to_mask(up[0]) == mask).float().mean() > 0.99
+
+
+# ---------------------------------------------------------------- the authors' evaluator rules
+
+
+def test_context_indices_by_hand():
+    assert context_indices(1, 20) == [0]
+    assert context_indices(1, 20, repeat_first=True) == [0, 0]
+    assert context_indices(3, 20) == [0, 1, 2]
+    assert context_indices(3, 20, repeat_first=True) == [0, 0, 1, 2]
+    assert context_indices(3, 2) == [0, 1, 2]
+    assert context_indices(3, 2, repeat_first=True) == [0, 1, 2]  # t > n: the queue no longer reaches frame 0
+    assert context_indices(25, 20, repeat_first=True) == context_indices(25, 20) == [0, *range(5, 25)]
+    assert context_indices(4, 0, repeat_first=True) == [0]
+
+
+@pytest.mark.parametrize("propagate_fn", BOTH)
+def test_repeated_first_frame_counts_twice_in_the_top_k(propagate_fn):
+    """Frame 0 (1 x 2 grid) holds labels 0 and 1; the target's affinities are 1 and 0.5. Top-2 over
+    the frame once: softmax(1, 0.5). Over the frame twice: the best cell twice, all of label 0."""
+    video = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]], [[[1.0, 1.0]], [[0.5, 0.5]]]])  # T x C x 1 x 2
+    labels = torch.eye(2).reshape(2, 1, 2)
+    cfg = plain(topk=2, context=20)
+    once = propagate_fn(video, labels, cfg)[1, :, 0, 0]
+    assert torch.allclose(once, torch.tensor([math.e / (math.e + math.exp(0.5)), math.exp(0.5) / (math.e + math.exp(0.5))]))
+    twice = propagate_fn(video, labels, replace(cfg, repeat_first_frame=True))[1, :, 0, 0]
+    assert torch.allclose(twice, torch.tensor([1.0, 0.0]))
+
+
+def test_nearest_downsample_by_hand_and_as_pil():
+    from PIL import Image
+
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 1], [2, 2, 2, 2]])
+    # cell i reads pixel floor((i + 1/2) * 4 / 2) = 1, 3 (area pooling gives 0.25 / 0.75 mixtures here)
+    assert labels_to_mask(downsample_labels(mask, 3, (2, 2), mode="nearest")).tolist() == [[0, 1], [2, 2]]
+    assert torch.equal(downsample_labels(mask, 3, (2, 2), mode="nearest").sum(0), torch.ones(2, 2))
+    # 4 -> 3 cells: floor(0.5 * 4/3) = 0, floor(1.5 * 4/3) = 2, floor(2.5 * 4/3) = 3
+    assert nearest_source_index(3, 4).tolist() == [0, 2, 3]
+    generator = torch.Generator().manual_seed(0)
+    for (height, width), grid in [((480, 854), (60, 107)), ((7, 5), (3, 4)), ((5, 3), (9, 7))]:
+        ids = torch.randint(0, 5, (height, width), generator=generator)
+        pil = Image.fromarray(ids.numpy().astype("uint8")).resize(grid[::-1], Image.NEAREST)
+        ours = labels_to_mask(downsample_labels(ids, 5, grid, mode="nearest"))
+        assert torch.equal(ours, torch.from_numpy(np.array(pil)).long())
+    with pytest.raises(ValueError, match="propagation.label_sampling"):
+        downsample_labels(mask, 3, (2, 2), mode="bicubic")
+
+
+def test_minmax_normalise_by_hand():
+    labels = torch.tensor([[[0.9, 0.6], [0.7, 0.8]], [[0.1, 0.4], [0.3, 0.2]], [[0.0, 0.0], [0.0, 0.0]]])  # L x 2 x 2
+    out = minmax_normalise(labels[None])[0]
+    expected = [[[1.0, 0.0], [1 / 3, 2 / 3]], [[0.0, 1.0], [2 / 3, 1 / 3]], [[0.0, 0.0], [0.0, 0.0]]]  # all-zero stays
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-6)
+    negative = torch.tensor([[[-1.0, -2.0]]])  # max <= 0: unchanged
+    assert torch.equal(minmax_normalise(negative), negative)
+    # Without the rule the background wins both cells; with it the object wins where it peaks.
+    assert soft_labels_to_mask(labels[None, :2], (2, 2)).tolist() == [[[0, 0], [0, 0]]]
+    assert soft_labels_to_mask(labels[None, :2], (2, 2), minmax=True).tolist() == [[[0, 1], [1, 0]]]
+
+
+def test_authors_preset_and_config_file_agree():
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "authors.yaml")
+    preset = load_config(None, list(PRESETS["authors"]))
+    assert shipped == preset
+    assert (preset.propagation.repeat_first_frame, preset.propagation.label_sampling, preset.propagation.minmax_normalise) == (
+        True, "nearest", True
+    )
+    defaults = PropagationConfig()  # stt's own protocol stays the default (DESIGN.md says why)
+    assert (defaults.repeat_first_frame, defaults.label_sampling, defaults.minmax_normalise) == (False, "area", False)
+
+
+def authors_vanilla_tracker(features, first_mask, out_size, precede_frames, neighbor_range, topk=10, temperature=0.07):
+    """A straight port of the authors' VanillaTracker.forward_test for one object map (their
+    vanilla_tracker.py, spatial_neighbor and masked_attention_efficient, test_cfg_davis): dense
+    masked affinities, PIL nearest labels, min-max before the argmax. features T x C x h x w;
+    first_mask H x W uint8 ids. Returns T x H x W ids (frame 0: the input)."""
+    from PIL import Image
+
+    clip_len, channels, h, w = features.shape
+    resized = torch.from_numpy(np.array(Image.fromarray(first_mask).resize((w, h), Image.NEAREST))).long()
+    seg_bank = [F.one_hot(resized).permute(2, 0, 1).float()[None]]  # 1 x L x h x w
+    mask = torch.zeros(h, w, h, w)  # spatial_neighbor(mode="square"): [key cell, query cell]
+    for i in range(h):
+        for j in range(w):
+            top, left = max(0, i - neighbor_range // 2), max(0, j - neighbor_range // 2)
+            mask[top : min(h, i + neighbor_range // 2 + 1), left : min(w, j + neighbor_range // 2 + 1), i, j] = 1
+    mask = mask.view(h * w, h * w).bool()
+    preds = [torch.from_numpy(first_mask).long()]
+    for frame_idx in range(1, clip_len):
+        key_start = max(0, frame_idx - precede_frames)
+        query = F.normalize(features[frame_idx], dim=0).flatten(1)  # C x hw
+        keys = torch.cat([features[0:1], features[key_start:frame_idx]])  # with_first
+        values = torch.cat([seg_bank[0], *seg_bank[key_start:frame_idx]])  # n x L x h x w
+        keys = F.normalize(keys, dim=1).permute(1, 0, 2, 3).flatten(1)  # C x n*hw
+        values = values.permute(1, 0, 2, 3).flatten(1)  # L x n*hw
+        affinity = torch.einsum("ci,cj->ij", keys, query) / temperature  # n*hw x hw
+        affinity.masked_fill_(~mask.repeat(len(keys[0]) // (h * w), 1), float("-inf"))  # with_first_neighbor
+        top_affinity, top_index = affinity.topk(k=topk, dim=0)
+        weights = top_affinity.softmax(dim=0)  # topk x hw
+        seg_logit = (values[:, top_index] * weights[None]).sum(1).view(1, -1, h, w)
+        seg_bank.append(seg_logit)
+        seg_pred = F.interpolate(seg_logit, size=out_size, mode="bilinear", align_corners=False)
+        low = seg_pred.view(*seg_pred.shape[:2], -1).min(dim=-1)[0].view(*seg_pred.shape[:2], 1, 1)
+        high = seg_pred.view(*seg_pred.shape[:2], -1).max(dim=-1)[0].view(*seg_pred.shape[:2], 1, 1)
+        seg_pred = torch.where(high > 0, (seg_pred - low) / (high - low + 1e-12), seg_pred)
+        preds.append(seg_pred.argmax(dim=1)[0])
+    return torch.stack(preds)
+
+
+def test_authors_preset_equals_a_port_of_their_propagation_on_real_davis(davis_real_root):
+    """stt's windowed propagation under --preset authors against the port above, on 8 real frames of
+    DAVIS horsejump-high (Lab features at stride 8 of frames at short side 120: a 15 x 27 grid),
+    with a 3-frame queue so both the repeated first frame (t <= 3) and the plain queue are used."""
+    import numpy as np
+
+    from stt.config import EvalConfig, ModelConfig
+    from stt.data.layouts import DAVIS
+    from stt.evaluate import propagate_video
+    from stt.features import FeatureExtractor
+
+    dataset = DAVIS(davis_real_root, split="val")
+    sequence = "horsejump-high"
+    frames = dataset.read_frames(sequence)[:8]
+    gt = dataset.read_masks(sequence)[:8]
+    features = FeatureExtractor("lab:8", ModelConfig(), EvalConfig(max_short_side=120))(frames)
+    assert features.shape[-2:] == (15, 27)
+    cfg = load_config(None, [*PRESETS["authors"], "propagation.context=3", "propagation.radius=4"])
+    first = np.where(gt[0] == 255, 0, gt[0]).astype(np.uint8)
+    ours = propagate_video(features, first, int(first.max()) + 1, gt.shape[1:], cfg, "windowed")
+    theirs = authors_vanilla_tracker(features, first, gt.shape[1:], precede_frames=3, neighbor_range=8).numpy()
+    assert (theirs[1:] > 0).mean() > 0.01  # the object is tracked, not lost
+    assert np.array_equal(ours, theirs)
+    # ... and stt's own protocol differs from it on the same frames
+    own = propagate_video(features, first, int(first.max()) + 1, gt.shape[1:], load_config(None, ["propagation.context=3", "propagation.radius=4"]), "windowed")
+    assert not np.array_equal(own, theirs)
 
 
 # ---------------------------------------------------------------- bad input
