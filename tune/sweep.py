@@ -1,6 +1,8 @@
 """python tune/sweep.py: Ray Tune + Optuna over STT's loss weights, entropy selection and label propagation.
 
     python tune/sweep.py --quick                          # minutes on a laptop, embedded synthetic data
+    python tune/sweep.py --plan laptop --data-root ../shared/data/ytvos-real/train_all_frames \
+        --davis-root ../shared/data/davis-real data.frame_gap=4   # about an hour on real video, 2 cores
     python tune/sweep.py                                  # a longer local sweep on the same data
     python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage /mnt/shared/sweeps --name r18
     python tune/sweep.py --resume --name NAME             # continue an interrupted sweep
@@ -18,6 +20,10 @@ How the two kinds of trial combine: nested, in four phases, each resumable.
  4. Report: the best training x propagation configuration is evaluated ONCE on the reported
     split. Tuning and reported numbers are both printed, labelled; only the reported one is the
     result (paper 004, Sec. 4.1 and 8: never report the split you tuned on).
+Then the yardsticks the result is read against, once each on the reported split at the same resolution
+with the default propagation: the untuned default configuration trained with one training trial's
+budget, the tuned training with default propagation, random init, Lab pixels, the copied first mask.
+summary.md and the trials table (kind "yardstick") show them beside the result.
 
 ASHA-stopped trials are told to Optuna as PRUNED with their intermediate J&F, not COMPLETE, so
 TPE ranks them below finished trials instead of mistaking a short run's score for a final one.
@@ -85,6 +91,13 @@ PLANS = {
                                                       "propagation.context=7",
                                                       # every J&F of this plan (tuning and reported) at short side 128
                                                       "eval.max_short_side=128")),
+    # About an hour on a 2-core laptop on real video (e.g. ../shared/data/ytvos-real with data.frame_gap=4):
+    # configs/laptop.yaml's crops, batch and lr, trials long enough for the features to move (its learning
+    # curve in BENCHMARKS.md), J&F at short side 240.
+    "laptop": SweepPlan(training_trials=4, propagation_trials=24, spatial_steps=100, temporal_steps=150, eval_every=50,
+                        reduction_factor=2, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
+                                                       "spatial.queue_size=1024", "train.lr=5e-4", "train.warmup_steps=20",
+                                                       "eval.max_short_side=240")),
     # A longer local sweep on the same data (an hour or two on a laptop CPU).
     "local": SweepPlan(training_trials=8, propagation_trials=30, spatial_steps=200, temporal_steps=300, eval_every=100,
                        reduction_factor=3, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
@@ -485,13 +498,15 @@ def yardstick_table(args: argparse.Namespace, state: dict) -> str:
 # ----------------------------------------------------------------------------------------- main
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tune/sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a sweep that finishes in minutes on a laptop (embedded data)")
+    parser.add_argument("--quick", action="store_true", help="a sweep that finishes in minutes on a laptop (same as --plan quick)")
+    parser.add_argument("--plan", choices=list(PLANS), default="local",
+                        help="how much to run: quick (minutes), laptop (about an hour on real video, 2 cores), local (hours)")
     parser.add_argument("--samples", type=int, help="training trials (default: the plan's)")
     parser.add_argument("--propagation-samples", type=int, help="propagation trials (default: the plan's)")
     parser.add_argument("--space", default=str(SPACE_FILE), help="search space YAML (default: tune/space.yaml)")
     parser.add_argument("--storage", default="sweeps",
                         help="experiment folder root, a file system path (on a cluster: a shared mount) (default: ./sweeps)")
-    parser.add_argument("--name", help="experiment name (default: quick or local); with --resume, the one to continue")
+    parser.add_argument("--name", help="experiment name (default: the plan's name); with --resume, the one to continue")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept, not rerun")
     parser.add_argument("--data-root", default="", help="YouTube-VOS root or Parquet shards (default: embedded synthetic)")
     parser.add_argument("--davis-root", default="", help="DAVIS-2017 root for tuning and reporting (default: embedded synthetic)")
@@ -507,11 +522,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    plan = PLANS["quick" if args.quick else "local"]
+    args.plan = "quick" if args.quick else args.plan
+    plan = PLANS[args.plan]
     plan = replace(plan, training_trials=args.samples or plan.training_trials,
                    propagation_trials=args.propagation_samples or plan.propagation_trials,
                    workers_per_trial=args.workers or plan.workers_per_trial)
-    args.name = args.name or ("quick" if args.quick else "local")
+    args.name = args.name or args.plan
     if "://" in args.storage:
         raise ValueError(f"--storage {args.storage}: the sweep keeps its Optuna study (SQLite), feature cache and trial "
                          "runs in a folder; give a local path, or on a cluster a file system every node mounts (docs/cluster.md)")
