@@ -76,7 +76,10 @@ class PropagationConfig:
     temperature: float = 0.07
     topk: int = 10
     context: int = 20  # previous frames used as context, in addition to the first frame
-    radius: float = 12.0  # in feature cells; 0 disables the spatial window
+    # In feature cells; 0 disables the spatial window. None: the authors' radius for the task and the
+    # feature stride (stt.propagation.AUTHORS_RADIUS: DAVIS 12 / JHMDB 5 / VIP 16 cells at stride 8,
+    # 35 / 12 / 35 at stride 4), resolved by the evaluator once it knows both.
+    radius: float | None = None
     window: str = "square"  # square | circle
     window_first_frame: bool = True
     soft_labels: bool = True  # carry soft predictions forward (else one-hot argmax)
@@ -123,6 +126,10 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (1.5, 2.0)
     frame_gap: int = 1  # in annotated-list steps; YouTube-VOS lists every 5th raw frame
     data_cpus: float = 1.0  # CPUs of the Ray Data decode/augment actors, kept free of Train workers (stt.data.pipeline)
+    # Decode and augment in a background thread of the (single) Train worker instead of in Ray Data tasks:
+    # the same stream without Ray Data's start-up, which dominates short runs on a small machine (the
+    # quick and laptop sweep plans); --workers 1 only. data_cpus is then not reserved.
+    decode_in_worker: bool = False
 
 
 @dataclass

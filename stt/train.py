@@ -39,14 +39,18 @@ import argparse
 import copy
 import dataclasses
 import io
+import itertools
 import math
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
+import numpy as np
 import pyarrow.fs
 import ray
 import ray.train
@@ -275,6 +279,58 @@ def endless_batches(shard, batch_size: int, device: torch.device):
         epoch += 1
 
 
+def local_batches(rows, batch_size: int, columns: list[str], device: torch.device):
+    """Batches of exactly `batch_size` rows of `columns`, as tensors on `device`, from the chunks of
+    `stt.data.pipeline.local_stream` (endless, so no epoch ever runs short)."""
+    pending: dict[str, list[np.ndarray]] = {column: [] for column in columns}
+    held = 0
+    for chunk in rows:
+        for column in columns:
+            pending[column].append(chunk[column])
+        held += len(chunk[columns[0]])
+        while held >= batch_size:
+            joined = {column: np.concatenate(parts) for column, parts in pending.items()}
+            yield {column: torch.from_numpy(values[:batch_size]).to(device) for column, values in joined.items()}
+            pending = {column: [values[batch_size:]] for column, values in joined.items()}
+            held -= batch_size
+
+
+def prefetched(batches, depth: int = 2):
+    """`batches` drawn up to `depth` ahead on a background thread: decoding overlaps the steps, and the
+    first batch is under way while the model is built."""
+    queue: Queue = Queue(maxsize=depth)
+
+    def fill() -> None:
+        try:
+            for batch in batches:
+                queue.put(batch)
+        except BaseException as error:  # re-raised in the training loop, where it is reported
+            queue.put(error)
+
+    threading.Thread(target=fill, name="stt-decode", daemon=True).start()
+    while True:
+        item = queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def worker_batches(cfg: Config, stage: str, start_step: int, skipped, device: torch.device):
+    """{stream name: batch} for every step: from the Ray Data shards Ray Train hands this worker, or with
+    `data.decode_in_worker` from the same streams decoded here (`prefetched`, so decoding overlaps the steps)."""
+    if not cfg.data.decode_in_worker:
+        return stage_batches({name: ray.train.get_dataset_shard(name) for name in STAGE_STREAMS[stage]},  # Ray Data
+                             cfg.train.batch_size, device)
+    from stt.data.pipeline import _report, local_stream
+
+    streams = {name: local_batches(local_stream(name, cfg.data, cfg.spatial, seed=cfg.train.seed,
+                                                skip_rows=start_step * cfg.train.batch_size,
+                                                report=lambda corrupt: _report(skipped, corrupt)),
+                                   cfg.train.batch_size, BATCH_COLUMNS[name], device)
+               for name in STAGE_STREAMS[stage]}
+    return prefetched({name: next(stream) for name, stream in streams.items()} for _ in itertools.count())
+
+
 def stage_batches(shards: dict[str, Any], batch_size: int, device: torch.device):
     """{stream name: batch} for every step, one batch of each of the stage's streams (`endless_batches`)."""
     streams = {name: endless_batches(shard, batch_size, device) for name, shard in shards.items()}
@@ -386,7 +442,7 @@ def train_loop_per_worker(config: dict) -> None:
         "temporal": lambda batch: temporal_step(ddp_model, teacher, batch["temporal"], cfg, penalty=penalty),
         "spatiotemporal": lambda batch: ddp_model(batch["spatial"], batch["temporal"]),
     }[stage]
-    batches = stage_batches({name: ray.train.get_dataset_shard(name) for name in STAGE_STREAMS[stage]}, cfg.train.batch_size, device)
+    batches = worker_batches(cfg, stage, start_step, config["skipped_frames"], device)
     pairs_per_step = cfg.train.batch_size * world
     meter = WindowMeter()
     step = start_step
@@ -507,7 +563,9 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
     sweep (which adds a Tune callback) both build their trainers through this function.
     """
     cfg = stage_config(cfg, stage)
-    check_cpu_budget(workers, cpus_per_worker, cfg.data.data_cpus)
+    if cfg.data.decode_in_worker and workers != 1:
+        raise ValueError(f"data.decode_in_worker=true decodes in the one Train worker: expected --workers 1, got {workers}")
+    check_cpu_budget(workers, cpus_per_worker, 0.0 if cfg.data.decode_in_worker else cfg.data.data_cpus)
     # Workers print their own progress lines; Ray Data's per-operator bars would flood the terminal.
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Ray Train builds the streams in its controller; a wrong data path is reported here, plainly.
@@ -535,7 +593,7 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints or None),  # 0: keep all
             callbacks=[MetricsLogger(tensorboard, run_name, stage), *callbacks],
         ),
-        datasets={stream: dataset_factory(stream) for stream in STAGE_STREAMS[stage]},
+        datasets={} if cfg.data.decode_in_worker else {stream: dataset_factory(stream) for stream in STAGE_STREAMS[stage]},
     )
 
 
@@ -552,7 +610,8 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace, run_dir: str, i
             return final
     trainer = build_stage_trainer(
         stage, cfg, run_dir, init, use_gpu=use_gpu, workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(args.workers, use_gpu, cfg.data.data_cpus),
+        cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(
+            args.workers, use_gpu, 0.0 if cfg.data.decode_in_worker else cfg.data.data_cpus),
         max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard, run_name=args.name,
     )
     result = trainer.fit()

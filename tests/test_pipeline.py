@@ -7,6 +7,7 @@ red and green maps, and the blue level names the frame each view was cut from.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from stt.data.pipeline import (
     draw_unit,
     frame_spacing_note,
     interleaved_pairs,
+    local_stream,
     raw_frame_step,
     raw_plan,
     resolve_source,
@@ -354,3 +356,19 @@ def test_all_frames_layout_pairs_are_as_far_apart_as_configured():
     # The default frame_gap=1 on such a listing pairs adjacent raw frames: said in one line, not silently.
     assert "lists every raw frame" in frame_spacing_note(plan, 1, str(root))
     assert frame_spacing_note(plan, 4, str(root)) is None
+
+
+def test_local_stream_is_the_ray_data_stream_decoded_in_process(ray_local, coded_ytvos):
+    """data.decode_in_worker: the same pairs, crops and order of units as Ray Data, endless, resumable."""
+    cfg = DataConfig(root=str(coded_ytvos), crop_size=24, frame_gap=1, data_cpus=1.0)
+    by_ray = {(r["video"], r["target_frame"]): r["target"] for r in temporal_pair_dataset(cfg, seed=3).dataset.take_all()}
+    corrupt_seen = []
+    chunks = local_stream("temporal", cfg, SpatialConfig(), seed=3, skip_rows=0, report=lambda c: (corrupt_seen.extend(c), c.clear()))
+    local = [row for chunk in itertools.islice(chunks, 3) for row in zip(chunk["video"], chunk["target_frame"], chunk["target"])]
+    first_epoch = {(video, frame): target for video, frame, target in local[: len(by_ray)]}
+    assert first_epoch.keys() == by_ray.keys() == expected_pairs(1)
+    assert all(np.array_equal(first_epoch[key], by_ray[key]) for key in by_ray)  # same crops: same randomness
+    assert len(local) > len(by_ray) and corrupt_seen  # it runs on into the next epoch; the corrupt frame is reported
+    # A resumed run past the first epoch (10 rows as counted before corrupt frames drop 2) starts with epoch 2's unit.
+    resumed = next(local_stream("temporal", cfg, SpatialConfig(), seed=3, skip_rows=10, report=lambda c: c.clear()))
+    assert list(resumed["target_frame"]) == [frame for _, frame, _ in local[len(by_ray): len(by_ray) + len(resumed["target_frame"])]]

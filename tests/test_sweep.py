@@ -78,7 +78,7 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     small = replace(sweep.PLANS["quick"], training_trials=3, propagation_trials=3, spatial_steps=2, temporal_steps=4,
                     eval_every=2, reduction_factor=2,
                     overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
-                               "train.warmup_steps=1", "spatial.bn_splits=1"))
+                               "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
     monkeypatch.setitem(sweep.PLANS, "quick", small)
     argv = ["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root", str(data["ytvos"]),
             "--davis-root", str(data["davis"])]

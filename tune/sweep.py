@@ -86,6 +86,8 @@ PLANS = {
     # Minutes on a 2-core laptop: small crops and batches, few steps, few trials.
     "quick": SweepPlan(training_trials=3, propagation_trials=8, spatial_steps=10, temporal_steps=12, eval_every=6,
                        reduction_factor=2, overrides=("data.crop_size=96", "train.batch_size=4", "spatial.image_size=96",
+                                                      # Ray Data's stream start-up was 55-81 % of such short trials
+                                                      "data.decode_in_worker=true",
                                                       "spatial.queue_size=256", "train.warmup_steps=2",
                                                       # n = 7, paper 004's fixed comparison setting; phase 3 searches it
                                                       "propagation.context=7",
@@ -97,7 +99,7 @@ PLANS = {
     "laptop": SweepPlan(training_trials=4, propagation_trials=24, spatial_steps=100, temporal_steps=150, eval_every=50,
                         reduction_factor=2, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
                                                        "spatial.queue_size=1024", "train.lr=5e-4", "train.warmup_steps=20",
-                                                       "eval.max_short_side=240")),
+                                                       "eval.max_short_side=240", "data.decode_in_worker=true")),
     # A longer local sweep on the same data (an hour or two on a laptop CPU).
     "local": SweepPlan(training_trials=8, propagation_trials=30, spatial_steps=200, temporal_steps=300, eval_every=100,
                        reduction_factor=3, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
@@ -238,7 +240,8 @@ class Sweep:
         self.state_file = self.experiment / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         self.use_gpu = not args.cpu and ray.cluster_resources().get("GPU", 0) >= 1
-        self.cpus_per_worker = 1.0 if self.use_gpu else 0.5
+        # A worker that decodes its own data (data.decode_in_worker) needs a whole core; else half of one beside Ray Data's.
+        self.cpus_per_worker = 1.0 if self.use_gpu or base.data.decode_in_worker else 0.5
 
     def save_state(self, **entries) -> None:
         self.state.update(entries)
@@ -285,7 +288,7 @@ class Sweep:
         base = to_dict(replace_train(self.base, max_steps=plan.temporal_steps, eval_every=plan.eval_every,
                                      checkpoint_every=plan.eval_every, eval_davis_root=self.args.davis_root,
                                      eval_davis_set=self.args.tune_set))
-        trial_cpus = plan.workers_per_trial * self.cpus_per_worker + self.base.data.data_cpus
+        trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if self.base.data.decode_in_worker else self.base.data.data_cpus)
         trainable = tune.with_resources(
             tune.with_parameters(training_trial, base=base, spatial_checkpoint=spatial_checkpoint, runs=str(self.experiment / "training-runs"),
                                  workers=plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu),

@@ -32,6 +32,7 @@ CPU budget: Ray Data stalls when Ray Train's workers hold every CPU. The decode 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -316,20 +317,26 @@ def make_views(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str 
                first_unit: int, image_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2 views per image."""
     plan = ray.get(plan_ref[0])
-    two_views = TwoViews(image_size)
     for row_id in batch["id"]:
-        unit, rng = draw_unit(first_unit + int(row_id), plan.num_units, seed)
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        images = [(clip, i) for clip in plan.clips(unit, shard_root) for i in range(len(clip.frames))]
-        corrupt: list[str] = []
-        decoded = _decode_all((images[k] for k in rng.permutation(len(images))), corrupt)
-        views = ((name, *two_views(torch.from_numpy(rgb).permute(2, 0, 1), generator)) for name, rgb in decoded)
-        for chunk in _chunks(views, lambda: _report(skipped, corrupt)):
-            yield {
-                "view_q": torch.stack([q for _, q, _ in chunk]).numpy(),
-                "view_k": torch.stack([k for _, _, k in chunk]).numpy(),
-                "image": np.array([name for name, _, _ in chunk], dtype=object),
-            }
+        yield from unit_views(plan, first_unit + int(row_id), shard_root, seed, image_size, lambda c: _report(skipped, c))
+
+
+def unit_views(plan: Plan, unit_id: int, shard_root: str | None, seed: int, image_size: int,
+               report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of two MoCo v2 views of every image of one unit (no Ray); `report` as in `unit_pairs`."""
+    unit, rng = draw_unit(unit_id, plan.num_units, seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    two_views = TwoViews(image_size)
+    images = [(clip, i) for clip in plan.clips(unit, shard_root) for i in range(len(clip.frames))]
+    corrupt: list[str] = []
+    decoded = _decode_all((images[k] for k in rng.permutation(len(images))), corrupt)
+    views = ((name, *two_views(torch.from_numpy(rgb).permute(2, 0, 1), generator)) for name, rgb in decoded)
+    for chunk in _chunks(views, lambda: report(corrupt)):
+        yield {
+            "view_q": torch.stack([q for _, q, _ in chunk]).numpy(),
+            "view_k": torch.stack([k for _, _, k in chunk]).numpy(),
+            "image": np.array([name for name, _, _ in chunk], dtype=object),
+        }
 
 
 def _decode_all(images: Iterator[tuple[Clip, int]], corrupt: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -414,7 +421,15 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     part of the endless epoch sequence to stream (`stream_units`). `skipped`: a `SkippedFrames`
     actor to count into (None: a new one), so rebuilt streams of one run share a count.
     """
-    source = source or resolve_source(data_cfg.root)
+    plan, shard_root, unit_rows = pair_plan(data_cfg, source or resolve_source(data_cfg.root))
+    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
+    dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
+                              data_cfg=data_cfg, lab=lab)
+    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
+
+
+def pair_plan(data_cfg: DataConfig, source: Source) -> tuple[Plan, str | None, np.ndarray]:
+    """(plan, shard root or None, pairs per unit) of the temporal stream over `source`."""
     if data_cfg.frame_gap < 1:
         raise ValueError(f"data.frame_gap: expected at least 1 list step, got {data_cfg.frame_gap}")
     if source.kind == "shards":
@@ -425,14 +440,33 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
         plan = raw_plan(source)
     else:
         raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
-    shard_root = source.root if source.kind == "shards" else None
     if note := frame_spacing_note(plan, data_cfg.frame_gap, source.root):
         print(note)
     unit_rows = _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
-    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
-                              data_cfg=data_cfg, lab=lab)
-    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
+    return plan, source.root if source.kind == "shards" else None, unit_rows
+
+
+def view_plan(data_cfg: DataConfig, source: Source | None = None) -> tuple[Plan, str | None, np.ndarray]:
+    """(plan, shard root or None, images per unit) of the spatial stream: `data.images`, else the frames of `data.root`."""
+    if source is None:
+        source = resolve_source(data_cfg.images, images=True) if data_cfg.images else resolve_source(data_cfg.root)
+    plan = shard_plan(source.root)[1] if source.kind == "shards" else raw_plan(source, as_images=True)
+    return plan, source.root if source.kind == "shards" else None, _per_unit(plan, plan.counts)
+
+
+def local_stream(stream: str, data_cfg: DataConfig, spatial_cfg: SpatialConfig, *, seed: int, skip_rows: int,
+                 report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
+    """The same stream as `temporal_pair_dataset` ("temporal") or `spatial_view_dataset` ("spatial"), endless and
+    decoded in this process, without Ray Data: the same units in the same order with the same randomness,
+    from the first unit not wholly inside the first `skip_rows` rows (a resumed run)."""
+    temporal = stream == "temporal"
+    plan, shard_root, unit_rows = pair_plan(data_cfg, resolve_source(data_cfg.root)) if temporal else view_plan(data_cfg)
+    first = stream_units(unit_rows, seed, rows=1, skip_rows=skip_rows).start
+    for unit_id in itertools.count(first):  # unit ids name an endless sequence of epochs (`draw_unit`)
+        if temporal:
+            yield from unit_pairs(plan, unit_id, shard_root, seed, data_cfg, False, report)
+        else:
+            yield from unit_views(plan, unit_id, shard_root, seed, spatial_cfg.image_size, report)
 
 
 def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, source: Source | None = None, *,
@@ -442,11 +476,7 @@ def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, sourc
     ImageNet-normalised (S = spatial.image_size), image (str). `source`: None reads `data_cfg.images`,
     or the frames of `data_cfg.root` when that is empty. `epochs`, `rows`, `skip_rows`, `skipped`: as
     `temporal_pair_dataset`."""
-    if source is None:
-        source = resolve_source(data_cfg.images, images=True) if data_cfg.images else resolve_source(data_cfg.root)
-    plan = shard_plan(source.root)[1] if source.kind == "shards" else raw_plan(source, as_images=True)
-    shard_root = source.root if source.kind == "shards" else None
-    unit_rows = _per_unit(plan, plan.counts)
+    plan, shard_root, unit_rows = view_plan(data_cfg, source)
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
     dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
                               image_size=spatial_cfg.image_size)
