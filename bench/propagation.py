@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stt.config import PropagationConfig
-from stt.propagation import labels_to_mask, predict_dense, predict_windowed
+from stt.propagation import default_radius, labels_to_mask, predict_dense, predict_windowed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--labels", type=int, default=4, help="labels, background included")
     parser.add_argument("--context", type=int, default=defaults.context, help="previous frames besides the first")
-    parser.add_argument("--radius", type=float, default=defaults.radius)
+    parser.add_argument("--radius", type=float, default=default_radius("davis", 8))
     parser.add_argument("--topk", type=int, default=defaults.topk)
     parser.add_argument("--aggregation", default=defaults.aggregation, help="overall | per-frame")
     parser.add_argument("--per-frame-norm", default=defaults.per_frame_norm, help="before-mask | after-mask")

@@ -15,6 +15,7 @@ Every subcommand takes `--config FILE.yaml` and trailing dotted overrides such a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
 from stt.data.synthetic import ensure_dataset
 from stt.features import FeatureCache, FeatureExtractor
 from stt.metrics import confusion_matrix, evaluate_davis_sequence, mean_iou, pck, summarize_davis
-from stt.propagation import downsample_labels, propagate, soft_labels_to_mask, upsample_labels
+from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask, upsample_labels
 
 SUMMARY_KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
@@ -44,6 +45,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def task_config(cfg: Config, task: str, stride: int) -> Config:
+    """`cfg` with the task's propagation defaults filled in (radius None -> the authors' radius for
+    `task` at feature `stride`, stt.propagation.for_task); what the report's config then shows."""
+    return dataclasses.replace(cfg, propagation=for_task(cfg.propagation, task, stride))
 
 
 def propagate_video(
@@ -130,6 +137,7 @@ def evaluate_davis(
     """
     dataset = DAVIS(root, split=split, resolution=resolution)
     extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+    cfg = task_config(cfg, "davis", extractor.stride)
     cache = FeatureCache(feature_cache or default_cache_dir() / "features")
     rows, started = [], time.perf_counter()
     for seq in tqdm(dataset.sequences, desc="davis", unit="seq", disable=not progress):
@@ -230,6 +238,7 @@ def evaluate_vip(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, 
     """
     dataset = VIP(root)
     extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+    cfg = task_config(cfg, "vip", extractor.stride)
     cache = FeatureCache(feature_cache or default_cache_dir() / "features")
     size = (cfg.eval.vip_size, cfg.eval.vip_size)
     confusion, started = np.zeros((20, 20), dtype=np.int64), time.perf_counter()
@@ -277,6 +286,7 @@ def evaluate_jhmdb(root: Path, checkpoint: str, cfg: Config, out: Path | None, *
     """Keypoint propagation on JHMDB split 1 (test): PCK@0.1 and @0.2, frames fed at `eval.jhmdb_size` squared."""
     dataset = JHMDB(root)
     extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+    cfg = task_config(cfg, "jhmdb", extractor.stride)
     cache = FeatureCache(feature_cache or default_cache_dir() / "features")
     size = (cfg.eval.jhmdb_size, cfg.eval.jhmdb_size)
     predictions, truths, started = [], [], time.perf_counter()

@@ -6,10 +6,15 @@ dict loads into all of them (ImageNet weights, the spatial-stage teacher, the te
 
 Output strides (input H x W gives a map of ceil(H / stride) x ceil(W / stride)):
 
-    layout (res4 stride)      stem max-pool  layer strides  res3  res4  res5
-    8   (temporal student)    no             1, 2, 2, 2*     4     8     32
-    4   (temporal student)    no             1, 2, 1, 2*     4     4     32
-    16  (torchvision / teacher) yes          1, 2, 2, 2      8     16    32
+    layout (res4 stride)      stem pool      layer strides  res3  res4  res5
+    8   (temporal student)    none           1, 2, 2, 2*     4     8     32
+    4   (temporal student)    3x3 s2 mean    1, 1, 1, 2*     4     4     32
+    16  (torchvision / teacher) 3x3 s2 max   1, 2, 2, 2      8     16    32
+
+Both student layouts are the authors' (configs/test/res18_d8.py: strides (1, 2, 2, 1), no pool;
+res18_d4.py: strides (1, 1, 1, 1), `pool_type='mean'`, nn.AvgPool2d(3, 2, 1) counting the padding):
+at stride 4 every layer runs at 1/4 of the input, so layer1 costs a quarter of what it costs in
+the stride-8 layout and layer2 never downsamples.
 
 * res5 must sit at stride 32 in every layout, so that the student's res5 grid matches the frozen
   teacher's for global correlation distillation (DESIGN.md: 8x8 at 256x256). The student therefore
@@ -60,10 +65,15 @@ class Encoder(nn.Module):
         self.arch = arch
         self.frozen = frozen
         self.conv1, self.bn1, self.relu = trunk.conv1, trunk.bn1, trunk.relu
-        self.maxpool = trunk.maxpool if standard else nn.Identity()
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
-        if res4_stride == 4:
+        if standard:
+            self.maxpool = trunk.maxpool
+        elif res4_stride == 4:  # the authors' res18_d4: a mean-pool stem, then every layer at stride 1
+            self.maxpool = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
+            _remove_downsampling(self.layer2)
             _remove_downsampling(self.layer3)
+        else:
+            self.maxpool = nn.Identity()
         res4_to_16 = TEACHER_RES4_STRIDE // res4_stride
         self.res5_pool = nn.AvgPool2d(res4_to_16, ceil_mode=True) if res4_to_16 > 1 else nn.Identity()
 

@@ -27,6 +27,7 @@ B target locations in a chunk (r rows of the grid).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,32 @@ SHIFT_MAX_CHANNELS = 4
 # Logits per chunk of the windowed implementation (n * M per target), at most: small enough to
 # stay in cache (measured fastest from 2**20 to 2**21 on the CPU); the tile matmuls take whole tile rows.
 CHUNK_LOGITS = 2**21
+
+
+# The authors' window per task and feature stride, in cells (their `neighbor_range` / 2, configs/test/
+# res18_d8.py and res18_d4.py): DAVIS 24 / 70, JHMDB 10 / 24, VIP 32 / 70. `propagation.radius`
+# None (the default) means this table; `for_task` resolves it once the task and stride are known.
+AUTHORS_RADIUS = {"davis": {8: 12.0, 4: 35.0}, "jhmdb": {8: 5.0, 4: 12.0}, "vip": {8: 16.0, 4: 35.0}}
+
+
+def default_radius(task: str, stride: int) -> float:
+    """The authors' propagation radius in feature cells for `task` at feature `stride` (AUTHORS_RADIUS).
+
+    Strides between or beyond the table's keep the pixel radius of the nearest listed stride.
+    """
+    check_choice("task", task, tuple(AUTHORS_RADIUS))
+    if stride < 1:
+        raise ValueError(f"stride: expected a positive feature stride in pixels, got {stride!r}")
+    table = AUTHORS_RADIUS[task]
+    nearest = min(table, key=lambda s: (abs(s - stride), s))
+    return table[nearest] if nearest == stride else round(table[nearest] * nearest / stride)
+
+
+def for_task(cfg: PropagationConfig, task: str, stride: int) -> PropagationConfig:
+    """`cfg` with radius None replaced by the task's and stride's default (an explicit radius is kept)."""
+    if cfg.radius is not None:
+        return cfg
+    return replace(cfg, radius=default_radius(task, stride))
 
 
 # ---------------------------------------------------------------- labels on the grid and back
@@ -446,6 +473,9 @@ def _check(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationC
     check_choice("propagation.label_sampling", cfg.label_sampling, LABEL_SAMPLINGS)
     if not cfg.temperature > 0:
         raise ValueError(f"propagation.temperature: expected a positive number, got {cfg.temperature!r}")
+    if cfg.radius is None:
+        raise ValueError("propagation.radius: None stands for the task's default; resolve it with "
+                         "stt.propagation.for_task(cfg, task, stride) before propagating")
     if not cfg.radius >= 0:
         raise ValueError(f"propagation.radius: expected a non-negative number of cells (0: no window), got {cfg.radius!r}")
     for name, value, low in [("topk", cfg.topk, 1), ("context", cfg.context, 0), ("chunk_size", cfg.chunk_size, 1)]:

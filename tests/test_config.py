@@ -6,7 +6,7 @@ from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 def test_defaults_match_design():
     cfg = Config()
     assert (cfg.propagation.aggregation, cfg.propagation.temperature, cfg.propagation.topk) == ("overall", 0.07, 10)
-    assert (cfg.propagation.context, cfg.propagation.radius, cfg.propagation.window) == (20, 12.0, "square")
+    assert (cfg.propagation.context, cfg.propagation.radius, cfg.propagation.window) == (20, None, "square")  # None: per task and stride
     assert (cfg.temporal.alpha, cfg.temporal.beta, cfg.temporal.entropy_threshold) == (1000.0, 50.0, 0.7)
     assert (cfg.temporal.radius_res3, cfg.temporal.radius_res4) == (12, 6)
 

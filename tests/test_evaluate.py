@@ -93,6 +93,7 @@ def test_oracle_features_recover_real_masks(davis_real_root):
     features = torch.stack([downsample_labels(torch.from_numpy(m.astype(np.int64)), 2, grid) for m in gt])
     cfg = Config()
     cfg.propagation.context = 3
+    cfg.propagation.radius = 12.0  # DAVIS at stride 8 (evaluate_davis fills it in from the feature stride)
     pred = propagate_video(features, gt[0], 2, gt.shape[1:], cfg, "windowed")
     oracle = summarize_davis(evaluate_davis_sequence(gt, pred, "dog"))["J-Mean"]
     copied = summarize_davis(evaluate_davis_sequence(gt, np.repeat(gt[:1], len(gt), axis=0), "dog"))["J-Mean"]

@@ -57,6 +57,25 @@ def test_odd_davis_size_follows_the_conv_arithmetic():
         assert meta_shapes(arch, 4, 480, 854)["res4"][2:] == res3
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_stride4_is_the_authors_res18_d4_trunk(arch):
+    """res18_d4.py: conv1 at stride 2, a 3x3 stride-2 mean pool (padding counted), then layer1-3
+    with no downsampling at all: every conv of layer1-3 at stride 1, every feature at 1/4."""
+    torch.manual_seed(0)
+    encoder = Encoder(arch, 4).eval()
+    strides = {name: m.stride for name, m in encoder.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert strides["conv1"] == (2, 2)
+    assert all(stride == (1, 1) for name, stride in strides.items() if re.match(r"layer[123]\.", name))
+    x = torch.randn(1, 3, 37, 50)
+    with torch.no_grad():
+        stem = torch.nn.functional.avg_pool2d(encoder.relu(encoder.bn1(encoder.conv1(x))), 3, 2, 1, count_include_pad=True)
+        res3 = encoder.layer2(encoder.layer1(stem))
+        out = encoder(x, layers=("res3", "res4"))
+    assert stem.shape[-2:] == (10, 13)  # ceil(37 / 4), ceil(50 / 4)
+    assert torch.allclose(out["res3"], res3) and torch.allclose(out["res4"], encoder.layer3(res3))
+    assert out["res4"].shape[-2:] == (10, 13)
+
+
 @pytest.mark.parametrize("height,width", [(256, 256), (480, 854), (33, 47), (97, 250)])
 def test_teacher_strides_and_res5_grid_match_the_students(height, width):
     teacher = meta_shapes("resnet18", 16, height, width)

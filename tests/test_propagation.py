@@ -174,7 +174,7 @@ def test_still_video_keeps_the_first_mask(aggregation, implementation):
     still = torch.randn(1, 16, 7, 8, generator=generator).expand(5, -1, -1, -1)
     mask = torch.randint(0, 3, (7, 8), generator=generator)
     labels = F.one_hot(mask, 3).permute(2, 0, 1).float()
-    cfg = replace(PropagationConfig(), aggregation=aggregation)  # DAVIS defaults
+    cfg = replace(PropagationConfig(), aggregation=aggregation, radius=12.0)  # DAVIS defaults
     out = propagate(still, labels, cfg, implementation)
     assert torch.equal(labels_to_mask(out), mask.expand(5, -1, -1))
     if aggregation == "overall":  # top-1 copies each location's own label exactly
