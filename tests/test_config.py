@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
@@ -51,3 +53,15 @@ def test_dict_round_trip_is_plain():
     plain = to_dict(cfg)
     assert plain["temporal"]["rec_levels"] == ["res4"]
     assert from_dict(plain) == cfg
+
+
+def test_laptop_recipe_loads_with_values_in_range():
+    """configs/laptop.yaml (real video on 2 cores): every value the file explains, within sane bounds."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "laptop.yaml")
+    assert 64 <= cfg.data.crop_size <= 256 and cfg.data.crop_size % 32 == 0  # res5 at stride 32 needs a multiple
+    assert cfg.data.frame_gap == 4  # 4 raw frames at 24 fps = YouTube-VOS's 5 at 30 fps (0.167 s)
+    assert cfg.data.decode_in_worker is True
+    assert 4 <= cfg.train.batch_size <= 64 and 1e-5 <= cfg.train.lr <= 1e-3
+    assert 0 < cfg.train.warmup_steps < cfg.train.max_steps and cfg.train.max_steps % cfg.train.checkpoint_every == 0
+    assert cfg.spatial.queue_size < 2079  # fewer entries than ytvos-real has frames: no image is its own negative
+    assert cfg.eval.max_short_side == 240
