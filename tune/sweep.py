@@ -2,7 +2,7 @@
 
     python tune/sweep.py --quick                          # minutes on a laptop, embedded synthetic data
     python tune/sweep.py --plan laptop --data-root ../shared/data/ytvos-real/train_all_frames \
-        --davis-root ../shared/data/davis-real data.frame_gap=4   # about an hour on real video, 2 cores
+        --davis-root ../shared/data/davis-real data.frame_gap=4   # ~75 min on real video, 2 cores
     python tune/sweep.py                                  # a longer local sweep on the same data
     python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage /mnt/shared/sweeps --name r18
     python tune/sweep.py --resume --name NAME             # continue an interrupted sweep
@@ -93,10 +93,11 @@ PLANS = {
                                                       "propagation.context=7",
                                                       # every J&F of this plan (tuning and reported) at short side 128
                                                       "eval.max_short_side=128")),
-    # About an hour on a 2-core laptop on real video (e.g. ../shared/data/ytvos-real with data.frame_gap=4):
-    # configs/laptop.yaml's crops, batch and lr, trials long enough for the features to move (its learning
-    # curve in BENCHMARKS.md), J&F at short side 240.
-    "laptop": SweepPlan(training_trials=4, propagation_trials=24, spatial_steps=100, temporal_steps=150, eval_every=50,
+    # Real video on a 2-core laptop (e.g. ../shared/data/ytvos-real with data.frame_gap=4): configs/laptop.yaml's
+    # crops, batch and lr, trials long enough for features to move (its learning curve, BENCHMARKS.md: +0.15 J&F
+    # over random init by step 100), J&F at short side 240 (at 128 a random-init network collapses to J&F 0.03
+    # on real DAVIS, below the copied first mask). Estimated from measured step and evaluation costs: ~75 min.
+    "laptop": SweepPlan(training_trials=3, propagation_trials=12, spatial_steps=100, temporal_steps=100, eval_every=50,
                         reduction_factor=2, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
                                                        "spatial.queue_size=1024", "train.lr=5e-4", "train.warmup_steps=20",
                                                        "eval.max_short_side=240", "data.decode_in_worker=true")),
@@ -503,7 +504,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tune/sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a sweep that finishes in minutes on a laptop (same as --plan quick)")
     parser.add_argument("--plan", choices=list(PLANS), default="local",
-                        help="how much to run: quick (minutes), laptop (about an hour on real video, 2 cores), local (hours)")
+                        help="how much to run: quick (minutes), laptop (~75 min on real video, 2 cores), local (hours)")
     parser.add_argument("--samples", type=int, help="training trials (default: the plan's)")
     parser.add_argument("--propagation-samples", type=int, help="propagation trials (default: the plan's)")
     parser.add_argument("--space", default=str(SPACE_FILE), help="search space YAML (default: tune/space.yaml)")
