@@ -44,10 +44,10 @@ def train_arms(args: argparse.Namespace) -> None:
     """Run both arms through stt.train's own command line, every checkpoint kept."""
     import ray
 
-    from stt.train import main as train_main
+    from stt.train import main as train_main, start_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        start_ray(num_cpus=args.num_cpus)
     options = ["--config", str(args.config), "--storage", str(args.out / "runs"), "--cpu", "--workers", "1",
                "--keep-checkpoints", "0"]
     overrides = [f"data.root={args.data_root}", *args.overrides]  # positional: after every option

@@ -43,6 +43,7 @@ import itertools
 import math
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -622,6 +623,25 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace, run_dir: str, i
     return final
 
 
+def start_ray(**init_kwargs) -> None:
+    """`ray.init` for stt's command lines: join the cluster in RAY_ADDRESS, else start a local one.
+
+    A local cluster gets a dashboard port chosen here, and every task and actor of the job is told it
+    (RAY_API_SERVER_ADDRESS): Ray Train's placement-group cleaner asks the State API whether a stopped
+    run's controller is gone, and with another Ray instance on the same machine (a second sweep, a
+    test session) its auto-detection refuses to guess, so the placement groups of ASHA-stopped trials
+    leaked and later trials waited forever for their workers.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**init_kwargs)
+        return
+    with socket.socket() as probe:  # a free port now; Ray retries the next ones if it is taken meanwhile
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    ray.init(dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env_vars}, **init_kwargs)
+
+
 def default_cpus_per_worker(num_workers: int, use_gpu: bool, data_cpus: float) -> float:
     """One CPU per worker, or on a CPU-only cluster an equal share of what Ray Data leaves (it hangs
     if training holds every CPU)."""
@@ -671,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         print(f"stt.train: no data.root given: training on the embedded synthetic YouTube-VOS set {cfg.data.root}"
               + ("" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else " on a local Ray cluster"))
     if not ray.is_initialized():
-        ray.init()  # joins the cluster in RAY_ADDRESS, else starts a local one
+        start_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
     use_gpu = not args.cpu and ray.cluster_resources().get("GPU", 0) >= 1
     run_dir = join(args.storage if is_uri(args.storage) else os.path.abspath(args.storage), args.name)
 

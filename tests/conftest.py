@@ -20,8 +20,10 @@ def ray_local():
     """One local Ray cluster for the whole session: 2 CPUs, as on the smallest laptop."""
     import ray
 
+    from stt.train import start_ray
+
     # The dashboard runs as in real use: Tune's ASHA relies on it to release stopped trials' resources.
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
+    start_ray(num_cpus=2, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -59,7 +59,7 @@ from ray.tune.search.optuna import OptunaSearch
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 from stt.data.synthetic import ensure_dataset
 from stt.evaluate import copy_first_mask, evaluate_davis
-from stt.train import build_stage_trainer, export_final, join
+from stt.train import build_stage_trainer, export_final, join, start_ray
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
 METRIC = "tuning_jf"
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
     base.data.root = args.data_root
     if not ray.is_initialized():
         # The dashboard must run: without it, ASHA-stopped trials leak their Train workers' resources.
-        ray.init(include_dashboard=True)
+        start_ray(include_dashboard=True)
     started = time.perf_counter()
     sweep = Sweep(args, plan, base, space)
     spatial_checkpoint = sweep.spatial()
