@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     batch = args.batch or (64 if args.gpu else 4)
     size = args.size or (256 if args.gpu else 64)
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{'pairs/s':>8} {'data wait':>9} {'wall s':>7}")
     print(f"{'gpu' if args.gpu else 'cpu':>8} {args.arch:>9} {args.stage:>9} {args.workers:>7} {batch:>5} {size:>4} "
           f"{steps:>5} {last['pairs_per_s']:8.1f} {last['data_wait_fraction']:9.1%} {wall:7.1f}")
+    return {"gpu": args.gpu, "arch": args.arch, "stage": args.stage, "workers": args.workers, "batch": batch, "size": size,
+            "steps": steps, "pairs_per_s": float(last["pairs_per_s"]),
+            "data_wait_fraction": float(last["data_wait_fraction"]), "wall_s": wall}
 
 
 if __name__ == "__main__":
