@@ -130,7 +130,8 @@ def run_step(size: dict, device: torch.device, compile_modes) -> dict:
 
     cases = [{"arch": arch, "what": what, "compile": compiled, "device": device.type, "size": size["size"],
               "threads": None, "batch": size["batch"], "iters": size["iters"], "warmup": size["warmup"]}
-             for arch in size["archs"] for compiled in compile_modes for what in ("backbone", "temporal")]
+             for compiled in compile_modes for arch in size["archs"] for what in ("backbone", "temporal")]
+    # Eager rows first: compiling takes the longest, so a run cut short by the time limit keeps them.
     context = multiprocessing.get_context("spawn")  # a fresh process per row: separate peaks, no shared caches
     rows = []
     for case in cases:
@@ -139,6 +140,8 @@ def run_step(size: dict, device: torch.device, compile_modes) -> dict:
                 rows.append(pool.apply(measure, (case,)))
         except Exception as err:
             rows.append({**case, "error": f"{type(err).__name__}: {err}"})
+        print(f"[gpu_suite] step {case['arch']} {'compile' if case['compile'] else 'eager'} {case['what']}: "
+              f"{rows[-1].get('pairs_per_s', rows[-1].get('error'))}", flush=True)
     for row in rows:
         bare = next((r for r in rows if r["arch"] == row["arch"] and r["compile"] == row["compile"]
                      and r["what"] == "backbone" and "step_s" in r), None)
@@ -246,7 +249,7 @@ def run_evaluate(root: Path | None, device: torch.device, reference_path: Path, 
     with scratch, patched(patches):
         started = time.perf_counter()
         # A fresh feature cache: the network runs on every frame, as in the CPU reference run.
-        report = evaluate.evaluate_davis(root, "random:0", cfg, Path(scratch.name) / "out", device=device.type,
+        report = evaluate.evaluate_davis(root, reference.get("checkpoint", "random:0"), cfg, Path(scratch.name) / "out", device=device.type,
                                          feature_cache=Path(scratch.name) / "cache", progress=False)
         wall = time.perf_counter() - started
         dataset = DAVIS(root)
@@ -351,8 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in PARTS:
         if name in args.parts:
             report["parts"][name] = run_part(name, runners[name])
-    report["total_s"] = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+            report["total_s"] = time.perf_counter() - started
+            # After every part: a run killed at the device's time limit still leaves what it measured.
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     print(f"total {report['total_s']:.0f} s; JSON: {args.out}")
     return report
