@@ -15,7 +15,8 @@ Parts (reusing bench/propagation.py, bench/train_step.py and bench/train_through
                top-10): dense, windowed and (if stt/graph.py exists) the top-K graph path, fp32
                and fp16; ms/frame, peak MiB, argmax agreement with fp32 dense.
   step         bench/train_step.measure: bare backbone vs temporal step, R18/R50, bf16 autocast +
-               channels_last, eager and torch.compile (skipped in --smoke: minutes on 2 cores).
+               channels_last, eager.
+  compile      the same rows under torch.compile (not in --smoke: minutes on 2 cores).
   evaluate     stt.evaluate.evaluate_davis on the real val split, wall time split into decode,
                features, propagation, scoring (exclusive times); J&F per sequence checked against
                the CPU reference in bench/gpu_suite_reference.json (|diff| <= 1e-3).
@@ -48,7 +49,9 @@ from bench.propagation import PeakMemory, synthetic_video, time_frames  # noqa: 
 from stt.config import PropagationConfig  # noqa: E402
 from stt.propagation import predict_dense, predict_windowed  # noqa: E402
 
-PARTS = ("propagation", "step", "evaluate", "train")
+# Order of running: the torch.compile rows take longest, so they come after everything but Ray training
+# (a separate call); a run cut off at its limit keeps the parts before.
+PARTS = ("propagation", "step", "evaluate", "compile", "train")
 REFERENCE = ROOT / "bench" / "gpu_suite_reference.json"
 JF_TOLERANCE = 1e-3
 GRAPH_FUNCTIONS = ("predict_graph", "predict_topk_graph", "predict_topk")  # the name the graph module may use
@@ -56,10 +59,10 @@ GRAPH_FUNCTIONS = ("predict_graph", "predict_topk_graph", "predict_topk")  # the
 # Full size is the DAVIS setting; smoke keeps every code path at a size 2 CPU cores finish in seconds.
 SIZES = {
     "full": {"grid": (60, 107), "channels": 256, "context": 20, "radius": 12.0, "topk": 10, "frames": 10,
-             "archs": ("resnet18", "resnet50"), "compile": (False, True), "size": 256, "batch": 32, "iters": 10,
+             "archs": ("resnet18", "resnet50"), "size": 256, "batch": 32, "iters": 10,
              "warmup": 3, "train_batch": 64, "train_size": 256, "train_steps": 150},
     "smoke": {"grid": (12, 20), "channels": 16, "context": 3, "radius": 3.0, "topk": 5, "frames": 2,
-              "archs": ("resnet18",), "compile": (False,), "size": 32, "batch": 2, "iters": 1,
+              "archs": ("resnet18",), "size": 32, "batch": 2, "iters": 1,
               "warmup": 1, "train_batch": 4, "train_size": 64, "train_steps": 4},
 }
 
@@ -67,7 +70,8 @@ SIZES = {
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the same code paths in seconds")
-    parser.add_argument("--parts", nargs="+", default=["propagation", "step", "evaluate"], choices=PARTS)
+    parser.add_argument("--parts", nargs="+", choices=PARTS,
+                        help="default: all but train (its Ray wheels travel in a second call); --smoke: also not compile")
     parser.add_argument("--out", default="gpu_suite.json", help="JSON report")
     parser.add_argument("--device", help="default: cuda if available (cpu with --smoke)")
     parser.add_argument("--davis-root", default=str(ROOT / ".gpu" / "davis-real"),
@@ -75,7 +79,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ytvos-root", default=str(ROOT / ".gpu" / "ytvos-real"),
                         help="training video for the train part; --smoke: the embedded synthetic set")
     parser.add_argument("--reference", default=str(REFERENCE), help="CPU J&F per sequence to compare against")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows of the step part")
     parser.add_argument("--train-steps", type=int, help="steps of the train part (default: 150, about 2 minutes)")
     return parser
 
@@ -129,13 +132,12 @@ def run_propagation(size: dict, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- step
-def run_step(size: dict, device: torch.device, compile_modes) -> dict:
+def run_step(size: dict, device: torch.device, compiled: bool) -> dict:
     from bench.train_step import measure
 
     cases = [{"arch": arch, "what": what, "compile": compiled, "device": device.type, "size": size["size"],
               "threads": None, "batch": size["batch"], "iters": size["iters"], "warmup": size["warmup"]}
-             for compiled in compile_modes for arch in size["archs"] for what in ("backbone", "temporal")]
-    # Eager rows first: compiling takes the longest, so a run cut short by the time limit keeps them.
+             for arch in size["archs"] for what in ("backbone", "temporal")]
     context = multiprocessing.get_context("spawn")  # a fresh process per row: separate peaks, no shared caches
     rows = []
     for case in cases:
@@ -314,10 +316,11 @@ def print_table(report: dict) -> None:
             else:
                 print(f"  {r['implementation']:<10}{r['dtype']:<9}{r['ms_per_frame']:>10.2f}{r['peak_mib']:>10.0f}"
                       f"{r['argmax_agreement']:>9.4f}")
-    if "step" in parts and parts["step"]["ok"]:
-        print(f"training step ({parts['step']['precision']})")
+    step_rows = [r for name in ("step", "compile") if parts.get(name, {}).get("ok") for r in parts[name]["rows"]]
+    if step_rows:
+        print(f"training step ({parts.get('step', parts.get('compile'))['precision']})")
         print(f"  {'arch':<10}{'mode':<9}{'what':<10}{'pairs/s':>9}{'peak GB':>9}{'x bare':>8}")
-        for r in parts["step"]["rows"]:
+        for r in step_rows:
             mode = "compile" if r["compile"] else "eager"
             if "error" in r:
                 print(f"  {r['arch']:<10}{mode:<9}{r['what']:<10} FAILED {r['error']}")
@@ -344,19 +347,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     size = SIZES["smoke" if args.smoke else "full"]
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
-    compile_modes = (False,) if args.no_compile else size["compile"]
     davis_root = None if args.smoke else Path(args.davis_root)
     ytvos_root = None if args.smoke else Path(args.ytvos_root)
     runners = {
         "propagation": lambda: run_propagation(size, device),
-        "step": lambda: run_step(size, device, compile_modes),
+        "step": lambda: run_step(size, device, compiled=False),
+        "compile": lambda: run_step(size, device, compiled=True),
         "evaluate": lambda: run_evaluate(davis_root, device, Path(args.reference), args.smoke),
         "train": lambda: run_train(size, device, ytvos_root, args.train_steps or size["train_steps"]),
     }
+    parts = args.parts or [p for p in PARTS if p != "train" and not (args.smoke and p == "compile")]
     started = time.perf_counter()
     report = {"smoke": args.smoke, "environment": environment(device), "command": " ".join(sys.argv), "parts": {}}
     for name in PARTS:
-        if name in args.parts:
+        if name in parts:
             report["parts"][name] = run_part(name, runners[name])
             report["total_s"] = time.perf_counter() - started
             # After every part: a run killed at the device's time limit still leaves what it measured.
