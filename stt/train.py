@@ -493,8 +493,8 @@ class MetricsLogger(ray.train.UserCallback):
     """A Ray Train callback (it runs in the controller, on the driver's node) that copies rank 0's
     reported numbers to TensorBoard and to Ray metrics `stt_train_<name>` for the dashboard."""
 
-    def __init__(self, logdir: str | None, run: str, stage: str):
-        self.logdir, self.run, self.stage = logdir, run, stage
+    def __init__(self, logdir: str | None, run: str, stage: str, trial: str = ""):
+        self.logdir, self.run, self.stage, self.trial = logdir, run, stage, trial
         self.writer = None
         self.gauges: dict[str, Any] = {}
 
@@ -512,8 +512,9 @@ class MetricsLogger(ray.train.UserCallback):
                 self.writer.add_scalar(f"{self.stage}/{name}", value, step)
             if name not in self.gauges:
                 self.gauges[name] = Gauge(f"stt_train_{re.sub(r'[^a-zA-Z0-9_]', '_', name)}",
-                                          description=f"stt.train: {name}", tag_keys=("run", "stage"))
-            self.gauges[name].set(value, tags={"run": self.run, "stage": self.stage})
+                                          description=f"stt.train: {name}", tag_keys=("run", "stage", "trial"))
+            # trial "": not a sweep trial; a sweep's trials share run and stage and differ only here
+            self.gauges[name].set(value, tags={"run": self.run, "stage": self.stage, "trial": self.trial})
         if self.writer is not None:
             self.writer.flush()
 
@@ -557,7 +558,7 @@ def resumed_step(stage_dir: str) -> int:
 
 def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use_gpu: bool, workers: int,
                         cpus_per_worker: float, callbacks: tuple = (), max_failures: int = 3, keep_checkpoints: int = 3,
-                        tensorboard: str | None = None, run_name: str = "stt") -> ray.train.torch.TorchTrainer:
+                        tensorboard: str | None = None, run_name: str = "stt", trial: str = "") -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of one stage, stored as the Ray Train run `<run_dir>/<stage>`.
 
     Everything Ray needs (scaling, storage, failure policy) is declared here; `stt.train` and the
@@ -592,7 +593,7 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
             storage_path=run_dir,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints or None),  # 0: keep all
-            callbacks=[MetricsLogger(tensorboard, run_name, stage), *callbacks],
+            callbacks=[MetricsLogger(tensorboard, run_name, stage, trial), *callbacks],
         ),
         datasets={} if cfg.data.decode_in_worker else {stream: dataset_factory(stream) for stream in STAGE_STREAMS[stage]},
     )
@@ -632,13 +633,17 @@ def start_ray(**init_kwargs) -> None:
     test session) its auto-detection refuses to guess, so the placement groups of ASHA-stopped trials
     leaked and later trials waited forever for their workers.
     """
+    # Ray's Train state API (the dashboard's Train runs) records nothing without this flag; the driver
+    # reads it for `ray.init`, and the runtime_env below hands it to the Train controller actor.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**init_kwargs)
         return
     with socket.socket() as probe:  # a free port now; Ray retries the next ones if it is taken meanwhile
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"]}
     ray.init(dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env_vars}, **init_kwargs)
 
 

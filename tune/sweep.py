@@ -216,7 +216,8 @@ def training_trial(params: dict, *, base: dict, spatial_checkpoint: str, runs: s
     cfg = with_params(base, params)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_stage_trainer("temporal", cfg, join(runs, trial_id), spatial_checkpoint, use_gpu=use_gpu,
-                                  workers=workers, cpus_per_worker=cpus_per_worker, callbacks=[TuningJFCallback()])
+                                  workers=workers, cpus_per_worker=cpus_per_worker, callbacks=[TuningJFCallback()],
+                                  run_name="sweep", trial=trial_id)
     trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
 
 

@@ -1,0 +1,114 @@
+"""What a person watching a run sees: the `stt_train_*` gauges (names and tags), the stt Grafana
+dashboard's queries against those names, and Ray's Train state API listing a real stt.train run."""
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stt.losses import TERMS
+from stt.train import MetricsLogger
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD = REPO / "cluster" / "grafana" / "stt_dashboard.json"
+
+# Every number train_loop_per_worker reports: the loss dict's keys (stt.losses / stt.objectives),
+# WindowMeter.summary's two rates, and the bookkeeping train_loop_per_worker adds itself.
+REPORTED = (*TERMS, "loss", "penalty", "nce", "pairs_per_s", "data_wait_fraction", "step", "lr", "start_step",
+            "skipped_frames", "accuracy", "J&F")
+
+
+class RecordingGauge:
+    made: dict[str, "RecordingGauge"] = {}
+
+    def __init__(self, name, description="", tag_keys=()):
+        self.name, self.tag_keys, self.values = name, tuple(tag_keys), []
+        RecordingGauge.made[name] = self
+
+    def set(self, value, tags=None):
+        assert set(tags) == set(self.tag_keys), (self.name, tags)
+        self.values.append((value, dict(tags)))
+
+
+@pytest.fixture
+def gauges(monkeypatch):
+    import ray.util.metrics
+
+    RecordingGauge.made = {}
+    monkeypatch.setattr(ray.util.metrics, "Gauge", RecordingGauge)
+    return RecordingGauge.made
+
+
+def exported_names(gauges) -> set[str]:
+    """Prometheus names of the gauges MetricsLogger makes for one report of every number stt reports
+    (Ray's exporter puts "ray_" before an application metric's name)."""
+    logger = MetricsLogger(None, run="r", stage="temporal", trial="t1")
+    logger.after_report(None, [{name: 0.5 for name in REPORTED} | {"step": 3}], None)
+    return {"ray_" + name for name in gauges}
+
+
+def test_gauges_are_tagged_with_run_stage_and_trial(gauges):
+    logger = MetricsLogger(None, run="paper", stage="spatial")
+    logger.after_report(None, [{"step": 7, "loss": 1.25, "J&F": 0.5, "flag": True, "note": "x"}], None)
+    assert set(gauges) == {"stt_train_step", "stt_train_loss", "stt_train_J_F"}  # no bools, no strings
+    assert gauges["stt_train_loss"].values == [(1.25, {"run": "paper", "stage": "spatial", "trial": ""})]
+    MetricsLogger(None, run="sweep", stage="temporal", trial="abc_00001").after_report(None, [{"step": 2, "loss": 2.0}], None)
+    assert gauges["stt_train_loss"].values[-1] == (2.0, {"run": "sweep", "stage": "temporal", "trial": "abc_00001"})
+
+
+def test_every_dashboard_panel_queries_an_exported_metric(gauges):
+    exported = exported_names(gauges)
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], f"{DASHBOARD.name}: panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b(ray_stt_train_\w+)", target["expr"]))
+            assert names, f"{DASHBOARD.name}: panel {panel['title']!r} queries no stt metric: {target['expr']}"
+            assert names <= exported, f"{DASHBOARD.name}: panel {panel['title']!r} queries {names - exported}, not exported"
+            assert re.search(r'run=~"\$run".*stage=~"\$stage".*trial=~"\$trial"', target["expr"])
+            queried |= names
+    for variable in dashboard["templating"]["list"][1:]:
+        assert set(re.findall(r"ray_stt_train_\w+", variable["definition"])) <= exported
+    # what the issue asks the dashboard to show
+    wanted = {"ray_stt_train_" + n for n in ("loss", "rec_res3", "rec_res4", "lc", "gc", "J_F", "pairs_per_s",
+                                             "data_wait_fraction", "kept_fraction", "lr")}
+    assert wanted <= queried, wanted - queried
+
+
+def test_the_gpu_cluster_tracks_train_state_and_provisions_the_dashboard():
+    import yaml
+
+    config = yaml.safe_load((REPO / "cluster" / "gpu.yaml").read_text())
+    assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in config["docker"]["run_options"]
+    head = " ".join(config["head_start_ray_commands"])
+    assert "ray metrics launch-prometheus" in head
+    assert "cluster/grafana/stt_dashboard.json /tmp/ray/session_latest/metrics/grafana/dashboards/" in head
+    grafana = " ".join(config["available_node_types"]["head"]["initialization_commands"])
+    assert "GF_PATHS_CONFIG=/tmp/ray/session_latest/metrics/grafana/grafana.ini" in grafana
+    assert "GF_SERVER_HTTP_ADDR=127.0.0.1" in grafana  # loopback only, like the dashboard
+
+
+def test_the_train_state_api_lists_a_tiny_run(ray_local, tmp_path):
+    import ray
+
+    from stt.data.synthetic import generate
+    from stt.train import main
+
+    data = generate(tmp_path / "data", preset="tiny", kinds=("ytvos",))
+    main(["--workers", "1", "--cpu", "--stage", "spatial", "--max-steps", "1", "--storage", str(tmp_path / "runs"),
+          "--name", "watched", "--cpus-per-worker", "0.5", "model.arch=resnet18", "train.batch_size=4",
+          "train.warmup_steps=1", "train.checkpoint_every=1", "train.eval_every=0", "data.crop_size=64",
+          "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2", f"data.root={data['ytvos']}"])
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    url = f"http://{ray._private.worker.get_dashboard_url()}/api/train/v2/runs/v1"
+    request = urllib.request.Request(url, headers=get_auth_headers_if_auth_enabled({}))  # local Ray has token auth on
+    with urllib.request.urlopen(request, timeout=30) as response:
+        runs = json.loads(response.read())["train_runs"]
+    ours = [run for run in runs if run["name"] == "spatial"]
+    assert ours, [run["name"] for run in runs]
+    assert ours[0]["status"] == "FINISHED"
