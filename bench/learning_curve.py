@@ -83,8 +83,12 @@ def load(out: Path) -> dict:
 
 
 def save(out: Path, results: dict) -> None:
-    tmp = out / "curve.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
+    """Merge `results` into curve.json: a training and an evaluation process may both be writing it."""
+    merged = load(out)
+    for key, value in results.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    tmp = out / f"curve.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(merged, indent=1))
     os.replace(tmp, out / "curve.json")  # atomic: an interrupted write never loses finished points
 
 
