@@ -132,7 +132,7 @@ def run_propagation(size: dict, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- step
-def run_step(size: dict, device: torch.device, compiled: bool) -> dict:
+def run_step(size: dict, device: torch.device, compiled: bool, save_partial=lambda rows: None) -> dict:
     from bench.train_step import measure
 
     cases = [{"arch": arch, "what": what, "compile": compiled, "device": device.type, "size": size["size"],
@@ -148,6 +148,7 @@ def run_step(size: dict, device: torch.device, compiled: bool) -> dict:
             rows.append({**case, "error": f"{type(err).__name__}: {err}"})
         print(f"[gpu_suite] step {case['arch']} {'compile' if case['compile'] else 'eager'} {case['what']}: "
               f"{rows[-1].get('pairs_per_s', rows[-1].get('error'))}", flush=True)
+        save_partial(rows)  # compiling a row can take minutes: a run cut off keeps the finished rows
     for row in rows:
         bare = next((r for r in rows if r["arch"] == row["arch"] and r["compile"] == row["compile"]
                      and r["what"] == "backbone" and "step_s" in r), None)
@@ -351,11 +352,17 @@ def main(argv: list[str] | None = None) -> dict:
     ytvos_root = None if args.smoke else Path(args.ytvos_root)
     runners = {
         "propagation": lambda: run_propagation(size, device),
-        "step": lambda: run_step(size, device, compiled=False),
-        "compile": lambda: run_step(size, device, compiled=True),
+        "step": lambda: run_step(size, device, compiled=False, save_partial=partial("step")),
+        "compile": lambda: run_step(size, device, compiled=True, save_partial=partial("compile")),
         "evaluate": lambda: run_evaluate(davis_root, device, Path(args.reference), args.smoke),
         "train": lambda: run_train(size, device, ytvos_root, args.train_steps or size["train_steps"]),
     }
+    def partial(name: str):
+        def save(rows: list[dict]) -> None:
+            report["parts"][name] = {"ok": False, "error": "cut off before the part ended", "rows": rows}
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        return save
+
     parts = args.parts or [p for p in PARTS if p != "train" and not (args.smoke and p == "compile")]
     started = time.perf_counter()
     report = {"smoke": args.smoke, "environment": environment(device), "command": " ".join(sys.argv), "parts": {}}
