@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluate": lambda: run_evaluate(davis_root, device, Path(args.reference), args.smoke),
         "train": lambda: run_train(size, device, ytvos_root, args.train_steps or size["train_steps"]),
     }
+
     def partial(name: str):
         def save(rows: list[dict]) -> None:
             report["parts"][name] = {"ok": False, "error": "cut off before the part ended", "rows": rows}
