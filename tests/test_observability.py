@@ -112,3 +112,48 @@ def test_the_train_state_api_lists_a_tiny_run(ray_local, tmp_path):
     ours = [run for run in runs if run["name"] == "spatial"]
     assert ours, [run["name"] for run in runs]
     assert ours[0]["status"] == "FINISHED"
+
+
+def test_optuna_dashboard_serves_a_study(tmp_path):
+    """The command tune/sweep.py prints, on a tiny study: its API lists the study and its trials."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    executable = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+    if not Path(executable).exists():
+        pytest.skip("optuna-dashboard is not installed (pip install -e '.[dashboard]')")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="training", storage=storage, direction="maximize")
+    for x in (0.25, 0.75):
+        study.enqueue_trial({"x": x})
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([executable, storage, "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    studies = json.loads(response.read())["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
+                time.sleep(0.5)
+        assert [s["study_name"] for s in studies] == ["training"]
+        study_id = studies[0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=5) as response:
+            trials = json.loads(response.read())["trials"]
+        assert sorted(t["params"][0]["param_internal_value"] for t in trials) == [0.25, 0.75]
+        assert all(t["state"] == "Complete" for t in trials) and sorted(t["values"][0] for t in trials) == [0.25, 0.75]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

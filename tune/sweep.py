@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None) -> dict:
         start_ray(include_dashboard=True)
     started = time.perf_counter()
     sweep = Sweep(args, plan, base, space)
+    # Watching live: the studies' trials, intermediate J&F and pruning, while the sweep runs.
+    print(f"sweep: watch the studies live (pip install -e '.[dashboard]'): "
+          f"optuna-dashboard sqlite:///{(sweep.experiment / 'optuna.db').resolve()}")
     spatial_checkpoint = sweep.spatial()
     best_training = sweep.training(spatial_checkpoint)
     best_propagation = sweep.propagation(best_training)
