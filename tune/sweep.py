@@ -430,7 +430,7 @@ def write_plots(experiment: Path, table: pd.DataFrame) -> list[Path]:
     out.mkdir(exist_ok=True)
     written = []
     storage = optuna_storage(experiment)
-    for kind in table["kind"].unique() if len(table) else []:
+    for kind in [kind for kind in table["kind"].unique() if kind != "yardstick"] if len(table) else []:  # the studies
         study = optuna.load_study(study_name=kind, storage=storage)
         finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
         optuna.visualization.matplotlib.plot_optimization_history(study)
@@ -470,7 +470,8 @@ def describe(params: dict) -> str:
 
 def summary_paragraph(args: argparse.Namespace, state: dict, table: pd.DataFrame) -> str:
     training, propagation, final = state["best_training"], state["best_propagation"], state["final"]
-    counts = table.groupby(["kind", "state"]).size().to_dict() if len(table) else {}
+    searched = table[table["kind"] != "yardstick"] if len(table) else table
+    counts = searched.groupby(["kind", "state"]).size().to_dict() if len(searched) else {}
     trials = ", ".join(f"{n} {kind} {status.lower()}" for (kind, status), n in sorted(counts.items()))
     return (
         f"Sweep '{args.name}' ran {trials} trials. The best training trial ({describe(training['params'])}) reached J&F "
