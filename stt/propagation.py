@@ -169,7 +169,8 @@ def window_mask(h: int, w: int, radius: float, window: str, device: torch.device
 
 def _soft_copy(weights: torch.Tensor, label_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sum_k weights * labels[label_index]: (..., B, k) weights and indices into P x L -> B x L."""
-    return torch.einsum("...bk,...bkl->bl", weights, labels[label_index])
+    # Labels follow the weights' dtype: half-precision features give fp32 window scores but fp16 labels.
+    return torch.einsum("...bk,...bkl->bl", weights, labels[label_index].to(weights.dtype))
 
 
 def _flat_labels(context_labels: torch.Tensor) -> torch.Tensor:

@@ -443,3 +443,18 @@ def test_bad_input_is_named():
         propagate(features, labels, PropagationConfig(), implementation="sparse")
     with pytest.raises(ValueError, match=r"label ids must lie in \[0, 2\)"):
         downsample_labels(torch.tensor([[0, 2]]), 2, (1, 1))
+
+
+def test_windowed_propagation_runs_in_half_precision():
+    """fp16 features and labels (a GPU's half-precision evaluation): window scores come out fp32, labels
+    fp16; the soft copy used to fail on the mixed dtypes (found by bench/gpu_suite.py)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(5, 16, 12, 14, generator=generator)
+    labels = torch.zeros(3, 12, 14)
+    labels[0] = 1
+    labels[1, 3:7, 4:9], labels[0, 3:7, 4:9] = 1, 0
+    cfg = PropagationConfig(radius=4.0, context=3)
+    full = propagate(features, labels, cfg, "windowed")
+    half = propagate(features.half(), labels.half(), cfg, "windowed")
+    assert half.dtype == torch.float16
+    assert torch.equal(full.argmax(1), half.float().argmax(1))
