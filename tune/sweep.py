@@ -497,7 +497,7 @@ def yardstick_table(args: argparse.Namespace, state: dict) -> str:
     margin = final["reported_jf"] - yardsticks["untuned defaults"]["J&F"]
     verdict = "beats" if margin > 0 else "does not beat"
     lines.append(f"\nThe tuned configuration {verdict} the untuned defaults trained with the same budget by {margin:+.3f} J&F "
-                 "on the reported split (yardsticks: default propagation, same split and resolution).")
+                 f"on DAVIS '{args.report_set}' (yardsticks: default propagation, same split and resolution).")
     return "\n".join(lines)
 
 
