@@ -304,7 +304,7 @@ class Sweep:
         results = self.tuner("training", trainable, self.space["training"], search, asha, concurrency, plan.training_trials).fit()
         # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
         # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
-        best = results.get_best_result(metric=METRIC, mode="max", scope="last")
+        best = best_result(results)
         run = self.experiment / "training-runs" / best.metrics["trial_id"] / "temporal"
         chosen = {"params": {k: best.config[k] for k in self.space["training"]}, "tuning_jf": best.metrics[METRIC],
                   "checkpoint": str(latest_checkpoint(run))}
@@ -331,7 +331,7 @@ class Sweep:
         concurrency = cluster_concurrency(1.0, 0)
         results = self.tuner("propagation", trainable, self.space["propagation"], search, None, concurrency,
                              plan.propagation_trials).fit()
-        best = results.get_best_result(metric=METRIC, mode="max", scope="last")
+        best = best_result(results)
         chosen = {"params": {k: best.config[k] for k in self.space["propagation"]}, "tuning_jf": best.metrics[METRIC],
                   "default_tuning_jf": default["summary"]["J&F-Mean"]}
         self.save_state(best_propagation=chosen)
@@ -381,6 +381,15 @@ class Sweep:
         rows["first mask copied"] = {"source": "copy", "J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
         self.save_state(yardsticks=rows)
         return rows
+
+
+def best_result(results) -> "ray.tune.Result":
+    """The trial with the highest last-reported J&F. Ties (common on tiny or early models) go to the larger
+    trial id, so a resumed sweep, whose restored results Tune may list in another order, chooses the same trial."""
+    scored = [result for result in results if result.metrics and METRIC in result.metrics]
+    if not scored:
+        raise RuntimeError("no trial reported a tuning J&F; see the trials' errors above")
+    return max(scored, key=lambda result: (result.metrics[METRIC], result.metrics["trial_id"]))
 
 
 def latest_checkpoint(run: Path) -> Path:
