@@ -322,11 +322,11 @@ def worker_batches(cfg: Config, stage: str, start_step: int, skipped, device: to
     if not cfg.data.decode_in_worker:
         return stage_batches({name: ray.train.get_dataset_shard(name) for name in STAGE_STREAMS[stage]},  # Ray Data
                              cfg.train.batch_size, device)
-    from stt.data.pipeline import _report, local_stream
+    from stt.data.pipeline import local_stream, report_corrupt
 
     streams = {name: local_batches(local_stream(name, cfg.data, cfg.spatial, seed=cfg.train.seed,
                                                 skip_rows=start_step * cfg.train.batch_size,
-                                                report=lambda corrupt: _report(skipped, corrupt)),
+                                                report=lambda corrupt: report_corrupt(skipped, corrupt)),
                                    cfg.train.batch_size, BATCH_COLUMNS[name], device)
                for name in STAGE_STREAMS[stage]}
     return prefetched({name: next(stream) for name, stream in streams.items()} for _ in itertools.count())

@@ -268,7 +268,8 @@ def _chunks(items: Iterator, before_each: Callable[[], None]) -> Iterator[list]:
         yield chunk
 
 
-def _report(skipped, corrupt: list[str]) -> None:
+def report_corrupt(skipped, corrupt: list[str]) -> None:
+    """Count the sources in `corrupt` in the `SkippedFrames` actor `skipped`, then empty the list."""
     if corrupt:
         ray.get(skipped.add.remote(list(corrupt)))  # waited for: counted before the rows that follow
         corrupt.clear()
@@ -292,7 +293,7 @@ def make_pairs(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str 
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of temporal pairs."""
     plan = ray.get(plan_ref[0])  # in a list, so Ray passes the reference and the array stays zero-copy
     for row_id in batch["id"]:
-        yield from unit_pairs(plan, first_unit + int(row_id), shard_root, seed, data_cfg, lab, lambda c: _report(skipped, c))
+        yield from unit_pairs(plan, first_unit + int(row_id), shard_root, seed, data_cfg, lab, lambda c: report_corrupt(skipped, c))
 
 
 def _pair_batch(pairs: list, cfg: DataConfig, lab: bool) -> dict[str, np.ndarray]:
@@ -318,7 +319,7 @@ def make_views(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str 
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2 views per image."""
     plan = ray.get(plan_ref[0])
     for row_id in batch["id"]:
-        yield from unit_views(plan, first_unit + int(row_id), shard_root, seed, image_size, lambda c: _report(skipped, c))
+        yield from unit_views(plan, first_unit + int(row_id), shard_root, seed, image_size, lambda c: report_corrupt(skipped, c))
 
 
 def unit_views(plan: Plan, unit_id: int, shard_root: str | None, seed: int, image_size: int,
