@@ -22,11 +22,13 @@ A checkpoint is one file that `torch.load(path, weights_only=True)` opens:
 "moco" (spatial and spatiotemporal stages: heads, momentum encoder, queues), "fisher" (last
 checkpoint of a stage an EWC stage follows: parameter name -> diagonal Fisher)}`.
 
-Learning rate: `train.batch_size` is per worker, so the global batch is batch_size x workers, and
-the base learning rate (`spatial.lr` with MoCo's SGD for the spatial and the joint stage, `train.lr`
-with Adam for the temporal one) is
-multiplied by the number of workers (linear scaling rule), then warmed up linearly over
-`train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
+Learning rate: `train.batch_size` is per worker, so the global batch is batch_size x workers. Each
+optimiser's rate is given for a reference global batch (`spatial.lr` for `spatial.lr_batch` images
+with MoCo's SGD, used by the spatial and the joint stage; `train.lr` for `train.lr_batch` pairs with
+Adam, the temporal stage) and scaled linearly to the actual global batch, so the defaults give the
+paper's rates at the paper's batches (0.03 at 256 images; 1e-4 at 128 pairs) with no hand
+arithmetic. The effective rate is printed at the start of each stage; it is warmed up linearly
+over `train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
 
 Metrics (loss terms, lr, pairs/s, the fraction of wall time spent waiting for data, DAVIS J&F
 every `train.eval_every` steps) go to `ray.train.report`, to TensorBoard under
@@ -85,9 +87,26 @@ INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab"}
 
 
 # ----------------------------------------------------------------------------------------- schedule
-def scaled_lr(base_lr: float, num_workers: int) -> float:
-    """Linear scaling rule: the global batch grows with the workers, so does the learning rate."""
-    return base_lr * num_workers
+def lr_setting(cfg: Config, stage: str) -> tuple[str, float, int]:
+    """(config section, rate, its reference global batch) of the optimiser that trains `stage`."""
+    if stage == "temporal":  # Adam
+        return "train", cfg.train.lr, cfg.train.lr_batch
+    return "spatial", cfg.spatial.lr, cfg.spatial.lr_batch  # MoCo's SGD: the spatial and the joint stage
+
+
+def effective_lr(cfg: Config, stage: str, num_workers: int) -> float:
+    """The peak learning rate of `stage`: its optimiser's rate for the reference batch, scaled linearly
+    (MoCo v2's rule) to the global batch `train.batch_size x num_workers`."""
+    _, rate, reference = lr_setting(cfg, stage)
+    return rate * cfg.train.batch_size * num_workers / reference
+
+
+def describe_lr(cfg: Config, stage: str, num_workers: int) -> str:
+    """One line for the start of a stage: the rate it will really use, and where it comes from."""
+    section, rate, reference = lr_setting(cfg, stage)
+    batch = cfg.train.batch_size * num_workers
+    return (f"stt.train: {stage} stage: global batch {batch} ({cfg.train.batch_size} x {num_workers} workers), effective lr "
+            f"{effective_lr(cfg, stage, num_workers):.3g} ({section}.lr {rate:g} x {batch} / {section}.lr_batch {reference})")
 
 
 def learning_rate(step: int, peak_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -416,7 +435,7 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = moco = None
     if stage == "temporal":
         model, teacher, optimizer = build_temporal(cfg, init["model"] if init else None)
-        encoder, peak_lr = model, scaled_lr(cfg.train.lr, world)
+        encoder, peak_lr = model, effective_lr(cfg, stage, world)
         if resume:
             load_encoder_weights(model, resume["model"])
         if teacher is not None:
@@ -424,7 +443,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:  # spatial, and the joint stage: MoCo, the latter with a student sharing its trunk
         moco, optimizer = build_spatial(cfg, init["model"] if init else None)
         model = moco if stage == "spatial" else SpatiotemporalModel(moco, cfg)
-        encoder, peak_lr = moco.encoder, scaled_lr(cfg.spatial.lr, world)
+        encoder, peak_lr = moco.encoder, effective_lr(cfg, stage, world)
         if resume:
             moco.load_state_dict(resume["moco"])
     model.to(device)  # in place: the optimiser keeps the same parameter objects
@@ -610,6 +629,7 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace, run_dir: str, i
                                  f"train.recipe={cfg.train.recipe} needs; train it again under a new --name")
             print(f"stt.train: {stage} stage already finished at step {done['step']} ({final}); skipping it")
             return final
+    print(describe_lr(cfg, stage, args.workers))
     trainer = build_stage_trainer(
         stage, cfg, run_dir, init, use_gpu=use_gpu, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(
@@ -658,7 +678,7 @@ def default_cpus_per_worker(num_workers: int, use_gpu: bool, data_cpus: float) -
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stt.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (one GPU each on GPU); the lr is multiplied by this")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (one GPU each on GPU); the global batch and the lr grow with them")
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all",
                         help="all: the stages of train.recipe in order (default recipe: spatial, then temporal initialised from it)")
     parser.add_argument("--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs (default: GPUs when present)")

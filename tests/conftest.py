@@ -16,6 +16,15 @@ def davis_real_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def jhmdb_real_root() -> Path:
+    """One real JHMDB clip (40 frames, 15 joints) in the official layout, shipped beside the repository."""
+    root = SHARED / "data" / "jhmdb-real"
+    if not root.is_dir():
+        pytest.skip(f"real JHMDB clip not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the whole session: 2 CPUs, as on the smallest laptop."""
     import ray

@@ -119,3 +119,23 @@ def test_joint_heatmaps_round_trip_within_one_stride():
     assert maps.shape == (3, 20, 30)
     recovered = heatmaps_to_joints(maps[None], (160, 240))[0]
     assert np.abs(recovered - joints).max() <= 8
+
+
+def test_jhmdb_on_the_real_clip_with_the_authors_settings(jhmdb_real_root, tmp_path):
+    """Issue 17: JHMDB end to end on a real clip (official layout, 1-based `pos_img` joints): frames at
+    320 x 320 and radius 5 cells at stride 8 (the authors' neighbor_range 10), and propagated joints
+    beat copying the first frame's joints by far on a clip whose person moves (a catch)."""
+    from stt.data.layouts import JHMDB
+    from stt.metrics import pck
+
+    report = main(["jhmdb", "--jhmdb-root", str(jhmdb_real_root), "--out", str(tmp_path / "out"), "--checkpoint", "lab:8",
+                   "--feature-cache", str(tmp_path / "cache"), "--device", "cpu"])
+    assert report["config"]["eval"]["jhmdb_size"] == 320 and report["config"]["propagation"]["radius"] == 5
+    dataset = JHMDB(jhmdb_real_root)
+    (action, video), = dataset.videos
+    joints = dataset.joints(action, video)
+    assert joints.shape == (40, 15, 2) and len(dataset.frame_paths(action, video)) == 40
+    copied = pck(np.repeat(joints[:1], len(joints), axis=0), joints)
+    assert copied["PCK@0.2"] < 5  # the person moves: copying frame 1 finds almost nothing
+    assert report["PCK@0.1"] <= report["PCK@0.2"] and report["PCK@0.2"] > copied["PCK@0.2"] + 15
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["PCK@0.2"] == pytest.approx(report["PCK@0.2"])

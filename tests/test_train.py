@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stt.config import Config, from_dict, load_config
+from stt.config import Config, apply_overrides, from_dict, load_config
 from stt.models import build_encoder
 from stt.train import (
     CHECKPOINT_FILE,
     build_spatial,
+    describe_lr,
+    effective_lr,
     build_temporal,
     checkpoint_payload,
     ewc_regulariser,
@@ -25,7 +27,6 @@ from stt.train import (
     main,
     objective_fisher,
     resumed_step,
-    scaled_lr,
     stage_config,
     train_one_step,
 )
@@ -51,8 +52,17 @@ def test_learning_rate_warmup_then_cosine_by_hand():
     assert learning_rate(0, 0.8, 0, 10) == pytest.approx(0.8)  # no warm-up
 
 
-def test_lr_scales_linearly_with_workers():
-    assert scaled_lr(5e-5, 4) == pytest.approx(2e-4)
+def test_default_learning_rates_are_the_papers_at_the_papers_global_batch():
+    """Issue 17: MoCo v2's 0.03 at 256 images (8 workers x 32) and paper 001's Adam 1e-4 at 128 pairs
+    (8 x 16, ResNet-18), with no hand arithmetic; the authors' ResNet-50 run (16 x 4 GPUs) gets their 5e-5."""
+    spatial = apply_overrides(Config(), ["train.batch_size=32"])
+    assert effective_lr(spatial, "spatial", 8) == pytest.approx(0.03)
+    assert effective_lr(spatial, "spatiotemporal", 8) == pytest.approx(0.03)  # the joint stage trains with MoCo's SGD
+    assert effective_lr(Config(), "temporal", 8) == pytest.approx(1e-4)
+    assert effective_lr(Config(), "temporal", 4) == pytest.approx(5e-5)
+    assert effective_lr(Config(), "temporal", 1) == pytest.approx(1e-4 / 8)  # linear in the global batch
+    assert describe_lr(Config(), "temporal", 8) == (
+        "stt.train: temporal stage: global batch 128 (16 x 8 workers), effective lr 0.0001 (train.lr 0.0001 x 128 / train.lr_batch 128)")
 
 
 def test_stage_config_sets_the_input_space_and_leaves_the_original_alone():

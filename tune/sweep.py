@@ -89,6 +89,8 @@ PLANS = {
                                                       # Ray Data's stream start-up was 55-81 % of such short trials
                                                       "data.decode_in_worker=true",
                                                       "spatial.queue_size=256", "train.warmup_steps=2",
+                                                      # the default rates for this plan's batch of 4 (not scaled down to it)
+                                                      "train.lr_batch=4", "spatial.lr_batch=4",
                                                       # n = 7, paper 004's fixed comparison setting; phase 3 searches it
                                                       "propagation.context=7",
                                                       # every J&F of this plan (tuning and reported) at short side 128
@@ -99,12 +101,14 @@ PLANS = {
     # on real DAVIS, below the copied first mask). Estimated from measured step and evaluation costs: ~75 min.
     "laptop": SweepPlan(training_trials=3, propagation_trials=12, spatial_steps=100, temporal_steps=100, eval_every=50,
                         reduction_factor=2, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
-                                                       "spatial.queue_size=1024", "train.lr=5e-4", "train.warmup_steps=20",
+                                                       "spatial.queue_size=1024", "train.lr=5e-4", "train.lr_batch=8",
+                                                       "spatial.lr_batch=8", "train.warmup_steps=20",
                                                        "eval.max_short_side=240", "data.decode_in_worker=true")),
     # A longer local sweep on the same data (an hour or two on a laptop CPU).
     "local": SweepPlan(training_trials=8, propagation_trials=30, spatial_steps=200, temporal_steps=300, eval_every=100,
                        reduction_factor=3, overrides=("data.crop_size=128", "train.batch_size=8", "spatial.image_size=128",
-                                                      "spatial.queue_size=1024", "train.warmup_steps=20")),
+                                                      "spatial.queue_size=1024", "train.lr=5e-4", "train.lr_batch=8",
+                                                      "spatial.lr_batch=8", "train.warmup_steps=20")),
 }
 
 
