@@ -157,3 +157,61 @@ def test_optuna_dashboard_serves_a_study(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_prometheus_scrapes_the_stt_gauges_of_a_tiny_run(ray_local, tmp_path):
+    """Debian's `prometheus` scraping the local Ray node's metrics port while stt.train runs: the
+    series are real, with their tags, not only gauges made in a process."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.parse
+
+    import ray
+
+    from stt.data.synthetic import generate
+    from stt.train import main
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the `prometheus` binary is not installed (Debian: apt-get install prometheus)")
+    target = f"127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}"
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{target}']}}]}}]\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(expr: str) -> list[dict]:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())["data"]["result"]
+
+    try:
+        data = generate(tmp_path / "data", preset="tiny", kinds=("ytvos",))
+        main(["--workers", "1", "--cpu", "--stage", "spatial", "--max-steps", "8", "--storage", str(tmp_path / "runs"),
+              "--name", "scraped", "--cpus-per-worker", "0.5", "model.arch=resnet18", "train.batch_size=4",
+              "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=8", "train.eval_every=0",
+              "data.crop_size=64", "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2",
+              f"data.root={data['ytvos']}"])
+        deadline = time.monotonic() + 30  # the last report reaches Prometheus within Ray's export interval
+        while True:
+            # last_over_time: the run is over and its series may have gone stale already
+            found = {name: query(f'last_over_time(ray_stt_train_{name}{{run="scraped"}}[1h])')
+                     for name in ("loss", "pairs_per_s", "step")}
+            if all(found.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert all(found.values()), f"Prometheus holds no stt_train series for the run: {found}"
+        for name, series in found.items():
+            # Prometheus stores an empty label as no label: a run outside a sweep has no `trial`
+            assert series[0]["metric"]["stage"] == "spatial" and series[0]["metric"].get("trial", "") == "", series
+        assert float(found["loss"][0]["value"][1]) > 0 and float(found["pairs_per_s"][0]["value"][1]) > 0
+        assert 1 <= float(found["step"][0]["value"][1]) <= 8
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
