@@ -3,13 +3,15 @@
 A sweep re-runs propagation hundreds of times with other settings; the network runs once per
 (feature source, layer, input size, frames). Feature sources:
 
-- a checkpoint file written by `stt.train` (`{"model", "config", "stage", "step"}`), or a plain
-  torchvision ResNet state dict (ImageNet weights from a local file);
+- a checkpoint file written by `stt.train` (`{"model", "config", "stage", "step"}`), a plain
+  torchvision ResNet state dict (ImageNet weights from a local file), or a published release
+  (STT authors', VFS, CRW: stt.published, which also sets arch, stride preset and input space);
 - `random` / `random:SEED`: a randomly initialised encoder (a baseline, seeded);
 - `lab:STRIDE`: Lab pixels average-pooled to a stride-STRIDE grid (the classic colour baseline).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from stt.color import normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig, from_dict
 from stt.models import build_encoder, load_encoder_weights
+from stt.published import load_published, read_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,12 +89,13 @@ class FeatureExtractor:
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {path} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_checkpoint(path)
             if isinstance(state, dict) and "model" in state and "config" in state:
                 self.model_cfg = model_cfg = from_dict(state["config"]).model
                 weights = state["model"]
-            else:  # a bare torchvision state dict, e.g. local ImageNet weights
-                weights = state
+            else:  # a published release or a bare torchvision state dict (stt.published maps and configures it)
+                overrides, weights = load_published(state, name=str(path))
+                self.model_cfg = model_cfg = dataclasses.replace(model_cfg, **overrides)
             self.encoder = build_encoder(model_cfg)
             load_encoder_weights(self.encoder, weights)
             self.input_space = model_cfg.input_space

@@ -75,6 +75,7 @@ from stt.objectives import (
     temporal_config,
     temporal_step,
 )
+from stt.published import init_payload, is_stt_checkpoint, read_checkpoint
 from stt.spatial import MoCo
 
 STAGES = ("spatial", "temporal", "spatiotemporal")
@@ -180,10 +181,13 @@ def checkpoint_payload(encoder: nn.Module, cfg: Config, stage: str, step: int, o
     return payload
 
 
-def load_payload(data: bytes | str | os.PathLike, what: str) -> dict[str, Any]:
-    """A checkpoint from bytes or a local path, checked to hold what `checkpoint_payload` writes."""
+def load_payload(data: bytes | str | os.PathLike, what: str, published_arch: str | None = None) -> dict[str, Any]:
+    """A checkpoint from bytes or a local path, checked to hold what `checkpoint_payload` writes; with
+    `published_arch` (--init) a published release is accepted too, as {"model": weights} (stt.published)."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
-    payload = torch.load(source, map_location="cpu", weights_only=True)
+    payload = read_checkpoint(data, what) if published_arch else torch.load(source, map_location="cpu", weights_only=True)
+    if published_arch and not is_stt_checkpoint(payload):
+        return init_payload(payload, what, published_arch)
     missing = [k for k in ("model", "config", "stage", "step") if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise ValueError(f"{what}: not an stt.train checkpoint (missing {missing})")
@@ -430,7 +434,7 @@ def train_loop_per_worker(config: dict) -> None:
         with latest.as_directory() as folder:
             resume = load_payload(Path(folder) / CHECKPOINT_FILE, f"{latest.path}/{CHECKPOINT_FILE}")
     start_step = resume["step"] if resume else 0
-    init = load_payload(read_bytes(config["init"]), config["init"]) if config["init"] else None
+    init = load_payload(read_bytes(config["init"]), config["init"], published_arch=cfg.model.arch) if config["init"] else None
 
     teacher = moco = None
     if stage == "temporal":

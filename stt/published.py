@@ -1,0 +1,379 @@
+"""Published checkpoints of other projects, mapped onto stt's encoder (stt.models.Encoder).
+
+`--checkpoint` (stt.evaluate, the sweep) and training's `--init` accept, besides stt's own checkpoints,
+the files people download from the releases below. `load_published` recognises the file, renames its
+trunk weights to our (torchvision) key names and says which encoder settings (ModelConfig fields
+`arch`, `stride`, `input_space`) reproduce the input the weights were trained and evaluated with.
+
+    format (detect_format)  file                                  trunk keys -> ours                 arch    stride  input
+    ----------------------  ------------------------------------  ---------------------------------  ------  ------  -----
+    stt-authors             Spa-then-Temp release (Google Drive)  state_dict / backbone.* (mmcv      18, 50  8 or 4  lab
+                            res18_d8 / res18_d4 / res50_d8 / ...  ConvModule names, see _mmcv_key)           (a)
+    vfs                     VFS v0.1-rc1 release, e.g.            state_dict / backbone.* (mmcv      18, 50  8 (b)   rgb
+                            r18_nc_sgd_cos_100e_r2_1xNx8_k400-    ConvModule names, see _mmcv_key)
+                            db1a4c0d.pth
+    crw                     videowalk pretrained.pth              model / encoder.model.* (torch-    18      8 (b)   rgb
+                                                                  vision names; legacy convN.1.*)
+    torchvision-imagenet    torchvision ResNet-18/50 ImageNet     bare torchvision names, fc.*       18, 50  kept    rgb
+                            state dict (resnet18-f37072fd.pth)    dropped
+    torchvision             a bare trunk state dict (no fc)       bare torchvision names             18, 50  kept    kept
+    stt-checkpoint          stt.train's own {"model", "config"}   model (already ours)               its config
+    mast                    MAST checkpoint                       refused: not a torchvision ResNet (see _MAST_REFUSAL)
+
+    "kept": the caller's ModelConfig value stays. Every format also drops wrapper prefixes (module.,
+    _orig_mod.) and fills a missing BatchNorm `num_batches_tracked` (old torch files lack it; it is
+    unused in eval mode) with 0.
+
+(a) The stride is not in the weights: the authors' test configs choose it (configs/test/res18_d8.py:
+    backbone strides (1, 2, 2, 1), pool_type='none' -> our preset 8; res18_d4.py: strides (1, 1, 1, 1),
+    pool_type='mean' -> our preset 4, see stt/models.py). It is read from the training config that mmcv
+    stores in `meta["config"]` (the student `backbone=dict(...)`: pool_type 'mean' -> 4, 'none' -> 8),
+    else from the file name (`_d4` / `_d8`, as in the authors' README `ckpt/res18_d8_temp.pth`), else
+    the caller's model.stride stays (default 8; pass model.stride=4 for a stride-4 release).
+(b) res4 at stride 8 like our preset 8, but through another schedule: VFS (configs/r18_nc_sgd_cos_100e_r2
+    _1xNx8_k400.py test_cfg strides (1, 2, 1, 1) with the max-pool stem) and CRW (code/resnet.py `modify`:
+    layer3/layer4 stride 1, max-pool stem; code/utils/arguments.py test: remove_layers=['layer4']) both
+    keep the stem max-pool and run layer3 at stride 1, while our preset 8 has no stem pool and downsamples
+    in layer3. No stt preset reproduces their schedule (stt/models.py offers 4, 8 and the standard 16),
+    so features, and scores, differ from the papers' numbers. CRW's own model also used reflect padding
+    (`net.modify(padding='reflect')` for model_type 'scratch'); our trunk pads with zeros.
+
+Sources read for each format (public repositories, via the project's code search):
+- stt-authors: qianduoduolr/Spa-then-Temp vcl/models/backbones/resnet.py (ConvModule stem `conv1`, blocks
+  `conv1`/`conv2`(/`conv3`), shortcut `downsample` = ConvModule; `pool_type` none/mean/max),
+  vcl/models/trackers/framework.py (training model: `backbone`, teacher `backbone_t`),
+  vcl/models/trackers/vanilla_tracker.py (test model: `backbone`, buffer `iteration`), configs/test/
+  res18_d4.py, res18_d8.py, res50_d4.py, res50_d8.py, base_data.py (Lab input, mean (50, 0, 0), std
+  (50, 127, 127), = stt.color.normalize_lab), configs/train/train.py, tools/train.py (meta config=cfg.text),
+  vcl/core/runner/epoch_based_runner.py (mmcv save_checkpoint: {"meta", "state_dict", "optimizer"});
+  open-mmlab/mmcv mmcv/cnn/bricks/conv_module.py and norm.py (ConvModule children `conv` and `bn`, the
+  abbreviation of every _BatchNorm, SyncBN included).
+- vfs: xvjiarui/VFS mmaction/models/backbones/resnet.py (same ConvModule layout; `_load_torchvision_checkpoint`
+  spells out the renaming used here), mmaction/models/trackers/sim_siam_base_tracker.py, trackers/base.py
+  (`backbone`, `img_head`, buffer `iteration`), mmaction/models/heads/sim_siam_head.py (`projection_fcs`,
+  `predictor_fcs`), configs/r18_nc_sgd_cos_100e_r2_1xNx8_k400.py and r50_nc_sgd_cos_100e_r5_1xNx2_k400.py
+  (RGB, mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375): ImageNet's; test strides (1, 2, 1, 1),
+  out_indices (2,)), tools/train.py (meta mmaction_version, config), tools/publish_model.py (drops the
+  optimizer), README.md (release file names).
+- crw: ajabri/videowalk code/model.py (CRW: `encoder` = utils.From3D(resnet) -> `encoder.model.*`, head
+  `selfsim_fc`), code/resnet.py (torchvision ResNet subclass; fc/avgpool removed), code/utils/__init__.py
+  (make_encoder, From3D), code/train.py (checkpoint {"model", "optimizer", "lr_scheduler", "epoch",
+  "args": argparse.Namespace}), code/test.py (legacy `conv1.1.weight` / `conv2.1.weight` renaming),
+  code/data/vos.py (RGB, ImageNet mean/std at test time); the `encoder.model.` prefix inside ckpt["model"]
+  is confirmed by a third-party loader of the same file (Zhongdao/UniTrack model/model.py, model_type 'crw').
+- mast: zlai0/MAST models/mast.py (`feature_extraction` = submodule.ResNet18(3), `post_convolution`),
+  models/submodule.py (ResNet18), main.py (checkpoint {"epoch", "state_dict", "optimizer"}),
+  functional/feeder/dataset/DavisLoaderLab.py (Lab input).
+- torchvision: torchvision.models.resnet18/resnet50 state_dict(); stt/models.py load_encoder_weights.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stt.models import Encoder
+
+SHOWN_KEYS = 5  # keys named in an error message
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# Per format: where the trunk lives, and the prefixes of the other weights a release carries (heads,
+# a teacher) that are dropped on purpose. Any other key is reported as unexpected.
+_MMCV_TRUNK = "backbone."
+_MMCV_DROPPED = ("backbone_t.", "img_head.", "iteration")  # STT teacher; VFS SimSiam head; trackers' step buffer
+_CRW_TRUNK = "encoder.model."
+_CRW_DROPPED = ("selfsim_fc.",)  # CRW's node-embedding head (code/model.py make_head)
+_MAST_REFUSAL = (
+    "MAST's encoder (zlai0/MAST models/submodule.py ResNet18) is not a torchvision ResNet-18: its layer4 has "
+    "256 output channels and no shortcut conv (torchvision: 512, stride 2), so the layer MAST reads its features "
+    "from has no counterpart in our trunk, and its stem has no pool while layer3 keeps stride 1, a schedule no stt "
+    "stride preset reproduces; MAST weights are refused rather than partly loaded"
+)
+_STRIDE_FROM_POOL = {"mean": 4, "none": 8}  # the authors' d4 / d8 layouts (configs/test/res18_d4.py, res18_d8.py)
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_checkpoint(source: str | os.PathLike | bytes, what: str | None = None) -> Any:
+    """torch.load(weights_only=True) of a path or of the file's bytes, on the CPU.
+
+    argparse.Namespace is allowed as well: CRW stores its command line (`"args"`) in the checkpoint.
+    Raises ValueError (one line, naming `what`) when the file is not a weights-only pickle.
+    """
+    what = what or (str(source) if not isinstance(source, bytes) else "checkpoint")
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{what}: not a weights-only torch checkpoint ({first[:200]})") from None
+
+
+# ------------------------------------------------------------------------------------------- detection
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _tensor_dict(value: Any) -> dict[str, Tensor] | None:
+    """`value` as {key without wrapper prefixes: tensor} if it is a non-empty mapping of tensors, else None."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()):
+        return None
+    return {_strip_wrappers(k): v for k, v in value.items()}
+
+
+def _config_text(state: Any) -> str:
+    """The training config mmcv/mmaction keep in `meta["config"]` ('' when absent)."""
+    meta = state.get("meta") if isinstance(state, Mapping) else None
+    text = meta.get("config") if isinstance(meta, Mapping) else None
+    return text if isinstance(text, str) else ""
+
+
+def _weights(state: Any) -> dict[str, Tensor] | None:
+    """The model weights of any known container: mmcv {"state_dict"}, CRW {"model"}, or a bare state dict."""
+    if not isinstance(state, Mapping):
+        return None
+    for container in ("state_dict", "model"):
+        inner = _tensor_dict(state.get(container))
+        if inner is not None:
+            return inner
+    return _tensor_dict(state)
+
+
+def detect_format(state: Any, name: str | None = None) -> str:
+    """The format of a loaded checkpoint (see the module table); `name` (the file name) breaks ties.
+
+    Returns one of "stt-checkpoint", "stt-authors", "vfs", "crw", "mast", "torchvision-imagenet",
+    "torchvision", "mmcv-resnet" (an mmcv `backbone.` ResNet whose project cannot be told: neither its
+    heads nor its stored config nor its file name say STT or VFS) or "unknown".
+    """
+    if isinstance(state, Mapping) and "model" in state and "config" in state:
+        return "stt-checkpoint"
+    weights = _weights(state)
+    if weights is None:
+        return "unknown"
+    keys = weights.keys()
+    if any(k.startswith("feature_extraction.") for k in keys):
+        return "mast"
+    if any(k.startswith(_CRW_TRUNK) for k in keys):
+        return "crw"
+    if any(k.startswith(_MMCV_TRUNK) for k in keys):
+        return _mmcv_project(state, keys, name)
+    if "conv1.weight" in keys and any(k.startswith("layer1.0.") for k in keys):
+        fc = weights.get("fc.weight")
+        return "torchvision-imagenet" if fc is not None and fc.shape[0] == 1000 else "torchvision"
+    return "unknown"
+
+
+def _mmcv_project(state: Any, keys, name: str | None) -> str:
+    """STT authors' or VFS's release: heads first, then the stored training config, then the file name."""
+    if any(k.startswith("img_head.") for k in keys):
+        return "vfs"  # SimSiamHead (VFS configs: img_head=dict(type='SimSiamHead', ...))
+    if any(k.startswith("backbone_t.") for k in keys):
+        return "stt-authors"  # Framework's frozen teacher (Spa-then-Temp framework.py)
+    config = _config_text(state)
+    meta = state.get("meta") if isinstance(state, Mapping) else None
+    if "SimSiam" in config or (isinstance(meta, Mapping) and "mmaction_version" in meta):
+        return "vfs"
+    if "backbone_t" in config or "img_norm_cfg_lab" in config or "RGB2LAB" in config:
+        return "stt-authors"
+    base = Path(name).name.lower() if name else ""
+    if re.search(r"res(18|50)_d[48]", base):
+        return "stt-authors"
+    if "k400" in base or "sgd_cos" in base:
+        return "vfs"
+    return "mmcv-resnet"
+
+
+# ------------------------------------------------------------------------------------------- key mapping
+_MMCV_MODULE = re.compile(r"((?:layer\d+\.\d+\.)?)(conv\d|downsample)\.(conv|bn)\.(\w+)")
+
+
+def _mmcv_key(key: str) -> str | None:
+    """An mmcv ResNet key (ConvModule names) -> torchvision's, as the backbones' `_load_torchvision_checkpoint`:
+
+    conv1.conv.weight -> conv1.weight; conv1.bn.X -> bn1.X; layerL.B.convN.conv.weight -> layerL.B.convN.weight;
+    layerL.B.convN.bn.X -> layerL.B.bnN.X; layerL.B.downsample.conv.weight -> layerL.B.downsample.0.weight;
+    layerL.B.downsample.bn.X -> layerL.B.downsample.1.X. None for a key outside that scheme.
+    """
+    match = _MMCV_MODULE.fullmatch(key)
+    if match is None:
+        return None
+    block, module, part, leaf = match.groups()
+    if module == "downsample":
+        return f"{block}downsample.{0 if part == 'conv' else 1}.{leaf}"
+    return f"{block}{'conv' if part == 'conv' else 'bn'}{module[4:]}.{leaf}"
+
+
+def _crw_key(key: str) -> str:
+    """CRW keys are torchvision's; an older CRW wrapped block convs as (padding, conv): convN.1.weight."""
+    return re.sub(r"(conv[12])\.1\.weight$", r"\1.weight", key)
+
+
+def _split(weights: Mapping[str, Tensor], trunk: str, dropped: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """(trunk weights without the `trunk` prefix, keys that are neither trunk nor dropped on purpose)."""
+    inside, stray = {}, []
+    for key, value in weights.items():
+        if key.startswith(trunk):
+            inside[key[len(trunk):]] = value
+        elif not key.startswith(dropped):
+            stray.append(key)
+    return inside, stray
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _arch(trunk: Mapping[str, Tensor]) -> str | None:
+    """resnet18 or resnet50 from the block structure (blocks per layer, bottleneck or not); None otherwise."""
+    blocks = []
+    for layer in range(1, 5):
+        indices = {int(k.split(".")[1]) for k in trunk if k.startswith(f"layer{layer}.") and k.split(".")[1].isdigit()}
+        blocks.append(max(indices) + 1 if indices else 0)
+    bottleneck = any(k.endswith(".conv3.weight") for k in trunk)
+    if blocks == [2, 2, 2, 2] and not bottleneck:
+        return "resnet18"
+    if blocks == [3, 4, 6, 3] and bottleneck:
+        return "resnet50"
+    return None
+
+
+def _expected(arch: str) -> dict[str, torch.Size]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return {k: v.shape for k, v in Encoder(arch, 16).state_dict().items()}
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return f"[{shown}{f', ... +{len(keys) - SHOWN_KEYS} more' if len(keys) > SHOWN_KEYS else ''}]"
+
+
+def _fail(name: str, guess: str, problem: str) -> ValueError:
+    return ValueError(f"{name}: cannot load as {guess} weights: {problem}".replace("\n", " "))
+
+
+def _checked(trunk: dict[str, Tensor], stray: list[str], name: str, guess: str) -> tuple[str, dict[str, Tensor]]:
+    """(arch, trunk) once every key and shape fits an stt Encoder; else one-line ValueError."""
+    trunk = {k: v for k, v in trunk.items() if not k.startswith("fc.")}  # a classifier is never part of the encoder
+    arch = _arch(trunk)
+    if arch is None:
+        raise _fail(name, guess, "the trunk is neither a ResNet-18 nor a ResNet-50 (the encoder's archs); "
+                    f"its keys start {_listed(sorted(trunk))}")
+    expected = _expected(arch)
+    for key in expected:  # files from old torch have no num_batches_tracked; eval mode never reads it
+        if key.endswith("num_batches_tracked") and key not in trunk and key.rsplit(".", 1)[0] + ".running_mean" in trunk:
+            trunk[key] = torch.tensor(0, dtype=torch.long)
+    missing = sorted(expected.keys() - trunk.keys())
+    unexpected = sorted(trunk.keys() - expected.keys()) + sorted(stray)
+    mismatched = [f"{k} {tuple(trunk[k].shape)} vs {tuple(expected[k])}" for k in sorted(expected.keys() & trunk.keys())
+                  if trunk[k].shape != expected[k]]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_listed(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_listed(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches (file vs {arch}) {_listed(mismatched)}")
+        raise _fail(name, guess, f"{arch} trunk: " + "; ".join(problems))
+    return arch, {k: trunk[k] for k in expected}
+
+
+def _authors_stride(state: Any, name: str | None) -> int | None:
+    """The STT authors' layout: the stored training config's student backbone, else the file name."""
+    config = _config_text(state)
+    start = config.find("backbone=dict(")
+    if start >= 0:
+        depth, end = 0, start + len("backbone=dict")
+        for end in range(end, len(config)):  # the matching parenthesis of dict(
+            depth += {"(": 1, ")": -1}.get(config[end], 0)
+            if depth == 0:
+                break
+        pool = re.search(r"pool_type\s*=\s*['\"](\w+)['\"]", config[start : end + 1])
+        if pool and pool.group(1) in _STRIDE_FROM_POOL:
+            return _STRIDE_FROM_POOL[pool.group(1)]
+    match = re.search(r"(?:^|[^a-z0-9])d([48])(?:[^0-9]|$)", Path(name).name.lower()) if name else None
+    return int(match.group(1)) if match else None
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_published(path_or_state: str | os.PathLike | Mapping, name: str | None = None) -> tuple[dict, dict[str, Tensor]]:
+    """(model_overrides, encoder_state_dict) of a published checkpoint (a path, or what torch.load returned).
+
+    model_overrides: ModelConfig fields the file determines (`arch` always; `stride` and `input_space`
+    where the format fixes them, see the module table); apply them over the caller's config.
+    encoder_state_dict: the trunk under stt.models.Encoder's key names, every key present, no classifier.
+    `name` names the file in messages and breaks format ties (default: the path).
+    Raises ValueError, one line naming the file, the format guessed and up to 5 missing / unexpected keys,
+    for an unknown, ambiguous or refused format or weights that do not fit.
+    """
+    if isinstance(path_or_state, (str, os.PathLike)):
+        name = name or str(path_or_state)
+        state = read_checkpoint(path_or_state, name)
+    else:
+        state = path_or_state
+    name = name or "checkpoint"
+    guess = detect_format(state, name)
+
+    if guess == "stt-checkpoint":
+        model = dict(state["config"].get("model", {})) if isinstance(state["config"], Mapping) else {}
+        overrides = {k: model[k] for k in ("arch", "stride", "input_space") if k in model}
+        arch, trunk = _checked(dict(_tensor_dict(state["model"]) or {}), [], name, guess)
+        return {**overrides, "arch": arch}, trunk
+    if guess == "mast":
+        raise _fail(name, guess, _MAST_REFUSAL)
+    if guess == "unknown":
+        keys = sorted(state.keys()) if isinstance(state, Mapping) else []
+        what = f"top-level keys {_listed([str(k) for k in keys])}" if keys else f"a {type(state).__name__}"
+        raise _fail(name, guess, f"not a format stt knows (stt, STT authors', VFS, CRW, torchvision ResNet); it holds {what}")
+    if guess == "mmcv-resnet":
+        raise _fail(name, guess, "an mmcv backbone.* ResNet with no head, stored config or file name telling the STT "
+                    "authors' release (Lab input) from VFS's (RGB); keep the release's file name (res18_d8*, *_k400*)")
+
+    weights = _weights(state)
+    if guess in ("stt-authors", "vfs"):
+        inside, stray = _split(weights, _MMCV_TRUNK, _MMCV_DROPPED)
+        trunk = {}
+        for key, value in inside.items():
+            mapped = _mmcv_key(key)
+            if mapped is None and not key.startswith("fc."):
+                stray.append(_MMCV_TRUNK + key)
+            elif mapped is not None:
+                trunk[mapped] = value
+        arch, trunk = _checked(trunk, stray, name, guess)
+        if guess == "vfs":
+            return {"arch": arch, "stride": 8, "input_space": "rgb"}, trunk
+        stride = _authors_stride(state, name)
+        return {"arch": arch, "input_space": "lab", **({"stride": stride} if stride else {})}, trunk
+    if guess == "crw":
+        inside, stray = _split(weights, _CRW_TRUNK, _CRW_DROPPED)
+        arch, trunk = _checked({_crw_key(k): v for k, v in inside.items()}, stray, name, guess)
+        return {"arch": arch, "stride": 8, "input_space": "rgb"}, trunk
+    # torchvision / torchvision-imagenet: already our names
+    arch, trunk = _checked(dict(weights), [], name, guess)
+    return ({"arch": arch, "input_space": "rgb"} if guess == "torchvision-imagenet" else {"arch": arch}), trunk
+
+
+def is_stt_checkpoint(state: Any) -> bool:
+    """stt.train's own payload ({"model", "config", ...}), which callers load themselves."""
+    return detect_format(state) == "stt-checkpoint"
+
+
+def init_payload(state: Any, what: str, arch: str) -> dict[str, Any]:
+    """Training's `--init` from a published release: {"model": encoder weights}, the part of an stt.train
+    payload the stages read (no "fisher": an EWC stage needs stt's own checkpoint). The stage's input space
+    and stride are the stage's own; the arch must be the run's (one-line ValueError otherwise)."""
+    overrides, weights = load_published(state, name=what)
+    if overrides["arch"] != arch:
+        raise ValueError(f"{what}: {detect_format(state, what)} weights of a {overrides['arch']}, but model.arch={arch}; "
+                         f"set model.arch={overrides['arch']}")
+    return {"model": weights}
