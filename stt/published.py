@@ -27,7 +27,8 @@ trunk weights to our (torchvision) key names and says which encoder settings (Mo
 (a) The stride is not in the weights: the authors' test configs choose it (configs/test/res18_d8.py:
     backbone strides (1, 2, 2, 1), pool_type='none' -> our preset 8; res18_d4.py: strides (1, 1, 1, 1),
     pool_type='mean' -> our preset 4, see stt/models.py). It is read from the training config that mmcv
-    stores in `meta["config"]` (the student `backbone=dict(...)`: pool_type 'mean' -> 4, 'none' -> 8),
+    stores in `meta["config"]` (the student `backbone=dict(...)`: pool_type 'mean' with layer2 stride 1 -> 4,
+    'none' with layer2 stride 2 -> 8),
     else from the file name (`_d4` / `_d8`, as in the authors' README `ckpt/res18_d8_temp.pth`), else
     the caller's model.stride stays (default 8; pass model.stride=4 for a stride-4 release).
 (b) res4 at stride 8 like our preset 8, but through another schedule: VFS (configs/r18_nc_sgd_cos_100e_r2
@@ -97,7 +98,9 @@ _MAST_REFUSAL = (
     "from has no counterpart in our trunk, and its stem has no pool while layer3 keeps stride 1, a schedule no stt "
     "stride preset reproduces; MAST weights are refused rather than partly loaded"
 )
-_STRIDE_FROM_POOL = {"mean": 4, "none": 8}  # the authors' d4 / d8 layouts (configs/test/res18_d4.py, res18_d8.py)
+# (stem pool_type, layer2 stride) of the authors' student backbone -> our preset: d4 (configs/test/res18_d4.py:
+# mean pool, strides (1, 1, 1, 1)) and d8 (res18_d8.py and configs/train/train.py: no pool, strides (1, 2, 2, *)).
+_STRIDE_FROM_LAYOUT = {("mean", 1): 4, ("none", 2): 8}
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -298,9 +301,12 @@ def _authors_stride(state: Any, name: str | None) -> int | None:
             depth += {"(": 1, ")": -1}.get(config[end], 0)
             if depth == 0:
                 break
-        pool = re.search(r"pool_type\s*=\s*['\"](\w+)['\"]", config[start : end + 1])
-        if pool and pool.group(1) in _STRIDE_FROM_POOL:
-            return _STRIDE_FROM_POOL[pool.group(1)]
+        backbone = config[start : end + 1]
+        pool = re.search(r"pool_type\s*=\s*['\"](\w+)['\"]", backbone)
+        strides = re.search(r"strides\s*=\s*\(\s*(\d+)\s*,\s*(\d+)", backbone)
+        layer2_stride = int(strides.group(2)) if strides else None
+        if pool and (pool.group(1), layer2_stride) in _STRIDE_FROM_LAYOUT:
+            return _STRIDE_FROM_LAYOUT[pool.group(1), layer2_stride]
     match = re.search(r"(?:^|[^a-z0-9])d([48])(?:[^0-9]|$)", Path(name).name.lower()) if name else None
     return int(match.group(1)) if match else None
 

@@ -84,7 +84,7 @@ def one_line_error(excinfo) -> str:
 AUTHORS_TRAIN_CONFIG = """exp_name = 'train'
 model = dict(
     type='Framework',
-    backbone=dict(type='ResNet',depth=18, strides=(1, 1, 1, 4), out_indices=(1, 2, 3), pool_type='{pool}', pretrained='/path/to/pretrain'),
+    backbone=dict(type='ResNet',depth=18, strides={strides}, out_indices=(1, 2, 3), pool_type='{pool}', pretrained='/path/to/pretrain'),
     backbone_t=dict(type='ResNet',depth=18, strides=(1, 2, 2, 2), out_indices=(3,),pretrained='/path/to/pretrain'),
     loss=dict(type='MSELoss',reduction='mean'),
 )
@@ -100,7 +100,8 @@ def authors_release(trunk, *, pool: str | None = "mean", teacher: bool = True) -
         state_dict.update(mmcv_names(torchvision_trunk(seed=7), "backbone_t."))
     meta = {"epoch": 800, "iter": 120000, "mmcv_version": "1.3.18", "time": "Mon Mar  6 10:00:00 2023"}
     if pool is not None:
-        meta["config"] = AUTHORS_TRAIN_CONFIG.format(pool=pool)
+        strides = "(1, 1, 1, 4)" if pool == "mean" else "(1, 2, 2, 4)"  # d4 / d8 (configs/train/train.py: d8)
+        meta["config"] = AUTHORS_TRAIN_CONFIG.format(pool=pool, strides=strides)
     return {"meta": meta, "state_dict": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0]}]}}
 
 
@@ -128,6 +129,9 @@ def test_authors_stride8_from_the_stored_config_or_the_file_name(tmp_path):
     trunk = torchvision_trunk()
     overrides, _ = load_published(authors_release(trunk, pool="none"))
     assert overrides["stride"] == 8
+    odd = authors_release(trunk, pool="none")  # no pool but layer2 at stride 1: no preset of ours, so none is chosen
+    odd["meta"]["config"] = odd["meta"]["config"].replace("strides=(1, 2, 2, 4)", "strides=(1, 1, 2, 4)")
+    assert "stride" not in load_published(odd, name="model.pth")[0]
     path = tmp_path / "res18_d8_temp.pth"  # the authors' README name; no teacher, no stored config
     torch.save(authors_release(trunk, pool=None, teacher=False), path)
     extractor = extract(path, stride=4)  # the file name wins over the configured preset
@@ -283,7 +287,7 @@ def test_missing_unexpected_and_mismatched_keys_are_named_on_one_line(tmp_path):
 
     resnet34 = mmcv_names(torchvision_trunk("resnet34"))
     with pytest.raises(ValueError, match="neither a ResNet-18 nor a ResNet-50"):
-        load_published({"state_dict": resnet34, "meta": {"config": AUTHORS_TRAIN_CONFIG.format(pool="none")}}, name="r34.pth")
+        load_published({"state_dict": resnet34, "meta": {"config": AUTHORS_TRAIN_CONFIG.format(pool="none", strides="(1, 2, 2, 4)")}}, name="r34.pth")
 
 
 def test_unknown_and_ambiguous_files_are_refused(tmp_path):
