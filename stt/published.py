@@ -27,10 +27,10 @@ trunk weights to our (torchvision) key names and says which encoder settings (Mo
 (a) The stride is not in the weights: the authors' test configs choose it (configs/test/res18_d8.py:
     backbone strides (1, 2, 2, 1), pool_type='none' -> our preset 8; res18_d4.py: strides (1, 1, 1, 1),
     pool_type='mean' -> our preset 4, see stt/models.py). It is read from the training config that mmcv
-    stores in `meta["config"]` (the student `backbone=dict(...)`: pool_type 'mean' with layer2 stride 1 -> 4,
-    'none' with layer2 stride 2 -> 8),
-    else from the file name (`_d4` / `_d8`, as in the authors' README `ckpt/res18_d8_temp.pth`), else
-    the caller's model.stride stays (default 8; pass model.stride=4 for a stride-4 release).
+    stores in `meta["config"]` (the student `backbone=dict(...)`: pool_type 'mean' with layer2 stride 1
+    -> 4, 'none' with layer2 stride 2 -> 8), else from the file name (`_d4` / `_d8`, as in the authors'
+    README `ckpt/res18_d8_temp.pth`), else the caller's model.stride stays (default 8; pass
+    model.stride=4 for a stride-4 release).
 (b) res4 at stride 8 like our preset 8, but through another schedule: VFS (configs/r18_nc_sgd_cos_100e_r2
     _1xNx8_k400.py test_cfg strides (1, 2, 1, 1) with the max-pool stem) and CRW (code/resnet.py `modify`:
     layer3/layer4 stride 1, max-pool stem; code/utils/arguments.py test: remove_layers=['layer4']) both

@@ -689,7 +689,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="optimisation steps per stage (overrides train.max_steps)")
     parser.add_argument("--storage", default="runs", help="local folder or s3:// URI for checkpoints and logs (default: ./runs)")
     parser.add_argument("--name", default="stt", help="run name: <storage>/<name>/<stage>/; re-running with it resumes")
-    parser.add_argument("--init", default="", help="the earlier stage's checkpoint to start from (temporal stage: and to distil); with --stage all, each stage starts from the one before")
+    parser.add_argument("--init", default="", help="the earlier stage's checkpoint to start from (temporal stage: and to distil), or a published release (stt.published: STT authors', VFS, CRW, torchvision); with --stage all, each stage starts from the one before")
     parser.add_argument("--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint")
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per stage (the latest ones; 0 keeps every one, e.g. for a learning curve)")
     parser.add_argument("--cpus-per-worker", type=float,
