@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from stt.cli import UsageError
+
 
 @dataclass
 class ModelConfig:
@@ -173,9 +175,75 @@ class Config:
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """ValueError naming the config field `name` when `value` is not one of `allowed`."""
+    """UsageError naming the config field `name` when `value` is not one of `allowed`."""
     if value not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        raise UsageError(f"{name}: expected one of {allowed}, got {value!r}")
+
+
+def validate(config: Config) -> Config:
+    """Check every value's range and every choice; a UsageError names the first bad key.
+
+    Run on every loaded configuration, before anything expensive starts (Ray, feature extraction): a
+    value outside these ranges would otherwise surface as a crash deep in a worker, or as a number.
+    The choices are the ones the modules that use them declare.
+    """
+    from stt.losses import ENTROPY_SCORES, ENTROPY_WINDOWS, PYRAMID_LEVELS, REFERENCE_POOLINGS, THRESHOLD_MODES
+    from stt.models import ARCHS, LEVELS, STRIDES
+    from stt.objectives import RECIPES
+    from stt.propagation import AGGREGATIONS, LABEL_SAMPLINGS, PER_FRAME_NORMS, WINDOWS
+
+    m, s, t, p, e, d, r = (config.model, config.spatial, config.temporal, config.propagation, config.eval,
+                           config.data, config.train)
+    for name, value, allowed in (
+            ("model.arch", m.arch, tuple(ARCHS)), ("model.stride", m.stride, STRIDES),
+            ("model.input_space", m.input_space, ("rgb", "lab")), ("spatial.method", s.method, ("moco", "detco")),
+            ("temporal.lc_reference_pooling", t.lc_reference_pooling, REFERENCE_POOLINGS),
+            ("temporal.entropy", t.entropy, ENTROPY_SCORES), ("temporal.entropy_window", t.entropy_window, ENTROPY_WINDOWS),
+            ("temporal.threshold_mode", t.threshold_mode, THRESHOLD_MODES),
+            ("propagation.aggregation", p.aggregation, AGGREGATIONS),
+            ("propagation.per_frame_norm", p.per_frame_norm, PER_FRAME_NORMS), ("propagation.window", p.window, WINDOWS),
+            ("propagation.label_sampling", p.label_sampling, LABEL_SAMPLINGS), ("eval.layer", e.layer, LEVELS),
+            ("train.recipe", r.recipe, tuple(RECIPES))):
+        check_choice(name, value, allowed)
+    if not t.rec_levels or set(t.rec_levels) - set(PYRAMID_LEVELS) or len(set(t.rec_levels)) != len(t.rec_levels):
+        raise UsageError(f"temporal.rec_levels: expected distinct levels among {PYRAMID_LEVELS}, got {list(t.rec_levels)}")
+    positive = {  # > 0
+        "spatial.feature_dim": s.feature_dim, "spatial.queue_size": s.queue_size, "spatial.bn_splits": s.bn_splits,
+        "spatial.image_size": s.image_size, "spatial.lr": s.lr, "spatial.lr_batch": s.lr_batch, "spatial.temperature": s.temperature,
+        "temporal.radius_res3": t.radius_res3, "temporal.radius_res4": t.radius_res4, "temporal.rec_scale": t.rec_scale,
+        "temporal.channel_dropout_scale": t.channel_dropout_scale, "temporal.teacher_temperature": t.teacher_temperature,
+        "propagation.temperature": p.temperature, "propagation.topk": p.topk, "propagation.chunk_size": p.chunk_size,
+        "eval.vip_size": e.vip_size, "eval.jhmdb_size": e.jhmdb_size, "eval.batch_size": e.batch_size,
+        "data.frame_gap": d.frame_gap, "data.data_cpus": d.data_cpus,
+        "train.batch_size": r.batch_size, "train.lr": r.lr, "train.lr_batch": r.lr_batch, "train.max_steps": r.max_steps,
+        "train.checkpoint_every": r.checkpoint_every, "train.log_every": r.log_every, "train.ewc_fisher_batches": r.ewc_fisher_batches,
+    }
+    non_negative = {  # >= 0; 0 means off / none / native size
+        "spatial.weight_decay": s.weight_decay, "temporal.alpha": t.alpha, "temporal.beta": t.beta,
+        "propagation.context": p.context, "propagation.radius": p.radius or 0, "eval.max_short_side": e.max_short_side,
+        "train.gamma": r.gamma, "train.ewc_weight": r.ewc_weight, "train.warmup_steps": r.warmup_steps,
+        "train.eval_every": r.eval_every,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{name}: expected a positive value, got {value!r}")
+    for name, value in non_negative.items():
+        if not value >= 0:
+            raise UsageError(f"{name}: expected zero or more, got {value!r}")
+    if not 0 <= s.momentum < 1:
+        raise UsageError(f"spatial.momentum: expected a value in [0, 1), got {s.momentum!r}")
+    if t.threshold_mode == "keep_fraction" and not 0 < t.entropy_threshold <= 1:
+        raise UsageError(f"temporal.entropy_threshold: expected a kept fraction in (0, 1], got {t.entropy_threshold!r}")
+    if d.crop_size < 32 or d.crop_size % 32:
+        # the global distillation compares res5 maps at stride 32: the crop must tile into whole cells
+        raise UsageError(f"data.crop_size: expected a positive multiple of 32, got {d.crop_size!r}")
+    low, high = d.crop_scale
+    if not 0 < low <= high <= 1:
+        raise UsageError(f"data.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(d.crop_scale)}")
+    low, high = d.crop_ratio
+    if not 0 < low <= high:
+        raise UsageError(f"data.crop_ratio: expected 0 < low <= high (width / height), got {list(d.crop_ratio)}")
+    return config
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -190,11 +258,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise UsageError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(annotation)
         item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_types) != len(value):
-            raise ValueError(f"{where}: expected {len(item_types)} items, got {value!r}")
+            raise UsageError(f"{where}: expected {len(item_types)} items, got {value!r}")
         return tuple(_coerce(v, t, where) for v, t in zip(value, item_types))
     if annotation is bool:
         if isinstance(value, bool):
@@ -203,17 +271,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return True
         if str(value).lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise UsageError(f"{where}: expected true or false, got {value!r}")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise UsageError(f"{where}: expected a number, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            raise UsageError(f"{where}: expected a number, got {value!r}") from None
         if annotation is int:
             if number != int(number):
-                raise ValueError(f"{where}: expected an integer, got {value!r}")
+                raise UsageError(f"{where}: expected an integer, got {value!r}")
             return int(number)
         return number
     if annotation is str:
@@ -227,11 +295,11 @@ def _update(obj: Any, mapping: dict, prefix: str) -> None:
         where = f"{prefix}{key}"
         if key not in hints:
             known = ", ".join(sorted(hints))
-            raise KeyError(f"unknown config key '{where}' (known here: {known})")
+            raise UsageError(f"unknown config key '{where}' (known here: {known})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: expected a mapping, got {value!r}")
+                raise UsageError(f"{where}: expected a mapping, got {value!r}")
             _update(current, value, where + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
@@ -241,14 +309,17 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply `section.key=value` strings in order; values are parsed as YAML scalars."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.key=value")
+            raise UsageError(f"override {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
         nested: dict = {}
         cursor = nested
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            cursor[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise UsageError(f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
         _update(config, nested, "")
     return config
 
@@ -260,11 +331,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        mapping = yaml.safe_load(path.read_text()) or {}
+        try:
+            mapping = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(mapping, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(mapping).__name__}")
-        _update(config, mapping, "")
-    return apply_overrides(config, overrides or [])
+            raise UsageError(f"{path}: expected a mapping of sections, got {type(mapping).__name__}")
+        try:
+            _update(config, mapping, "")
+        except UsageError as error:
+            raise UsageError(f"{path}: {error}") from None
+    return validate(apply_overrides(config, overrides or []))
 
 
 def to_dict(config: Any) -> dict:
@@ -280,7 +357,14 @@ def to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def from_dict(mapping: dict) -> Config:
+def from_dict(mapping: dict, source: str = "") -> Config:
+    """The `Config` of a plain mapping (`to_dict`'s inverse); `source` (e.g. a checkpoint's path) is
+    named in the error when the mapping holds a key this version does not know."""
     config = Config()
-    _update(config, mapping, "")
+    try:
+        _update(config, mapping, "")
+    except UsageError as error:
+        if not source:
+            raise
+        raise UsageError(f"{source}: its stored config: {error}") from None
     return config

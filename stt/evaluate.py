@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from stt import cli
 from stt.config import PRESETS, Config, load_config, to_dict
 from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
 from stt.data.synthetic import ensure_dataset
@@ -180,7 +181,18 @@ def copy_first_mask(root: Path, split: str = "val", resolution: str = "480p") ->
     return summarize_davis(rows)
 
 
+def check_out(out: str) -> None:
+    """Before any work: --out must be a folder we can write, or a path where one can be made."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {out}: a file is there; expected a folder for the predictions and metrics.json")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"--out {out}: {existing} is not writable")
+
+
 def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
+    check_out(args.out)
     root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
     report = evaluate_davis(
         root, args.checkpoint, cfg, Path(args.out), split=args.set, resolution=args.resolution, device=args.device,
@@ -190,25 +202,30 @@ def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
     return report
 
 
-def read_result_masks(results: Path, seq: str, stems: list[str]) -> np.ndarray:
-    """The official evaluator reads only frames 1..T-2; first and last are filled with zeros (never scored)."""
-    inner = [read_mask(results / seq / f"{stem}.png") for stem in stems[1:-1]]
-    blank = np.zeros_like(inner[0])
+def read_result_masks(results: Path, seq: str, stems: list[str], size: tuple[int, int]) -> np.ndarray:
+    """The official evaluator reads only frames 1..T-2; first and last are filled with zeros (never scored).
+    Every mask must be `size` (H, W), the ground truth's."""
+    inner = []
+    for stem in stems[1:-1]:
+        path = results / seq / f"{stem}.png"
+        inner.append(read_mask(path))
+        if inner[-1].shape != size:
+            raise ValueError(f"{path}: result mask is {inner[-1].shape[1]}x{inner[-1].shape[0]}; expected "
+                             f"{size[1]}x{size[0]} like the ground truth")
+    blank = np.zeros(size, np.uint8)
     return np.stack([blank, *inner, blank])
 
 
 def score_davis(davis_root: Path, results: Path, split: str, resolution: str = "480p") -> tuple[dict, list[dict]]:
     """Score a results folder `results/<seq>/<frame>.png` exactly like the official semi-supervised DAVIS tool."""
     if not results.is_dir():
-        raise FileNotFoundError(f"results folder {results} does not exist")
+        raise FileNotFoundError(f"--results {results}: no such folder; expected RESULTS/<sequence>/<frame>.png")
     dataset = DAVIS(davis_root, split=split, resolution=resolution)
     rows = []
     for seq in tqdm(dataset.sequences, desc="score", unit="seq"):
         gt = dataset.read_masks(seq)
         stems = [p.stem for p in dataset.mask_paths(seq)]
-        pred = read_result_masks(results, seq, stems)
-        if pred.shape[1:] != gt.shape[1:]:
-            raise ValueError(f"{results / seq}: result masks are {pred.shape[1:]}, the ground truth is {gt.shape[1:]}")
+        pred = read_result_masks(results, seq, stems, gt.shape[1:])
         rows.extend(evaluate_davis_sequence(gt, pred, seq))
     return summarize_davis(rows), rows
 
@@ -311,6 +328,7 @@ def evaluate_jhmdb(root: Path, checkpoint: str, cfg: Config, out: Path | None, *
 
 
 def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
+    check_out(args.out)
     root = Path(args.vip_root) if args.vip_root else ensure_dataset("vip")
     report = evaluate_vip(root, args.checkpoint, cfg, Path(args.out), device=args.device,
                           feature_cache=args.feature_cache, implementation=args.implementation)
@@ -319,6 +337,7 @@ def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
 
 
 def run_jhmdb(args: argparse.Namespace, cfg: Config) -> dict:
+    check_out(args.out)
     root = Path(args.jhmdb_root) if args.jhmdb_root else ensure_dataset("jhmdb")
     report = evaluate_jhmdb(root, args.checkpoint, cfg, Path(args.out), device=args.device,
                             feature_cache=args.feature_cache, implementation=args.implementation)
@@ -380,4 +399,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, "stt.evaluate"))

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stt.color import normalize_lab, rgb_to_lab
+from stt.cli import UsageError
 from stt.config import EvalConfig, ModelConfig, from_dict
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published, read_checkpoint
@@ -61,6 +63,27 @@ def resize_short_side(x: torch.Tensor, max_short_side: int) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def parse_baseline(source: str) -> tuple[str, int] | None:
+    """("lab", stride) for `lab[:STRIDE]`, ("random", seed) for `random[:SEED]`, None for a file path
+    (also one whose name merely starts with "lab" or "random")."""
+    match = re.fullmatch(r"(lab|random)(?::(.*))?", source)
+    if match is None:
+        return None
+    kind, value = match.groups()
+    if value is None:
+        return (kind, 8) if kind == "lab" else (kind, 0)
+    if not value.isdigit() or (kind == "lab" and int(value) == 0):
+        expected = "lab:STRIDE with a positive integer stride, e.g. lab:8" if kind == "lab" else "random:SEED with an integer seed >= 0"
+        raise UsageError(f"--checkpoint {source}: expected {expected}")
+    return kind, int(value)
+
+
 class FeatureExtractor:
     """Turns uint8 frames `T x H x W x 3` into features `T x C x h x w` (float32, on `device`).
 
@@ -74,12 +97,13 @@ class FeatureExtractor:
         self.network_calls = 0
         self.encoder = None
         self.model_cfg = model_cfg
-        if source.startswith("lab"):
-            self.stride = int(source.split(":", 1)[1]) if ":" in source else 8
+        baseline = parse_baseline(source)
+        if baseline is not None and baseline[0] == "lab":
+            self.stride = baseline[1]
             self.input_space = "lab"
             identity = f"lab-pixels-stride{self.stride}"
-        elif source.startswith("random"):
-            seed = int(source.split(":", 1)[1]) if ":" in source else 0
+        elif baseline is not None:
+            seed = baseline[1]
             with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
                 torch.manual_seed(seed)
                 self.encoder = build_encoder(model_cfg)
@@ -91,7 +115,7 @@ class FeatureExtractor:
                 raise FileNotFoundError(f"checkpoint {path} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')")
             state = read_checkpoint(path)
             if isinstance(state, dict) and "model" in state and "config" in state:
-                self.model_cfg = model_cfg = from_dict(state["config"]).model
+                self.model_cfg = model_cfg = from_dict(state["config"], source=str(path)).model
                 weights = state["model"]
             else:  # a published release or a bare torchvision state dict (stt.published maps and configures it)
                 overrides, weights = load_published(state, name=str(path))
@@ -141,11 +165,15 @@ class FeatureCache:
         """
         path = self.path_for(extractor.cache_key, frame_paths, variant)
         if path.is_file():
-            return torch.from_numpy(np.load(path)).to(extractor.device).float()
+            try:
+                return torch.from_numpy(np.load(path)).to(extractor.device).float()
+            except (ValueError, OSError, EOFError) as error:  # damaged on disk: the entry is only a cache
+                print(f"stt: feature cache entry {path} is unreadable ({' '.join(str(error).split())[:120]}); recomputing it")
         features = extractor(read_frames()).to(torch.float16)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             np.save(tmp, features.cpu().numpy())
+        os.chmod(tmp.name, 0o666 & ~current_umask())  # tempfile makes 0600: a team's shared cache must stay readable
         os.replace(tmp.name, path)  # atomic: a killed run never leaves a half-written entry
         # Rounded through fp16 either way, so a cached rerun reproduces the first run exactly.
         return features.float()

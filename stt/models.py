@@ -37,9 +37,10 @@ from torch import Tensor, nn
 from stt.config import ModelConfig
 
 LEVELS = ("res3", "res4", "res5")
+STRIDES = (8, 4)  # model.stride presets: the res4 output stride of a student
 TEACHER_RES4_STRIDE = 16  # the torchvision-standard trunk
 
-_ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
 _RES3_CHANNELS = {"resnet18": 128, "resnet50": 512}
 # DistributedDataParallel and torch.compile wrap a model and prefix its keys; a saved wrapped
 # model still holds plain encoder weights.
@@ -56,11 +57,11 @@ class Encoder(nn.Module):
 
     def __init__(self, arch: str = "resnet18", res4_stride: int = 8, frozen: bool = False):
         super().__init__()
-        if arch not in _ARCHS:
-            raise ValueError(f"model.arch: expected one of {sorted(_ARCHS)}, got {arch!r}")
+        if arch not in ARCHS:
+            raise ValueError(f"model.arch: expected one of {sorted(ARCHS)}, got {arch!r}")
         if res4_stride not in (4, 8, TEACHER_RES4_STRIDE):
             raise ValueError(f"res4 stride: expected 4, 8 or {TEACHER_RES4_STRIDE}, got {res4_stride!r}")
-        trunk = _ARCHS[arch](weights=None)
+        trunk = ARCHS[arch](weights=None)
         standard = res4_stride == TEACHER_RES4_STRIDE
         self.arch = arch
         self.frozen = frozen

@@ -115,9 +115,15 @@ def read_checkpoint(source: str | os.PathLike | bytes, what: str | None = None) 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{what}: not a weights-only torch checkpoint ({first[:200]})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
+        # a text file fails inside the legacy unpickler as KeyError(<its first byte>): say what it means
+        first = "not a torch.save file" if isinstance(error, KeyError) else (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        if isinstance(error, EOFError):
+            first = "empty or cut short"
+        elif "zip archive" in first:
+            first = "a damaged or cut-short zip archive"
+        raise ValueError(f"{what}: not a weights-only torch checkpoint ({first[:120]})") from None
 
 
 # ------------------------------------------------------------------------------------------- detection

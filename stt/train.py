@@ -40,12 +40,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import io
 import itertools
 import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -61,6 +61,7 @@ import ray.train.torch
 import torch
 from torch import Tensor, nn
 
+from stt import cli
 from stt.config import Config, from_dict, load_config, to_dict
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
 from stt.ewc import ewc_penalty, fisher_diagonal
@@ -184,8 +185,7 @@ def checkpoint_payload(encoder: nn.Module, cfg: Config, stage: str, step: int, o
 def load_payload(data: bytes | str | os.PathLike, what: str, published_arch: str | None = None) -> dict[str, Any]:
     """A checkpoint from bytes or a local path, checked to hold what `checkpoint_payload` writes; with
     `published_arch` (--init) a published release is accepted too, as {"model": weights} (stt.published)."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
-    payload = read_checkpoint(data, what) if published_arch else torch.load(source, map_location="cpu", weights_only=True)
+    payload = read_checkpoint(data, what)  # a text, empty or truncated file: one line naming `what`
     if published_arch and not is_stt_checkpoint(payload):
         return init_payload(payload, what, published_arch)
     missing = [k for k in ("model", "config", "stage", "step") if not isinstance(payload, dict) or k not in payload]
@@ -622,9 +622,47 @@ def build_stage_trainer(stage: str, cfg: Config, run_dir: str, init: str, *, use
     )
 
 
+# Keys that never change the weights a stage learns: a resumed run may change them freely.
+RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_davis_root",
+                     "train.eval_davis_set", "data.data_cpus", "data.decode_in_worker", "eval.", "propagation.")
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(stage: str, cfg: Config, run_dir: str) -> None:
+    """Refuse to resume (or skip as finished) a stage stored under another configuration: re-running a
+    finished run with a new lr silently kept the old model. Names every differing key."""
+    final, stage_dir = join(run_dir, f"{stage}-final.pt"), join(run_dir, stage)
+    if exists(final):
+        source, stored = final, load_payload(read_bytes(final), final)["config"]
+    elif resumed_step(stage_dir):
+        checkpoint = ray.train.Result.from_path(stage_dir).checkpoint
+        with checkpoint.as_directory() as folder:
+            source, stored = checkpoint.path, load_payload(Path(folder) / CHECKPOINT_FILE, checkpoint.path)["config"]
+    else:
+        return
+    was = flatten(to_dict(from_dict(stored, source=source)))  # through from_dict: keys added since get their defaults
+    now = flatten(to_dict(stage_config(cfg, stage)))
+    differing = [k for k in now if now[k] != was.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if differing:
+        changes = ", ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in differing[:6])
+        raise ValueError(f"{run_dir}: the {stage} stage stored there was trained with other settings ({changes}); "
+                         "resume it with the same configuration, or train under a new --name (train.max_steps "
+                         "too: the cosine schedule ends there, so a longer run is a new run)")
+
+
 def run_stage(stage: str, cfg: Config, args: argparse.Namespace, run_dir: str, init: str, use_gpu: bool) -> str:
     """Train one stage as the Ray Train run `<run_dir>/<stage>`; returns the exported final checkpoint."""
     final = join(run_dir, f"{stage}-final.pt")
+    check_resume_config(stage, cfg, run_dir)
     if exists(final):
         done = load_payload(read_bytes(final), final)
         if done["stage"] == stage and done["step"] >= cfg.train.max_steps:
@@ -732,4 +770,4 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, "stt.train"))

@@ -177,7 +177,7 @@ def test_davis_reads_a_good_tree(tmp_path):
 
 def test_davis_palette_falls_back_for_grey_masks(tmp_path):
     root = make_davis(tmp_path, {"a": (1, 4, 4)})
-    write_mask(root / "Annotations/480p/a/00000.png", np.zeros((4, 4)), "L")
+    write_mask(root / "Annotations/480p/a/00000.png", np.ones((4, 4)), "L")
     assert DAVIS(root).palette("a") == davis_palette()
 
 
@@ -227,13 +227,22 @@ def _break(root: Path, damage: str) -> str:
     if damage == "mask name":
         (root / "Annotations/480p/b/00002.png").rename(root / "Annotations/480p/b/00007.png")
         return "00007.png"
+    if damage == "listed twice":  # issue 18: it was scored twice, weighing twice in the mean
+        with open(root / "ImageSets/2017/val.txt", "a") as f:
+            f.write("a\n")
+        return "val.txt: lists a more than once"
+    if damage == "no object in first mask":  # issue 18: 0/255 masks made the sequence leave the mean silently
+        ids = np.zeros((6, 8), np.uint8)
+        ids[:2, :2] = 255
+        write_mask(root / "Annotations/480p/b/00000.png", ids)
+        return "b/00000.png: the first annotation holds no object"
     raise AssertionError(damage)
 
 
 @pytest.mark.parametrize(
     "damage",
     ["split file", "frame folder", "listed sequence", "empty sequence", "mask count",
-     "mask size", "mask mode", "truncated frame", "frame size", "mask name"],
+     "mask size", "mask mode", "truncated frame", "frame size", "mask name", "listed twice", "no object in first mask"],
 )
 def test_davis_refuses_broken_trees_naming_the_path(tmp_path, damage):
     root = make_davis(tmp_path, {"a": (2, 6, 8), "b": (3, 6, 8)})

@@ -245,9 +245,31 @@ def test_prepare_writes_resumes_and_hides_a_killed_shard(tmp_path, monkeypatch):
     prep.prepare("ytvos", src, str(out), settings)
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".parquet"}
 
+    with pytest.raises(ValueError, match="holds shards prepared with settings="):
+        prep.prepare("ytvos", src, str(out), prep.Settings("ytvos", short_side=32, frames_per_row_group=8,
+                                                            row_groups_per_shard=1))
+    (out / "_manifest.json").unlink()  # an unfinished folder: the shards themselves still refuse other settings
     with pytest.raises(ValueError, match="shard-00000.parquet: holds other videos or settings"):
         prep.prepare("ytvos", src, str(out), prep.Settings("ytvos", short_side=32, frames_per_row_group=8,
                                                             row_groups_per_shard=1))
+
+
+def test_prepare_refuses_another_source_and_options_out_of_range(tmp_path):
+    """Issue 18: re-preparing into a finished folder from another source kept the old shards under a
+    manifest naming the new source; --short-side 0 wrote 1 x 1-pixel shards; --quality 500 passed."""
+    from stt.data.synthetic import generate
+
+    settings = prep.Settings("ytvos", short_side=48, frames_per_row_group=8, row_groups_per_shard=1)
+    first = generate(tmp_path / "one", preset="tiny", kinds=("ytvos",))["ytvos"]
+    second = generate(tmp_path / "two", preset="tiny", kinds=("ytvos",))["ytvos"]  # the same video names
+    prep.prepare("ytvos", first, str(tmp_path / "shards"), settings)
+    with pytest.raises(ValueError, match=f"holds shards prepared with source='{first}'"):
+        prep.prepare("ytvos", second, str(tmp_path / "shards"), settings)
+    for option, value in (("short_side", 0), ("quality", 500), ("quality", 0), ("frames_per_row_group", 0)):
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')}: expected an integer"):
+            prep.Settings("ytvos", **{option: value})
+    with pytest.raises(ValueError, match="--workers: expected at least 1"):
+        prep.prepare("ytvos", first, str(tmp_path / "other"), settings, workers=0)
 
 
 # --------------------------------------------------------------------------- streams (Ray)

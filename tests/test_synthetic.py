@@ -246,6 +246,31 @@ def test_ensure_dataset_survives_losing_a_race(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name] and not (final / "mine").exists()
 
 
+def test_ensure_dataset_removes_a_killed_generations_scratch_and_follows_the_umask(tmp_path, monkeypatch):
+    """Issue 18: a killed generation left a 32-57 MB hidden folder behind for ever, and the cache was
+    created 0700, unreadable to a team sharing it."""
+    import os
+    import stat
+    import time
+
+    name = f"synthetic-tiny-s0-v{synthetic.GENERATOR_VERSION}"
+    killed, running = tmp_path / f".{name}-killed", tmp_path / f".{name}-running"
+    for folder in (killed, running):
+        (folder / "davis").mkdir(parents=True)
+        (folder / "davis" / "frame.jpg").write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    for path in (killed, killed / "davis", killed / "davis" / "frame.jpg"):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    monkeypatch.setattr(synthetic, "generate", lambda out_dir, *args, **kwargs: (Path(out_dir) / "davis").mkdir())
+    old_mask = os.umask(0o022)
+    try:
+        root = synthetic.ensure_dataset("davis", "tiny", cache_dir=tmp_path)
+    finally:
+        os.umask(old_mask)
+    assert not killed.exists() and running.is_dir()  # another process's generation still writing is left alone
+    assert stat.S_IMODE(root.parent.stat().st_mode) == 0o755
+
+
 def test_command_line(tmp_path, capsys):
     synthetic.main(["--preset", "tiny", "--seed", "0", "--out", str(tmp_path), "--kinds", "jhmdb"])
     assert [p.name for p in tmp_path.iterdir()] == ["jhmdb"]

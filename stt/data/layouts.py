@@ -231,9 +231,18 @@ class DAVIS:
         self.mask_root = _require_dir(self.root / "Annotations" / resolution, f"DAVIS {resolution} annotations")
         split_file = self.root / "ImageSets" / "2017" / f"{split}.txt"
         self.sequences: list[str] = _read_list(split_file, f"the DAVIS-2017 {split!r} sequence list")
+        repeated = sorted({seq for seq in self.sequences if self.sequences.count(seq) > 1})
+        if repeated:  # scored twice, it would weigh twice in the mean
+            raise DatasetError(f"{split_file}: lists {', '.join(repeated)} more than once; expected each sequence once")
+        # Every listed sequence is checked before the first is evaluated: no half-written results.
         for seq in self.sequences:
             for folder in (self.frame_root / seq, self.mask_root / seq):
                 _require_dir(folder, f"sequence {seq!r} listed in {split_file}")
+            if self.num_objects(seq) == 0:
+                # The official tool scores such a sequence with no rows: it silently leaves the mean.
+                first = self.mask_paths(seq)[0]
+                raise DatasetError(f"{first}: the first annotation holds no object id (only 0 and 255 = void); expected "
+                                   "ids 1..N for the objects to propagate (masks saved as 0/255 mark the object void)")
 
     def frame_paths(self, seq: str) -> list[Path]:
         return _sequence_files(self.frame_root / seq, ".jpg", f"the frames of DAVIS sequence {seq!r}")

@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from stt import cli
 from stt.data.layouts import DAVIS, DatasetError, ImageFolder, YouTubeVOS, read_rgb_or_none
 
 KINDS = ("ytvos", "images", "davis")
@@ -77,6 +78,15 @@ class Settings:
     quality: int = 90
     frames_per_row_group: int = 256
     row_groups_per_shard: int = 8
+
+    def __post_init__(self):
+        # (name, value, lowest, highest): a short side of 0 wrote 1 x 1-pixel shards, quality 500 was accepted
+        for name, value, low, high in (("--short-side", self.short_side, 32, 8192), ("--quality", self.quality, 1, 100),
+                                       ("--frames-per-row-group", self.frames_per_row_group, 1, None),
+                                       ("--row-groups-per-shard", self.row_groups_per_shard, 1, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- listing raw layouts
@@ -232,7 +242,10 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
     settings = settings or Settings(kind)
     if settings.kind != kind:
         raise ValueError(f"settings.kind is {settings.kind!r}; expected {kind!r}")
+    if workers < 1:
+        raise ValueError(f"--workers: expected at least 1, got {workers}")
     src = str(Path(src).resolve())
+    check_same_preparation(out, kind, src, split, settings)
     shards = plan_shards(list_videos(kind, src, split), settings)
     fs, base = filesystem(out)
     fs.create_dir(base, recursive=True)
@@ -263,6 +276,20 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
           f"{manifest['frames']} frames of {manifest['videos']} {'images' if kind == 'images' else 'videos'}, "
           f"{len(corrupt)} unreadable, {time.perf_counter() - started:.1f} s")
     return manifest
+
+
+def check_same_preparation(out: str, kind: str, src: str, split: str, settings: Settings) -> None:
+    """Refuse to prepare into a finished folder of another preparation: its shards would be kept (they
+    hold the same video names) under a manifest naming the new source."""
+    if not is_shard_folder(out):
+        return
+    done = read_manifest(out)
+    asked = {"kind": kind, "source": src, "split": split, "settings": asdict(settings)}
+    differing = [key for key, value in asked.items() if done.get(key) != value]
+    if differing:
+        was = ", ".join(f"{key}={done.get(key)!r}" for key in differing)
+        raise ValueError(f"{out}: holds shards prepared with {was}; expected the same {', '.join(differing)}, "
+                         "or an empty folder (give a new OUT, or delete this one to rebuild)")
 
 
 def read_manifest(uri: str) -> dict:
@@ -306,11 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     settings = Settings(args.kind, args.short_side, args.quality, args.frames_per_row_group, args.row_groups_per_shard)
-    try:
-        prepare(args.kind, args.src, args.out, settings, split=args.split, workers=args.workers)
-    except (DatasetError, ValueError) as err:
-        sys.exit(f"stt.prepare: {err}")
+    prepare(args.kind, args.src, args.out, settings, split=args.split, workers=args.workers)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, "stt.prepare"))

@@ -923,6 +923,16 @@ def generate(out_dir: str | Path, preset: str = "default", seed: int = 0,
     return roots
 
 
+def remove_stale_scratch(cache: Path, prefix: str, idle_s: float = 600.0) -> None:
+    """Delete the scratch folders of generations that were killed (nothing written for `idle_s`);
+    a generation still running in another process keeps writing files and is left alone."""
+    for scratch in cache.glob(f"{prefix}*"):
+        newest = max((p.stat().st_mtime for p in scratch.rglob("*")), default=scratch.stat().st_mtime)
+        if time.time() - newest > idle_s:
+            shutil.rmtree(scratch, ignore_errors=True)
+            print(f"stt: removed {scratch}, left by an interrupted dataset generation")
+
+
 def ensure_dataset(kind: str, preset: str = "default", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """The root of the embedded synthetic `kind` dataset, generated once (all kinds together) into
     cache_dir (default $STT_CACHE or ~/.cache/stt) and reused afterwards. Generation writes into a
@@ -933,10 +943,14 @@ def ensure_dataset(kind: str, preset: str = "default", seed: int = 0, cache_dir:
     final = cache / f"synthetic-{preset}-s{seed}-v{GENERATOR_VERSION}"
     if not final.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(cache, f".{final.name}-")
         started = time.perf_counter()
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
         try:
             generate(scratch, preset, seed)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(scratch, 0o777 & ~mask)  # mkdtemp makes 0700: a cache shared by a team must stay readable
             os.replace(scratch, final)
         except OSError:
             if not final.is_dir():  # not a lost race: a real failure

@@ -1,0 +1,188 @@
+"""Issue 18: every user error of every command line is one line naming the file or value and what was
+expected, with a non-zero exit (2 for a usage error); the traceback only with --debug / STT_DEBUG."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stt import cli
+from stt.config import Config, to_dict
+from stt.data import prepare
+from stt.data.layouts import DAVIS
+from stt.data.synthetic import generate
+from stt.evaluate import main as evaluate_main
+from stt.train import check_resume_config, main as train_main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0, kinds=("davis", "ytvos"))
+
+
+def one_line_error(capsys, main, prog: str, argv: list[str]) -> tuple[int, str]:
+    code = cli.run(main, prog, argv)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "%|" not in line]  # not progress bars
+    assert code != 0 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return code, err[0]
+
+
+def checkpoint_file(tmp_path, kind: str):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("hello, I am not a checkpoint\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"model": {"w": torch.zeros(4096)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "unknown-config-key":
+        config = to_dict(Config())
+        config["train"]["learning_speed"] = 3
+        torch.save({"model": {}, "config": config, "stage": "temporal", "step": 1}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, expected, code", [
+    ("text", "not a torch.save file", 1),
+    ("empty", "empty or cut short", 1),
+    ("truncated", "damaged or cut-short zip archive", 1),
+    ("unknown-config-key", "its stored config: unknown config key 'train.learning_speed'", 2),
+])
+def test_evaluate_names_a_bad_checkpoint_file(tiny, tmp_path, capsys, kind, expected, code):
+    path = checkpoint_file(tmp_path, kind)
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    got, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert got == code and str(path) in line and expected in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("checkpoint, expected", [
+    ("lab:x", "expected lab:STRIDE with a positive integer stride"), ("lab:0", "expected lab:STRIDE"),
+    ("random:x", "expected random:SEED with an integer seed"),
+])
+def test_evaluate_names_a_bad_baseline(tiny, tmp_path, capsys, checkpoint, expected):
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", checkpoint, "--out", str(tmp_path / "out")]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert code == 2 and f"--checkpoint {checkpoint}" in line and expected in line
+
+
+def test_a_checkpoint_file_named_like_a_baseline_is_read_as_a_file(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lab_run.pt").write_text("not weights")
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab_run.pt", "--out", str(tmp_path / "out")]
+    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert "lab_run.pt: not a weights-only torch checkpoint" in line
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("eval.batch_size=0", "eval.batch_size: expected a positive value, got 0"),
+    ("eval.layer=res9", "eval.layer: expected one of ('res3', 'res4', 'res5'), got 'res9'"),
+    ("eval.max_short_side=-1", "eval.max_short_side: expected zero or more, got -1"),
+    ("propagation.topk=0", "propagation.topk: expected a positive value, got 0"),
+    ("propagation.bogus=1", "unknown config key 'propagation.bogus'"),
+])
+def test_evaluate_refuses_bad_settings_before_any_work(tiny, tmp_path, capsys, override, expected):
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab:8", "--out", str(tmp_path / "out"), override]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert code == 2 and expected in line
+
+
+def test_yaml_syntax_error_names_the_file(tiny, tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("propagation:\n  topk: [5\n")
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--config", str(config), "--out", str(tmp_path / "out")]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert code == 2 and f"{config}: not valid YAML" in line
+
+
+def test_score_names_a_results_file_and_a_wrong_sized_mask(tiny, tmp_path, capsys):
+    not_a_folder = tmp_path / "results.txt"
+    not_a_folder.write_text("x")
+    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate",
+                             ["score", "--davis-root", str(tiny["davis"]), "--results", str(not_a_folder)])
+    assert f"--results {not_a_folder}: no such folder" in line
+
+    dataset, results = DAVIS(tiny["davis"]), tmp_path / "results"
+    for seq in dataset.sequences:
+        (results / seq).mkdir(parents=True)
+        for path in dataset.mask_paths(seq):
+            Image.fromarray(np.zeros(dataset.first_mask(seq).shape, np.uint8), mode="L").save(results / seq / path.name)
+    victim = results / dataset.sequences[-1] / dataset.mask_paths(dataset.sequences[-1])[1].name
+    Image.fromarray(np.zeros((7, 9), np.uint8), mode="L").save(victim)
+    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate",
+                             ["score", "--davis-root", str(tiny["davis"]), "--results", str(results)])
+    assert f"{victim}: result mask is 9x7; expected" in line
+
+
+def test_evaluate_refuses_a_first_mask_without_objects_before_writing(tiny, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "davis"
+    shutil.copytree(tiny["davis"], root)
+    dataset = DAVIS(root)
+    first = dataset.mask_paths(dataset.sequences[-1])[0]
+    mask = np.asarray(Image.open(first)).copy()
+    mask[mask > 0] = 255  # masks saved as 0/255: the object is void
+    Image.fromarray(mask, mode="L").save(first)
+    argv = ["davis", "--davis-root", str(root), "--checkpoint", "lab:8", "--out", str(tmp_path / "out")]
+    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert f"{first}: the first annotation holds no object" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.crop_size=0", "data.crop_size: expected a positive multiple of 32, got 0"),
+    ("train.batch_size=-1", "train.batch_size: expected a positive value, got -1"),
+    ("temporal.entropy=bogus", "temporal.entropy: expected one of"),
+])
+def test_train_refuses_bad_settings_before_ray_starts(tmp_path, capsys, override, expected):
+    code, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), override])
+    assert code == 2 and expected in line and not (tmp_path / "stt").exists()
+
+
+def test_prepare_refuses_options_out_of_range(tiny, tmp_path, capsys):
+    for option, value in (("--short-side", "0"), ("--quality", "500")):
+        code, line = one_line_error(capsys, prepare.main, "stt.prepare",
+                                    ["ytvos", str(tiny["ytvos"]), str(tmp_path / "shards"), option, value])
+        assert f"{option}: expected an integer from" in line and f"got {value}" in line
+    assert not (tmp_path / "shards").exists()
+
+
+def test_a_conflicting_resume_is_refused_naming_the_keys(tmp_path):
+    """Issue 18: re-running a finished stage with another lr kept the old model ("already finished")."""
+    from stt.train import stage_config
+
+    stored = stage_config(Config(), "temporal")
+    torch.save({"model": {}, "config": to_dict(stored), "stage": "temporal", "step": 1000}, tmp_path / "temporal-final.pt")
+    check_resume_config("temporal", Config(), str(tmp_path))  # the same configuration resumes
+    changed = Config()
+    changed.train.lr, changed.data.crop_size, changed.train.log_every = 5e-4, 128, 1  # log_every changes no weights
+    with pytest.raises(ValueError, match=r"trained with other settings \(data.crop_size: 256 -> 128, train.lr: 0.0001 -> 0.0005\)"):
+        check_resume_config("temporal", changed, str(tmp_path))
+    longer = Config()
+    longer.train.max_steps = 2000
+    with pytest.raises(ValueError, match="train.max_steps: 1000 -> 2000"):
+        check_resume_config("temporal", longer, str(tmp_path))
+
+
+def test_errors_inside_ray_workers_reach_the_driver_as_one_line(capsys, monkeypatch):
+    from ray.train import WorkerGroupError
+
+    def fails_in_a_worker(argv):
+        raise WorkerGroupError("rank 0 failed: <a long remote traceback>",
+                               {0: FileNotFoundError("data.root /nowhere: no such folder")})
+
+    assert cli.run(fails_in_a_worker, "stt.train", []) == 1
+    assert capsys.readouterr().err == "stt.train: error: data.root /nowhere: no such folder\n"
+    monkeypatch.setenv("STT_DEBUG", "1")  # the traceback, for developers
+    with pytest.raises(WorkerGroupError):
+        cli.run(fails_in_a_worker, "stt.train", [])
+
+
+def test_a_bug_keeps_its_traceback():
+    def buggy(argv):
+        raise ZeroDivisionError("a bug, not a user error")
+
+    with pytest.raises(ZeroDivisionError):
+        cli.run(buggy, "stt.train", [])
