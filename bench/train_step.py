@@ -70,7 +70,7 @@ def measure(case: dict) -> dict:
         student.zero_grad(set_to_none=True)
 
     def full_step() -> None:
-        losses = step_losses(forward, teacher, pair, cfg)
+        losses = step_losses(forward, teacher, pair, cfg.temporal)  # the default recipe keeps L_gc: beta as configured
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()

@@ -199,7 +199,7 @@ def rehearse(out: Path, stage: str, skip_sweep: bool, timeout_s: float) -> dict:
     os.environ.update(auth_env(token_file))  # this script is a client of the cluster: set before Ray is imported
 
     from stt.data.synthetic import generate
-    from stt.train import load_payload
+    from stt import checkpoint
 
     started = time.perf_counter()
     data = generate(shared / "data", preset="tiny", kinds=("ytvos", "davis"))  # "S3 / EFS": seen by every node
@@ -224,7 +224,7 @@ def rehearse(out: Path, stage: str, skip_sweep: bool, timeout_s: float) -> dict:
         check_spread("stt.train", report["train_placement"], "RayTrainWorker", head)
         for trained in ("spatial", "temporal") if stage == "all" else (stage,):
             final = shared / "runs" / "rehearsal" / f"{trained}-final.pt"
-            payload = load_payload(final.read_bytes(), str(final))
+            payload = checkpoint.load(final.read_bytes(), str(final))
             if payload["stage"] != trained or payload["step"] != 2:
                 raise AssertionError(f"{final}: expected the {trained} stage at step 2, got {payload['stage']} at {payload['step']}")
             report.setdefault("checkpoints", []).append(str(final))

@@ -357,7 +357,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. propagation.topk=5")
 
     def propagation_args(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--checkpoint", default="random", help="checkpoint file, 'random[:SEED]', or 'lab[:STRIDE]' (Lab pixels)")
+        sub.add_argument("--checkpoint", default="random", help="checkpoint file (local path or URI, e.g. s3://), 'random[:SEED]', or 'lab[:STRIDE]' (Lab pixels)")
         sub.add_argument("--out", required=True, help="output folder for predictions and metrics.json")
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda")
         sub.add_argument("--feature-cache", help="feature cache folder (default: $STT_CACHE/features)")

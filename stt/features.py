@@ -3,7 +3,7 @@
 A sweep re-runs propagation hundreds of times with other settings; the network runs once per
 (feature source, layer, input size, frames). Feature sources:
 
-- a checkpoint file written by `stt.train` (`{"model", "config", "stage", "step"}`), a plain
+- a checkpoint file written by `stt.train` (stt.checkpoint; a local path or an s3:// URI), a plain
   torchvision ResNet state dict (ImageNet weights from a local file), or a published release
   (STT authors', VFS, CRW: stt.published, which also sets arch, stride preset and input space);
 - `random` / `random:SEED`: a randomly initialised encoder (a baseline, seeded);
@@ -25,20 +25,13 @@ import torch.nn.functional as F
 
 from stt.color import normalize_lab, rgb_to_lab
 from stt.cli import UsageError
-from stt.config import EvalConfig, ModelConfig, from_dict
+from stt import checkpoint
+from stt.config import EvalConfig, ModelConfig
 from stt.models import build_encoder, load_encoder_weights
-from stt.published import load_published, read_checkpoint
+from stt.published import load_published
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def frames_to_input(frames: np.ndarray, input_space: str, device: torch.device) -> torch.Tensor:
@@ -109,21 +102,21 @@ class FeatureExtractor:
                 self.encoder = build_encoder(model_cfg)
             self.input_space = model_cfg.input_space
             identity = f"random-seed{seed}"
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(f"checkpoint {path} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')")
-            state = read_checkpoint(path)
-            if isinstance(state, dict) and "model" in state and "config" in state:
-                self.model_cfg = model_cfg = from_dict(state["config"], source=str(path)).model
+        else:  # a file: local, or on an object store (s3://...)
+            if not checkpoint.is_uri(source) and not Path(source).is_file():
+                raise FileNotFoundError(f"checkpoint {source} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')")
+            data = checkpoint.read_bytes(source)
+            state = checkpoint.read(data, source)
+            if checkpoint.is_stt_checkpoint(state):
+                self.model_cfg = model_cfg = checkpoint.config_of(state, source).model
                 weights = state["model"]
             else:  # a published release or a bare torchvision state dict (stt.published maps and configures it)
-                overrides, weights = load_published(state, name=str(path))
+                overrides, weights = load_published(state, name=source)
                 self.model_cfg = model_cfg = dataclasses.replace(model_cfg, **overrides)
             self.encoder = build_encoder(model_cfg)
             load_encoder_weights(self.encoder, weights)
             self.input_space = model_cfg.input_space
-            identity = f"checkpoint-{file_sha256(path)}"
+            identity = f"checkpoint-{hashlib.sha256(data).hexdigest()}"
         if self.encoder is not None:
             self.encoder.eval().to(self.device)
             self.stride = self.encoder.strides[eval_cfg.layer]

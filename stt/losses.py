@@ -212,6 +212,13 @@ def global_distillation_loss(
     return F.mse_loss(student, teacher)
 
 
+def student_levels(cfg: TemporalConfig) -> tuple[str, ...]:
+    """The student pyramid levels the temporal terms read: each reconstructed level, both when local
+    distillation runs (res3 is distilled into res4), and res5 for global distillation."""
+    levels = [level for level in PYRAMID_LEVELS if level in cfg.rec_levels or cfg.alpha > 0]
+    return (*levels, "res5") if cfg.beta > 0 else tuple(levels)
+
+
 def check_temporal_config(cfg: TemporalConfig) -> None:
     """ValueError naming the first field of `cfg` outside its allowed values."""
     unknown = [level for level in cfg.rec_levels if level not in PYRAMID_LEVELS]
@@ -261,8 +268,7 @@ def temporal_losses(
             f"got {tuple(target_channel.shape)} and {tuple(reference_channel.shape)}"
         )
     radius = {"res3": cfg.radius_res3, "res4": cfg.radius_res4}
-    distil_local = cfg.alpha > 0
-    needed = [level for level in PYRAMID_LEVELS if level in cfg.rec_levels or distil_local]
+    needed = [level for level in student_levels(cfg) if level != "res5"]
     logits = {
         level: local_correlation(_feature(student_t, level, "student_t"), _feature(student_r, level, "student_r"), radius[level])
         for level in needed
@@ -275,7 +281,7 @@ def temporal_losses(
         reference = sample_at_grid(reference_channel.float(), probs[level].shape[-2:])
         terms[f"rec_{level}"] = reconstruction_loss(aggregate_local(probs[level], reference), target_channel, cfg.rec_scale)
 
-    if distil_local:
+    if cfg.alpha > 0:
         fine_h, coarse_h = probs["res3"].shape[-2], probs["res4"].shape[-2]
         with torch.no_grad():
             pseudo_label = downsample_local_correlation(

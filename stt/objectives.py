@@ -3,8 +3,10 @@
 Table 1 (temporal feature learning, ablated) is four `TemporalConfig`s: `TABLE1_ROWS` holds each
 row's overrides. Table 2 (training configurations) is `train.recipe`: `RECIPES` says which stages
 run in which order, whether the temporal stage keeps global correlation distillation, and which
-stage, if any, is regularised by EWC toward the stage before it (stt.ewc). The trainer reads a
-recipe; nothing forks the code.
+stage, if any, is regularised by EWC toward the stage before it (stt.ewc). `stage_spec` turns a
+recipe and a config into one `StageSpec` per stage, once: its input, streams, optimiser and rate,
+objective, teacher, pyramid levels, EWC anchor and Fisher batches. The trainer and the steps read
+the spec; nothing forks the code and nothing works a fact out twice.
 
 `temporal_step` is the temporal stage's loss on one batch: Lab conversion, the colour bottleneck,
 one student pass over both frames, the frozen teacher on RGB, and stt.losses.temporal_losses.
@@ -19,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from stt.color import drop_color_channel, normalize_lab, rgb_to_lab, take_channel
-from stt.config import Config, ModelConfig, TemporalConfig
+from stt.config import Config, ModelConfig, TemporalConfig, from_dict, to_dict
 from stt.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from stt.losses import PYRAMID_LEVELS, temporal_losses
+from stt.losses import student_levels, temporal_losses
 from stt.models import Encoder
 
 # Paper 001 Table 1 (ResNet-18, temporal stage only, hence no teacher): rows top to bottom.
@@ -54,19 +56,78 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+STAGES = ("spatial", "temporal", "spatiotemporal")
+# What each stage's encoder is fed; the evaluator feeds the same. The joint stage's trunk sees both;
+# it is evaluated on Lab, the input of the objective that learns correspondence.
+INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab"}
+STREAMS = {"spatial": ("spatial",), "temporal": ("temporal",), "spatiotemporal": ("spatial", "temporal")}
+
+
 def recipe_of(cfg: Config) -> Recipe:
     if cfg.train.recipe not in RECIPES:
         raise ValueError(f"train.recipe: expected one of {sorted(RECIPES)}, got {cfg.train.recipe!r}")
     return RECIPES[cfg.train.recipe]
 
 
-def feeds_ewc(cfg: Config, stage: str) -> bool:
-    """Whether `stage` is the one the recipe's EWC stage is anchored to (it must leave its Fisher)."""
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of a recipe, resolved once from the recipe and the config (`stage_spec`)."""
+
+    name: str  # "spatial" | "temporal" | "spatiotemporal"
+    config: Config  # the run's config, model.input_space set to the stage's input (stored in its checkpoints)
+    streams: tuple[str, ...]  # the data streams a step reads one batch of each
+    optimiser: str  # "sgd": MoCo v2's, for the spatial and the joint stage | "adam": the temporal stage's
+    temporal: TemporalConfig | None  # the temporal objective as the recipe runs it (beta 0 without a teacher)
+    teacher: bool  # global correlation distillation from the frozen earlier-stage encoder
+    student_levels: tuple[str, ...]  # the student pyramid levels its temporal terms read
+    ewc: bool  # the EWC penalty toward the stage before (whose checkpoint must hold a Fisher)
+    fisher_batches: int  # batches the Fisher it leaves is averaged over at its last step (0: it leaves none)
+
+    @property
+    def lr_section(self) -> str:
+        return "spatial" if self.optimiser == "sgd" else "train"
+
+    def peak_lr(self, workers: int) -> float:
+        """The optimiser's rate for its reference global batch (`<section>.lr_batch`), scaled linearly
+        (MoCo v2's rule) to the real global batch, train.batch_size x workers."""
+        section = getattr(self.config, self.lr_section)
+        return section.lr * self.config.train.batch_size * workers / section.lr_batch
+
+    def describe_lr(self, workers: int) -> str:
+        """One line for the start of the stage: the rate it really uses, and where it comes from."""
+        section, train = getattr(self.config, self.lr_section), self.config.train
+        batch = train.batch_size * workers
+        return (f"stt.train: {self.name} stage: global batch {batch} ({train.batch_size} x {workers} workers), effective lr "
+                f"{self.peak_lr(workers):.3g} ({self.lr_section}.lr {section.lr:g} x {batch} / {self.lr_section}.lr_batch "
+                f"{section.lr_batch})")
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """DistributedDataParallel must be told: without global distillation the temporal objective
+        never reaches res5 (layer4), whose parameters then get no gradient."""
+        return self.name == "temporal" and not self.teacher
+
+
+def stage_spec(cfg: Config, stage: str) -> StageSpec:
+    """The `StageSpec` of `stage` under `cfg`'s recipe (`cfg` itself is left alone)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
     recipe = recipe_of(cfg)
-    if recipe.ewc_stage is None:
-        return False
-    anchored_to = recipe.stages.index(recipe.ewc_stage) - 1
-    return anchored_to >= 0 and recipe.stages[anchored_to] == stage
+    staged = from_dict(to_dict(cfg))
+    staged.model.input_space = INPUT_SPACE[stage]
+    temporal = None
+    if stage != "spatial":
+        # L_gc needs a frozen teacher from an earlier stage: recipes without one drop it (beta = 0)
+        temporal = cfg.temporal if recipe.global_distillation else dataclasses.replace(cfg.temporal, beta=0.0)
+    position = recipe.stages.index(stage) if stage in recipe.stages else -1
+    # the stage whose weights and Fisher the recipe's EWC stage is anchored to leaves them at its last step
+    anchors_ewc = recipe.ewc_stage is not None and position >= 0 and recipe.stages.index(recipe.ewc_stage) == position + 1
+    return StageSpec(
+        name=stage, config=staged, streams=STREAMS[stage], optimiser="adam" if stage == "temporal" else "sgd",
+        temporal=temporal, teacher=temporal is not None and temporal.beta > 0,
+        student_levels=student_levels(temporal) if temporal is not None else (),
+        ewc=recipe.ewc_stage == stage, fisher_batches=cfg.train.ewc_fisher_batches if anchors_ewc else 0,
+    )
 
 
 def add_penalty(losses: dict[str, Tensor], penalty: Callable[[], Tensor] | None) -> dict[str, Tensor]:
@@ -82,13 +143,6 @@ def table1_config(row: str, base: TemporalConfig | None = None) -> TemporalConfi
     if row not in TABLE1_ROWS:
         raise ValueError(f"Table 1 row: expected one of {list(TABLE1_ROWS)}, got {row!r}")
     return dataclasses.replace(base or TemporalConfig(), **TABLE1_ROWS[row])
-
-
-def temporal_config(cfg: Config) -> TemporalConfig:
-    """cfg.temporal as the recipe runs it: beta is zeroed unless the recipe distils from a teacher."""
-    if recipe_of(cfg).global_distillation:
-        return cfg.temporal
-    return dataclasses.replace(cfg.temporal, beta=0.0)
 
 
 def imagenet_normalize(rgb: Tensor) -> Tensor:
@@ -108,23 +162,23 @@ def temporal_step(
     student: nn.Module,
     teacher: nn.Module | None,
     batch: dict[str, Tensor],
-    cfg: Config,
+    temporal: TemporalConfig,
     generator: torch.Generator | None = None,
     penalty: Callable[[], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """The temporal loss of one batch of (target, reference) pairs under `cfg`'s recipe.
+    """The temporal loss of one batch of (target, reference) pairs.
 
     batch: "target", "reference": B x 3 x H x W RGB (uint8, or float in [0, 1]); optionally
         "target_lab", "reference_lab" (normalised Lab, stt.data.pipeline with lab=True), else the
         Lab frames are computed here, on the frames' device.
     student: encoder with forward(x, layers) -> {level: features} (stt.models.Encoder), fed Lab.
+    temporal: the objective as the stage runs it (`StageSpec.temporal`: beta is 0 without a teacher).
     teacher: the frozen spatial encoder, fed ImageNet-normalised RGB (what it was trained on, as in
-        the authors' code); needed when the recipe keeps L_gc, ignored otherwise.
+        the authors' code); needed when temporal.beta > 0, ignored otherwise.
     generator: the random source of the dropped colour channel (None: torch's global one).
     penalty: an extra regulariser added to "loss" (e.g. the EWC penalty), reported as "penalty".
     Returns stt.losses.temporal_losses's dict ("loss" to backpropagate, detached terms).
     """
-    temporal = temporal_config(cfg)
     rgb_t, rgb_r = _rgb01(batch["target"], "target"), _rgb01(batch["reference"], "reference")
     if "target_lab" in batch and "reference_lab" in batch:
         lab_t, lab_r = batch["target_lab"].float(), batch["reference_lab"].float()
@@ -132,18 +186,15 @@ def temporal_step(
         lab_t, lab_r = normalize_lab(rgb_to_lab(rgb_t)), normalize_lab(rgb_to_lab(rgb_r))
     input_t, input_r, dropped = drop_color_channel(lab_t, lab_r, generator, temporal.channel_dropout_scale)
 
-    levels = [level for level in PYRAMID_LEVELS if level in temporal.rec_levels or temporal.alpha > 0]
-    if temporal.beta > 0:
-        levels.append("res5")
     # One pass over both frames, as the authors do: BatchNorm normalises them together.
-    pyramid = student(torch.cat([input_t, input_r]), layers=tuple(levels))
+    pyramid = student(torch.cat([input_t, input_r]), layers=student_levels(temporal))
     student_t = {level: features.chunk(2)[0] for level, features in pyramid.items()}
     student_r = {level: features.chunk(2)[1] for level, features in pyramid.items()}
 
     teacher_t = teacher_r = None
     if temporal.beta > 0:
         if teacher is None:
-            raise ValueError(f"recipe {cfg.train.recipe!r} with temporal.beta={temporal.beta} needs the frozen teacher")
+            raise ValueError(f"temporal.beta={temporal.beta} needs the frozen teacher (global correlation distillation)")
         with torch.no_grad():
             res5 = teacher(imagenet_normalize(torch.cat([rgb_t, rgb_r])), layers=("res5",))["res5"]
         teacher_t, teacher_r = {"res5": res5.chunk(2)[0]}, {"res5": res5.chunk(2)[1]}
@@ -174,30 +225,29 @@ def spatiotemporal_step(
     student: nn.Module,
     spatial_batch: dict[str, Tensor],
     temporal_batch: dict[str, Tensor],
-    cfg: Config,
+    temporal: TemporalConfig,
+    gamma: float,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Recipe (ii): L = L_nce + gamma * L_t with one trunk (student = shared_trunk_student(moco's encoder)).
 
-    spatial_batch: {"view_q", "view_k"} (stt.spatial.MoCo's input); temporal_batch: as `temporal_step`.
-    Returns "loss", "nce" and the temporal terms.
+    spatial_batch: {"view_q", "view_k"} (stt.spatial.MoCo's input); temporal_batch, temporal: as
+    `temporal_step` (no teacher: beta must be 0). Returns "loss", "nce" and the temporal terms.
     """
-    if recipe_of(cfg).stages != ("spatiotemporal",):
-        raise ValueError(f"spatiotemporal_step runs recipe 'spatiotemporal', not train.recipe={cfg.train.recipe!r}")
     nce = moco(spatial_batch["view_q"], spatial_batch["view_k"])["loss"]
-    temporal = temporal_step(student, None, temporal_batch, cfg, generator)
-    return {**temporal, "loss": nce + cfg.train.gamma * temporal["loss"], "nce": nce.detach()}
+    terms = temporal_step(student, None, temporal_batch, temporal, generator)
+    return {**terms, "loss": nce + gamma * terms["loss"], "nce": nce.detach()}
 
 
 class SpatiotemporalModel(nn.Module):
     """Recipe (ii) as one module, so DistributedDataParallel sees one forward per step:
     forward(spatial_batch, temporal_batch) -> `spatiotemporal_step`'s losses."""
 
-    def __init__(self, moco: nn.Module, cfg: Config):
+    def __init__(self, moco: nn.Module, spec: StageSpec):
         super().__init__()
         self.moco = moco
-        self.student = shared_trunk_student(moco.encoder, cfg.model)  # the same parameters, registered twice
-        self.cfg = cfg
+        self.student = shared_trunk_student(moco.encoder, spec.config.model)  # the same parameters, registered twice
+        self.temporal, self.gamma = spec.temporal, spec.config.train.gamma
 
     def forward(self, spatial_batch: dict[str, Tensor], temporal_batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return spatiotemporal_step(self.moco, self.student, spatial_batch, temporal_batch, self.cfg)
+        return spatiotemporal_step(self.moco, self.student, spatial_batch, temporal_batch, self.temporal, self.gamma)

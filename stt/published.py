@@ -69,10 +69,7 @@ Sources read for each format (public repositories, via the project's code search
 """
 from __future__ import annotations
 
-import argparse
-import io
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,6 +78,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stt.checkpoint import read as read_checkpoint
 from stt.models import Encoder
 
 SHOWN_KEYS = 5  # keys named in an error message
@@ -101,29 +99,6 @@ _MAST_REFUSAL = (
 # (stem pool_type, layer2 stride) of the authors' student backbone -> our preset: d4 (configs/test/res18_d4.py:
 # mean pool, strides (1, 1, 1, 1)) and d8 (res18_d8.py and configs/train/train.py: no pool, strides (1, 2, 2, *)).
 _STRIDE_FROM_LAYOUT = {("mean", 1): 4, ("none", 2): 8}
-
-
-# ------------------------------------------------------------------------------------------- reading
-def read_checkpoint(source: str | os.PathLike | bytes, what: str | None = None) -> Any:
-    """torch.load(weights_only=True) of a path or of the file's bytes, on the CPU.
-
-    argparse.Namespace is allowed as well: CRW stores its command line (`"args"`) in the checkpoint.
-    Raises ValueError (one line, naming `what`) when the file is not a weights-only pickle.
-    """
-    what = what or (str(source) if not isinstance(source, bytes) else "checkpoint")
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
-        # a text file fails inside the legacy unpickler as KeyError(<its first byte>): say what it means
-        first = "not a torch.save file" if isinstance(error, KeyError) else (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
-        if isinstance(error, EOFError):
-            first = "empty or cut short"
-        elif "zip archive" in first:
-            first = "a damaged or cut-short zip archive"
-        raise ValueError(f"{what}: not a weights-only torch checkpoint ({first[:120]})") from None
 
 
 # ------------------------------------------------------------------------------------------- detection

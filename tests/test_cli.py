@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stt import cli
+from stt import checkpoint, cli
 from stt.config import Config, to_dict
 from stt.data import prepare
 from stt.data.layouts import DAVIS
@@ -151,19 +151,22 @@ def test_prepare_refuses_options_out_of_range(tiny, tmp_path, capsys):
 
 def test_a_conflicting_resume_is_refused_naming_the_keys(tmp_path):
     """Issue 18: re-running a finished stage with another lr kept the old model ("already finished")."""
-    from stt.train import stage_config
+    from stt.objectives import stage_spec
 
-    stored = stage_config(Config(), "temporal")
+    stored = stage_spec(Config(), "temporal").config
     torch.save({"model": {}, "config": to_dict(stored), "stage": "temporal", "step": 1000}, tmp_path / "temporal-final.pt")
-    check_resume_config("temporal", Config(), str(tmp_path))  # the same configuration resumes
+    check_resume_config(stage_spec(Config(), "temporal"), str(tmp_path))  # the same configuration resumes
     changed = Config()
     changed.train.lr, changed.data.crop_size, changed.train.log_every = 5e-4, 128, 1  # log_every changes no weights
     with pytest.raises(ValueError, match=r"trained with other settings \(data.crop_size: 256 -> 128, train.lr: 0.0001 -> 0.0005\)"):
-        check_resume_config("temporal", changed, str(tmp_path))
+        check_resume_config(stage_spec(changed, "temporal"), str(tmp_path))
+    shorter = Config()
+    shorter.train.max_steps = 500
+    with pytest.raises(ValueError, match="train.max_steps: 1000 -> 500"):
+        check_resume_config(stage_spec(shorter, "temporal"), str(tmp_path))
     longer = Config()
-    longer.train.max_steps = 2000
-    with pytest.raises(ValueError, match="train.max_steps: 1000 -> 2000"):
-        check_resume_config("temporal", longer, str(tmp_path))
+    longer.train.max_steps = 2000  # extending a run is allowed, and said
+    check_resume_config(stage_spec(longer, "temporal"), str(tmp_path))
 
 
 def test_errors_inside_ray_workers_reach_the_driver_as_one_line(capsys, monkeypatch):
@@ -186,3 +189,19 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(ZeroDivisionError):
         cli.run(buggy, "stt.train", [])
+
+
+def test_evaluate_reads_a_checkpoint_through_a_uri(tmp_path):
+    """Issue 15: --checkpoint takes what stt.checkpoint reads, e.g. s3://; file:// exercises the same
+    pyarrow path here, and gives the same features (the same cache key) as the local path."""
+    from stt.features import FeatureExtractor
+    from stt.models import build_encoder
+    from stt.objectives import stage_spec
+
+    spec = stage_spec(Config(), "temporal")
+    optimizer = torch.optim.Adam(build_encoder(spec.config.model).parameters())
+    path = tmp_path / "temporal-final.pt"
+    torch.save(checkpoint.payload(build_encoder(spec.config.model).state_dict(), spec.config, "temporal", 1, optimizer), path)
+    local = FeatureExtractor(str(path), Config().model, Config().eval)
+    remote = FeatureExtractor(f"file://{path}", Config().model, Config().eval)
+    assert local.cache_key == remote.cache_key and remote.input_space == "lab"

@@ -62,10 +62,10 @@ def test_laptop_recipe_loads_with_values_in_range():
     assert cfg.data.frame_gap == 4  # 4 raw frames at 24 fps = YouTube-VOS's 5 at 30 fps (0.167 s)
     assert cfg.data.decode_in_worker is True
     assert 4 <= cfg.train.batch_size <= 64 and 1e-5 <= cfg.train.lr <= 1e-3
-    from stt.train import effective_lr
+    from stt.objectives import stage_spec
 
     # the rates its learning curves were measured with, on its one worker (BENCHMARKS.md)
-    assert effective_lr(cfg, "temporal", 1) == pytest.approx(5e-4) and effective_lr(cfg, "spatial", 1) == pytest.approx(0.03)
+    assert stage_spec(cfg, "temporal").peak_lr(1) == pytest.approx(5e-4) and stage_spec(cfg, "spatial").peak_lr(1) == pytest.approx(0.03)
     assert 0 < cfg.train.warmup_steps < cfg.train.max_steps and cfg.train.max_steps % cfg.train.checkpoint_every == 0
     assert cfg.spatial.queue_size < 2079  # fewer entries than ytvos-real has frames: no image is its own negative
     assert cfg.eval.max_short_side == 240

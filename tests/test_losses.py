@@ -470,7 +470,7 @@ def random_pair_batch(batch: int = 2, size: int = 32, seed: int = 0) -> dict[str
 
 def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     from stt.models import build_encoder
-    from stt.objectives import temporal_step
+    from stt.objectives import stage_spec, temporal_step
 
     torch.manual_seed(0)
     student = build_encoder(cfg.model)
@@ -478,7 +478,8 @@ def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     before = [p.detach().clone() for p in student.parameters()]
     losses = []
     for step in range(3):
-        terms = temporal_step(student, teacher, random_pair_batch(seed=step), cfg, torch.Generator().manual_seed(step), penalty)
+        terms = temporal_step(student, teacher, random_pair_batch(seed=step), stage_spec(cfg, "temporal").temporal,
+                              torch.Generator().manual_seed(step), penalty)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -503,7 +504,7 @@ def test_each_table1_row_trains(row):
 def test_each_temporal_recipe_trains(recipe):
     from stt.config import Config
     from stt.models import build_encoder, build_teacher
-    from stt.objectives import RECIPES, temporal_config
+    from stt.objectives import RECIPES, stage_spec
 
     cfg = Config()
     cfg.train.recipe = recipe
@@ -513,14 +514,14 @@ def test_each_temporal_recipe_trains(recipe):
     if RECIPES[recipe].ewc_stage == "temporal":
         anchor = torch.zeros(())  # a stand-in for stt.ewc.ewc_penalty: any differentiable scalar
         penalty = lambda: anchor + 1.0  # noqa: E731
-    assert (temporal_config(cfg).beta > 0) == (recipe == "spatial-then-temporal")
+    assert stage_spec(cfg, "temporal").teacher == (recipe == "spatial-then-temporal")
     train_three_steps(cfg, teacher, penalty)
     assert all(torch.equal(teacher_before[name], value) for name, value in teacher.state_dict().items())
 
 
 def test_spatiotemporal_recipe_shares_one_trunk():
     from stt.config import Config
-    from stt.objectives import shared_trunk_student, spatiotemporal_step
+    from stt.objectives import shared_trunk_student, spatiotemporal_step, stage_spec
     from stt.spatial import MoCo
 
     cfg = Config()
@@ -533,7 +534,8 @@ def test_spatiotemporal_recipe_shares_one_trunk():
     optimizer = torch.optim.Adam([p for p in moco.parameters() if p.requires_grad], lr=1e-4)
     views = {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}
     for step in range(3):
-        terms = spatiotemporal_step(moco, student, views, random_pair_batch(seed=step), cfg)
+        terms = spatiotemporal_step(moco, student, views, random_pair_batch(seed=step), stage_spec(cfg, "spatiotemporal").temporal,
+                                    cfg.train.gamma)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -544,9 +546,9 @@ def test_spatiotemporal_recipe_shares_one_trunk():
 
 def test_unknown_recipe_is_named():
     from stt.config import Config
-    from stt.objectives import temporal_step
+    from stt.objectives import stage_spec
 
     cfg = Config()
     cfg.train.recipe = "temporal-only"
     with pytest.raises(ValueError, match="train.recipe"):
-        temporal_step(nn.Identity(), None, random_pair_batch(), cfg)
+        stage_spec(cfg, "temporal")

@@ -304,17 +304,17 @@ def test_unknown_and_ambiguous_files_are_refused(tmp_path):
 
 
 def test_training_init_accepts_a_release_for_the_same_arch(tmp_path):
-    from stt.train import load_payload
+    from stt import checkpoint
 
     trunk = torchvision_trunk()
     path = tmp_path / "pretrained.pth"
     torch.save(crw_checkpoint(trunk), path)
-    payload = load_payload(path.read_bytes(), str(path), published_arch="resnet18")
+    payload = checkpoint.load_init(path.read_bytes(), str(path), "resnet18")
     assert payload.keys() == {"model"}
     assert_same_trunk(payload["model"], trunk)
     with pytest.raises(ValueError, match="crw weights of a resnet18, but model.arch=resnet50; set model.arch=resnet18"):
-        load_payload(path.read_bytes(), str(path), published_arch="resnet50")
+        checkpoint.load_init(path.read_bytes(), str(path), "resnet50")
     bare = tmp_path / "resnet18.pth"
     torch.save(trunk, bare)
     with pytest.raises(ValueError, match="not an stt.train checkpoint"):  # resuming still takes stt's own files only
-        load_payload(bare, str(bare))
+        checkpoint.load(bare, str(bare))

@@ -14,22 +14,12 @@ import torch
 
 from stt.config import Config, apply_overrides, from_dict, load_config
 from stt.models import build_encoder
-from stt.train import (
-    CHECKPOINT_FILE,
-    build_spatial,
-    describe_lr,
-    effective_lr,
-    build_temporal,
-    checkpoint_payload,
-    ewc_regulariser,
-    learning_rate,
-    load_payload,
-    main,
-    objective_fisher,
-    resumed_step,
-    stage_config,
-    train_one_step,
-)
+from stt import checkpoint
+from stt.checkpoint import CHECKPOINT_FILE
+from stt.models import encoder_state_dict
+from stt.objectives import stage_spec
+from stt.stages import StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
+from stt.train import learning_rate, main, resumed_step
 
 TINY = [
     "model.arch=resnet18", "train.batch_size=4", "train.warmup_steps=2", "train.checkpoint_every=2", "train.log_every=1",
@@ -56,37 +46,55 @@ def test_default_learning_rates_are_the_papers_at_the_papers_global_batch():
     """Issue 17: MoCo v2's 0.03 at 256 images (8 workers x 32) and paper 001's Adam 1e-4 at 128 pairs
     (8 x 16, ResNet-18), with no hand arithmetic; the authors' ResNet-50 run (16 x 4 GPUs) gets their 5e-5."""
     spatial = apply_overrides(Config(), ["train.batch_size=32"])
-    assert effective_lr(spatial, "spatial", 8) == pytest.approx(0.03)
-    assert effective_lr(spatial, "spatiotemporal", 8) == pytest.approx(0.03)  # the joint stage trains with MoCo's SGD
-    assert effective_lr(Config(), "temporal", 8) == pytest.approx(1e-4)
-    assert effective_lr(Config(), "temporal", 4) == pytest.approx(5e-5)
-    assert effective_lr(Config(), "temporal", 1) == pytest.approx(1e-4 / 8)  # linear in the global batch
-    assert describe_lr(Config(), "temporal", 8) == (
+    assert stage_spec(spatial, "spatial").peak_lr(8) == pytest.approx(0.03)
+    assert stage_spec(spatial, "spatiotemporal").peak_lr(8) == pytest.approx(0.03)  # the joint stage trains with MoCo's SGD
+    temporal = stage_spec(Config(), "temporal")
+    assert temporal.peak_lr(8) == pytest.approx(1e-4)
+    assert temporal.peak_lr(4) == pytest.approx(5e-5)
+    assert temporal.peak_lr(1) == pytest.approx(1e-4 / 8)  # linear in the global batch
+    assert temporal.describe_lr(8) == (
         "stt.train: temporal stage: global batch 128 (16 x 8 workers), effective lr 0.0001 (train.lr 0.0001 x 128 / train.lr_batch 128)")
 
 
-def test_stage_config_sets_the_input_space_and_leaves_the_original_alone():
+def test_stage_spec_sets_the_input_space_and_leaves_the_original_alone():
     cfg = Config()
-    assert stage_config(cfg, "spatial").model.input_space == "rgb"
-    assert stage_config(cfg, "temporal").model.input_space == "lab"
+    assert stage_spec(cfg, "spatial").config.model.input_space == "rgb"
+    assert stage_spec(cfg, "temporal").config.model.input_space == "lab"
     assert cfg.model.input_space == "rgb"
+
+
+def test_stage_spec_decides_every_fact_of_a_stage_once():
+    """Issue 15: teacher, levels, optimiser, EWC anchor and Fisher batches, from the recipe and config alone."""
+    temporal = stage_spec(Config(), "temporal")
+    assert (temporal.optimiser, temporal.teacher, temporal.streams) == ("adam", True, ("temporal",))
+    assert temporal.student_levels == ("res3", "res4", "res5") and not temporal.find_unused_parameters
+    no_gc = stage_spec(tiny_config("train.recipe=spatial-then-temporal-no-gc"), "temporal")
+    assert no_gc.temporal.beta == 0 and not no_gc.teacher and no_gc.student_levels == ("res3", "res4")
+    assert no_gc.find_unused_parameters  # res5 gets no gradient without L_gc
+    row1 = stage_spec(tiny_config("train.recipe=temporal", "temporal.rec_levels=[res4]", "temporal.alpha=0"), "temporal")
+    assert row1.student_levels == ("res4",)
+    joint = stage_spec(tiny_config("train.recipe=spatiotemporal"), "spatiotemporal")
+    assert (joint.optimiser, joint.streams, joint.teacher) == ("sgd", ("spatial", "temporal"), False)
+    ewc = tiny_config("train.recipe=spatial-then-temporal-ewc", "train.ewc_fisher_batches=3")
+    assert (stage_spec(ewc, "spatial").fisher_batches, stage_spec(ewc, "spatial").ewc) == (3, False)
+    assert (stage_spec(ewc, "temporal").fisher_batches, stage_spec(ewc, "temporal").ewc) == (0, True)
 
 
 def test_temporal_stage_without_teacher_is_refused_clearly():
     with pytest.raises(ValueError, match=r"temporal.beta=50.0 \(train.recipe=spatial-then-temporal\) needs a frozen teacher"):
-        build_temporal(tiny_config(), init=None)
-    student, teacher, _ = build_temporal(tiny_config("temporal.beta=0"), init=None)
+        build_temporal(stage_spec(tiny_config(), "temporal"), init=None)
+    student, teacher, _ = build_temporal(stage_spec(tiny_config("temporal.beta=0"), "temporal"), init=None)
     assert teacher is None
 
 
 def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
     torch.manual_seed(0)
-    cfg = stage_config(tiny_config(), "spatial")
+    cfg = stage_spec(tiny_config(), "spatial").config
     moco, optimizer = build_spatial(cfg)
     views = torch.randn(2, 4, 3, 64, 64)
     train_one_step(lambda: moco(views[0], views[1]), optimizer, 0.1, torch.device("cpu"))
     path = tmp_path / CHECKPOINT_FILE
-    torch.save(checkpoint_payload(moco.encoder, cfg, "spatial", 7, optimizer, moco), path)
+    torch.save(checkpoint.payload(encoder_state_dict(moco.encoder), cfg, "spatial", 7, optimizer, moco), path)
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
     assert payload["stage"] == "spatial" and payload["step"] == 7
@@ -98,7 +106,7 @@ def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
 
     # a rebuilt MoCo + optimiser restored from the file takes the same next step as the original
     restored, restored_optimizer = build_spatial(cfg)
-    restored.load_state_dict(load_payload(path, "test")["moco"])
+    restored.load_state_dict(checkpoint.load(path, "test")["moco"])
     restored_optimizer.load_state_dict(payload["optimizer"])
     for model, opt in ((moco, optimizer), (restored, restored_optimizer)):
         torch.manual_seed(1)  # the key shuffle of shuffle-BN is random
@@ -108,26 +116,27 @@ def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
 
 
 def test_every_recipe_names_the_stage_its_ewc_stage_is_anchored_to():
-    from stt.objectives import RECIPES, feeds_ewc
+    from stt.objectives import RECIPES
 
     anchors = {(recipe, stage) for recipe in RECIPES for stage in ("spatial", "temporal", "spatiotemporal")
-               if feeds_ewc(tiny_config(f"train.recipe={recipe}"), stage)}
+               if stage_spec(tiny_config(f"train.recipe={recipe}"), stage).fisher_batches}
     assert anchors == {("spatial-then-temporal-ewc", "spatial"), ("temporal-then-spatial-ewc", "temporal")}
 
 
 def test_spatial_fisher_then_ewc_penalty_on_the_temporal_student():
     torch.manual_seed(0)
     cfg = tiny_config("train.recipe=spatial-then-temporal-ewc", "train.ewc_weight=3")
-    moco, _ = build_spatial(cfg)
+    spatial = StageModel(stage_spec(cfg, "spatial"), None, "", torch.device("cpu"))
+    moco = spatial.moco
     queue_before = moco.global_queue.clone()
     views = iter([{"spatial": {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}} for _ in range(2)])
-    fisher = objective_fisher(moco, "spatial", None, cfg, views, 2)
+    fisher = spatial.fisher(views, 2)
     assert set(fisher) == {name for name, _ in moco.encoder.named_parameters()}
     assert all((value >= 0).all() for value in fisher.values()) and any(value.sum() > 0 for value in fisher.values())
     assert torch.equal(moco.global_queue, queue_before)  # computed on a copy: the trained state is untouched
 
     init = {"model": {k: v.clone() for k, v in moco.encoder.state_dict().items()}, "fisher": fisher}
-    student, _, _ = build_temporal(cfg, init["model"])
+    student, _, _ = build_temporal(stage_spec(cfg, "temporal"), init["model"])
     penalty = ewc_regulariser(student, init, cfg, "spatial-final.pt")
     assert penalty().item() == 0.0  # at the anchor
     with torch.no_grad():
@@ -138,11 +147,11 @@ def test_spatial_fisher_then_ewc_penalty_on_the_temporal_student():
         ewc_regulariser(student, {"model": init["model"]}, cfg, "spatial-final.pt")
 
 
-def test_load_payload_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
+def test_checkpoint_load_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="weights.pt: not an stt.train checkpoint"):
-        load_payload(path, str(path))
+        checkpoint.load(path, str(path))
 
 
 # ----------------------------------------------------------------------------------------- on a local Ray cluster

@@ -56,10 +56,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from stt.checkpoint import join
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 from stt.data.synthetic import ensure_dataset
 from stt.evaluate import copy_first_mask, evaluate_davis
-from stt.train import build_stage_trainer, export_final, join, start_ray
+from stt.objectives import stage_spec
+from stt.train import build_stage_trainer, export_final, start_ray
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
 METRIC = "tuning_jf"
@@ -219,7 +221,7 @@ def training_trial(params: dict, *, base: dict, spatial_checkpoint: str, runs: s
     """
     cfg = with_params(base, params)
     trial_id = tune.get_context().get_trial_id()
-    trainer = build_stage_trainer("temporal", cfg, join(runs, trial_id), spatial_checkpoint, use_gpu=use_gpu,
+    trainer = build_stage_trainer(stage_spec(cfg, "temporal"), join(runs, trial_id), spatial_checkpoint, use_gpu=use_gpu,
                                   workers=workers, cpus_per_worker=cpus_per_worker, callbacks=[TuningJFCallback()],
                                   run_name="sweep", trial=trial_id)
     trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
@@ -278,7 +280,7 @@ class Sweep:
         else:
             cfg = replace_train(self.base, max_steps=self.plan.spatial_steps, eval_every=0)
             print(f"sweep: phase 1/4, spatial stage ({self.plan.spatial_steps} steps)")
-            trainer = build_stage_trainer("spatial", cfg, str(self.experiment / "spatial"), "", use_gpu=self.use_gpu,
+            trainer = build_stage_trainer(stage_spec(cfg, "spatial"), str(self.experiment / "spatial"), "", use_gpu=self.use_gpu,
                                           workers=self.plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
             checkpoint = str(self.experiment / "spatial-final.pt")
             export_final(trainer.fit().checkpoint, checkpoint)
@@ -369,7 +371,7 @@ class Sweep:
         default_checkpoint = self.experiment / "untuned-temporal-final.pt"
         if not default_checkpoint.exists():  # trained once; a rerun of the sweep only re-reads it
             cfg = replace_train(self.base, max_steps=plan.temporal_steps, eval_every=0, checkpoint_every=plan.temporal_steps)
-            trainer = build_stage_trainer("temporal", cfg, str(self.experiment / "untuned-run"), spatial_checkpoint,
+            trainer = build_stage_trainer(stage_spec(cfg, "temporal"), str(self.experiment / "untuned-run"), spatial_checkpoint,
                                           use_gpu=self.use_gpu, workers=plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
             export_final(trainer.fit().checkpoint, str(default_checkpoint))
         sources = {"tuned training, default propagation": best_training["checkpoint"],
