@@ -138,6 +138,18 @@ def davis_jf(checkpoint: Path, cfg: Config, device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------- the worker
+def report_skipped(skipped, total: int, named: int) -> int:
+    """Print the sources of corrupt frames skipped since the last report (the counter keeps the first
+    20); returns how many have been named."""
+    if total > named:
+        sources = ray.get(skipped.first_sources.remote())  # Ray: the shared counter
+        for source in sources[named:]:
+            print(f"stt.train: skipped a corrupt frame: {source}", flush=True)
+        if total > len(sources):
+            print(f"stt.train: {total} corrupt frames skipped so far (the first {len(sources)} named above)", flush=True)
+    return total
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: restore, build the stage, iterate, report, checkpoint.
 
@@ -167,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
     batches = worker_batches(spec, start_step, config["skipped_frames"], device)
     peak_lr, pairs_per_step = spec.peak_lr(world), train.batch_size * world
     meter = WindowMeter()
-    step = start_step
+    step, named = start_step, 0
     while step < train.max_steps:
         waited = time.perf_counter()
         batch = next(batches)
@@ -182,6 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {**meter.summary(pairs_per_step), "step": step, "lr": lr, "start_step": start_step}
         if rank == 0:
             metrics["skipped_frames"] = ray.get(config["skipped_frames"].total.remote())  # Ray: the shared counter
+            named = report_skipped(config["skipped_frames"], metrics["skipped_frames"], named)
         if not checkpoint_due:
             ray.train.report(metrics)  # Ray: a barrier across workers; rank 0's numbers reach the callbacks
         else:
@@ -398,6 +411,9 @@ def start_ray(**init_kwargs) -> None:
     # Ray's Train state API (the dashboard's Train runs) records nothing without this flag; the driver
     # reads it for `ray.init`, and the runtime_env below hands it to the Train controller actor.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # Ray Train gives a worker group 60 s to start; two workers importing torch on a loaded 2-core
+    # machine took longer (a test failed only under load, issue 18). The controller reads it from here.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**init_kwargs)
         return
@@ -457,16 +473,34 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         cfg.data.root = str(ensure_dataset("ytvos"))
         print(f"stt.train: no data.root given: training on the embedded synthetic YouTube-VOS set {cfg.data.root}"
               + ("" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else " on a local Ray cluster"))
+    specs = [stage_spec(cfg, stage) for stage in (recipe_of(cfg).stages if args.stage == "all" else (args.stage,))]
+    run_dir = checkpoint.join(args.storage if checkpoint.is_uri(args.storage) else os.path.abspath(args.storage), args.name)
+    check_inputs(cfg, specs, args.init, run_dir)  # before Ray starts: a typo costs a second, not a cluster start
+
     if not ray.is_initialized():
         start_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
     use_gpu = not args.cpu and ray.cluster_resources().get("GPU", 0) >= 1
-    run_dir = checkpoint.join(args.storage if checkpoint.is_uri(args.storage) else os.path.abspath(args.storage), args.name)
-
     finals: dict[str, str] = {}
     init = args.init  # each stage of the recipe starts from (and the temporal one distils) the one before
-    for stage in recipe_of(cfg).stages if args.stage == "all" else (args.stage,):
-        finals[stage] = init = run_stage(stage_spec(cfg, stage), args, run_dir, init, use_gpu)
+    for spec in specs:
+        finals[spec.name] = init = run_stage(spec, args, run_dir, init, use_gpu)
     return finals
+
+
+def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str) -> None:
+    """The data roots, the --init file and the storage, checked before anything starts."""
+    resolve_source(cfg.data.root)
+    if cfg.data.images and any("spatial" in spec.streams for spec in specs):
+        resolve_source(cfg.data.images, images=True)
+    if init and not checkpoint.exists(init):
+        raise FileNotFoundError(f"--init {init}: no such checkpoint file")
+    fs, path = checkpoint.filesystem(run_dir)
+    try:
+        fs.create_dir(path, recursive=True)
+        if not checkpoint.is_uri(run_dir) and not os.access(path, os.W_OK):
+            raise PermissionError(path)
+    except (OSError, PermissionError) as error:
+        raise PermissionError(f"--storage: cannot write the run folder {run_dir} ({' '.join(str(error).split())[:120]})") from None
 
 
 if __name__ == "__main__":

@@ -205,3 +205,21 @@ def test_evaluate_reads_a_checkpoint_through_a_uri(tmp_path):
     local = FeatureExtractor(str(path), Config().model, Config().eval)
     remote = FeatureExtractor(f"file://{path}", Config().model, Config().eval)
     assert local.cache_key == remote.cache_key and remote.input_space == "lab"
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("data.root=/nowhere/videos", "/nowhere/videos: not a shard folder"),
+    ("--init=/nowhere/spatial-final.pt", "--init /nowhere/spatial-final.pt: no such checkpoint file"),
+])
+def test_train_checks_data_and_init_before_ray_starts(tmp_path, capsys, option, expected):
+    import ray
+
+    code, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), option])
+    assert code == 1 and expected in line and not ray.is_initialized()
+
+
+def test_train_names_unwritable_storage(tmp_path, capsys, tiny):
+    blocked = tmp_path / "a-file"  # a file where the storage folder should be: no run folder can be made
+    blocked.write_text("x")
+    _, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(blocked), f"data.root={tiny['ytvos']}"])
+    assert f"--storage: cannot write the run folder {blocked}/stt" in line
