@@ -1,0 +1,444 @@
+"""An exact top-K affinity graph: propagation trials at gather speed (issue #12).
+
+A propagation trial (stt.propagation.propagate, "overall" aggregation) spends nearly all its time
+on affinities: for every target location, the dot products with every allowed location of its
+context frames, then a top-k. Those affinities depend on the features only, never on the labels;
+only the label copy does (and the recurrence: frame t's predictions are later frames' context
+labels). So for a whole search space we compute them once:
+
+    build_graph     per target location (t, j), the K best candidates (context frame f, location i,
+                    raw affinity a = <feature_t[j], feature_f[i]>) over the WIDEST setting of the
+                    space (the superset: most context frames, largest radius, square window, first
+                    frame unwindowed if any trial leaves it so). Sorted, best first.
+    propagate_with_graph
+                    one trial: keep the candidates the trial allows (its context frames, radius,
+                    window shape, first-frame rule), the repeated first frame counted twice, take
+                    the top-k of a / T, softmax, copy labels. Same recurrence as stt.propagation.
+
+Why this is exact. Let U be the superset's candidates of a target, S the K cached ones (every
+candidate outside S scores no higher than the K-th cached one), A the trial's candidates (A is in U:
+`serves` refuses any trial that could reach outside it). If at least k candidates of S survive the
+trial's filter, each candidate of A outside S scores no higher than all of them, so the trial's
+top-k lies in S. If fewer survive, that target location is computed the usual way against all its
+context (`_exact_rows`, a dense top-k as `predict_dense`), and counted as a fallback. A location
+whose superset has at most K candidates at all (tiny grids, early frames) is held whole: never a fallback.
+
+Settings that change the affinities themselves cannot be served (per-frame aggregation, another
+`normalize`, other features); `serves` names the reason and the caller runs stt.propagation.
+
+Precision. Affinities are kept in fp32, the dtype of the existing path's logits. The trial divides
+them by T; the windowed implementation divides the query by T before the products instead: the two
+differ by a few fp32 ulps (soft labels within 1e-6 in the tests), and both rank candidates the
+same except for affinities within those ulps of each other (then either choice is as exact as the
+other: dense and windowed differ the same way). fp16 would be 2**-11 relative: at T = 0.01 a logit
+error of ~0.05, a 5 % change of a softmax weight, so fp16 is not used. Frames are int16 (T < 32768),
+locations int16 when the grid has under 32768 cells (60 x 107 DAVIS at stride 8, 120 x 214 at
+stride 4), else int32. Memory: (T-1) x N x K x (4 + 2 + 2) bytes; a 70-frame 480p sequence at stride 8
+with K = 32 is ~115 MB.
+
+Shapes: T frames, C channels, h x w grid (N = h*w cells), L labels, K cached candidates per target,
+k the trial's top-k. Row t - 1 of the graph's tensors belongs to target frame t (frame 0 is given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stt.config import PropagationConfig
+# Private helpers of the windowed implementation, imported on purpose: the graph is built with the very
+# kernels a trial of stt.propagation runs, so its affinities and its top-K are those of the existing path.
+from stt.propagation import (
+    CHUNK_LOGITS,
+    SHIFT_MAX_CHANNELS,
+    _check,
+    _chunk_targets,
+    _top_overall,
+    context_indices,
+    inside_window,
+    window_logits_by_shift,
+    window_logits_by_tile,
+)
+
+GRAPH_VERSION = 1  # part of the file key: a change of the format or of its meaning makes new files
+# K of the sweep's graphs: at least twice the largest top-k searched, at least 32 (bench/propagation_graph.py
+# measures the fallback fraction this gives on real DAVIS features).
+MIN_K = 32
+
+# How each PropagationConfig field meets a graph. A field missing from all three (one added later) is
+# served only when it equals the superset's value: unknown means it may change the affinities.
+LABEL_ONLY = ("temperature", "soft_labels", "repeat_first_frame", "label_sampling", "minmax_normalise",
+              "chunk_size", "per_frame_norm")  # per_frame_norm: unused by "overall" aggregation
+BOUNDED = ("topk", "context", "radius", "window", "window_first_frame")  # a trial may use less than the superset
+AFFINITY = ("aggregation", "normalize")  # must equal the superset's (aggregation: "overall")
+
+
+def default_k(superset: PropagationConfig) -> int:
+    """K for a superset whose largest searched top-k is superset.topk."""
+    return max(MIN_K, 2 * superset.topk)
+
+
+@dataclass
+class Graph:
+    """The top-K candidates of every target location of one video, for one superset setting.
+
+    value: (T-1) x N x K float32, raw affinities (dot products of the features, L2-normalised iff
+    superset.normalize), best first; -inf pads a target with fewer than K candidates.
+    frame: (T-1) x N x K int16, the candidate's context frame (always < its target frame).
+    location: (T-1) x N x K int16 | int32, its flat cell y * w + x in that frame.
+    features: T x C x h x w, the features as given to `build_graph` (only the fallbacks use them;
+    not saved: `load_graph` takes them from the feature cache again).
+    """
+
+    value: torch.Tensor
+    frame: torch.Tensor
+    location: torch.Tensor
+    grid: tuple[int, int]
+    superset: PropagationConfig
+    features: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.value.shape[-1]
+
+
+# ---------------------------------------------------------------- the superset of a search space
+
+
+def _domain_values(domain) -> tuple[list, bool]:
+    """(values it can take, continuous?) of a Ray Tune domain or a plain constant. Continuous domains
+    give [lower, upper]; randint's upper bound is exclusive."""
+    from ray.tune.search import sample  # here, not at the top: the graph itself needs no Ray
+
+    if isinstance(domain, sample.Categorical):
+        return list(domain.categories), False
+    if isinstance(domain, sample.Integer):
+        return [domain.lower, domain.upper - 1], False
+    if isinstance(domain, sample.Float):
+        return [domain.lower, domain.upper], True
+    return [domain], False
+
+
+def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
+    """The widest propagation setting of a search space: the graph built for it serves every trial
+    whose affinities it contains.
+
+    space: {"propagation.KEY": Ray Tune domain or constant} (tune/sweep.py load_space's "propagation"
+    section; other keys are ignored). base: the configuration trials start from, radius resolved
+    (stt.propagation.for_task). Widest: the largest context and top-k, the largest radius (0, no
+    window, if the space holds it), a square window (it contains the circle of the same radius),
+    the first frame unwindowed if any trial leaves it so. aggregation is "overall" (per-frame trials
+    are refused by `serves`); normalize and any unknown field stay base's.
+    """
+    if base.radius is None:
+        raise ValueError("base.radius: None stands for the task's default; resolve it with stt.propagation.for_task first")
+    values = {field.name: [getattr(base, field.name)] for field in dataclasses.fields(PropagationConfig)}
+    for key, domain in space.items():
+        section, _, name = key.partition(".")
+        if section == "propagation" and name in values:
+            values[name] = _domain_values(domain)[0]
+    radii = values["radius"]
+    return replace(
+        base,
+        aggregation="overall",
+        topk=max(values["topk"]),
+        context=max(values["context"]),
+        radius=0.0 if min(radii) <= 0 else float(max(radii)),
+        window="square",
+        window_first_frame=all(values["window_first_frame"]),
+    )
+
+
+def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
+    """None when `graph` gives exactly what stt.propagation.propagate(graph.features, ..., cfg) gives,
+    else the reason it cannot (the caller then runs the existing path)."""
+    sup = graph.superset
+    if cfg.aggregation != "overall":
+        return f"aggregation={cfg.aggregation!r}: per-frame softmaxes over whole frames, which a top-K graph does not hold"
+    if cfg.normalize != sup.normalize:
+        return f"normalize={cfg.normalize}: the graph's affinities are of normalize={sup.normalize} features"
+    if cfg.topk > graph.k:
+        return f"topk={cfg.topk} exceeds the graph's K={graph.k}"
+    if cfg.context > sup.context:
+        return f"context={cfg.context} exceeds the graph's {sup.context} frames"
+    if cfg.radius is None:
+        return "radius=None: resolve it with stt.propagation.for_task first"
+    if sup.radius > 0:  # a windowed superset: the trial's windows must lie inside it
+        if cfg.radius == 0:
+            return f"radius=0 (no window) is wider than the graph's radius {sup.radius}"
+        if sup.window == "square" and math.floor(cfg.radius) > math.floor(sup.radius):
+            # integer offsets: |d| <= r iff |d| <= floor(r), and a circle lies inside the square of its radius
+            return f"radius={cfg.radius} exceeds the graph's {sup.radius}"
+        if sup.window == "circle" and (cfg.window != "circle" or cfg.radius > sup.radius):
+            return f"window={cfg.window!r} radius={cfg.radius} is not inside the graph's circle of radius {sup.radius}"
+        if sup.window_first_frame and not cfg.window_first_frame:
+            return "window_first_frame=False: the graph holds only the first frame's window"
+    known = set(LABEL_ONLY) | set(BOUNDED) | set(AFFINITY)
+    for field in dataclasses.fields(PropagationConfig):
+        if field.name not in known and getattr(cfg, field.name) != getattr(sup, field.name):
+            return f"{field.name}={getattr(cfg, field.name)!r} differs from the graph's and stt.graph does not know what it changes"
+    return None
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_graph(features: torch.Tensor, superset: PropagationConfig, k: int, tile: int = 8) -> Graph:
+    """The top-k candidates of every target location of a video under `superset` (see the module docstring).
+
+    features: T x C x h x w float32 (CPU or CUDA), as stt.propagation.propagate takes them. superset:
+    an "overall" PropagationConfig with radius resolved (`superset_config`); its topk and temperature
+    play no part (candidates are ranked by raw affinity: the ranking of a / T for every T > 0).
+    Memory stays bounded as in stt.propagation.predict_windowed: target rows in chunks of at most
+    superset.chunk_size locations and CHUNK_LOGITS logits.
+    """
+    if features.dim() != 4 or features.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"features: expected a float32 (or float64) T x C x h x w tensor, got {features.dtype} of shape {tuple(features.shape)}")
+    if superset.aggregation != "overall":
+        raise ValueError(f"superset.aggregation: a graph holds the 'overall' top-K, got {superset.aggregation!r}")
+    if superset.radius is None or superset.radius < 0:
+        raise ValueError(f"superset.radius: expected a resolved radius >= 0, got {superset.radius!r}")
+    num_frames, _, h, w = features.shape
+    if k < 1 or num_frames >= 2**15:
+        raise ValueError(f"expected k >= 1 and fewer than 32768 frames, got k={k}, {num_frames} frames")
+    if superset.normalize:
+        features_used = F.normalize(features, dim=1)  # exactly as stt.propagation._propagate_video
+    else:
+        features_used = features
+    num = h * w
+    rows = max(num_frames - 1, 0)
+    value = features.new_full((rows, num, k), float("-inf"))
+    frame = torch.zeros((rows, num, k), dtype=torch.int16, device=features.device)
+    location = torch.zeros((rows, num, k), dtype=torch.int16 if num < 2**15 else torch.int32, device=features.device)
+    for t in range(1, num_frames):
+        frames = context_indices(t, superset.context)  # [0, max(1, t - context) .. t - 1]: each frame once
+        whole = [f for f in frames if superset.radius == 0 or (f == 0 and not superset.window_first_frame)]
+        windowed = [f for f in frames if f not in whole]
+        top, top_frame, top_location = _top_candidates(features_used, t, whole, windowed, superset, k, tile)
+        found = top.shape[1]  # < k only where the superset has fewer than k candidates
+        value[t - 1, :, :found], frame[t - 1, :, :found], location[t - 1, :, :found] = top, top_frame, top_location
+    return Graph(value, frame, location, (h, w), superset, features)
+
+
+def _top_candidates(features, t, whole, windowed, cfg, k, tile):
+    """Target frame t's top-k candidates: values, frames, locations, each N x k' (k' <= k).
+
+    `whole` frames are scored against every cell, `windowed` ones inside the window only, at
+    temperature 1 (raw affinities), in chunks of target rows as stt.propagation.predict_windowed
+    (whose overall branch this follows, minus the label copy) with its window kernels. Departure:
+    where the window's span covers at least a whole grid (the widest radius of a space on a small
+    grid, e.g. 35 cells at 30 x 54) the windowed frames are scored densely, one frame at a time, with
+    the window as a -inf mask: the kernels would score more cells per target than the frame has.
+    The top-k of all candidates is the top-k of the frames' top-k's, so the merge is exact.
+    """
+    _, channels, h, w = features.shape
+    num = h * w
+    query = features[t]  # C x h x w: temperature 1
+    by_shift = channels <= SHIFT_MAX_CHANNELS
+    span = 2 * math.floor(cfg.radius) + 1 + (0 if by_shift else tile - 1)
+    dense_window = span**2 >= num
+    dense_frames = whole + windowed if dense_window else whole
+    kernel_frames = [] if dense_window else windowed
+    context = features[kernel_frames]  # n x C x h x w
+    kernel_slots = torch.tensor(kernel_frames, dtype=torch.long, device=features.device)
+    if kernel_frames:
+        targets_per_chunk = min(cfg.chunk_size, max(1, CHUNK_LOGITS // (len(kernel_frames) * span**2)))
+    else:  # one B x N product at a time
+        targets_per_chunk = min(cfg.chunk_size, max(1, CHUNK_LOGITS // num))
+    rows_per_chunk, scored_width = max(1, targets_per_chunk // w), w
+    if kernel_frames and not by_shift:
+        rows_per_chunk = tile * max(1, rows_per_chunk // tile)
+        scored_width = math.ceil(w / tile) * tile
+    buffer = query.new_empty(len(kernel_frames) * rows_per_chunk * scored_width * span**2) if kernel_frames else None
+    cells = torch.arange(num, device=features.device)
+
+    values, frames, locations = [], [], []  # per chunk of rows: B x k'
+    for y0 in range(0, h, rows_per_chunk):
+        y1 = min(y0 + rows_per_chunk, h)
+        targets = query[:, y0:y1].flatten(1)  # C x B
+        chunk_values, chunk_frames, chunk_locations = [], [], []
+        if dense_window and windowed:
+            target_cells = cells[y0 * w : y1 * w]
+            outside = ~inside_window(cells[None, :] // w - target_cells[:, None] // w,
+                                     cells[None, :] % w - target_cells[:, None] % w, cfg.radius, cfg.window)  # B x N
+        for f in dense_frames:
+            logits = targets.T @ features[f].flatten(1)  # B x N
+            if f in windowed:
+                logits.masked_fill_(outside, float("-inf"))
+            top, index = logits.topk(min(k, num), dim=-1)
+            chunk_values.append(top)
+            chunk_frames.append(torch.full_like(index, f))
+            chunk_locations.append(index)
+        if kernel_frames:
+            kernel = window_logits_by_shift if by_shift else window_logits_by_tile
+            extra = () if by_shift else (tile,)
+            logits, bias, window_cells = kernel(context, query, y0, y1, cfg.radius, cfg.window, *extra, buffer)
+            top, slot, cell = _top_overall(logits, bias, k)  # each (target dims) x k'
+            scored = (y1 - y0 if by_shift else math.ceil((y1 - y0) / tile) * tile, scored_width)
+            chunk_values.append(_chunk_targets(top, scored, y1 - y0, w))
+            chunk_frames.append(_chunk_targets(kernel_slots[slot], scored, y1 - y0, w))
+            chunk_locations.append(_chunk_targets(window_cells.gather(-1, cell), scored, y1 - y0, w))
+        top, pick = torch.cat(chunk_values, dim=1).topk(min(k, sum(v.shape[1] for v in chunk_values)), dim=-1)
+        values.append(top)
+        frames.append(torch.cat(chunk_frames, dim=1).gather(1, pick))
+        locations.append(torch.cat(chunk_locations, dim=1).gather(1, pick))
+    return torch.cat(values), torch.cat(frames), torch.cat(locations)
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def propagate_with_graph(graph: Graph, first_labels: torch.Tensor, cfg: PropagationConfig, stats: dict | None = None) -> torch.Tensor:
+    """What stt.propagation.propagate(graph.features, first_labels, cfg) returns: T x L x h x w soft
+    labels (frame 0 = first_labels), from the graph's candidates.
+
+    Raises ValueError with `serves`'s reason if the graph cannot serve cfg. stats, if given, gains
+    "targets" (target locations predicted) and "fallbacks" (those computed the usual way).
+    """
+    reason = serves(graph, cfg)
+    if reason is not None:
+        raise ValueError(f"this graph cannot serve the setting: {reason}")
+    features = graph.features
+    _check(features, first_labels, cfg)
+    num_frames, num_labels = features.shape[0], first_labels.shape[0]
+    h, w = graph.grid
+    num = h * w
+    # Labels as T x N x L (each candidate's label vector is one row: a gather) while propagating.
+    predicted = features.new_empty((num_frames, num, num_labels))
+    predicted[0] = first_labels.to(features.dtype).flatten(1).T
+    carried = predicted if cfg.soft_labels else predicted.clone()  # what later frames copy from
+    cells = torch.arange(num, device=features.device)
+    ys, xs = cells // w, cells % w
+    normalized = None  # the features the fallbacks compare, made on the first fallback
+    fallbacks = 0
+    for t in range(1, num_frames):
+        weights, frame, location, served = _select(graph, t, cfg, ys, xs)
+        predicted[t] = torch.einsum("bk,bkl->bl", weights, carried[frame, location])
+        missing = (~served).nonzero().squeeze(1)
+        if len(missing):
+            if normalized is None:
+                normalized = F.normalize(features, dim=1) if cfg.normalize else features
+            predicted[t, missing] = _exact_rows(normalized, carried, t, missing, cfg, (h, w))
+            fallbacks += len(missing)
+        if not cfg.soft_labels:
+            carried[t] = F.one_hot(predicted[t].argmax(dim=1), num_labels)
+    if stats is not None:
+        stats["targets"] = stats.get("targets", 0) + (num_frames - 1) * num
+        stats["fallbacks"] = stats.get("fallbacks", 0) + fallbacks
+    return predicted.transpose(1, 2).reshape(num_frames, num_labels, h, w).contiguous()
+
+
+def _select(graph: Graph, t: int, cfg: PropagationConfig, ys: torch.Tensor, xs: torch.Tensor):
+    """Target frame t's top-k under cfg from the cache: softmax weights, frames and locations (N x k
+    each), and whether each target is served exactly (N bool; else `_exact_rows` computes it).
+
+    A candidate enters once per context slot that allows it: the first-frame slot (frame 0, in the
+    window iff windowed), the queue slots (frames start .. t-1, in the window); with repeat_first_frame
+    frame 0 can be in both, so its cells count twice in the top-k, as in stt.propagation.
+    """
+    value, frame, location = graph.value[t - 1], graph.frame[t - 1].long(), graph.location[t - 1].long()
+    w = graph.grid[1]
+    real = torch.isfinite(value)
+    if cfg.radius == 0:
+        inside = torch.ones_like(real)
+    else:
+        inside = inside_window(location // w - ys[:, None], location % w - xs[:, None], cfg.radius, cfg.window)
+    first_slot = real & (frame == 0)
+    if cfg.radius > 0 and cfg.window_first_frame:
+        first_slot &= inside
+    start = max(0 if cfg.repeat_first_frame else 1, t - cfg.context)
+    queue_slots = real & (frame >= start) & inside  # every cached frame is < t
+    count = first_slot.sum(dim=1) + queue_slots.sum(dim=1)
+    # A cache with a -inf in its last column holds every candidate its superset has: served whatever the count.
+    served = (count >= cfg.topk) | ~real[:, -1]
+    logits = value / cfg.temperature
+    both = torch.cat([logits.masked_fill(~first_slot, float("-inf")), logits.masked_fill(~queue_slots, float("-inf"))], dim=1)
+    top, pick = both.topk(cfg.topk, dim=1)  # N x k; serves() guarantees k <= K
+    pick = pick % graph.k  # the slot copies of one candidate share its frame and location
+    return top.softmax(dim=1), frame.gather(1, pick), location.gather(1, pick), served
+
+
+def _exact_rows(features: torch.Tensor, carried: torch.Tensor, t: int, rows: torch.Tensor, cfg: PropagationConfig,
+                grid: tuple[int, int]) -> torch.Tensor:
+    """Soft labels (B x L) of target frame t's locations `rows` (B), computed the usual way: every
+    allowed cell of every context slot, top-k, softmax, copy (stt.propagation.predict_dense's
+    overall branch, restricted to these rows and chunked so at most CHUNK_LOGITS logits exist).
+
+    features: T x C x h x w, normalised as cfg says; carried: T x N x L context labels.
+    """
+    h, w = grid
+    num = h * w
+    context = context_indices(t, cfg.context, cfg.repeat_first_frame)
+    first_windowed = len(context) if cfg.radius == 0 else (0 if cfg.window_first_frame else 1)  # as _first_windowed_frame
+    context_features = features[context].flatten(2)  # n x C x N
+    context_frames = torch.tensor(context, device=features.device)
+    cells = torch.arange(num, device=features.device)
+    out = carried.new_empty((len(rows), carried.shape[2]))
+    step = max(1, CHUNK_LOGITS // (len(context) * num))
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        query = features[t].flatten(1)[:, chunk] / cfg.temperature  # C x B, as predict_windowed's query
+        logits = torch.einsum("fci,cb->bfi", context_features, query)  # B x n x N
+        outside = ~inside_window(cells[None, :] // w - (chunk // w)[:, None], cells[None, :] % w - (chunk % w)[:, None],
+                                 cfg.radius, cfg.window)  # B x N
+        logits[:, first_windowed:].masked_fill_(outside[:, None, :], float("-inf"))
+        top, index = logits.flatten(1).topk(min(cfg.topk, logits[0].numel()), dim=1)  # B x k
+        labels = carried[context_frames[index // num], index % num]  # B x k x L
+        out[start : start + step] = torch.einsum("bk,bkl->bl", top.softmax(dim=1), labels)
+    return out
+
+
+# ---------------------------------------------------------------- on disk, beside the feature cache
+
+
+def _superset_key(superset: PropagationConfig, k: int) -> str:
+    """What a graph depends on besides the features: the superset fields that shape it, K, the format."""
+    fields = {name: getattr(superset, name) for name in ("aggregation", "normalize", "context", "radius", "window",
+                                                          "window_first_frame")}
+    return hashlib.sha256(json.dumps([GRAPH_VERSION, k, fields], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def graph_path(feature_file: Path, superset: PropagationConfig, k: int) -> Path:
+    """Where the graph of the features cached at `feature_file` (stt.features.FeatureCache.path_for,
+    whose name keys the feature source and the frames) lives: beside it, keyed by the superset and K."""
+    feature_file = Path(feature_file)
+    return feature_file.with_name(f"{feature_file.stem}.graph-{_superset_key(superset, k)}.pt")
+
+
+def save_graph(graph: Graph, path: Path) -> None:
+    """The graph's tensors and superset (not the features: they are in the feature cache) via torch.save."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"version": GRAPH_VERSION, "value": graph.value.cpu(), "frame": graph.frame.cpu(),
+                "location": graph.location.cpu(), "grid": list(graph.grid),
+                "superset": dataclasses.asdict(graph.superset)}, tmp)
+    tmp.replace(path)  # atomic: a killed build never leaves a half-written graph
+
+
+def load_graph(path: Path, features: torch.Tensor) -> Graph:
+    """A saved graph (torch.load with weights_only=True), on the device of `features`, the features it was built on."""
+    state = torch.load(path, map_location=features.device, weights_only=True)
+    if state.get("version") != GRAPH_VERSION:
+        raise ValueError(f"{path}: graph format {state.get('version')}, expected {GRAPH_VERSION}")
+    grid = tuple(state["grid"])
+    if tuple(features.shape[2:]) != grid or features.shape[0] != state["value"].shape[0] + 1:
+        raise ValueError(f"{path}: a graph of {state['value'].shape[0] + 1} frames on a {grid} grid, "
+                         f"features of shape {tuple(features.shape)}")
+    return Graph(state["value"], state["frame"], state["location"], grid, PropagationConfig(**state["superset"]), features)
+
+
+def load_or_build(feature_file: Path, features: torch.Tensor, superset: PropagationConfig, k: int) -> tuple[Graph, Path]:
+    """The graph of these features under (superset, k) from beside `feature_file`, built and saved on a miss."""
+    path = graph_path(feature_file, superset, k)
+    if path.is_file():
+        return load_graph(path, features), path
+    graph = build_graph(features, superset, k)
+    save_graph(graph, path)
+    return graph, path

@@ -1,0 +1,262 @@
+"""stt/graph.py: trials served from the top-K affinity graph give what stt.propagation.propagate gives
+(dense and windowed), on random features and on a real DAVIS sequence, for a grid of settings across
+the search space; per-location fallbacks stay exact; settings the graph cannot serve are refused
+with a reason; the superset of a Ray Tune space; graphs saved beside the feature cache."""
+import itertools
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from stt.config import PropagationConfig
+from stt.graph import (
+    build_graph,
+    default_k,
+    graph_path,
+    load_graph,
+    load_or_build,
+    propagate_with_graph,
+    save_graph,
+    serves,
+    superset_config,
+)
+from stt.propagation import labels_to_mask, minmax_normalise, propagate, soft_labels_to_mask, upsample_labels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The widest setting of the tests' small space, and the trial factors it serves.
+SUPERSET = replace(PropagationConfig(), context=4, radius=4.0, topk=20, window="square", window_first_frame=False, chunk_size=40)
+FACTORS = {
+    "topk": [1, 5, 20],
+    "temperature": [0.01, 0.07, 0.2],
+    "context": [0, 1, 2, 4],
+    "radius": [1.0, 2.5, 4.0],
+    "window": ["square", "circle"],
+    "window_first_frame": [True, False],
+    "repeat_first_frame": [True, False],
+    "soft_labels": [True, False],
+    "minmax_normalise": [True, False],
+}
+
+
+def trial_grid(count: int, superset: PropagationConfig = SUPERSET, max_topk: int = 20):
+    """About `count` settings spread over the product of FACTORS: every step-th, the step coprime to the
+    factors' sizes (2, 3, 4), so the walk meets every value of every factor in varied combinations."""
+    names, total = list(FACTORS), math.prod(len(values) for values in FACTORS.values())
+    step = next(s for s in itertools.count(max(1, total // count)) if math.gcd(s, 6) == 1)
+    for index, values in enumerate(itertools.product(*FACTORS.values())):
+        if index % step == 0 and values[0] <= max_topk:
+            yield replace(superset, **dict(zip(names, values)))
+
+
+def random_video(channels: int, grid=(12, 15), frames=7, labels=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(frames, channels, *grid, generator=generator)
+    first = torch.softmax(3 * torch.randn(labels, *grid, generator=generator), dim=0)
+    return features, first
+
+
+def decided(labels, image_size, minmax):
+    """The masks soft_labels_to_mask makes (T x H x W) and where they are decided: the best label beats
+    the second by more than 1e-4 (elsewhere two labels tie up to rounding, and either is right)."""
+    up = upsample_labels(labels, image_size)
+    up = minmax_normalise(up) if minmax else up
+    top2 = up.topk(2, dim=1).values
+    return labels_to_mask(up), top2[:, 0] - top2[:, 1] > 1e-4
+
+
+def assert_same(graph, first, cfg, atol, stats=None, image_size=(24, 30)):
+    """The graph path against both existing implementations: soft labels within atol, the same masks
+    wherever they are decided."""
+    ours = propagate_with_graph(graph, first, cfg, stats)
+    ours_masks = soft_labels_to_mask(ours, image_size, cfg.minmax_normalise)
+    for implementation in ("dense", "windowed"):
+        theirs = propagate(graph.features, first, cfg, implementation)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        assert torch.allclose(ours, theirs, atol=atol, rtol=0), (implementation, (ours - theirs).abs().max().item(), cfg)
+        masks, clear = decided(theirs, image_size, cfg.minmax_normalise)
+        assert clear.float().mean() > 0.9 and torch.equal(ours_masks[clear], masks[clear]), (implementation, cfg)
+
+
+# ---------------------------------------------------------------- exactness
+
+
+# Three channels: the windowed implementation's shifted multiply-adds; eight: its tile matmuls. On the
+# 12 x 15 grid the build scores radius-4 windows densely (a 15-cell tile span covers the grid) for C = 8
+# and with the shift kernel for C = 3; the radius-2 superset below uses the tile kernel.
+@pytest.mark.parametrize("channels", [3, 8])
+def test_graph_equals_propagate_on_random_features(channels):
+    features, first = random_video(channels)
+    graph = build_graph(features, SUPERSET, k=40)
+    stats = {}
+    for cfg in trial_grid(40):
+        assert serves(graph, cfg) is None, cfg
+        assert_same(graph, first, cfg, atol=1e-5, stats=stats)
+    assert stats["targets"] > 0 and 0 <= stats["fallbacks"] < stats["targets"]
+    print(f"random features, C={channels}: {stats['fallbacks']} of {stats['targets']} target locations fell back")
+
+
+def test_tile_kernel_superset_and_unwindowed_superset():
+    features, first = random_video(8, grid=(14, 17), frames=6, seed=4)
+    # radius 2 at tile 8: 12 x 12 cells per target < 238, the build uses window_logits_by_tile
+    narrow = replace(SUPERSET, radius=2.0, window_first_frame=True)
+    graph = build_graph(features, narrow, k=30)
+    for cfg in trial_grid(12, superset=narrow):
+        cfg = replace(cfg, radius=min(cfg.radius, 2.0), window_first_frame=True)
+        assert_same(graph, first, cfg, atol=1e-5)
+    # radius 0 in the space: no window at all in the superset, and the trial may have none either
+    whole = replace(SUPERSET, radius=0.0)
+    graph = build_graph(features, whole, k=30)
+    for cfg in [replace(SUPERSET, radius=0.0, topk=5), replace(SUPERSET, radius=3.0, window="circle", topk=20, context=2)]:
+        assert serves(graph, cfg) is None
+        assert_same(graph, first, cfg, atol=1e-5)
+
+
+def test_small_k_forces_fallbacks_that_stay_exact():
+    """K = 5: trials with top-20, or a small window, find too few cached candidates at most locations;
+    those are computed the usual way, and the result is the same."""
+    features, first = random_video(8, seed=1)
+    graph = build_graph(features, SUPERSET, k=20)
+    small = build_graph(features, SUPERSET, k=5)
+    stats = {}
+    for cfg in trial_grid(40, max_topk=5):
+        assert_same(small, first, cfg, atol=1e-5, stats=stats)
+    assert stats["fallbacks"] > stats["targets"] // 4, stats  # most trials here needed the fallback somewhere
+    # top-k = K = 20 and the superset itself: every location is served from the cache, none falls back
+    stats = {}
+    assert_same(graph, first, replace(SUPERSET, topk=20), atol=1e-5, stats=stats)
+    assert stats["fallbacks"] == 0
+
+
+def test_tiny_grid_holds_every_candidate():
+    """3 x 4 grid: fewer candidates than K at every target, so every trial is served whole, never a fallback."""
+    features, first = random_video(5, grid=(3, 4), frames=5, seed=2)
+    graph = build_graph(features, SUPERSET, k=64)
+    assert not torch.isfinite(graph.value[..., -1]).any()
+    stats = {}
+    for cfg in trial_grid(20):
+        assert_same(graph, first, cfg, atol=1e-5, stats=stats)
+    assert stats["fallbacks"] == 0
+
+
+@pytest.fixture(scope="module")
+def davis_lab(davis_real_root):
+    """Ten frames of real DAVIS (dog-agility, train split) as Lab features at stride 8 of short side 120
+    (a 15 x 27 grid, three channels), and its first mask on the grid."""
+    from stt.config import EvalConfig, ModelConfig
+    from stt.data.layouts import DAVIS
+    from stt.features import FeatureExtractor
+    from stt.propagation import downsample_labels
+
+    dataset = DAVIS(davis_real_root, split="train")
+    frames, masks = dataset.read_frames("dog-agility")[:10], dataset.read_masks("dog-agility")[:10]
+    features = FeatureExtractor("lab:8", ModelConfig(), EvalConfig(max_short_side=120))(frames)
+    first = torch.from_numpy(np.where(masks[0] == 255, 0, masks[0]).astype(np.int64))
+    return features, downsample_labels(first, int(first.max()) + 1, tuple(features.shape[-2:]))
+
+
+@pytest.mark.parametrize("k", [40, 6])
+def test_graph_equals_propagate_on_real_davis(davis_lab, k):
+    """In float64 the graph, dense and windowed paths agree to 1e-10 on every setting: the selection is
+    exact. In float32 (the evaluator's dtype), three-channel Lab features put many affinities within
+    an ulp of each other near 1, where the three paths' rounding (the query divided by T before or after
+    the products) may pick different but equally good candidates: dense and windowed already differ
+    there. The graph's masks then agree with windowed's on all but a few pixels."""
+    features, first = davis_lab
+    image_size = (120, 216)  # the frames fed to the features (masks at 480p would only cost time)
+    superset = replace(SUPERSET, context=7, radius=6.0)
+    graph = build_graph(features.double(), superset, k)
+    graph32 = build_graph(features, superset, k)
+    stats, differing, pixels = {}, 0, 0
+    for cfg in trial_grid(24, superset=superset, max_topk=k):
+        cfg = replace(cfg, context=min(7, 2 * cfg.context + 1), radius=cfg.radius + 2)  # up to the superset's 7 and 6
+        assert_same(graph, first.double(), cfg, atol=1e-10, stats=stats, image_size=image_size)
+        ours = soft_labels_to_mask(propagate_with_graph(graph32, first, cfg), image_size, cfg.minmax_normalise)
+        theirs = soft_labels_to_mask(propagate(features, first, cfg, "windowed"), image_size, cfg.minmax_normalise)
+        differing, pixels = differing + (ours != theirs).sum().item(), pixels + ours.numel()
+    print(f"real DAVIS, K={k}: {stats['fallbacks']} of {stats['targets']} target locations fell back; "
+          f"float32 masks differ from windowed at {differing} of {pixels} pixels")
+    assert differing <= 1e-4 * pixels
+    if k == 6:
+        assert stats["fallbacks"] > 0  # top-5 trials in small windows find fewer than 5 of 6 cached
+
+
+# ---------------------------------------------------------------- what the graph cannot serve
+
+
+def test_settings_the_graph_cannot_serve_are_refused_with_a_reason():
+    features, first = random_video(4, grid=(6, 7), frames=4)
+    base = replace(SUPERSET, topk=10, window_first_frame=True)
+    graph = build_graph(features, base, k=10)
+    refused = {
+        "aggregation='per-frame'": replace(base, aggregation="per-frame"),
+        "normalize=False": replace(base, normalize=False),
+        "topk=11 exceeds the graph's K=10": replace(base, topk=11),
+        "context=5 exceeds": replace(base, context=5),
+        "radius=5.0 exceeds": replace(base, radius=5.0),
+        "radius=0 (no window)": replace(base, radius=0.0),
+        "window_first_frame=False": replace(base, window_first_frame=False),
+    }
+    for reason, cfg in refused.items():
+        assert reason in (serves(graph, cfg) or ""), (reason, serves(graph, cfg))
+        with pytest.raises(ValueError, match="cannot serve"):
+            propagate_with_graph(graph, first, cfg)
+    # a radius 4.5 square is the radius 4 square on the integer grid: served
+    assert serves(graph, replace(base, radius=4.5)) is None
+    circle = build_graph(features, replace(SUPERSET, window="circle"), k=10)
+    assert "not inside the graph's circle" in serves(circle, replace(base, window="square"))
+    with pytest.raises(ValueError, match="'overall' top-K"):
+        build_graph(features, replace(SUPERSET, aggregation="per-frame"), k=10)
+
+
+def test_superset_of_a_ray_tune_space():
+    from ray import tune
+
+    base = replace(PropagationConfig(), radius=12.0)
+    space = {"propagation.aggregation": tune.choice(["overall", "per-frame"]), "propagation.topk": tune.choice([5, 10, 20]),
+             "propagation.temperature": tune.loguniform(0.01, 0.2), "propagation.context": tune.randint(3, 9),
+             "propagation.radius": tune.choice([6, 9, 12, 16, 24, 35]), "propagation.window": tune.choice(["circle"]),
+             "temporal.alpha": tune.uniform(1, 2)}
+    superset = superset_config(space, base)
+    assert (superset.aggregation, superset.topk, superset.context, superset.radius) == ("overall", 20, 8, 35.0)
+    assert superset.window == "square" and superset.window_first_frame  # square contains the circle
+    assert default_k(superset) == 40
+    wider = superset_config({**space, "propagation.radius": tune.choice([0, 12]),
+                             "propagation.window_first_frame": tune.choice([True, False])}, base)
+    assert wider.radius == 0.0 and not wider.window_first_frame
+    assert superset_config({}, base) == replace(base, window="square")  # the base alone
+    with pytest.raises(ValueError, match="for_task"):
+        superset_config(space, PropagationConfig())
+
+
+# ---------------------------------------------------------------- on disk
+
+
+def test_saved_graph_is_keyed_by_superset_and_k_and_round_trips(tmp_path):
+    features, first = random_video(4, grid=(6, 7), frames=5)
+    feature_file = tmp_path / "ab" / "abcdef.npy"
+    graph, path = load_or_build(feature_file, features, SUPERSET, 12)
+    assert path.parent == feature_file.parent and path.name.startswith("abcdef.graph-") and path.is_file()
+    assert graph_path(feature_file, replace(SUPERSET, temperature=0.5, topk=3), 12) == path  # label-only fields
+    assert len({graph_path(feature_file, SUPERSET, 13), graph_path(feature_file, replace(SUPERSET, radius=3.0), 12),
+                graph_path(feature_file, replace(SUPERSET, context=3), 12), path}) == 4
+    loaded, _ = load_or_build(feature_file, features, SUPERSET, 12)  # a hit: torch.load(weights_only=True)
+    assert loaded.location.dtype == torch.int16 and loaded.value.dtype == torch.float32 and loaded.superset == SUPERSET
+    cfg = replace(SUPERSET, topk=5, context=2)
+    assert torch.equal(propagate_with_graph(loaded, first, cfg), propagate_with_graph(graph, first, cfg))
+    with pytest.raises(ValueError, match="a graph of 5 frames"):
+        load_graph(path, features[:4])
+    save_graph(graph, tmp_path / "copy.pt")
+    assert torch.equal(load_graph(tmp_path / "copy.pt", features).value, graph.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_on_cuda_equals_cpu():
+    features, first = random_video(8, grid=(20, 24), frames=6)
+    cfg = replace(SUPERSET, topk=10, context=3, radius=3.0)
+    cpu = propagate_with_graph(build_graph(features, SUPERSET, 40), first, cfg)
+    cuda = propagate_with_graph(build_graph(features.cuda(), SUPERSET, 40), first.cuda(), cfg)
+    assert torch.allclose(cuda.cpu(), cpu, atol=1e-5)
+    assert torch.equal(labels_to_mask(cuda).cpu(), labels_to_mask(cpu))
