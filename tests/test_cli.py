@@ -223,3 +223,26 @@ def test_train_names_unwritable_storage(tmp_path, capsys, tiny):
     blocked.write_text("x")
     _, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(blocked), f"data.root={tiny['ytvos']}"])
     assert f"--storage: cannot write the run folder {blocked}/stt" in line
+
+
+def test_a_corrupt_feature_cache_entry_is_recomputed_with_a_warning(tiny, tmp_path, capsys):
+    """Issue 18: a damaged cache file failed with no path and no hint; it is only a cache."""
+    import os
+    import stat
+
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab:8", "--feature-cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    first = evaluate_main(argv)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert entries and all(stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~current_umask() for p in entries)  # shareable
+    entries[0].write_bytes(b"not an array")
+    capsys.readouterr()
+    again = evaluate_main(argv)
+    assert f"feature cache entry {entries[0]} is unreadable" in capsys.readouterr().out
+    assert again["summary"] == first["summary"] and again["network_calls"] == 0 == first["network_calls"]  # Lab: no network
+
+
+def current_umask() -> int:
+    from stt.features import current_umask as umask
+
+    return umask()
