@@ -34,7 +34,7 @@ other: dense and windowed differ the same way). fp16 would be 2**-11 relative: a
 error of ~0.05, a 5 % change of a softmax weight, so fp16 is not used. Frames are int16 (T < 32768),
 locations int16 when the grid has under 32768 cells (60 x 107 DAVIS at stride 8, 120 x 214 at
 stride 4), else int32. Memory: (T-1) x N x K x (4 + 2 + 2) bytes; a 70-frame 480p sequence at stride 8
-with K = 32 is ~115 MB.
+with K = 64 (default_k for top-k up to 32) is ~230 MB, at short side 240 ~55 MB.
 
 Shapes: T frames, C channels, h x w grid (N = h*w cells), L labels, K cached candidates per target,
 k the trial's top-k. Row t - 1 of the graph's tensors belongs to target frame t (frame 0 is given).
@@ -67,9 +67,10 @@ from stt.propagation import (
 )
 
 GRAPH_VERSION = 1  # part of the file key: a change of the format or of its meaning makes new files
-# K of the sweep's graphs: at least twice the largest top-k searched, at least 32 (bench/propagation_graph.py
-# measures the fallback fraction this gives on real DAVIS features).
-MIN_K = 32
+# K of the sweep's graphs: at least twice the largest top-k searched, at least 64. bench/propagation_graph.py
+# (random-init R18 on real DAVIS at short side 240, tune/space.yaml): K 40 left 3-22 % of target locations to
+# the fallback depending on the trial, K 64 0.4-6 %, for the same build time and 1.6x the memory.
+MIN_K = 64
 
 # How each PropagationConfig field meets a graph. A field missing from all three (one added later) is
 # served only when it equals the superset's value: unknown means it may change the affinities.
@@ -111,18 +112,18 @@ class Graph:
 # ---------------------------------------------------------------- the superset of a search space
 
 
-def _domain_values(domain) -> tuple[list, bool]:
-    """(values it can take, continuous?) of a Ray Tune domain or a plain constant. Continuous domains
-    give [lower, upper]; randint's upper bound is exclusive."""
+def _domain_values(domain) -> list:
+    """The values a Ray Tune domain (or a plain constant) can take, as far as its extremes go:
+    a choice's categories, randint's [lower, upper - 1] (upper is exclusive), uniform's [lower, upper]."""
     from ray.tune.search import sample  # here, not at the top: the graph itself needs no Ray
 
     if isinstance(domain, sample.Categorical):
-        return list(domain.categories), False
+        return list(domain.categories)
     if isinstance(domain, sample.Integer):
-        return [domain.lower, domain.upper - 1], False
+        return [domain.lower, domain.upper - 1]
     if isinstance(domain, sample.Float):
-        return [domain.lower, domain.upper], True
-    return [domain], False
+        return [domain.lower, domain.upper]
+    return [domain]
 
 
 def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
@@ -142,7 +143,7 @@ def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
     for key, domain in space.items():
         section, _, name = key.partition(".")
         if section == "propagation" and name in values:
-            values[name] = _domain_values(domain)[0]
+            values[name] = _domain_values(domain)
     radii = values["radius"]
     return replace(
         base,

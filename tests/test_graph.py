@@ -222,7 +222,7 @@ def test_superset_of_a_ray_tune_space():
     superset = superset_config(space, base)
     assert (superset.aggregation, superset.topk, superset.context, superset.radius) == ("overall", 20, 8, 35.0)
     assert superset.window == "square" and superset.window_first_frame  # square contains the circle
-    assert default_k(superset) == 40
+    assert default_k(superset) == 64 and default_k(replace(superset, topk=40)) == 80
     wider = superset_config({**space, "propagation.radius": tune.choice([0, 12]),
                              "propagation.window_first_frame": tune.choice([True, False])}, base)
     assert wider.radius == 0.0 and not wider.window_first_frame

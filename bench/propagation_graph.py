@@ -1,0 +1,157 @@
+"""Propagation trials on the top-K affinity graph (stt/graph.py) vs the existing windowed path, on real
+DAVIS features: build time once per sequence, then per-trial time of both paths for a few settings
+of the sweep's space, the fraction of target locations that fell back, and agreement with the windowed
+path (max |diff| of soft labels, differing mask pixels; --dense adds how far dense and windowed differ
+from each other: the same fp32 near-ties). Not a test.
+
+    python bench/propagation_graph.py                                  # random-init R18, short side 240
+    python bench/propagation_graph.py --checkpoint CKPT --short-side 480 --sequences 8
+
+Features come from the feature cache (stt.features.FeatureCache, extracted on the first run); the
+graph is built for the superset of tune/space.yaml's propagation section (as the sweep does), with
+K = stt.graph.default_k unless --k. Times are wall seconds on this machine, `torch.get_num_threads()` threads.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from stt.config import Config  # noqa: E402
+from stt.data.layouts import DAVIS  # noqa: E402
+from stt.evaluate import default_cache_dir  # noqa: E402
+from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
+from stt.graph import build_graph, default_k, propagate_with_graph, serves, superset_config  # noqa: E402
+from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask  # noqa: E402
+
+# Settings drawn from tune/space.yaml's values (window, repeat_first_frame, minmax and hard labels are label-side
+# factors the space may add); the last is per-frame, which the graph refuses: timed on the existing path only.
+SETTINGS = {
+    "defaults k10 n20 r12 T.07": {},
+    "k5 n5 r6 T.01": {"topk": 5, "context": 5, "radius": 6.0, "temperature": 0.01},
+    "k10 n10 r9 circle T.2": {"topk": 10, "context": 10, "radius": 9.0, "window": "circle", "temperature": 0.2},
+    "k20 n20 r24 T.03": {"topk": 20, "context": 20, "radius": 24.0, "temperature": 0.03},
+    "authors rules k10 n20 r12": {"repeat_first_frame": True, "minmax_normalise": True},
+    "hard labels k20 n10 r16": {"topk": 20, "context": 10, "radius": 16.0, "soft_labels": False},
+    "per-frame k10 n20 r12": {"aggregation": "per-frame"},
+}
+
+
+def load_space(path: Path) -> dict:
+    """tune/sweep.py's load_space (the script is imported by path, as tests/test_sweep.py does)."""
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "tune" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = sweep  # its dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    return sweep.load_space(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--davis-root", default=str(ROOT.parent / "shared" / "data" / "davis-real"))
+    parser.add_argument("--set", default="train", help="the tuning split (default: train)")
+    parser.add_argument("--sequences", type=int, default=2, help="the first N sequences of the split")
+    parser.add_argument("--checkpoint", default="random", help="feature source: checkpoint, random[:SEED] or lab[:STRIDE]")
+    parser.add_argument("--short-side", type=int, default=240, help="eval.max_short_side (the laptop sweep plan's 240)")
+    parser.add_argument("--space", default=str(ROOT / "tune" / "space.yaml"))
+    parser.add_argument("--k", type=int, nargs="+", help="cached candidates per target, one graph each (default: "
+                        "stt.graph.default_k of the superset); the windowed path is timed once for all")
+    parser.add_argument("--cache", default=str(default_cache_dir() / "features"), help="feature cache folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a sweep's propagation trial "
+                        "holds one CPU, and Ray gives a one-CPU task one OpenMP thread)")
+    parser.add_argument("--dense", action="store_true", help="also run the dense implementation: how far windowed and "
+                        "dense differ themselves (fp32 rounding of near-tied affinities)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = Config()
+    cfg.eval.max_short_side = args.short_side
+    dataset = DAVIS(Path(args.davis_root), split=args.set)
+    extractor = FeatureExtractor(args.checkpoint, cfg.model, cfg.eval, "cpu")
+    cache = FeatureCache(args.cache)
+    base = for_task(cfg.propagation, "davis", extractor.stride)
+    superset = superset_config(load_space(Path(args.space))["propagation"], base)
+    ks = args.k or [default_k(superset)]
+    print(f"features: {args.checkpoint}, layer {cfg.eval.layer}, short side {args.short_side}; torch threads {torch.get_num_threads()}")
+    print(f"superset of {Path(args.space).name}: context {superset.context}, radius {superset.radius} {superset.window}, "
+          f"window_first_frame {superset.window_first_frame}; K {ks}")
+
+    windowed_seconds, dense_diff = dict.fromkeys(SETTINGS, 0.0), {}
+    reasons = {}
+    totals = {(k, name): {"graph": 0.0, "fallbacks": 0, "targets": 0, "pixels": 0, "differing": 0, "diff": 0.0}
+              for k in ks for name in SETTINGS}
+    build_seconds, graph_bytes, frames_total = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0), 0
+    for seq in dataset.sequences[: args.sequences]:
+        frame_paths = dataset.frame_paths(seq)
+        started = time.perf_counter()
+        features = cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+        loaded = time.perf_counter() - started
+        frames_total += len(features)
+        masks = dataset.read_masks(seq)
+        first = torch.from_numpy(np.where(masks[0] == 255, 0, masks[0]).astype(np.int64))
+        labels = downsample_labels(first, int(first.max()) + 1, tuple(features.shape[-2:]))
+        graphs = {}
+        for k in ks:
+            started = time.perf_counter()
+            graphs[k] = build_graph(features, superset, k)
+            seconds = time.perf_counter() - started
+            size = sum(t.numel() * t.element_size() for t in (graphs[k].value, graphs[k].frame, graphs[k].location))
+            build_seconds[k] += seconds
+            graph_bytes[k] += size
+            print(f"{seq}: {tuple(features.shape)} features (loaded in {loaded:.1f} s), K={k} graph built in {seconds:.1f} s, "
+                  f"{size / 2**20:.1f} MiB")
+        for name, changes in SETTINGS.items():
+            trial = replace(base, **changes)
+            started = time.perf_counter()
+            theirs = propagate(features, labels, trial, "windowed")
+            windowed_seconds[name] += time.perf_counter() - started
+            theirs_masks = soft_labels_to_mask(theirs, masks.shape[1:], trial.minmax_normalise)
+            if args.dense:
+                dense = propagate(features, labels, trial, "dense")
+                dense_diff[name] = max(dense_diff.get(name, 0.0), (dense - theirs).abs().max().item())
+            for k, graph in graphs.items():
+                reason = serves(graph, trial)
+                if reason is not None:
+                    reasons[name] = reason
+                    continue
+                row, stats = totals[k, name], {}
+                started = time.perf_counter()
+                ours = propagate_with_graph(graph, labels, trial, stats)
+                row["graph"] += time.perf_counter() - started
+                row["fallbacks"] += stats["fallbacks"]
+                row["targets"] += stats["targets"]
+                row["diff"] = max(row["diff"], (ours - theirs).abs().max().item())
+                if args.dense:
+                    row["vs_dense"] = max(row.get("vs_dense", 0.0), (ours - dense).abs().max().item())
+                ours_masks = soft_labels_to_mask(ours, masks.shape[1:], trial.minmax_normalise)
+                row["differing"] += (ours_masks != theirs_masks).sum().item()
+                row["pixels"] += ours_masks.numel()
+
+    sequences = min(args.sequences, len(dataset.sequences))
+    for k in ks:
+        print(f"\nK={k}: build {build_seconds[k]:.1f} s for {sequences} sequences ({frames_total} frames, "
+              f"{1000 * build_seconds[k] / frames_total:.0f} ms/frame), graphs {graph_bytes[k] / 2**20:.1f} MiB in all")
+        print(f"{'setting':<28}{'windowed s':>11}{'graph s':>9}{'speed-up':>9}{'fallback':>10}{'max |diff|':>12}{'mask px differ':>16}"
+              + ("  graph-dense  windowed-dense" if args.dense else ""))
+        for name in SETTINGS:
+            row = totals[k, name]
+            if name in reasons:
+                print(f"{name:<28}{windowed_seconds[name]:>11.2f}{'-':>9}{'-':>9}{'-':>10}{'-':>12}{'-':>16}   refused: {reasons[name]}")
+                continue
+            print(f"{name:<28}{windowed_seconds[name]:>11.2f}{row['graph']:>9.2f}{windowed_seconds[name] / row['graph']:>8.0f}x"
+                  f"{row['fallbacks'] / row['targets']:>10.2%}{row['diff']:>12.1e}{row['differing']:>9} of {row['pixels'] / 1e6:.0f}M"
+              + (f"{row['vs_dense']:>13.1e}{dense_diff[name]:>15.1e}" if args.dense else ""))
+
+
+if __name__ == "__main__":
+    main()
