@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -55,17 +56,23 @@ def task_config(cfg: Config, task: str, stride: int) -> Config:
 
 
 def propagate_video(
-    features: torch.Tensor, first_labels: np.ndarray, num_labels: int, out_size: tuple[int, int], cfg: Config, implementation: str
+    features: torch.Tensor, first_labels: np.ndarray, num_labels: int, out_size: tuple[int, int], cfg: Config, implementation: str,
+    propagator=None,
 ) -> np.ndarray:
     """Propagate the first frame's label map through a video.
 
     features: T x C x h x w; first_labels: H x W integer ids in [0, num_labels).
+    propagator: (features, labels L x h x w, cfg.propagation) -> soft labels in place of
+    stt.propagation.propagate (the sweep's top-K graph path, stt/graph.py); None: propagate.
     Returns T x H x W uint8 predicted ids; frame 0 is the given annotation.
     """
     grid = tuple(features.shape[-2:])
     first = torch.from_numpy(first_labels.astype(np.int64))
     labels = downsample_labels(first, num_labels, grid, cfg.propagation.label_sampling).to(features)  # L x h x w
-    soft = propagate(features, labels, cfg.propagation, implementation=implementation)  # T x L x h x w
+    if propagator is None:
+        soft = propagate(features, labels, cfg.propagation, implementation=implementation)  # T x L x h x w
+    else:
+        soft = propagator(features, labels, cfg.propagation)
     masks = soft_labels_to_mask(soft, out_size, cfg.propagation.minmax_normalise)  # T x H x W
     masks = masks.to(torch.uint8).cpu().numpy()
     masks[0] = first_labels
@@ -130,8 +137,12 @@ def evaluate_davis(
     implementation: str = "windowed",
     overlays: bool = False,
     progress: bool = True,
+    propagator=None,
 ) -> dict:
     """Propagate every sequence's first mask, save the results layout under `out` (if given) and score.
+
+    propagator: (sequence, features, labels, propagation config) -> soft labels, in place of
+    stt.propagation.propagate (the sweep runs its trials on top-K graphs so); None: propagate.
 
     Returns the report written to `out/metrics.json`: summary (the seven official keys), one row per
     (sequence, object), and how many network forward passes ran (0 when every feature was cached).
@@ -146,7 +157,8 @@ def evaluate_davis(
         features = cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
         gt = dataset.read_masks(seq)  # T x H x W, 255 = void
         first = np.where(gt[0] == 255, 0, gt[0])
-        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], cfg, implementation)
+        per_sequence = None if propagator is None else functools.partial(propagator, seq)
+        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], cfg, implementation, per_sequence)
         if out is not None:
             palette = dataset.palette(seq)
             (out / seq).mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,11 @@ from ray.tune.search.optuna import OptunaSearch
 from stt.checkpoint import join
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 from stt.data.synthetic import ensure_dataset
-from stt.evaluate import copy_first_mask, evaluate_davis
+from stt.data.layouts import DAVIS
+from stt.evaluate import copy_first_mask, evaluate_davis, resolve_device
+from stt.features import FeatureCache, FeatureExtractor
+from stt.graph import build_graph, default_k, graph_path, load_graph, propagate_with_graph, save_graph, serves, superset_config
+from stt.propagation import for_task, propagate
 from stt.objectives import stage_spec
 from stt.train import build_stage_trainer, export_final, start_ray
 
@@ -227,13 +231,34 @@ def training_trial(params: dict, *, base: dict, spatial_checkpoint: str, runs: s
     trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
 
 
-def propagation_trial(params: dict, *, base: dict, checkpoint: str, davis_root: str, tune_set: str, feature_cache: str) -> None:
-    """One Tune trial: propagation with `params` on cached features of the tuning split (seconds)."""
+def propagation_trial(params: dict, *, base: dict, checkpoint: str, davis_root: str, tune_set: str, feature_cache: str,
+                      graphs: dict[str, str] | None = None) -> None:
+    """One Tune trial: propagation with `params` on cached features of the tuning split (seconds).
+
+    graphs: {sequence: file of its top-K affinity graph} (stt/graph.py, built once by `Sweep.propagation`).
+    A trial the graphs serve filters and gathers from them (the same labels as stt.propagation, exactly);
+    one they cannot serve runs stt.propagation as usual and reports why in "graph".
+    """
+    stats = {"targets": 0, "fallbacks": 0}
+    features_changed = sorted(key for key in params if not key.startswith("propagation."))
+    reason = ("no graphs" if not graphs else
+              f"the trial sets {', '.join(features_changed)}: the graphs hold other features" if features_changed else None)
+
+    def on_graph(sequence: str, features, labels, cfg):
+        nonlocal reason
+        graph = load_graph(Path(graphs[sequence]), features)
+        reason = serves(graph, cfg)  # the same for every sequence: the graphs share one superset
+        if reason is not None:
+            return propagate(features, labels, cfg)
+        return propagate_with_graph(graph, labels, cfg, stats)
+
     report = evaluate_davis(Path(davis_root), checkpoint, with_params(base, params), None, split=tune_set,
-                            device="cpu", feature_cache=Path(feature_cache), progress=False)
+                            device="cpu", feature_cache=Path(feature_cache), progress=False,
+                            propagator=on_graph if reason is None else None)
     if report["network_calls"]:
         raise RuntimeError(f"a propagation trial ran the network {report['network_calls']} times: the feature cache missed")
-    tune.report({METRIC: report["summary"]["J&F-Mean"], "seconds": report["seconds"]})
+    tune.report({METRIC: report["summary"]["J&F-Mean"], "seconds": report["seconds"], "graph": reason or "served",
+                 "graph_fallback_fraction": stats["fallbacks"] / max(1, stats["targets"])})
 
 
 # ----------------------------------------------------------------------------------------- phases
@@ -327,8 +352,24 @@ class Sweep:
         # Extract once here, so every trial is a cache hit (each asserts it ran no network).
         default = evaluate_davis(Path(args.davis_root), best_training["checkpoint"], from_dict(base), None,
                                  split=args.tune_set, feature_cache=Path(cache), progress=False)
+        # Once per checkpoint, the top-K affinity graph of each sequence (stt/graph.py) for the widest setting
+        # of the space, saved beside its cached features: the trials then filter and gather instead of
+        # recomputing affinities. A resumed sweep finds them on disk.
+        cfg, started = from_dict(base), time.perf_counter()
+        extractor = FeatureExtractor(best_training["checkpoint"], cfg.model, cfg.eval, resolve_device("auto"))
+        superset = superset_config(self.space["propagation"], for_task(cfg.propagation, "davis", extractor.stride))
+        graph_k, dataset, features_cache, graphs = default_k(superset), DAVIS(Path(args.davis_root), split=args.tune_set), FeatureCache(cache), {}
+        for seq in dataset.sequences:
+            frame_paths = dataset.frame_paths(seq)
+            path = graph_path(features_cache.path_for(extractor.cache_key, frame_paths), superset, graph_k)
+            if not path.is_file():
+                features = features_cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+                save_graph(build_graph(features, superset, graph_k), path)
+            graphs[seq] = str(path)
+        print(f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in {time.perf_counter() - started:.1f} s "
+              f"(context {superset.context}, radius {superset.radius}, first frame {'in' if superset.window_first_frame else 'without'} a window)")
         trainable = tune.with_parameters(propagation_trial, base=base, checkpoint=best_training["checkpoint"],
-                                         davis_root=args.davis_root, tune_set=args.tune_set, feature_cache=cache)
+                                         davis_root=args.davis_root, tune_set=args.tune_set, feature_cache=cache, graphs=graphs)
         defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in self.space["propagation"]}
         # The configured defaults are the first point, where the space contains them.
         start = [defaults] if all(in_domain(self.space["propagation"][k], v) for k, v in defaults.items()) else None
@@ -337,6 +378,10 @@ class Sweep:
         concurrency = cluster_concurrency(1.0, 0)
         results = self.tuner("propagation", trainable, self.space["propagation"], search, None, concurrency,
                              plan.propagation_trials).fit()
+        on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
+        print(f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
+              + (f", {sum(m['graph_fallback_fraction'] for m in on_graph) / len(on_graph):.2%} of their target locations "
+                 "computed the usual way" if on_graph else ""))
         best = best_result(results)
         chosen = {"params": {k: best.config[k] for k in self.space["propagation"]}, "tuning_jf": best.metrics[METRIC],
                   "default_tuning_jf": default["summary"]["J&F-Mean"]}
