@@ -12,6 +12,7 @@ import ray
 from optuna.trial import TrialState
 from ray import tune
 
+from stt.cli import UsageError, run
 from stt.config import load_config
 from stt.data.synthetic import generate
 
@@ -34,17 +35,52 @@ def test_default_space_covers_losses_and_propagation():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("training:\n  temporal.alpah: {uniform: [1, 2]}\n", "temporal.alpah"),
-        ("training:\n  temporal.alpha: {normal: [1, 2]}\n", "training.temporal.alpha: expected one of"),
-        ("propagation:\n  propagation.topk: {choice: [2.5, 3]}\n", "propagation.topk: expected an integer"),
+        ("training:\n  temporal.alpah: {uniform: [1, 2]}\n", r"training.temporal.alpah: uniform \[1, 2\]: unknown config key 'temporal.alpah'"),
+        ("training:\n  temporal.alpha: {normal: [1, 2]}\n", r"training.temporal.alpha: expected one of \['choice', 'loguniform'"),
+        ("propagation:\n  propagation.topk: {choice: [2.5, 3]}\n", r"propagation.propagation.topk: choice \[2.5, 3\]: expected an integer, got 2.5"),
         ("sampling:\n  temporal.alpha: {uniform: [1, 2]}\n", "expected sections"),
+        ("training:\n  temporal.alpha: {uniform: [10, 1]}\n", r"training.temporal.alpha: uniform \[10, 1\]: expected low < high"),
+        ("training:\n  temporal.alpha: {loguniform: [0, 10]}\n", r"training.temporal.alpha: loguniform \[0, 10\]: expected 0 < low < high"),
+        ("propagation:\n  propagation.topk: {randint: [5, 5]}\n", r"propagation.propagation.topk: randint \[5, 5\]: expected low < high .*empty range"),
+        ("training:\n  temporal.entropy: {choice: []}\n", r"training.temporal.entropy: choice \[\]: expected at least one value"),
+        ("training:\n  temporal.entropy: {choice: [neglog, bogus]}\n",
+         r"training.temporal.entropy: choice \['neglog', 'bogus'\]: expected one of \('neglog', 'shannon'.*\), got 'bogus'"),
+        ("propagation:\n  propagation.topk: {choice: [0, 5]}\n", r"propagation.propagation.topk: choice \[0, 5\]: expected a positive value, got 0"),
+        ("training:\n  temporal.entropy_threshold: {uniform: [0.5, 1.5]}\n", r"uniform \[0.5, 1.5\]: expected a kept fraction in \(0, 1\], got 1.5"),
+        ("propagation:\n  temporal.alpha: {uniform: [1, 2]}\n", "propagation.temporal.alpha: the propagation section samples propagation.. keys only"),
+        ("training:\n  propagation.topk: {choice: [5, 10]}\n", "training.propagation.topk: propagation.. keys belong under 'propagation'"),
+        ("training:\n  temporal.alpha: {uniform: 5}\n", r"training.temporal.alpha: uniform 5: expected a list of arguments"),
+        ("training:\n  temporal.alpha: {uniform: [1, 2, 3]}\n", r"uniform \[1, 2, 3\]: expected \[low, high\], two numbers"),
+        ("propagation:\n  propagation.topk: {uniform: [1, 20]}\n", "propagation.topk is an integer: expected randint or choice"),
+        ("training:\n  temporal: {uniform: [1, 2]}\n", r"training.temporal: uniform \[1, 2\]: expected a mapping"),
+        ("training: [temporal.alpha]\n", "training: expected a mapping of config keys"),
     ],
 )
-def test_bad_space_files_name_the_entry(tmp_path, text, message):
+def test_bad_space_files_name_the_file_and_entry(tmp_path, text, message):
+    """Every mistake in a search space is one line naming the file, the entry and what was expected, before Ray starts."""
     path = tmp_path / "space.yaml"
     path.write_text(text)
-    with pytest.raises((KeyError, ValueError), match=message):
-        sweep.load_space(path)
+    with pytest.raises(UsageError, match=message) as raised:
+        sweep.load_space(path, load_config())
+    assert str(raised.value).startswith(f"{path}: ") and "\n" not in str(raised.value)
+
+
+def test_space_values_are_checked_against_the_base_config(tmp_path):
+    """A value is applied to the sweep's own base config, as a trial applies it."""
+    path = tmp_path / "space.yaml"
+    path.write_text("training:\n  temporal.entropy_threshold: {uniform: [0.5, 0.9]}\n")
+    assert sweep.load_space(path, load_config())["training"]["temporal.entropy_threshold"].upper == 0.9
+    path.write_text("training:\n  temporal.alpha: {randint: [0, 3]}\n")
+    assert sweep.load_space(path)["training"]["temporal.alpha"].lower == 0  # an integer range for a float key is fine
+
+
+def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text("training:\n  temporal.alpha: {loguniform: [0, 10]}\n")
+    assert run(sweep.main, "sweep", ["--quick", "--space", str(path), "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sweep: error: ") and str(path) in err and "\n" not in err
+    assert not ray.is_initialized()
 
 
 def test_asha_stopped_trials_are_pruned_not_complete(tmp_path):

@@ -35,10 +35,13 @@ plots/*.png, summary.md, optuna.db (the studies), and the Ray Tune experiments f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,7 +60,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from stt.checkpoint import join
-from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
+from stt.cli import InterruptedRun, UsageError, run
+from stt.config import Config, apply_overrides, from_dict, load_config, to_dict, validate
 from stt.data.synthetic import ensure_dataset
 from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis, resolve_device
@@ -118,22 +122,90 @@ PLANS = {
 }
 
 
-def load_space(path: Path) -> dict[str, dict[str, object]]:
-    """The YAML search space as Ray Tune domains: {"training": {key: domain}, "propagation": {...}}."""
-    spec = yaml.safe_load(Path(path).read_text())
+def load_space(path: Path, base: Config | None = None) -> dict[str, dict[str, object]]:
+    """The YAML search space as Ray Tune domains: {"training": {key: domain}, "propagation": {...}}.
+
+    Every entry is checked before Ray starts, against `base` (the sweep's base config; default: the
+    defaults): the distribution and its arguments, and each value it can produce (each choice, both
+    ends of a range) applied to a copy of `base` and validated as a config would be (stt.config.validate).
+    A UsageError names the file, the entry and what was expected.
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(spec, dict) or set(spec) - {"training", "propagation"}:
-        raise ValueError(f"{path}: expected sections 'training' and/or 'propagation', got {list(spec or {})}")
+        raise UsageError(f"{path}: expected sections 'training' and/or 'propagation', got {list(spec or {})}")
+    base = from_dict(to_dict(base)) if base is not None else Config()
     space: dict[str, dict[str, object]] = {"training": {}, "propagation": {}}
-    probe = Config()
     for section, entries in spec.items():
+        if not isinstance(entries or {}, dict):
+            raise UsageError(f"{path}: {section}: expected a mapping of config keys to distributions, got {entries!r}")
         for key, distribution in (entries or {}).items():
-            if not isinstance(distribution, dict) or len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
-                raise ValueError(f"{path}: {section}.{key}: expected one of {sorted(DISTRIBUTIONS)} with its arguments, got {distribution!r}")
-            (kind, arguments), = distribution.items()
-            sample = arguments[0]
-            apply_overrides(probe, [f"{key}={sample}"])  # an unknown or ill-typed key fails here, before any trial
-            space[section][key] = DISTRIBUTIONS[kind](arguments) if kind == "choice" else DISTRIBUTIONS[kind](*arguments)
+            space[section][key] = space_entry(path, section, str(key), distribution, base)
     return space
+
+
+def space_entry(path: Path, section: str, key: str, distribution, base: Config):
+    """One search-space entry as a Ray Tune domain, or a UsageError naming `path`, the entry and what was expected."""
+    where = f"{path}: {section}.{key}"
+    if section == "propagation" and not key.startswith("propagation."):
+        raise UsageError(f"{where}: the propagation section samples propagation.* keys only (propagation trials reuse "
+                         "one checkpoint's features); move it under 'training'")
+    if section == "training" and key.startswith("propagation."):
+        raise UsageError(f"{where}: propagation.* keys belong under 'propagation' (searched on the cached features)")
+    if not isinstance(distribution, dict) or len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
+        raise UsageError(f"{where}: expected one of {sorted(DISTRIBUTIONS)} with its arguments, e.g. {{uniform: [0.1, 1]}}, "
+                         f"got {distribution!r}")
+    (kind, arguments), = distribution.items()
+    described = f"{kind} {arguments!r}"
+    if not isinstance(arguments, list):
+        raise UsageError(f"{where}: {described}: expected a list of arguments, e.g. {{{kind}: {EXAMPLES[kind]}}}")
+    if kind == "choice":
+        if not arguments:
+            raise UsageError(f"{where}: {described}: expected at least one value to choose from")
+        values = arguments
+    else:
+        if len(arguments) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arguments):
+            raise UsageError(f"{where}: {described}: expected [low, high], two numbers")
+        low, high = arguments
+        if kind == "randint":
+            if not all(isinstance(a, int) for a in arguments):
+                raise UsageError(f"{where}: {described}: expected two integers [low, high_exclusive]")
+            if low >= high:
+                raise UsageError(f"{where}: {described}: expected low < high (high is exclusive: [{low}, {low + 1}] samples "
+                                 f"{low} only), got an empty range")
+            values = [low, high - 1]
+        else:
+            if low >= high:
+                raise UsageError(f"{where}: {described}: expected low < high")
+            if kind == "loguniform" and low <= 0:
+                raise UsageError(f"{where}: {described}: expected 0 < low < high (a log scale has no zero or negative values)")
+            if field_type(base, key) is int:
+                raise UsageError(f"{where}: {described}: {key} is an integer: expected randint or choice, not {kind}")
+            values = [low, high]
+    for value in values:  # each value the entry can produce (a range by its ends), applied as a trial would
+        try:
+            validate(apply_overrides(from_dict(to_dict(base)), [f"{key}={value}"]))
+        except UsageError as error:
+            raise UsageError(f"{where}: {described}: {str(error).removeprefix(f'{key}: ')}") from None
+    return DISTRIBUTIONS[kind](arguments) if kind == "choice" else DISTRIBUTIONS[kind](*arguments)
+
+
+EXAMPLES = {"loguniform": "[0.01, 1]", "uniform": "[0.1, 1]", "choice": "[a, b]", "randint": "[1, 10]"}
+
+
+def field_type(cfg: Config, key: str):
+    """The declared type of the config field `key` (Optional[X] as X), or None for an unknown key."""
+    node, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            return None
+    annotation = typing.get_type_hints(type(node)).get(parts[-1])
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return options[0] if len(options) == 1 else annotation
 
 
 def in_domain(domain, value) -> bool:
@@ -599,8 +671,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "runs in a folder; give a local path, or on a cluster a file system every node mounts (docs/cluster.md)")
     if args.tune_set == args.report_set:
         raise ValueError(f"--tune-set and --report-set are both '{args.tune_set}': tuning on the reported split is what this tool exists to prevent")
-    space = load_space(Path(args.space))
     base = load_config(args.config, [*plan.overrides, *args.overrides])
+    space = load_space(Path(args.space), base)
     if not args.data_root:
         args.data_root = str(ensure_dataset("ytvos"))
     if not args.davis_root:
