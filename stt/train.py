@@ -33,7 +33,10 @@ over `train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
 Metrics (loss terms, lr, pairs/s, the fraction of wall time spent waiting for data, DAVIS J&F
 every `train.eval_every` steps) go to `ray.train.report`, to TensorBoard under
 `<storage>/<name>/tensorboard` (local storage; `--tensorboard DIR` otherwise) and, as Ray metrics
-named `stt_train_*`, to the Ray dashboard.
+named `stt_train_*`, to the Ray dashboard. Each evaluation also puts a panel of the first DAVIS
+sequence's propagated masks in TensorBoard (Images, `<stage>/davis_masks`). Rank 0 prints a line
+per report: step, elapsed time, an ETA from this run's mean step time (its first step left out) and
+the numbers.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ from stt.config import Config, load_config, to_dict
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
 from stt.objectives import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
+from stt.observe import MASKS_PNG, progress_text
 from stt.stages import StageModel
 
 BATCH_COLUMNS = {"spatial": ["view_q", "view_k"], "temporal": ["target", "reference"]}  # the tensors a step reads
@@ -125,15 +129,23 @@ def worker_batches(spec: StageSpec, start_step: int, skipped, device: torch.devi
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def davis_jf(checkpoint: Path, cfg: Config, device: torch.device) -> float:
-    """J&F-Mean of label propagation with the checkpoint's encoder on the small held-out DAVIS set."""
+def davis_jf(checkpoint: Path, cfg: Config, device: torch.device, panel: Path | None = None) -> float:
+    """J&F-Mean of label propagation with the checkpoint's encoder on the small held-out DAVIS set.
+
+    `panel`: also write there a PNG of the first sequence's propagated masks (stt.observe.mask_panel:
+    a few frames, each as frame | prediction | ground truth), which MetricsLogger puts in TensorBoard.
+    """
     from stt.data.synthetic import ensure_dataset
     from stt.evaluate import evaluate_davis
+    from stt.observe import davis_panel_png
 
     root = Path(cfg.train.eval_davis_root) if cfg.train.eval_davis_root else ensure_dataset("davis")
-    with tempfile.TemporaryDirectory() as features:  # a fresh checkpoint's features are never reused
-        report = evaluate_davis(root, str(checkpoint), cfg, out=None, split=cfg.train.eval_davis_set, device=str(device),
-                                feature_cache=Path(features), progress=False)
+    # a fresh checkpoint's features are never reused; the predicted masks are read back for the panel
+    with tempfile.TemporaryDirectory() as features, tempfile.TemporaryDirectory() as results:
+        report = evaluate_davis(root, str(checkpoint), cfg, out=Path(results) if panel else None, split=cfg.train.eval_davis_set,
+                                device=str(device), feature_cache=Path(features), progress=False)
+        if panel is not None:
+            panel.write_bytes(davis_panel_png(root, cfg.train.eval_davis_set, Path(results)))
     return float(report["summary"]["J&F-Mean"])
 
 
@@ -180,6 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
     peak_lr, pairs_per_step = spec.peak_lr(world), train.batch_size * world
     meter = WindowMeter()
     step, named = start_step, 0
+    started, first_step_s = time.perf_counter(), None  # this run's clock, for the progress lines' ETA
     while step < train.max_steps:
         waited = time.perf_counter()
         batch = next(batches)
@@ -187,6 +200,8 @@ def train_loop_per_worker(config: dict) -> None:
         lr = learning_rate(step, peak_lr, train.warmup_steps, train.max_steps)
         meter.add(stage.step(batch, lr))
         step += 1
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - started  # the stream's start and warm-up: left out of the ETA
 
         checkpoint_due = step % train.checkpoint_every == 0 or step == train.max_steps
         if not (checkpoint_due or step % train.log_every == 0):
@@ -206,12 +221,13 @@ def train_loop_per_worker(config: dict) -> None:
                     path = Path(folder) / checkpoint.CHECKPOINT_FILE
                     torch.save(stage.payload(step, fisher), path)
                     if train.eval_every and step % train.eval_every == 0:
-                        metrics["J&F"] = davis_jf(path, cfg, device)
+                        metrics["J&F"] = davis_jf(path, cfg, device, panel=Path(folder) / MASKS_PNG)
                     saved = ray.train.Checkpoint.from_directory(folder)
                 # Ray: stored under the run's storage, the latest `--keep-checkpoints` kept
                 ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"{spec.name}-step{step:07d}")
         if rank == 0:
-            print(f"stt.train {spec.name} step {step}/{train.max_steps}  " + "  ".join(
+            clock = progress_text(step - start_step, train.max_steps - start_step, time.perf_counter() - started, first_step_s)
+            print(f"stt.train {spec.name} step {step}/{train.max_steps}  {clock}  " + "  ".join(
                 f"{name} {value:.4g}" for name, value in metrics.items() if name not in ("step", "start_step")), flush=True)
         meter.reset()
 
@@ -219,7 +235,15 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------------------- orchestration
 class MetricsLogger(ray.train.UserCallback):
     """A Ray Train callback (it runs in the controller, on the driver's node) that copies rank 0's
-    reported numbers to TensorBoard and to Ray metrics `stt_train_<name>` for the dashboard."""
+    reported numbers to TensorBoard and to Ray metrics `stt_train_<name>` for the dashboard, and an
+    evaluated checkpoint's propagated-mask panel to TensorBoard as the image `<stage>/davis_masks`.
+
+    The panel travels as a small PNG inside the checkpoint folder (stt.observe.MASKS_PNG), read here
+    from the run's storage. Not in the report's metrics: Ray Train keeps those with every checkpoint
+    in its snapshot and the sweep hands them to Tune's result files, which would all carry the
+    image. Not written by the worker itself: the TensorBoard folder is a path on the driver's node,
+    and rank 0 may run on another node; the checkpoint folder is where both can reach.
+    """
 
     def __init__(self, logdir: str | None, run: str, stage: str, trial: str = ""):
         self.logdir, self.run, self.stage, self.trial = logdir, run, stage, trial
@@ -243,8 +267,26 @@ class MetricsLogger(ray.train.UserCallback):
                                           description=f"stt.train: {name}", tag_keys=("run", "stage", "trial"))
             # trial "": not a sweep trial; a sweep's trials share run and stage and differ only here
             self.gauges[name].set(value, tags={"run": self.run, "stage": self.stage, "trial": self.trial})
+        if self.writer is not None and checkpoint is not None and "J&F" in values:
+            self.add_mask_panel(checkpoint, step)
         if self.writer is not None:
             self.writer.flush()
+
+    def add_mask_panel(self, saved: ray.train.Checkpoint, step: int) -> None:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        try:  # Ray: the checkpoint is already persisted to the run's storage (local or s3://)
+            with saved.filesystem.open_input_stream(checkpoint.join(saved.path, MASKS_PNG)) as f:
+                panel = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+        except FileNotFoundError:
+            return  # a checkpoint evaluated by an older stt.train
+        except OSError as error:  # the picture is not worth a training run
+            print(f"stt.train: no mask panel in TensorBoard at step {step}: {' '.join(str(error).split())[:160]}", flush=True)
+            return
+        self.writer.add_image(f"{self.stage}/davis_masks", panel, step, dataformats="HWC")
 
 
 def export_final(result: ray.train.Checkpoint, destination: str) -> None:

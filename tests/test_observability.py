@@ -1,15 +1,20 @@
 """What a person watching a run sees: the `stt_train_*` gauges (names and tags), the stt Grafana
-dashboard's queries against those names, and Ray's Train state API listing a real stt.train run."""
+dashboard's queries against those names, Ray's Train state API listing a real stt.train run, the
+propagated-mask panel in TensorBoard, and the progress lines' elapsed time and ETA."""
 from __future__ import annotations
 
+import io
 import json
 import re
+import struct
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stt.losses import TERMS
+from stt.observe import eta_seconds, format_duration, mask_panel, progress_text
 from stt.train import MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +220,63 @@ def test_prometheus_scrapes_the_stt_gauges_of_a_tiny_run(ray_local, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------- progress and TensorBoard
+def test_progress_text_gives_elapsed_time_and_an_eta_without_the_first_step():
+    assert [format_duration(s) for s in (0, 42.4, 185, 7380, 100800)] == ["0s", "42s", "3m05s", "2h03m", "1d04h"]
+    assert eta_seconds(0, 10, 5.0) is None and progress_text(0, 10, 5.0) == "elapsed 5s  eta ?"
+    assert eta_seconds(1, 10, 4.0, first_s=4.0) == 36.0  # one step: it is all there is to go by
+    # 4 steps in 34 s, the first (warm-up) 10 s of it: 8 s a step from then on, 6 steps to go
+    assert eta_seconds(4, 10, 34.0, first_s=10.0) == 48.0
+    assert eta_seconds(4, 10, 34.0) == 34.0 / 4 * 6
+    assert progress_text(4, 10, 34.0, first_s=10.0) == "elapsed 34s  eta 48s"
+    assert progress_text(10, 10, 3725.0, first_s=1.0) == "elapsed 1h02m  eta 0s"
+
+
+def test_the_mask_panel_shows_frame_prediction_and_truth_per_chosen_frame():
+    frames = np.full((9, 40, 60, 3), 200, np.uint8)
+    truth = np.zeros((9, 40, 60), np.uint8)
+    truth[:, 10:30, 20:40] = 1
+    predicted = np.zeros_like(truth)
+    palette = [0, 0, 0, 255, 0, 0] + [0] * 762
+    panel = mask_panel(frames, predicted, truth, palette, rows=4, tile_height=20)
+    assert panel.shape == (4 * 20, 3 * 30, 3) and panel.dtype == np.uint8
+    tile = panel[:20]
+    assert (tile[:, :30] == 200).all() and (tile[:, 30:60] == 200).all()  # frame; an empty prediction leaves it
+    assert tuple(tile[10, 75]) == (228, 100, 100)  # the truth's object blended 50 % in its palette colour
+
+
+def tensorboard_events(folder: Path):
+    """Every event in the TensorBoard files under `folder` (TFRecord: length, crc, Event, crc), read
+    with tensorboardX's protobufs (the `tensorboard` package is not a dependency)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            yield Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+
+
+def test_tensorboard_shows_the_propagated_masks_of_each_evaluation(ray_local, tmp_path):
+    from PIL import Image
+
+    from stt.data.synthetic import generate
+    from stt.train import main
+
+    data = generate(tmp_path / "data", preset="tiny", kinds=("ytvos", "davis"))
+    main(["--workers", "1", "--cpu", "--stage", "spatial", "--max-steps", "2", "--storage", str(tmp_path / "runs"),
+          "--name", "pictured", "--cpus-per-worker", "0.5", "model.arch=resnet18", "train.batch_size=4",
+          "train.warmup_steps=1", "train.checkpoint_every=1", "train.eval_every=2", "data.crop_size=64",
+          "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2", f"data.root={data['ytvos']}",
+          f"train.eval_davis_root={data['davis']}"])
+    events = list(tensorboard_events(tmp_path / "runs" / "pictured" / "tensorboard"))
+    images = [(event.step, value) for event in events for value in event.summary.value if value.HasField("image")]
+    assert [(step, value.tag) for step, value in images] == [(2, "spatial/davis_masks")]  # step 1 was not evaluated
+    image = images[0][1].image
+    panel = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+    assert panel.shape == (image.height, image.width, 3) and image.width == 3 * (image.width // 3) and image.height >= 96
+    scalars = {value.tag for event in events for value in event.summary.value if value.HasField("simple_value")}
+    assert {"spatial/J_F", "spatial/loss"} <= scalars  # tensorboardX writes "&" as "_"
