@@ -26,12 +26,15 @@ whose superset has at most K candidates at all (tiny grids, early frames) is hel
 Settings that change the affinities themselves cannot be served (per-frame aggregation, another
 `normalize`, other features); `serves` names the reason and the caller runs stt.propagation.
 
-Precision. Affinities are kept in fp32, the dtype of the existing path's logits. The trial divides
-them by T; the windowed implementation divides the query by T before the products instead: the two
-differ by a few fp32 ulps (soft labels within 1e-6 in the tests), and both rank candidates the
-same except for affinities within those ulps of each other (then either choice is as exact as the
-other: dense and windowed differ the same way). fp16 would be 2**-11 relative: at T = 0.01 a logit
-error of ~0.05, a 5 % change of a softmax weight, so fp16 is not used. Frames are int16 (T < 32768),
+Precision. Affinities are kept in fp32, the dtype of the existing path's logits (fp64 features give
+fp64). The trial divides them by T; the windowed implementation divides the query by T before the
+products, the dense one after: the three differ by a few fp32 ulps per logit and rank candidates
+the same except where affinities lie within those ulps of each other at the top-k boundary. There
+any choice is as right as another, and dense and windowed already disagree with each other as much
+as the graph does (bench/propagation_graph.py --dense; random-init features, whose affinities crowd
+near 1, reach soft-label differences of 1e-2 that way, with identical masks). In fp64 the tests
+find the graph, dense and windowed equal to 1e-10 on real DAVIS. fp16 storage would be 2**-11
+relative: at T = 0.01 a logit error of ~0.05, a 5 % change of a softmax weight, so it is not used. Frames are int16 (T < 32768),
 locations int16 when the grid has under 32768 cells (60 x 107 DAVIS at stride 8, 120 x 214 at
 stride 4), else int32. Memory: (T-1) x N x K x (4 + 2 + 2) bytes; a 70-frame 480p sequence at stride 8
 with K = 64 (default_k for top-k up to 32) is ~230 MB, at short side 240 ~55 MB.
