@@ -73,6 +73,30 @@ class TemporalConfig:
 
 
 @dataclass
+class VFSConfig:
+    """VFS (paper 003, Xu & Wang 2021): video frame-level similarity, `train.recipe=vfs` (stt.vfs).
+
+    Defaults are the paper's best ResNet-18 DAVIS setting without colour augmentation (Table 3 "D",
+    Table 5 row 1) and the authors' configs (xvjiarui/VFS, r18_nc_sgd_cos_100e_r2_1xNx8_k400.py).
+    """
+
+    # False: Eq. 5, no negatives (SimSiam: predictor MLP, stop-gradient, symmetric, the paper's main
+    # objective); True: Eq. 4, MoCo v2 InfoNCE with a queue (spatial.queue_size/feature_dim/momentum/temperature)
+    negatives: bool = False
+    # distant: the video cut into 2 halves, one frame drawn uniformly in each (Table 1, n = 2; Table 3 "D", the
+    # best); continuous: a random first frame and the second `interval` list steps later (Table 3's delta)
+    sampling: str = "distant"
+    interval: int = 32
+    image_size: int = 224  # each frame: its own random resized crop (area 0.2-1, aspect 3/4-4/3) to this, its own flip
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    color_aug: bool = False  # MoCo v2's jitter/grayscale/blur per frame; hurts DAVIS (Table 2: 65.0 -> 61.9)
+    # SGD (momentum 0.9) rate for a global batch of `lr_batch` pairs, scaled linearly (paper: 0.05 at 256)
+    lr: float = 0.05
+    lr_batch: int = 256
+    weight_decay: float = 1e-4
+
+
+@dataclass
 class PropagationConfig:
     """Label propagation, Algorithm 1 of paper 004; defaults are DESIGN.md's DAVIS settings."""
 
@@ -147,6 +171,9 @@ class TrainConfig:
     # batches of the earlier stage's own stream its diagonal Fisher is averaged over, at its last step.
     ewc_weight: float = 100.0
     ewc_fisher_batches: int = 8
+    # LwF recipe only (stt.lwf): weight lambda_o of the distillation term (LwF: 1) and its temperature T (LwF: 2)
+    lwf_weight: float = 1.0
+    lwf_temperature: float = 2.0
     batch_size: int = 16  # per worker: the global batch is batch_size x workers
     # Adam's rate for a global batch of `lr_batch` pairs; effective rate = lr x global batch / lr_batch.
     # Paper 001: 1e-4 at 128 pairs (ResNet-18); the authors' code (configs/train/train.py, ResNet-50,
@@ -168,6 +195,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    vfs: VFSConfig = field(default_factory=VFSConfig)
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,6 +219,7 @@ def validate(config: Config) -> Config:
     from stt.models import ARCHS, LEVELS, STRIDES
     from stt.objectives import RECIPES
     from stt.propagation import AGGREGATIONS, LABEL_SAMPLINGS, PER_FRAME_NORMS, WINDOWS
+    from stt.vfs import SAMPLINGS as VFS_SAMPLINGS
 
     m, s, t, p, e, d, r = (config.model, config.spatial, config.temporal, config.propagation, config.eval,
                            config.data, config.train)
@@ -203,7 +232,7 @@ def validate(config: Config) -> Config:
             ("propagation.aggregation", p.aggregation, AGGREGATIONS),
             ("propagation.per_frame_norm", p.per_frame_norm, PER_FRAME_NORMS), ("propagation.window", p.window, WINDOWS),
             ("propagation.label_sampling", p.label_sampling, LABEL_SAMPLINGS), ("eval.layer", e.layer, LEVELS),
-            ("train.recipe", r.recipe, tuple(RECIPES))):
+            ("train.recipe", r.recipe, tuple(RECIPES)), ("vfs.sampling", config.vfs.sampling, VFS_SAMPLINGS)):
         check_choice(name, value, allowed)
     if not t.rec_levels or set(t.rec_levels) - set(PYRAMID_LEVELS) or len(set(t.rec_levels)) != len(t.rec_levels):
         raise UsageError(f"temporal.rec_levels: expected distinct levels among {PYRAMID_LEVELS}, got {list(t.rec_levels)}")
@@ -217,11 +246,14 @@ def validate(config: Config) -> Config:
         "data.frame_gap": d.frame_gap, "data.data_cpus": d.data_cpus,
         "train.batch_size": r.batch_size, "train.lr": r.lr, "train.lr_batch": r.lr_batch, "train.max_steps": r.max_steps,
         "train.checkpoint_every": r.checkpoint_every, "train.log_every": r.log_every, "train.ewc_fisher_batches": r.ewc_fisher_batches,
+        "train.lwf_temperature": r.lwf_temperature, "vfs.interval": config.vfs.interval, "vfs.image_size": config.vfs.image_size,
+        "vfs.lr": config.vfs.lr, "vfs.lr_batch": config.vfs.lr_batch,
     }
     non_negative = {  # >= 0; 0 means off / none / native size
         "spatial.weight_decay": s.weight_decay, "temporal.alpha": t.alpha, "temporal.beta": t.beta,
         "propagation.context": p.context, "propagation.radius": p.radius or 0, "eval.max_short_side": e.max_short_side,
-        "train.gamma": r.gamma, "train.ewc_weight": r.ewc_weight, "train.warmup_steps": r.warmup_steps,
+        "train.gamma": r.gamma, "train.ewc_weight": r.ewc_weight, "train.lwf_weight": r.lwf_weight,
+        "vfs.weight_decay": config.vfs.weight_decay, "train.warmup_steps": r.warmup_steps,
         "train.eval_every": r.eval_every,
     }
     for name, value in positive.items():
@@ -240,6 +272,9 @@ def validate(config: Config) -> Config:
     low, high = d.crop_scale
     if not 0 < low <= high <= 1:
         raise UsageError(f"data.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(d.crop_scale)}")
+    low, high = config.vfs.crop_scale
+    if not 0 < low <= high <= 1:
+        raise UsageError(f"vfs.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(config.vfs.crop_scale)}")
     low, high = d.crop_ratio
     if not 0 < low <= high:
         raise UsageError(f"data.crop_ratio: expected 0 < low <= high (width / height), got {list(d.crop_ratio)}")

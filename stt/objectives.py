@@ -3,7 +3,9 @@
 Table 1 (temporal feature learning, ablated) is four `TemporalConfig`s: `TABLE1_ROWS` holds each
 row's overrides. Table 2 (training configurations) is `train.recipe`: `RECIPES` says which stages
 run in which order, whether the temporal stage keeps global correlation distillation, and which
-stage, if any, is regularised by EWC toward the stage before it (stt.ewc). `stage_spec` turns a
+stage, if any, is regularised by EWC toward the stage before it (stt.ewc) or distils the stage before
+it LwF-style (stt.lwf). Beside Table 2, `vfs` trains another method (paper 003, stt.vfs) on the same
+data for comparison under the same evaluation. `stage_spec` turns a
 recipe and a config into one `StageSpec` per stage, once: its input, streams, optimiser and rate,
 objective, teacher, pyramid levels, EWC anchor and Fisher batches. The trainer and the steps read
 the spec; nothing forks the code and nothing works a fact out twice.
@@ -42,6 +44,7 @@ class Recipe:
     stages: tuple[str, ...]  # run in this order: "spatial", "temporal", or the joint "spatiotemporal"
     global_distillation: bool  # the temporal stage keeps beta * L_gc (needs a spatial stage before it)
     ewc_stage: str | None = None  # this stage adds the EWC penalty toward the weights of the stage before
+    lwf_stage: str | None = None  # this stage adds LwF's distillation of the stage before's outputs (stt.lwf)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -51,16 +54,19 @@ RECIPES: dict[str, Recipe] = {
     "spatial-then-temporal": Recipe(("spatial", "temporal"), global_distillation=True),
     "spatial-then-temporal-no-gc": Recipe(("spatial", "temporal"), global_distillation=False),
     "spatial-then-temporal-ewc": Recipe(("spatial", "temporal"), global_distillation=False, ewc_stage="temporal"),
+    "spatial-then-temporal-lwf": Recipe(("spatial", "temporal"), global_distillation=False, lwf_stage="temporal"),
     "temporal-then-spatial": Recipe(("temporal", "spatial"), global_distillation=False),
     "temporal-then-spatial-ewc": Recipe(("temporal", "spatial"), global_distillation=False, ewc_stage="spatial"),
+    # not a Table 2 row: VFS (paper 003), trained on the same videos for the one-protocol comparison
+    "vfs": Recipe(("vfs",), global_distillation=False),
 }
 
 
-STAGES = ("spatial", "temporal", "spatiotemporal")
+STAGES = ("spatial", "temporal", "spatiotemporal", "vfs")
 # What each stage's encoder is fed; the evaluator feeds the same. The joint stage's trunk sees both;
-# it is evaluated on Lab, the input of the objective that learns correspondence.
-INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab"}
-STREAMS = {"spatial": ("spatial",), "temporal": ("temporal",), "spatiotemporal": ("spatial", "temporal")}
+# it is evaluated on Lab, the input of the objective that learns correspondence. VFS: ImageNet-normalised RGB.
+INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab", "vfs": "rgb"}
+STREAMS = {"spatial": ("spatial",), "temporal": ("temporal",), "spatiotemporal": ("spatial", "temporal"), "vfs": ("vfs",)}
 
 
 def recipe_of(cfg: Config) -> Recipe:
@@ -73,18 +79,21 @@ def recipe_of(cfg: Config) -> Recipe:
 class StageSpec:
     """One stage of a recipe, resolved once from the recipe and the config (`stage_spec`)."""
 
-    name: str  # "spatial" | "temporal" | "spatiotemporal"
+    name: str  # "spatial" | "temporal" | "spatiotemporal" | "vfs"
     config: Config  # the run's config, model.input_space set to the stage's input (stored in its checkpoints)
     streams: tuple[str, ...]  # the data streams a step reads one batch of each
-    optimiser: str  # "sgd": MoCo v2's, for the spatial and the joint stage | "adam": the temporal stage's
+    optimiser: str  # "sgd": MoCo v2's (spatial, joint stage) or VFS's (vfs.lr) | "adam": the temporal stage's
     temporal: TemporalConfig | None  # the temporal objective as the recipe runs it (beta 0 without a teacher)
     teacher: bool  # global correlation distillation from the frozen earlier-stage encoder
     student_levels: tuple[str, ...]  # the student pyramid levels its temporal terms read
     ewc: bool  # the EWC penalty toward the stage before (whose checkpoint must hold a Fisher)
     fisher_batches: int  # batches the Fisher it leaves is averaged over at its last step (0: it leaves none)
+    lwf: bool = False  # LwF toward the stage before (stt.lwf: its checkpoint must hold MoCo's head and queue)
 
     @property
     def lr_section(self) -> str:
+        if self.name == "vfs":
+            return "vfs"
         return "spatial" if self.optimiser == "sgd" else "train"
 
     def peak_lr(self, workers: int) -> float:
@@ -105,7 +114,7 @@ class StageSpec:
     def find_unused_parameters(self) -> bool:
         """DistributedDataParallel must be told: without global distillation the temporal objective
         never reaches res5 (layer4), whose parameters then get no gradient."""
-        return self.name == "temporal" and not self.teacher
+        return self.name == "temporal" and not self.teacher and not self.lwf
 
 
 def stage_spec(cfg: Config, stage: str) -> StageSpec:
@@ -122,12 +131,21 @@ def stage_spec(cfg: Config, stage: str) -> StageSpec:
     position = recipe.stages.index(stage) if stage in recipe.stages else -1
     # the stage whose weights and Fisher the recipe's EWC stage is anchored to leaves them at its last step
     anchors_ewc = recipe.ewc_stage is not None and position >= 0 and recipe.stages.index(recipe.ewc_stage) == position + 1
+    if stage == "vfs":
+        temporal = None
+    lwf = recipe.lwf_stage == stage
     return StageSpec(
         name=stage, config=staged, streams=STREAMS[stage], optimiser="adam" if stage == "temporal" else "sgd",
         temporal=temporal, teacher=temporal is not None and temporal.beta > 0,
-        student_levels=student_levels(temporal) if temporal is not None else (),
-        ewc=recipe.ewc_stage == stage, fisher_batches=cfg.train.ewc_fisher_batches if anchors_ewc else 0,
+        student_levels=stage_levels(temporal, lwf) if temporal is not None else (),
+        ewc=recipe.ewc_stage == stage, fisher_batches=cfg.train.ewc_fisher_batches if anchors_ewc else 0, lwf=lwf,
     )
+
+
+def stage_levels(temporal: TemporalConfig, lwf: bool = False) -> tuple[str, ...]:
+    """The student levels a temporal step reads: its terms' (stt.losses.student_levels), and res5 for LwF."""
+    levels = student_levels(temporal)
+    return (*levels, "res5") if lwf and "res5" not in levels else levels
 
 
 def add_penalty(losses: dict[str, Tensor], penalty: Callable[[], Tensor] | None) -> dict[str, Tensor]:
@@ -165,6 +183,7 @@ def temporal_step(
     temporal: TemporalConfig,
     generator: torch.Generator | None = None,
     penalty: Callable[[], Tensor] | None = None,
+    lwf: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """The temporal loss of one batch of (target, reference) pairs.
 
@@ -177,6 +196,8 @@ def temporal_step(
         the authors' code); needed when temporal.beta > 0, ignored otherwise.
     generator: the random source of the dropped colour channel (None: torch's global one).
     penalty: an extra regulariser added to "loss" (e.g. the EWC penalty), reported as "penalty".
+    lwf: stt.lwf.LwF (the frozen earlier network's outputs as soft targets for the student's res5):
+        adds lwf.weight x its term to "loss", reported unweighted as "lwf".
     Returns stt.losses.temporal_losses's dict ("loss" to backpropagate, detached terms).
     """
     rgb_t, rgb_r = _rgb01(batch["target"], "target"), _rgb01(batch["reference"], "reference")
@@ -187,7 +208,7 @@ def temporal_step(
     input_t, input_r, dropped = drop_color_channel(lab_t, lab_r, generator, temporal.channel_dropout_scale)
 
     # One pass over both frames, as the authors do: BatchNorm normalises them together.
-    pyramid = student(torch.cat([input_t, input_r]), layers=student_levels(temporal))
+    pyramid = student(torch.cat([input_t, input_r]), layers=stage_levels(temporal, lwf is not None))
     student_t = {level: features.chunk(2)[0] for level, features in pyramid.items()}
     student_r = {level: features.chunk(2)[1] for level, features in pyramid.items()}
 
@@ -202,6 +223,9 @@ def temporal_step(
     losses = temporal_losses(
         student_t, student_r, take_channel(lab_t, dropped), take_channel(lab_r, dropped), temporal, teacher_t, teacher_r
     )
+    if lwf is not None:  # the old network sees the RGB it was trained on; the student its Lab input
+        term = lwf(imagenet_normalize(torch.cat([rgb_t, rgb_r])), pyramid["res5"])
+        losses = {**losses, "loss": losses["loss"] + lwf.weight * term, "lwf": term.detach()}
     return add_penalty(losses, penalty)
 
 

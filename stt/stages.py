@@ -2,8 +2,10 @@
 
 `StageModel` is built from a `StageSpec` (stt.objectives) and reads nothing else: the spatial stage is
 MoCo v2 (SGD), the temporal stage a stride-8/4 student with Adam and, when the spec distils globally,
-the frozen earlier-stage encoder as teacher; the joint stage is MoCo with a student sharing its trunk.
-An EWC stage adds the penalty toward the weights (and Fisher) of the stage before it. No Ray here:
+the frozen earlier-stage encoder as teacher; the joint stage is MoCo with a student sharing its trunk;
+the vfs stage is VFS (stt.vfs, SGD), or MoCo on frame pairs with `vfs.negatives`.
+An EWC stage adds the penalty toward the weights (and Fisher) of the stage before it; an LwF stage
+distils the stage before's MoCo outputs (stt.lwf). No Ray here:
 stt.train's worker wraps `model` for DistributedDataParallel and feeds the batches.
 """
 from __future__ import annotations
@@ -18,9 +20,11 @@ from torch import Tensor, nn
 from stt import checkpoint
 from stt.config import Config
 from stt.ewc import ewc_penalty, fisher_diagonal
+from stt.lwf import LwF
 from stt.models import Encoder, build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
 from stt.objectives import StageSpec, SpatiotemporalModel, add_penalty, temporal_step
 from stt.spatial import MoCo
+from stt.vfs import VFS
 
 
 # ----------------------------------------------------------------------------------------- builders
@@ -34,6 +38,18 @@ def build_spatial(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[M
     params = [p for p in moco.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.spatial.lr, momentum=0.9, weight_decay=cfg.spatial.weight_decay)
     return moco, optimizer
+
+
+def build_vfs(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """VFS (stt.vfs; with `vfs.negatives`, MoCo v2 on frame pairs: Eq. 4), its encoder initialised from
+    `init` if given, and its optimiser: SGD, momentum 0.9, `vfs.weight_decay` (paper 003 Sec. 4.1)."""
+    model = MoCo(cfg.spatial, cfg.model) if cfg.vfs.negatives else VFS(cfg.model)
+    if init is not None:
+        load_encoder_weights(model.encoder, init)
+        if cfg.vfs.negatives:
+            model.key_net["encoder"].load_state_dict(model.encoder.state_dict())
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.SGD(params, lr=cfg.vfs.lr, momentum=0.9, weight_decay=cfg.vfs.weight_decay)
 
 
 def build_temporal(spec: StageSpec, init: dict[str, Tensor] | None) -> tuple[Encoder, Encoder | None, torch.optim.Optimizer]:
@@ -110,6 +126,9 @@ class StageModel:
         if spec.name == "temporal":
             self.model, self.teacher, self.optimizer = build_temporal(spec, weights)
             self.encoder = self.model
+        elif spec.name == "vfs":  # its heads (and MoCo's queue) are checkpointed and restored as "moco"
+            self.moco, self.optimizer = build_vfs(spec.config, weights)
+            self.model, self.encoder = self.moco, self.moco.encoder
         else:  # spatial, and the joint stage: MoCo, the latter with a student sharing its trunk
             self.moco, self.optimizer = build_spatial(spec.config, weights)
             self.model = self.moco if spec.name == "spatial" else SpatiotemporalModel(self.moco, spec)
@@ -120,6 +139,7 @@ class StageModel:
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.penalty = ewc_regulariser(self.encoder, init, spec.config, init_name) if spec.ewc else None
+        self.lwf = LwF(spec.config, init, init_name).to(device) if spec.lwf else None
         self.forward_model = self.model
 
     def restore(self, payload: dict[str, Any]) -> int:
@@ -133,10 +153,11 @@ class StageModel:
 
     def losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         """The stage's loss terms on one batch of each of its streams ({stream name: batch})."""
-        if self.spec.name == "spatial":
-            return add_penalty(spatial_losses(self.forward_model, batch["spatial"]), self.penalty)
+        if self.spec.name in ("spatial", "vfs"):  # two views: of one image, or two frames of one video
+            return add_penalty(spatial_losses(self.forward_model, batch[self.spec.name]), self.penalty)
         if self.spec.name == "temporal":
-            return temporal_step(self.forward_model, self.teacher, batch["temporal"], self.spec.temporal, penalty=self.penalty)
+            return temporal_step(self.forward_model, self.teacher, batch["temporal"], self.spec.temporal, penalty=self.penalty,
+                                 lwf=self.lwf)
         return self.forward_model(batch["spatial"], batch["temporal"])
 
     def step(self, batch: dict[str, dict[str, Tensor]], lr: float) -> dict[str, Tensor]:

@@ -67,7 +67,8 @@ from stt.objectives import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec
 from stt.observe import MASKS_PNG, progress_text
 from stt.stages import StageModel
 
-BATCH_COLUMNS = {"spatial": ["view_q", "view_k"], "temporal": ["target", "reference"]}  # the tensors a step reads
+# the tensors a step reads, per stream
+BATCH_COLUMNS = {"spatial": ["view_q", "view_k"], "temporal": ["target", "reference"], "vfs": ["view_q", "view_k"]}
 
 
 # ----------------------------------------------------------------------------------------- schedule
@@ -122,7 +123,7 @@ def worker_batches(spec: StageSpec, start_step: int, skipped, device: torch.devi
 
     streams = {name: local_batches(local_stream(name, cfg.data, cfg.spatial, seed=cfg.train.seed,
                                                 skip_rows=start_step * cfg.train.batch_size,
-                                                report=lambda corrupt: report_corrupt(skipped, corrupt)),
+                                                report=lambda corrupt: report_corrupt(skipped, corrupt), vfs_cfg=cfg.vfs),
                                    cfg.train.batch_size, BATCH_COLUMNS[name], device)
                for name in spec.streams}
     return prefetched({name: next(stream) for name, stream in streams.items()} for _ in itertools.count())
@@ -182,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     if latest is not None:
         with latest.as_directory() as folder:
             start_step = stage.restore(checkpoint.load(Path(folder) / checkpoint.CHECKPOINT_FILE, latest.path))
-    if device.type == "cuda" and world > 1 and spec.name == "temporal":
+    if device.type == "cuda" and world > 1 and (spec.name == "temporal" or (spec.name == "vfs" and not cfg.vfs.negatives)):
         # MoCo keeps per-worker BatchNorm on purpose: shuffle-BN relies on it (see stt.spatial).
         stage.model = nn.SyncBatchNorm.convert_sync_batchnorm(stage.model)
     stage.forward_model = ray.train.torch.prepare_model(  # Ray: DistributedDataParallel across the workers
@@ -300,7 +301,8 @@ def training_dataset(spec: StageSpec, stream: str, num_workers: int, stage_dir: 
     left off to `train.max_steps` plus the Fisher's batches.
 
     stream "spatial": two augmented views of each image; "temporal": uint8 RGB frame pairs (the Lab
-    input is computed on the worker's device, the teacher takes the RGB). As many epochs as the
+    input is computed on the worker's device, the teacher takes the RGB); "vfs": two frames of one
+    video, each augmented on its own (paper 003). As many epochs as the
     steps need, each in its own order drawn from (seed, epoch). The joint stage reads both, each
     with half of `data.data_cpus`. `skipped`: the run's corrupt-frame counter (a SkippedFrames actor).
     """
@@ -314,6 +316,8 @@ def training_dataset(spec: StageSpec, stream: str, num_workers: int, stage_dir: 
             "skip_rows": start_step * rows_per_step, "skipped": skipped, "seed": cfg.train.seed}
     if stream == "spatial":
         built = pipeline.spatial_view_dataset(data, cfg.spatial, **span)
+    elif stream == "vfs":
+        built = pipeline.vfs_pair_dataset(data, cfg.vfs, **span)
     else:
         built = pipeline.temporal_pair_dataset(data, **span)
     return built.dataset.select_columns(BATCH_COLUMNS[stream])

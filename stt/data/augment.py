@@ -62,3 +62,40 @@ class TwoViews:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), self.transform(image)
+
+
+def vfs_transform(image_size: int, scale: tuple[float, float] = (0.2, 1.0), color: bool = False) -> v2.Compose:
+    """One VFS frame view (paper 003, the authors' train_pipeline; stt.vfs): a random resized crop
+    (area `scale`, aspect 3/4-4/3) squashed to image_size x image_size, a horizontal flip with p 0.5,
+    with `color` also MoCo v2's jitter, grayscale and blur; ImageNet-normalised float32 out."""
+    if image_size <= 0:
+        raise ValueError(f"vfs.image_size: expected a positive size, got {image_size!r}")
+    colour = [
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5),
+    ] if color else []
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *colour,
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class FramePairViews:
+    """VFS's two views: two frames of one video (3 x H x W each), each through its own draw of
+    `vfs_transform`; random state handled as `TwoViews` (a generator seeds a forked copy)."""
+
+    def __init__(self, image_size: int, scale: tuple[float, float] = (0.2, 1.0), color: bool = False):
+        self.transform = vfs_transform(image_size, scale, color)
+
+    def __call__(self, first: Tensor, second: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if generator is None:
+            return self.transform(first), self.transform(second)
+        seed = int(torch.randint(2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(first), self.transform(second)

@@ -22,6 +22,10 @@ batch mixes videos; each video keeps only `frame_gap + 1` decoded frames alive a
 frame once. Everything random is drawn from (seed, epoch, unit), so a stream is reproducible
 whatever the scheduling (the order of its rows is not: Ray Data does not preserve order).
 
+VFS pairs (`vfs_pair_dataset`, paper 003): one pair per video per epoch, two frames drawn by
+stt.vfs.sample_frame_pair (distant sampling by default), each with its own crop and flip
+(stt.data.augment.FramePairViews); the same units, seeds and resumption as the other streams.
+
 Corrupt frames (unreadable, truncated, or empty in a shard) are skipped with the pairs that need
 them and counted in a `SkippedFrames` actor: the honest place for a count, since a unit may lose
 every pair and leave no row to carry it. The actor is told before the rows that follow a bad
@@ -41,9 +45,9 @@ import numpy as np
 import ray
 import torch
 
-from stt.config import DataConfig, SpatialConfig
+from stt.config import DataConfig, SpatialConfig, VFSConfig
 from stt.data import prepare
-from stt.data.augment import TwoViews
+from stt.data.augment import FramePairViews, TwoViews
 from stt.data.layouts import DatasetError, read_rgb_or_none
 from stt.data.transforms import decode_rgb_or_none, pair_crops, to_chw, uint8_to_normalized_lab
 
@@ -350,6 +354,48 @@ def _decode_all(images: Iterator[tuple[Clip, int]], corrupt: list[str]) -> Itera
             yield (clip.name if len(clip.frames) == 1 else f"{clip.name}/{clip.frames[i]}"), rgb
 
 
+def unit_vfs_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, vfs_cfg: VFSConfig,
+                   report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of VFS frame pairs of one unit (no Ray): one pair per video of at least 2 frames, the
+    videos in a random order, the two frames drawn by `stt.vfs.sample_frame_pair` and each augmented
+    on its own (`FramePairViews`); `report` as in `unit_pairs`. Columns: view_q, view_k 3 x S x S
+    float32 ImageNet-normalised (S = vfs.image_size), video (str), first_frame, second_frame (frame numbers)."""
+    from stt.vfs import sample_frame_pair
+
+    unit, rng = draw_unit(unit_id, plan.num_units, seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    views = FramePairViews(vfs_cfg.image_size, vfs_cfg.crop_scale, vfs_cfg.color_aug)
+    clips = [clip for clip in plan.clips(unit, shard_root) if len(clip.frames) >= 2]
+    corrupt: list[str] = []
+
+    def pairs():
+        for c in rng.permutation(len(clips)):
+            clip = clips[c]
+            i, j = sample_frame_pair(len(clip.frames), rng, vfs_cfg.sampling, vfs_cfg.interval)
+            first, second = clip.decode(i), clip.decode(j)
+            corrupt.extend(clip.sources[k] for k, rgb in ((i, first), (j, second)) if rgb is None)
+            if first is not None and second is not None:
+                q, k = views(torch.from_numpy(first).permute(2, 0, 1), torch.from_numpy(second).permute(2, 0, 1), generator)
+                yield clip.name, clip.frames[i], clip.frames[j], q, k
+
+    for chunk in _chunks(pairs(), lambda: report(corrupt)):
+        yield {
+            "view_q": torch.stack([row[3] for row in chunk]).numpy(),
+            "view_k": torch.stack([row[4] for row in chunk]).numpy(),
+            "video": np.array([row[0] for row in chunk], dtype=object),
+            "first_frame": np.array([row[1] for row in chunk], dtype=np.int64),
+            "second_frame": np.array([row[2] for row in chunk], dtype=np.int64),
+        }
+
+
+def make_vfs_pairs(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
+                   first_unit: int, vfs_cfg: VFSConfig) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of VFS frame pairs."""
+    plan = ray.get(plan_ref[0])
+    for row_id in batch["id"]:
+        yield from unit_vfs_pairs(plan, first_unit + int(row_id), shard_root, seed, vfs_cfg, lambda c: report_corrupt(skipped, c))
+
+
 # --------------------------------------------------------------------------- the datasets
 
 
@@ -447,6 +493,30 @@ def pair_plan(data_cfg: DataConfig, source: Source) -> tuple[Plan, str | None, n
     return plan, source.root if source.kind == "shards" else None, unit_rows
 
 
+def vfs_plan(source: Source) -> tuple[Plan, str | None, np.ndarray]:
+    """(plan, shard root or None, pairs per unit) of the VFS stream over video `source`: one pair per
+    video of at least 2 frames per epoch (VFS samples one clip per video per epoch, as mmaction's VideoDataset)."""
+    if source.kind == "shards":
+        kind, plan = shard_plan(source.root)
+        if kind == "images":
+            raise DatasetError(f"{source.root}: shards of single images; expected video frames (prepare ytvos|davis)")
+    elif source.kind in ("ytvos", "davis"):
+        plan = raw_plan(source)
+    else:
+        raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
+    return plan, source.root if source.kind == "shards" else None, _per_unit(plan, (plan.counts >= 2).astype(np.int64))
+
+
+def vfs_pair_dataset(data_cfg: DataConfig, vfs_cfg: VFSConfig, source: Source | None = None, *, seed: int = 0,
+                     epochs: int = 1, rows: int | None = None, skip_rows: int = 0, skipped=None) -> Stream:
+    """VFS's positives (paper 003): two frames of one video, each with its own augmentation (`unit_vfs_pairs`'s
+    columns). `source`: None reads `data_cfg.root`. `epochs`, `rows`, `skip_rows`, `skipped`: as `temporal_pair_dataset`."""
+    plan, shard_root, unit_rows = vfs_plan(source or resolve_source(data_cfg.root))
+    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
+    dataset, skipped = _build(make_vfs_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, vfs_cfg=vfs_cfg)
+    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
+
+
 def view_plan(data_cfg: DataConfig, source: Source | None = None) -> tuple[Plan, str | None, np.ndarray]:
     """(plan, shard root or None, images per unit) of the spatial stream: `data.images`, else the frames of `data.root`."""
     if source is None:
@@ -456,15 +526,22 @@ def view_plan(data_cfg: DataConfig, source: Source | None = None) -> tuple[Plan,
 
 
 def local_stream(stream: str, data_cfg: DataConfig, spatial_cfg: SpatialConfig, *, seed: int, skip_rows: int,
-                 report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
-    """The same stream as `temporal_pair_dataset` ("temporal") or `spatial_view_dataset` ("spatial"), endless and
-    decoded in this process, without Ray Data: the same units in the same order with the same randomness,
-    from the first unit not wholly inside the first `skip_rows` rows (a resumed run)."""
+                 report: Callable[[list[str]], None], vfs_cfg: VFSConfig | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The same stream as `temporal_pair_dataset` ("temporal"), `spatial_view_dataset` ("spatial") or
+    `vfs_pair_dataset` ("vfs"), endless and decoded in this process, without Ray Data: the same units in the
+    same order with the same randomness, from the first unit not wholly inside the first `skip_rows` rows
+    (a resumed run)."""
     temporal = stream == "temporal"
-    plan, shard_root, unit_rows = pair_plan(data_cfg, resolve_source(data_cfg.root)) if temporal else view_plan(data_cfg)
+    if stream == "vfs":
+        vfs_cfg = vfs_cfg or VFSConfig()
+        plan, shard_root, unit_rows = vfs_plan(resolve_source(data_cfg.root))
+    else:
+        plan, shard_root, unit_rows = pair_plan(data_cfg, resolve_source(data_cfg.root)) if temporal else view_plan(data_cfg)
     first = stream_units(unit_rows, seed, rows=1, skip_rows=skip_rows).start
     for unit_id in itertools.count(first):  # unit ids name an endless sequence of epochs (`draw_unit`)
-        if temporal:
+        if stream == "vfs":
+            yield from unit_vfs_pairs(plan, unit_id, shard_root, seed, vfs_cfg, report)
+        elif temporal:
             yield from unit_pairs(plan, unit_id, shard_root, seed, data_cfg, False, report)
         else:
             yield from unit_views(plan, unit_id, shard_root, seed, spatial_cfg.image_size, report)
