@@ -1,0 +1,188 @@
+"""One table for every model: DAVIS J&F of several checkpoints under ONE propagation protocol (issue #16).
+
+    python bench/compare_models.py --davis-root ../shared/data/davis-real \\
+        --checkpoint lab:8 --checkpoint random:0 --checkpoint stt=runs/stt/temporal-final.pt \\
+        --checkpoint vfs=runs/vfs/vfs-final.pt [--preset authors] [--tune-trials 12] eval.max_short_side=240
+
+Paper 004's lesson: implementation factors (the propagation above all) move J&F as much as the method,
+so every model here is scored by the same `stt.evaluate.evaluate_davis` with the same settings: stt's
+default protocol (paper 004's Algorithm 1, DESIGN.md), or the STT authors' evaluator with `--preset
+authors`; dotted overrides apply to all. `--checkpoint` takes anything `stt.evaluate --checkpoint`
+takes (stt checkpoints, published releases, random:SEED, lab:STRIDE), optionally as NAME=SOURCE;
+each checkpoint's own input space and stride come from the file, as in stt.evaluate.
+
+With `--tune-trials N` each model also gets its own propagation: N Optuna (TPE) trials over the
+`propagation` section of tune/space.yaml (`--space`), the configured defaults first, maximising
+J&F on `--tune-set` (DAVIS `train`), the best setting then scored once on `--set` (`val`), never
+tuned on. (The sweep's propagation phase is a method of its Ray Tune driver, not importable on its
+own, so this is the small loop the issue allows.) Trials run on the cached features, served by top-K
+affinity graphs (stt/graph.py) where they can be, else by stt.propagation.
+
+Prints one Markdown table: model | J&F | J | F | tuned J&F (| the tuned setting).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stt.config import PRESETS, Config, from_dict, load_config, to_dict  # noqa: E402
+from stt.data.layouts import DAVIS  # noqa: E402
+from stt.evaluate import evaluate_davis, resolve_device  # noqa: E402
+from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
+from stt.graph import default_k, load_or_build, propagate_with_graph, serves, superset_config  # noqa: E402
+from stt.propagation import for_task, propagate  # noqa: E402
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune" / "space.yaml"
+
+
+def parse_checkpoint(argument: str) -> tuple[str, str]:
+    """NAME=SOURCE -> (NAME, SOURCE); a bare SOURCE is its own name."""
+    name, sep, source = argument.partition("=")
+    return (name, source) if sep and name and "/" not in name else (argument, argument)
+
+
+def propagation_space(path: Path) -> dict[str, dict]:
+    """The `propagation` section of a sweep space file: {"propagation.KEY": {kind: args}}."""
+    space = (yaml.safe_load(path.read_text()) or {}).get("propagation") or {}
+    if not space:
+        raise ValueError(f"{path}: no 'propagation' section to tune")
+    for key, entry in space.items():
+        if not key.startswith("propagation.") or not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"{path}: propagation entry {key!r}: expected propagation.KEY: {{kind: [...]}}")
+    return space
+
+
+def suggest(trial: optuna.Trial, key: str, entry: dict):
+    (kind, values), = entry.items()
+    if kind == "choice":
+        return trial.suggest_categorical(key, list(values))
+    if kind == "loguniform":
+        return trial.suggest_float(key, float(values[0]), float(values[1]), log=True)
+    if kind == "uniform":
+        return trial.suggest_float(key, float(values[0]), float(values[1]))
+    if kind == "randint":
+        return trial.suggest_int(key, int(values[0]), int(values[1]) - 1)
+    raise ValueError(f"{key}: unknown distribution {kind!r}")
+
+
+def tune_domains(space: dict[str, dict]) -> dict:
+    """The space as Ray Tune domains, which stt.graph.superset_config reads for the widest setting."""
+    from ray import tune
+
+    makers = {"choice": lambda v: tune.choice(list(v)), "loguniform": lambda v: tune.loguniform(*v),
+              "uniform": lambda v: tune.uniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: makers[kind](values) for key, entry in space.items() for kind, values in entry.items()}
+
+
+def with_propagation(cfg: Config, params: dict) -> Config:
+    tuned = from_dict(to_dict(cfg))
+    for key, value in params.items():
+        setattr(tuned.propagation, key.split(".", 1)[1], value)
+    return tuned
+
+
+def tune_propagation(root: Path, source: str, cfg: Config, space: dict[str, dict], trials: int, split: str, cache: Path,
+                     device: str, seed: int) -> tuple[dict, float, float]:
+    """(best params, its J&F on `split`, the default's J&F on `split`) after `trials` TPE trials."""
+    extractor = FeatureExtractor(source, cfg.model, cfg.eval, resolve_device(device))
+    superset = superset_config(tune_domains(space), for_task(cfg.propagation, "davis", extractor.stride))
+    k, dataset, features_cache, graphs = default_k(superset), DAVIS(root, split=split), FeatureCache(cache), {}
+
+    def on_graph(sequence, features, labels, pcfg):
+        if sequence not in graphs:
+            feature_file = features_cache.path_for(extractor.cache_key, dataset.frame_paths(sequence))
+            graphs[sequence] = load_or_build(feature_file, features, superset, k)[0]
+        if serves(graphs[sequence], pcfg) is not None:
+            return propagate(features, labels, pcfg)
+        return propagate_with_graph(graphs[sequence], labels, pcfg)
+
+    def score(params: dict) -> float:
+        report = evaluate_davis(root, source, with_propagation(cfg, params), None, split=split, device=device,
+                                feature_cache=cache, progress=False, propagator=on_graph)
+        return float(report["summary"]["J&F-Mean"])
+
+    resolved = for_task(cfg.propagation, "davis", extractor.stride)  # the default radius, in cells
+    defaults = {key: getattr(resolved, key.split(".", 1)[1]) for key in space}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    start = all(in_space(space[key], value) for key, value in defaults.items())
+    if start:  # the configured defaults are the first trial, where the space holds them (as the sweep)
+        study.enqueue_trial(defaults)
+    study.optimize(lambda trial: score({key: suggest(trial, key, entry) for key, entry in space.items()}), n_trials=trials)
+    return study.best_params, study.best_value, study.trials[0].value if start else float("nan")
+
+
+def in_space(entry: dict, value) -> bool:
+    (kind, values), = entry.items()
+    if kind == "choice":
+        return value in values
+    high = values[1] - 1 if kind == "randint" else values[1]
+    return value is not None and values[0] <= value <= high
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--davis-root", required=True, help="a DAVIS-2017 root (ImageSets/2017/{train,val}.txt)")
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="[NAME=]SOURCE: an stt or published checkpoint, random:SEED or lab:STRIDE (repeat it)")
+    parser.add_argument("--set", default="val", help="the split reported (default val)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named evaluation protocol for all models (authors)")
+    parser.add_argument("--config", help="YAML config applied to every model (propagation, eval sections)")
+    parser.add_argument("--tune-trials", type=int, default=0, help="per-model propagation trials on --tune-set (0: no tuned column)")
+    parser.add_argument("--tune-set", default="train", help="the split propagation is tuned on (default train)")
+    parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="search space file (its propagation section)")
+    parser.add_argument("--feature-cache", type=Path, default=Path("~/.cache/stt/features").expanduser())
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every model, e.g. eval.max_short_side=240")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, [*(PRESETS[args.preset] if args.preset else ()), *args.overrides])
+    root = Path(args.davis_root)
+    space = propagation_space(args.space) if args.tune_trials else {}
+
+    print(f"# DAVIS {root} '{args.set}', short side <= {cfg.eval.max_short_side}, propagation "
+          f"{args.preset or 'default'} protocol; {date.today()}; {platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = []
+    for name, source in map(parse_checkpoint, args.checkpoint):
+        started = time.perf_counter()
+        summary = evaluate_davis(root, source, cfg, None, split=args.set, device=args.device, feature_cache=args.feature_cache,
+                                 progress=False)["summary"]
+        row = {"model": name, "J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
+        if args.tune_trials:
+            params, tuned_on, default_on = tune_propagation(root, source, cfg, space, args.tune_trials, args.tune_set,
+                                                            args.feature_cache, args.device, args.seed)
+            tuned = evaluate_davis(root, source, with_propagation(cfg, params), None, split=args.set, device=args.device,
+                                   feature_cache=args.feature_cache, progress=False)["summary"]
+            row.update({"tuned J&F": tuned["J&F-Mean"], "tuned on": tuned_on, "default on": default_on,
+                        "setting": ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                                             for k, v in params.items())})
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        print(f"compare_models: {name}: J&F {row['J&F']:.3f}"
+              + (f", tuned {row['tuned J&F']:.3f}" if "tuned J&F" in row else "") + f" ({row['seconds']:.0f} s)", flush=True)
+
+    tuned = bool(args.tune_trials)
+    print()
+    print("| model | J&F | J | F |" + (f" tuned J&F | J&F on '{args.tune_set}': default -> tuned | tuned propagation |" if tuned else ""))
+    print("|---|---|---|---|" + ("---|---|---|" if tuned else ""))
+    for row in rows:
+        line = f"| {row['model']} | {row['J&F']:.3f} | {row['J']:.3f} | {row['F']:.3f} |"
+        if tuned:
+            line += f" {row['tuned J&F']:.3f} | {row['default on']:.3f} -> {row['tuned on']:.3f} | {row['setting']} |"
+        print(line)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
