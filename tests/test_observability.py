@@ -280,3 +280,21 @@ def test_tensorboard_shows_the_propagated_masks_of_each_evaluation(ray_local, tm
     assert panel.shape == (image.height, image.width, 3) and image.width == 3 * (image.width // 3) and image.height >= 96
     scalars = {value.tag for event in events for value in event.summary.value if value.HasField("simple_value")}
     assert {"spatial/J_F", "spatial/loss"} <= scalars  # tensorboardX writes "&" as "_"
+
+
+def test_trial_progress_counts_a_phases_finished_trials_with_an_eta(ray_local, tmp_path, capsys):
+    from ray import tune
+
+    from stt.observe import TrialProgress
+
+    def trainable(config):
+        tune.report({"x": config["x"]})
+
+    tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2, 3])},
+               tune_config=tune.TuneConfig(max_concurrent_trials=1),
+               run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[TrialProgress("training", 3)])).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep: training trials")]
+    assert len(lines) == 3, lines
+    for done, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"sweep: training trials {done}/3 done \(\w+ finished\)  elapsed \d+s  eta \d+(m\d\ds|s)", line), line
+    assert lines[-1].endswith("eta 0s")
