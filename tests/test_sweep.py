@@ -1,6 +1,7 @@
 """tune/sweep.py: search space, the PRUNED bookkeeping, and a tiny end-to-end sweep with ASHA and --resume."""
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -151,3 +152,95 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     resumed = sweep.main(argv + ["--resume"])
     assert len(resumed["table"]) == len(table)
     assert resumed["state"]["best_propagation"]["params"] == chosen
+
+
+# A tiny sweep run as `python tune/sweep.py` is, in its own process (its own Ray), so that it can be sent Ctrl-C.
+DRIVER = """
+import importlib.util, sys
+from dataclasses import replace
+import ray
+spec = importlib.util.spec_from_file_location("sweep", {sweep_file!r})
+sweep = importlib.util.module_from_spec(spec)
+sys.modules["sweep"] = sweep
+spec.loader.exec_module(sweep)
+ray.cloudpickle.register_pickle_by_value(sweep)
+sweep.PLANS["quick"] = replace(sweep.PLANS["quick"], spatial_steps=2, temporal_steps=4, eval_every=2, reduction_factor=2,
+    overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
+               "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
+from stt.cli import run
+from stt.train import start_ray
+start_ray(num_cpus=2, include_dashboard=True)
+sys.exit(run(sweep.main, "sweep", sys.argv[1:]))
+"""
+
+
+def finished_training_trials(experiment: Path) -> list:
+    """The training study's trials that ended (COMPLETE or PRUNED), read while the sweep writes the study."""
+    try:
+        study = optuna.load_study(study_name="training", storage=f"sqlite:///{experiment / 'optuna.db'}")
+        return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    except Exception:  # noqa: BLE001 - not created yet, or locked by the writer for a moment
+        return []
+
+
+def tune_trials(path: Path) -> dict:
+    """{trial id: (status, its result.json)} of the Tune experiment stored at `path`."""
+    analysis = tune.ExperimentAnalysis(str(path))
+    return {t.trial_id: (t.status, (Path(t.path) / "result.json").read_bytes()) for t in analysis.trials}
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tmp_path):
+    """Ctrl-C in phase 2: Tune saves the experiment and returns the trials so far; the sweep must not choose
+    among them and report a result. It stops with the resume line, and --resume runs the unfinished trials only."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
+    experiment = tmp_path / "sweeps" / "tiny"
+    argv = [sys.executable, "-c", DRIVER.format(sweep_file=str(SWEEP_FILE)), "--quick", "--samples", "2",
+            "--propagation-samples", "2", "--storage", str(tmp_path / "sweeps"), "--name", "tiny",
+            "--data-root", str(data["ytvos"]), "--davis-root", str(data["davis"])]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out, err = (tmp_path / "first.out").open("w"), tmp_path / "first.err"  # files: a full pipe would stall the driver
+    driver = subprocess.Popen(argv, cwd=SWEEP_FILE.parents[1], env=env, stdout=out, stderr=err.open("w"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not finished_training_trials(experiment):
+            assert driver.poll() is None, f"the sweep ended before a training trial finished: {err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no training trial finished in 15 minutes"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C: to the driver, as a terminal sends it
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    stderr = err.read_text()
+    assert driver.returncode == 130, stderr[-3000:]
+    assert re.search(r"^sweep: error: phase 2/4 interrupted after 1 of 2 training trials; "
+                     r"run the same command with --resume to continue$", stderr, re.MULTILINE), stderr[-3000:]
+    assert not (experiment / "best.yaml").exists() and not (experiment / "summary.md").exists()
+    assert set(json.loads((experiment / "state.json").read_text())) == {"spatial_checkpoint"}  # nothing final recorded
+    before = tune_trials(experiment / "training")
+    finished = {trial_id: result for trial_id, (status, result) in before.items() if status == "TERMINATED"}
+    assert len(finished) == 1 and len(before) == 2, before.keys()
+    (finished_id,) = finished
+    checkpoints = {p: p.stat().st_mtime_ns for p in (experiment / "training-runs" / finished_id).rglob("*") if p.is_file()}
+    study_before = [(t.number, t.state, t.params) for t in finished_training_trials(experiment)]
+
+    resumed = subprocess.run([*argv, "--resume"], cwd=SWEEP_FILE.parents[1], env=env, capture_output=True, text=True,
+                             timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = tune_trials(experiment / "training")
+    assert set(after) == set(before) and {status for status, _ in after.values()} == {"TERMINATED"}  # no trial added
+    assert after[finished_id][1] == finished[finished_id]  # the finished trial did not run again
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    table = pd.read_csv(experiment / "trials.csv")
+    training = table[table["kind"] == "training"]
+    assert len(training) == 2 and set(training["state"]) <= {"COMPLETE", "PRUNED"}  # the plan: 2 training trials
+    assert len(table[table["kind"] == "propagation"]) == 2
+    study_after = [(t.number, t.state, t.params) for t in finished_training_trials(experiment)]
+    assert len(study_after) == 2 and all(trial in study_after for trial in study_before)  # kept as they were
+    assert (experiment / "best.yaml").is_file() and (experiment / "summary.md").is_file()

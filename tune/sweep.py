@@ -40,6 +40,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, replace
@@ -359,6 +360,9 @@ class Sweep:
             print(f"sweep: resuming the {name} trials from {path}")
             return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                       param_space=param_space)
+        if not self.args.resume and any(path.glob("experiment_state-*.json")):
+            raise UsageError(f"{path}: the {name} trials of an unfinished sweep are stored there; run the same command "
+                             "with --resume to continue it, or give a new --name")
         fail_stale_trials(self.experiment, name)
         return tune.Tuner(
             trainable,
@@ -380,7 +384,7 @@ class Sweep:
             trainer = build_stage_trainer(stage_spec(cfg, "spatial"), str(self.experiment / "spatial"), "", use_gpu=self.use_gpu,
                                           workers=self.plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
             checkpoint = str(self.experiment / "spatial-final.pt")
-            export_final(trainer.fit().checkpoint, checkpoint)
+            export_final(fit_in_driver(trainer, "phase 1/4 (the spatial stage)", self.plan.spatial_steps).checkpoint, checkpoint)
         self.save_state(spatial_checkpoint=checkpoint)
         return checkpoint
 
@@ -405,6 +409,7 @@ class Sweep:
                              reduction_factor=plan.reduction_factor)
         concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
         results = self.tuner("training", trainable, self.space["training"], search, asha, concurrency, plan.training_trials).fit()
+        check_finished(results, "phase 2/4", "training", plan.training_trials)
         # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
         # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
         best = best_result(results)
@@ -450,6 +455,7 @@ class Sweep:
         concurrency = cluster_concurrency(1.0, 0)
         results = self.tuner("propagation", trainable, self.space["propagation"], search, None, concurrency,
                              plan.propagation_trials).fit()
+        check_finished(results, "phase 3/4", "propagation", plan.propagation_trials)
         on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
         print(f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
               + (f", {sum(m['graph_fallback_fraction'] for m in on_graph) / len(on_graph):.2%} of their target locations "
@@ -490,7 +496,8 @@ class Sweep:
             cfg = replace_train(self.base, max_steps=plan.temporal_steps, eval_every=0, checkpoint_every=plan.temporal_steps)
             trainer = build_stage_trainer(stage_spec(cfg, "temporal"), str(self.experiment / "untuned-run"), spatial_checkpoint,
                                           use_gpu=self.use_gpu, workers=plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
-            export_final(trainer.fit().checkpoint, str(default_checkpoint))
+            export_final(fit_in_driver(trainer, "the yardsticks (training the untuned defaults)", plan.temporal_steps).checkpoint,
+                         str(default_checkpoint))
         sources = {"tuned training, default propagation": best_training["checkpoint"],
                    "untuned defaults": str(default_checkpoint),
                    "random init": f"random:{plan.seed}",
@@ -504,6 +511,54 @@ class Sweep:
         rows["first mask copied"] = {"source": "copy", "J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
         self.save_state(yardsticks=rows)
         return rows
+
+
+RESUME = "run the same command with --resume to continue"
+
+
+def check_finished(results, phase: str, kind: str, planned: int) -> None:
+    """InterruptedRun unless every planned trial of the phase finished (TERMINATED, or ERROR: recorded as failed).
+
+    On Ctrl-C, Tune saves the experiment and `Tuner.fit()` returns the trials so far as if done; going
+    on would choose among them and report a sweep that never ran. The trials not finished are resumed
+    by `--resume` (Tuner.restore, resume_unfinished), the finished ones kept.
+    The statuses are read from the experiment state Tune saved as the run ended: the ResultGrid's are
+    taken after Tune's cleanup, which marks every trial it stopped TERMINATED, the interrupted ones too
+    (Ray 2.60; results.num_terminated counted 2 of 2 after Ctrl-C with one trial running).
+    """
+    default_sigint()
+    saved = tune.ExperimentAnalysis(results.experiment_path).trials  # Ray: the trials as saved, with their statuses
+    finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+    if finished < planned:
+        raise InterruptedRun(f"{phase} interrupted after {finished} of {planned} {kind} trials; {RESUME}")
+
+
+def default_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt again. Tune's handler (after a fit, it stays installed and would
+    swallow the next Ctrl-C) and Ray Train's (bound to a controller that is gone) are removed."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def fit_in_driver(trainer, phase: str, steps: int) -> "ray.train.Result":
+    """`trainer.fit()` of a stage the driver trains itself, or InterruptedRun if it stopped before `steps`.
+
+    On Ctrl-C, Ray Train aborts the run and exits the process with status 0 from its signal handler
+    (SystemExit(0)): a sweep must neither exit 0 nor take a partial run's checkpoint as final. The run's
+    checkpoints stay where `--resume` picks them up.
+    """
+    try:
+        result = trainer.fit()
+    except SystemExit as error:
+        if error.code not in (0, None):
+            raise
+        raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
+    finally:
+        default_sigint()
+    step = (result.metrics or {}).get("step", 0)
+    if result.checkpoint is None or step < steps:
+        raise InterruptedRun(f"{phase} stopped at step {step} of {steps}; {RESUME}")
+    return result
 
 
 def best_result(results) -> "ray.tune.Result":
@@ -686,11 +741,19 @@ def main(argv: list[str] | None = None) -> dict:
     # Watching live: the studies' trials, intermediate J&F and pruning, while the sweep runs.
     print(f"sweep: watch the studies live (pip install -e '.[dashboard]'): "
           f"optuna-dashboard sqlite:///{(sweep.experiment / 'optuna.db').resolve()}")
-    spatial_checkpoint = sweep.spatial()
-    best_training = sweep.training(spatial_checkpoint)
-    best_propagation = sweep.propagation(best_training)
-    sweep.report(best_training, best_propagation)
-    sweep.yardsticks(spatial_checkpoint, best_training)
+    phase = "phase 1/4 (the spatial stage)"
+    try:  # Ctrl-C inside a phase's fit() is told by its checks; anywhere else, it lands here
+        spatial_checkpoint = sweep.spatial()
+        phase = "phase 2/4 (training trials)"
+        best_training = sweep.training(spatial_checkpoint)
+        phase = "phase 3/4 (propagation trials)"
+        best_propagation = sweep.propagation(best_training)
+        phase = "phase 4/4 (the report)"
+        sweep.report(best_training, best_propagation)
+        phase = "the yardsticks"
+        sweep.yardsticks(spatial_checkpoint, best_training)
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
 
     table = trials_table(sweep.experiment, sweep.state)
     table.to_parquet(sweep.experiment / "trials.parquet")
@@ -705,4 +768,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run(main, "sweep"))
