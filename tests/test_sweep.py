@@ -13,7 +13,7 @@ import ray
 from optuna.trial import TrialState
 from ray import tune
 
-from stt.cli import UsageError, run
+from stt.cli import InterruptedRun, UsageError, run
 from stt.config import load_config
 from stt.data.synthetic import generate
 
@@ -248,3 +248,33 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
     study_after = [(t.number, t.state, t.params) for t in finished_training_trials(experiment)]
     assert len(study_after) == 2 and all(trial in study_after for trial in study_before)  # kept as they were
     assert (experiment / "best.yaml").is_file() and (experiment / "summary.md").is_file()
+
+
+class FakeTrainer:
+    """A stage the driver trains: fit() returns after `seconds` with its last step and a checkpoint."""
+
+    def __init__(self, seconds: float, step: int):
+        self.seconds, self.step = seconds, step
+
+    def fit(self):
+        import time
+        time.sleep(self.seconds)
+        return ray.train.Result(metrics={"step": self.step}, checkpoint=ray.train.Checkpoint("/tmp"), error=None,
+                                path="/tmp")
+
+
+def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
+    """Ray Train's own Ctrl-C handler ends the process with status 0 or 1 and no word: the stage is fitted in a
+    thread, where it installs none, and Ctrl-C becomes InterruptedRun naming the phase."""
+    import os
+    import signal
+    import threading
+
+    assert sweep.fit_in_driver(FakeTrainer(0.0, 4), "phase 1/4 (the spatial stage)", 4).metrics["step"] == 4
+    with pytest.raises(InterruptedRun, match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; run the same command with --resume"):
+        sweep.fit_in_driver(FakeTrainer(0.0, 2), "phase 1/4 (the spatial stage)", 4)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(InterruptedRun, match=r"^the yardsticks interrupted; run the same command with --resume to continue$"):
+        sweep.fit_in_driver(FakeTrainer(30.0, 4), "the yardsticks", 4)
+    timer.join()

@@ -7,6 +7,10 @@
     python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage /mnt/shared/sweeps --name r18
     python tune/sweep.py --resume --name NAME             # continue an interrupted sweep
 
+Ctrl-C stops the sweep with exit status 130 and one line naming the phase and how many of its trials
+finished; nothing is chosen or reported from a phase that did not finish. `--resume` then runs the
+phase's unfinished trials (the finished ones are kept, not rerun) and the phases after it.
+
 How the two kinds of trial combine: nested, in four phases, each resumable.
  1. Spatial stage, once: MoCo on still images. Its encoder initialises every training trial and
     is the frozen teacher of global correlation distillation.
@@ -70,6 +74,7 @@ from stt.features import FeatureCache, FeatureExtractor
 from stt.graph import build_graph, default_k, graph_path, load_graph, propagate_with_graph, save_graph, serves, superset_config
 from stt.propagation import for_task, propagate
 from stt.objectives import stage_spec
+from stt.observe import TrialProgress
 from stt.train import build_stage_trainer, export_final, start_ray
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
@@ -369,7 +374,7 @@ class Sweep:
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
                                         num_samples=samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=str(self.experiment),
+            run_config=tune.RunConfig(name=name, storage_path=str(self.experiment), callbacks=[TrialProgress(name, samples)],
                                       failure_config=tune.FailureConfig(fail_fast=False)),  # a failed trial is recorded, the sweep goes on
         )
 
@@ -541,20 +546,31 @@ def default_sigint() -> None:
 
 
 def fit_in_driver(trainer, phase: str, steps: int) -> "ray.train.Result":
-    """`trainer.fit()` of a stage the driver trains itself, or InterruptedRun if it stopped before `steps`.
+    """`trainer.fit()` of a stage the driver trains itself, or InterruptedRun if Ctrl-C stopped it or it ended before `steps`.
 
-    On Ctrl-C, Ray Train aborts the run and exits the process with status 0 from its signal handler
-    (SystemExit(0)): a sweep must neither exit 0 nor take a partial run's checkpoint as final. The run's
-    checkpoints stay where `--resume` picks them up.
+    Run in a thread: there Ray Train installs no SIGINT handler of its own (in the main thread its handler
+    aborts the run and ends the process with status 1 and no word, or 0), so Ctrl-C reaches this thread as
+    KeyboardInterrupt. The run's checkpoints stay where `--resume` picks them up; its controller and
+    workers end with the driver's Ray.
     """
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - raised again in the main thread just below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name=f"sweep: {phase}", daemon=True)
+    thread.start()
     try:
-        result = trainer.fit()
-    except SystemExit as error:
-        if error.code not in (0, None):
-            raise
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    except KeyboardInterrupt:
         raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
-    finally:
-        default_sigint()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
     step = (result.metrics or {}).get("step", 0)
     if result.checkpoint is None or step < steps:
         raise InterruptedRun(f"{phase} stopped at step {step} of {steps}; {RESUME}")
