@@ -55,24 +55,30 @@ def progress_text(done: int, total: int, elapsed_s: float, first_s: float | None
 
 
 class TrialProgress(Callback):
-    """A Ray Tune callback printing one line per finished trial of a phase: how many of how many, the
-    phase's elapsed time and an ETA at the mean time per finished trial so far (trials run
-    concurrently and ASHA stops some early, so it is a rough figure)."""
+    """A Ray Tune callback printing one line per finished trial of a phase: how many of how many
+    (trials a resumed phase had finished before count too), the elapsed time of this process's part
+    and an ETA at its mean time per finished trial (trials run concurrently and ASHA stops some
+    early, so it is a rough figure)."""
 
     def __init__(self, phase: str, total: int, prefix: str = "sweep"):
         self.phase, self.total, self.prefix = phase, total, prefix
-        self.started, self.done = time.monotonic(), 0
+        self.started, self.before = time.time(), None
 
-    def line(self, trial_id: str, how: str) -> str:
-        self.done += 1
-        return (f"{self.prefix}: {self.phase} trials {self.done}/{self.total} done ({trial_id} {how})  "
-                f"{progress_text(self.done, self.total, time.monotonic() - self.started)}")
+    def setup(self, **info):  # Tune calls it at the start of a fresh or a resumed experiment
+        self.started, self.before = time.time(), None
+
+    def line(self, trials, trial, how: str) -> str:
+        done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
+        if self.before is None:
+            self.before = done - 1  # finished before this process took the phase over
+        eta = progress_text(done - self.before, self.total - self.before, time.time() - self.started)
+        return f"{self.prefix}: {self.phase} trials {done}/{self.total} done ({trial.trial_id} {how})  {eta}"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(self.line(trial.trial_id, "finished"), flush=True)
+        print(self.line(trials, trial, "finished"), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(self.line(trial.trial_id, "failed"), flush=True)
+        print(self.line(trials, trial, "failed"), flush=True)
 
 
 # ----------------------------------------------------------------------------------------- mask panel

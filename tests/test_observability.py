@@ -298,3 +298,19 @@ def test_trial_progress_counts_a_phases_finished_trials_with_an_eta(ray_local, t
     for done, line in enumerate(lines, 1):
         assert re.fullmatch(rf"sweep: training trials {done}/3 done \(\w+ finished\)  elapsed \d+s  eta \d+(m\d\ds|s)", line), line
     assert lines[-1].endswith("eta 0s")
+
+
+def test_trial_progress_counts_trials_a_resumed_phase_had_finished():
+    from types import SimpleNamespace
+
+    from stt.observe import TrialProgress
+
+    trials = [SimpleNamespace(trial_id=f"t{i}", status=status)
+              for i, status in enumerate(("TERMINATED", "TERMINATED", "ERROR", "RUNNING", "PENDING"))]
+    progress = TrialProgress("propagation", 5)
+    progress.setup()
+    assert re.fullmatch(r"sweep: propagation trials 4/5 done \(t3 finished\)  elapsed \d+s  eta \d+s",
+                        progress.line(trials, trials[3], "finished"))
+    trials[3].status = "TERMINATED"
+    assert progress.line(trials, trials[4], "failed").startswith("sweep: propagation trials 5/5 done (t4 failed)")
+    assert progress.line(trials, trials[4], "failed").endswith("eta 0s")
