@@ -151,15 +151,22 @@ def davis_jf(checkpoint: Path, cfg: Config, device: torch.device, panel: Path | 
 
 
 # ----------------------------------------------------------------------------------------- the worker
+def worker_print(line: str) -> None:
+    """One line from a training worker to the driver's terminal, once. Ray Train replaces print() in its
+    workers with a logger call that also echoes to the redirected stdout, so every line came twice;
+    the process's own stdout is what Ray forwards to the driver, and writing there prints it once."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def report_skipped(skipped, total: int, named: int) -> int:
     """Print the sources of corrupt frames skipped since the last report (the counter keeps the first
     20); returns how many have been named."""
     if total > named:
         sources = ray.get(skipped.first_sources.remote())  # Ray: the shared counter
         for source in sources[named:]:
-            print(f"stt.train: skipped a corrupt frame: {source}", flush=True)
+            worker_print(f"stt.train: skipped a corrupt frame: {source}")
         if total > len(sources):
-            print(f"stt.train: {total} corrupt frames skipped so far (the first {len(sources)} named above)", flush=True)
+            worker_print(f"stt.train: {total} corrupt frames skipped so far (the first {len(sources)} named above)")
     return total
 
 
@@ -228,8 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"{spec.name}-step{step:07d}")
         if rank == 0:
             clock = progress_text(step - start_step, train.max_steps - start_step, time.perf_counter() - started, first_step_s)
-            print(f"stt.train {spec.name} step {step}/{train.max_steps}  {clock}  " + "  ".join(
-                f"{name} {value:.4g}" for name, value in metrics.items() if name not in ("step", "start_step")), flush=True)
+            worker_print(f"stt.train {spec.name} step {step}/{train.max_steps}  {clock}  " + "  ".join(
+                f"{name} {value:.4g}" for name, value in metrics.items() if name not in ("step", "start_step")))
         meter.reset()
 
 

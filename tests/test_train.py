@@ -155,18 +155,18 @@ def test_checkpoint_load_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- on a local Ray cluster
-def test_skipped_corrupt_frames_are_named_once(ray_local, capsys):
+def test_skipped_corrupt_frames_are_named_once(ray_local, capfd):
     """Issue 18: corrupt training frames were counted, never named."""
     from stt.data.pipeline import SkippedFrames
     from stt.train import report_skipped
 
     skipped = SkippedFrames.remote(keep=2)
-    assert report_skipped(skipped, 0, 0) == 0 and capsys.readouterr().out == ""
+    assert report_skipped(skipped, 0, 0) == 0 and capfd.readouterr().out == ""
     ray_local.get(skipped.add.remote(["a/00001.jpg"]))
     named = report_skipped(skipped, 1, 0)
     ray_local.get(skipped.add.remote(["b/00002.jpg", "c/00003.jpg"]))
     report_skipped(skipped, 3, named)
-    assert capsys.readouterr().out.splitlines() == [
+    assert capfd.readouterr().out.splitlines() == [
         "stt.train: skipped a corrupt frame: a/00001.jpg", "stt.train: skipped a corrupt frame: b/00002.jpg",
         "stt.train: 3 corrupt frames skipped so far (the first 2 named above)"]
 
