@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stt.color import normalize_lab, rgb_to_lab
-from stt.cli import UsageError
 from stt import checkpoint
+from stt.cli import UsageError
+from stt.color import normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published

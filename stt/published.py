@@ -350,11 +350,6 @@ def load_published(path_or_state: str | os.PathLike | Mapping, name: str | None 
     return ({"arch": arch, "input_space": "rgb"} if guess == "torchvision-imagenet" else {"arch": arch}), trunk
 
 
-def is_stt_checkpoint(state: Any) -> bool:
-    """stt.train's own payload ({"model", "config", ...}), which callers load themselves."""
-    return detect_format(state) == "stt-checkpoint"
-
-
 def init_payload(state: Any, what: str, arch: str) -> dict[str, Any]:
     """Training's `--init` from a published release: {"model": encoder weights}, the part of an stt.train
     payload the stages read (no "fisher": an EWC stage needs stt's own checkpoint). The stage's input space

@@ -31,7 +31,6 @@ Not done: multiple pairs per video (Table 4, n = 4, 8) and SyncBN across workers
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

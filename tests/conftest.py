@@ -6,22 +6,24 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def shared_data(name: str, what: str) -> Path:
+    """A folder of ../shared/data, or a skip saying which sample is missing."""
+    root = SHARED / "data" / name
+    if not root.is_dir():
+        pytest.skip(f"{what} not found at {root}")
+    return root
+
+
 @pytest.fixture(scope="session")
 def davis_real_root() -> Path:
     """Eight real DAVIS sequences in the official layout, shipped beside the repository."""
-    root = SHARED / "data" / "davis-real"
-    if not root.is_dir():
-        pytest.skip(f"real DAVIS sample not found at {root}")
-    return root
+    return shared_data("davis-real", "real DAVIS sample")
 
 
 @pytest.fixture(scope="session")
 def jhmdb_real_root() -> Path:
     """One real JHMDB clip (40 frames, 15 joints) in the official layout, shipped beside the repository."""
-    root = SHARED / "data" / "jhmdb-real"
-    if not root.is_dir():
-        pytest.skip(f"real JHMDB clip not found at {root}")
-    return root
+    return shared_data("jhmdb-real", "real JHMDB clip")
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,7 @@ TINY = ["train.recipe=spatial-then-temporal-lwf", "train.batch_size=4", "spatial
         "spatial.bn_splits=2", "data.crop_size=64", "train.lwf_weight=3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_lwf_loss_by_hand():

@@ -20,12 +20,7 @@ from stt.features import FeatureExtractor
 from stt.published import detect_format, load_published, read_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomised(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -178,13 +178,8 @@ def tiny_data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data"), preset="tiny", kinds=("ytvos", "davis"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 cores shared by the whole test session: oversubscribed threads make torch 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# 2 cores shared by the whole test session: oversubscribed threads make torch 10x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(storage: Path, name: str, stage: str, steps: int, data: dict, *extra: str) -> dict[str, str]:

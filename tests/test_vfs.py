@@ -10,19 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from stt.config import Config, load_config
+from stt.config import load_config
 from stt.objectives import stage_spec
 from stt.spatial import info_nce
 from stt.stages import StageModel
 from stt.vfs import VFS, sample_frame_pair, vfs_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def eq5_slow(p: torch.Tensor, z: torch.Tensor) -> float:

@@ -22,6 +22,27 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
+def moco_v2_colour(image_size: int) -> list[v2.Transform]:
+    """MoCo v2's colour augmentation: jitter with p 0.8, grayscale with p 0.2, blur with p 0.5."""
+    return [
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5),
+    ]
+
+
+def seeded(generator: torch.Generator | None, draw):
+    """draw() with torch's global generator seeded from `generator` inside a forked copy of its state,
+    so the result depends only on `generator` and the caller's global state is left untouched
+    (None: draw() from the global state itself)."""
+    if generator is None:
+        return draw()
+    seed = int(torch.randint(2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return draw()
+
+
 def moco_v2_transform(image_size: int) -> v2.Compose:
     """One random MoCo v2 view: PIL image or tensor in, 3 x S x S normalised float32 out."""
     if image_size <= 0:
@@ -30,9 +51,7 @@ def moco_v2_transform(image_size: int) -> v2.Compose:
         [
             v2.ToImage(),
             v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5),
+            *moco_v2_colour(image_size),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -56,12 +75,7 @@ class TwoViews:
             image = image.convert("RGB")  # image folders hold grayscale and CMYK JPEGs too
         elif image.ndim < 3 or image.shape[-3] != 3:
             raise ValueError(f"expected an RGB image tensor (... x 3 x H x W), got shape {tuple(image.shape)}")
-        if generator is None:
-            return self.transform(image), self.transform(image)
-        seed = int(torch.randint(2**62, (), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), self.transform(image)
+        return seeded(generator, lambda: (self.transform(image), self.transform(image)))
 
 
 def vfs_transform(image_size: int, scale: tuple[float, float] = (0.2, 1.0), color: bool = False) -> v2.Compose:
@@ -70,16 +84,11 @@ def vfs_transform(image_size: int, scale: tuple[float, float] = (0.2, 1.0), colo
     with `color` also MoCo v2's jitter, grayscale and blur; ImageNet-normalised float32 out."""
     if image_size <= 0:
         raise ValueError(f"vfs.image_size: expected a positive size, got {image_size!r}")
-    colour = [
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5),
-    ] if color else []
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
-        *colour,
+        *(moco_v2_colour(image_size) if color else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -93,9 +102,4 @@ class FramePairViews:
         self.transform = vfs_transform(image_size, scale, color)
 
     def __call__(self, first: Tensor, second: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        if generator is None:
-            return self.transform(first), self.transform(second)
-        seed = int(torch.randint(2**62, (), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(first), self.transform(second)
+        return seeded(generator, lambda: (self.transform(first), self.transform(second)))

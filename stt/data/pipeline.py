@@ -479,6 +479,14 @@ def pair_plan(data_cfg: DataConfig, source: Source) -> tuple[Plan, str | None, n
     """(plan, shard root or None, pairs per unit) of the temporal stream over `source`."""
     if data_cfg.frame_gap < 1:
         raise ValueError(f"data.frame_gap: expected at least 1 list step, got {data_cfg.frame_gap}")
+    plan, shard_root = video_plan(source)
+    if note := frame_spacing_note(plan, data_cfg.frame_gap, source.root):
+        print(note)
+    return plan, shard_root, _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
+
+
+def video_plan(source: Source) -> tuple[Plan, str | None]:
+    """(plan, shard root or None) of a video `source` (shards of videos, a YouTube-VOS or DAVIS layout)."""
     if source.kind == "shards":
         kind, plan = shard_plan(source.root)
         if kind == "images":
@@ -487,24 +495,14 @@ def pair_plan(data_cfg: DataConfig, source: Source) -> tuple[Plan, str | None, n
         plan = raw_plan(source)
     else:
         raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
-    if note := frame_spacing_note(plan, data_cfg.frame_gap, source.root):
-        print(note)
-    unit_rows = _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
-    return plan, source.root if source.kind == "shards" else None, unit_rows
+    return plan, source.root if source.kind == "shards" else None
 
 
 def vfs_plan(source: Source) -> tuple[Plan, str | None, np.ndarray]:
     """(plan, shard root or None, pairs per unit) of the VFS stream over video `source`: one pair per
     video of at least 2 frames per epoch (VFS samples one clip per video per epoch, as mmaction's VideoDataset)."""
-    if source.kind == "shards":
-        kind, plan = shard_plan(source.root)
-        if kind == "images":
-            raise DatasetError(f"{source.root}: shards of single images; expected video frames (prepare ytvos|davis)")
-    elif source.kind in ("ytvos", "davis"):
-        plan = raw_plan(source)
-    else:
-        raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
-    return plan, source.root if source.kind == "shards" else None, _per_unit(plan, (plan.counts >= 2).astype(np.int64))
+    plan, shard_root = video_plan(source)
+    return plan, shard_root, _per_unit(plan, (plan.counts >= 2).astype(np.int64))
 
 
 def vfs_pair_dataset(data_cfg: DataConfig, vfs_cfg: VFSConfig, source: Source | None = None, *, seed: int = 0,
