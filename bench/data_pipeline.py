@@ -66,7 +66,7 @@ def inline(plan, shard_root, cfg) -> tuple[int, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     pairs = 0
     for unit in range(plan.num_units):
-        for batch in unit_pairs(plan, unit, shard_root, 0, cfg, False, report=list.clear):
+        for batch in unit_pairs(plan, unit, shard_root, 0, cfg, report=list.clear):
             pairs += len(batch["target"])
     return pairs, time.perf_counter() - wall, time.process_time() - cpu
 

@@ -5,7 +5,7 @@
 
 Two measurements per architecture, in the same run and on the same random uint8 frame pairs:
   backbone   the student encoder forward (res3, res4, res5) + backward on both frames of each pair;
-  temporal   stt.objectives.temporal_step (Lab conversion, colour bottleneck, student pyramid,
+  temporal   stt.stages.temporal_loss (Lab conversion, colour bottleneck, student pyramid,
              frozen teacher, all losses) + backward + Adam step, under the default recipe.
 On CUDA both run under bf16 autocast with channels_last; `--compile` adds torch.compile'd rows.
 Each measurement runs in its own process, so "peak" is that process's alone: on CUDA the peak
@@ -22,13 +22,14 @@ import time
 import torch
 
 from stt.config import Config
+from stt.features import resolve_device
 from stt.models import LEVELS, build_encoder, build_teacher
-from stt.objectives import temporal_step
+from stt.stages import temporal_loss
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default=resolve_device("auto").type, choices=("cpu", "cuda"))
     parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], choices=("resnet18", "resnet50"))
     parser.add_argument("--size", type=int, default=256, help="square crop side (training uses 256)")
     parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: 2 on CPU, 32 on CUDA)")
@@ -53,13 +54,13 @@ def measure(case: dict) -> dict:
     if cuda:
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.temporal.lr)
     size, batch = case["size"], case["batch"]
     frames = torch.randint(0, 256, (2, batch, 3, size, size), dtype=torch.uint8, device=device)
     pair = {"target": frames[0], "reference": frames[1]}
 
     forward = torch.compile(student) if case["compile"] else student
-    step_losses = torch.compile(temporal_step) if case["compile"] else temporal_step
+    step_losses = torch.compile(temporal_loss) if case["compile"] else temporal_loss
 
     def backbone_step() -> None:
         x = torch.cat([pair["target"], pair["reference"]]).float().div(255.0)

@@ -23,8 +23,10 @@ from stt.cli import UsageError
 class ModelConfig:
     """The encoder. Stride presets follow DESIGN.md: `stride` is the output stride of res4."""
 
-    arch: str = "resnet18"  # resnet18 | resnet50
-    stride: int = 8  # 8: res3 at 1/4, res4 at 1/8; 4: res3 and res4 at 1/4 (no max-pool, layer3 stride 1)
+    arch: str = "resnet18"  # resnet18 | resnet50 | mast-resnet18 (MAST's encoder, evaluation only; stt.models)
+    # 8: res3 at 1/4, res4 at 1/8; 4: res3 and res4 at 1/4 (no max-pool, layer3 stride 1); named presets
+    # (stt.models.STRIDES) are published trunks: 8-maxpool (VFS's), 8-maxpool-reflect (CRW's)
+    stride: int | str = 8
     weights: str = "random"  # random | path to a local torchvision ImageNet state dict
     input_space: str = "rgb"  # rgb (ImageNet-normalised) | lab (normalised Lab, the temporal stage's input)
 
@@ -51,7 +53,7 @@ class SpatialConfig:
 
 @dataclass
 class TemporalConfig:
-    """Stage 2 objective: L = L_rec^p + alpha * L_lc^e + beta * L_gc (paper 001, Sec. 3.2-3.3)."""
+    """Stage 2: its objective L = L_rec^p + alpha * L_lc^e + beta * L_gc (paper 001, Sec. 3.2-3.3) and its rate."""
 
     rec_levels: tuple[str, ...] = ("res3", "res4")  # ("res4",) is Table 1's first row
     radius_res3: int = 12
@@ -70,6 +72,12 @@ class TemporalConfig:
     threshold_mode: str = "keep_fraction"  # keep_fraction (per-sample quantile) | absolute
     beta: float = 50.0  # global correlation distillation weight; 0 disables it
     teacher_temperature: float = 0.07
+    # The stage's Adam rate for a global batch of `lr_batch` pairs; effective rate = lr x global batch / lr_batch
+    # (the same linear rule as spatial.lr and vfs.lr). Paper 001: 1e-4 at 128 pairs (ResNet-18); the authors'
+    # code (configs/train/train.py, ResNet-50, 16 x 4 GPUs = 64 pairs) uses 5e-5, which the same rule gives.
+    # Default: 16 x 8 workers = 128.
+    lr: float = 1e-4
+    lr_batch: int = 128
 
 
 @dataclass
@@ -175,11 +183,7 @@ class TrainConfig:
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
     batch_size: int = 16  # per worker: the global batch is batch_size x workers
-    # Adam's rate for a global batch of `lr_batch` pairs; effective rate = lr x global batch / lr_batch.
-    # Paper 001: 1e-4 at 128 pairs (ResNet-18); the authors' code (configs/train/train.py, ResNet-50,
-    # 16 x 4 GPUs = 64 pairs) uses 5e-5, which the same rule gives. Default: 16 x 8 workers = 128.
-    lr: float = 1e-4
-    lr_batch: int = 128
+    # Each stage's rate is its own section's: spatial.lr (also the joint stage's), temporal.lr, vfs.lr.
     warmup_steps: int = 100
     max_steps: int = 1000
     checkpoint_every: int = 100
@@ -244,7 +248,7 @@ def validate(config: Config) -> Config:
         "propagation.temperature": p.temperature, "propagation.topk": p.topk, "propagation.chunk_size": p.chunk_size,
         "eval.vip_size": e.vip_size, "eval.jhmdb_size": e.jhmdb_size, "eval.batch_size": e.batch_size,
         "data.frame_gap": d.frame_gap, "data.data_cpus": d.data_cpus,
-        "train.batch_size": r.batch_size, "train.lr": r.lr, "train.lr_batch": r.lr_batch, "train.max_steps": r.max_steps,
+        "train.batch_size": r.batch_size, "temporal.lr": t.lr, "temporal.lr_batch": t.lr_batch, "train.max_steps": r.max_steps,
         "train.checkpoint_every": r.checkpoint_every, "train.log_every": r.log_every, "train.ewc_fisher_batches": r.ewc_fisher_batches,
         "train.lwf_temperature": r.lwf_temperature, "vfs.interval": config.vfs.interval, "vfs.image_size": config.vfs.image_size,
         "vfs.lr": config.vfs.lr, "vfs.lr_batch": config.vfs.lr_batch,
@@ -288,7 +292,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or value == "None":
             return None
-        return _coerce(value, options[0], where)
+        for option in options[:-1]:  # the first type the value converts to: int | str keeps 8 an int
+            try:
+                return _coerce(value, option, where)
+            except UsageError:
+                pass
+        return _coerce(value, options[-1], where)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
@@ -324,10 +333,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"{where}: unsupported field type {annotation!r}")
 
 
+# Keys that moved to another section: a config file or override naming the old one is refused with the new
+# name; a checkpoint's stored config (written before the move) is read with the value moved (`from_dict`).
+MOVED_KEYS = {"train.lr": "temporal.lr", "train.lr_batch": "temporal.lr_batch"}
+
+
 def _update(obj: Any, mapping: dict, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for key, value in mapping.items():
         where = f"{prefix}{key}"
+        if where in MOVED_KEYS:
+            raise UsageError(f"config key '{where}' is now '{MOVED_KEYS[where]}' (each stage has its own rate: "
+                             "spatial.lr, temporal.lr, vfs.lr)")
         if key not in hints:
             known = ", ".join(sorted(hints))
             raise UsageError(f"unknown config key '{where}' (known here: {known})")
@@ -397,9 +414,23 @@ def from_dict(mapping: dict, source: str = "") -> Config:
     named in the error when the mapping holds a key this version does not know."""
     config = Config()
     try:
-        _update(config, mapping, "")
+        _update(config, _moved(mapping), "")
     except UsageError as error:
         if not source:
             raise
         raise UsageError(f"{source}: its stored config: {error}") from None
     return config
+
+
+def _moved(mapping: dict) -> dict:
+    """`mapping` with the values of MOVED_KEYS under their new names (a stored config's new name wins)."""
+    moved = {section: dict(values) if isinstance(values, dict) else values for section, values in mapping.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        values = moved.get(old_section)
+        if isinstance(values, dict) and old_key in values:
+            value = values.pop(old_key)
+            target = moved.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_key, value)
+    return moved

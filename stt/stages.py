@@ -1,5 +1,9 @@
 """What one training worker holds for a stage: the model, its optimiser, its loss, and its checkpoint.
 
+The losses are here too: `temporal_loss` is the temporal stage's loss on one batch (Lab conversion,
+the colour bottleneck, one student pass over both frames, the frozen teacher on RGB, then
+stt.losses.temporal_losses); `spatiotemporal_loss` is recipe (ii), L_nce + gamma L_t on one shared trunk.
+
 `StageModel` is built from a `StageSpec` (stt.objectives) and reads nothing else: the spatial stage is
 MoCo v2 (SGD), the temporal stage a stride-8/4 student with Adam and, when the spec distils globally,
 the frozen earlier-stage encoder as teacher; the joint stage is MoCo with a student sharing its trunk;
@@ -18,11 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from stt import checkpoint
-from stt.config import Config
+from stt.color import drop_color_channel, normalize_lab, rgb_to_lab, take_channel
+from stt.config import Config, ModelConfig, TemporalConfig
+from stt.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from stt.losses import temporal_losses
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.lwf import LwF
 from stt.models import Encoder, build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
-from stt.objectives import StageSpec, SpatiotemporalModel, add_penalty, temporal_step
+from stt.objectives import StageSpec, stage_levels
 from stt.spatial import MoCo
 from stt.vfs import VFS
 
@@ -67,7 +74,7 @@ def build_temporal(spec: StageSpec, init: dict[str, Tensor] | None) -> tuple[Enc
                 "SPATIAL_CHECKPOINT, run --stage all, set model.weights to a local state dict, or set temporal.beta=0"
             )
         teacher = build_teacher(cfg.model, init if init is not None else student.state_dict())
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.temporal.lr)
     return student, teacher, optimizer
 
 
@@ -87,6 +94,131 @@ def ewc_regulariser(encoder: Encoder, init: dict[str, Any] | None, cfg: Config, 
     return lambda: ewc_penalty(parameters, anchor, fisher, cfg.train.ewc_weight)
 
 
+# ----------------------------------------------------------------------------------------- the losses
+def spatial_losses(moco: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """MoCo's InfoNCE on the two augmented views of each image (DetCo adds its local terms)."""
+    outputs = moco(batch["view_q"], batch["view_k"])
+    return {name: value for name, value in outputs.items() if name != "logits"}
+
+
+def add_penalty(losses: dict[str, Tensor], penalty: Callable[[], Tensor] | None) -> dict[str, Tensor]:
+    """losses with penalty() added to "loss" and reported as "penalty" (unchanged if penalty is None)."""
+    if penalty is None:
+        return losses
+    extra = penalty()
+    return {**losses, "loss": losses["loss"] + extra, "penalty": extra.detach()}
+
+
+def imagenet_normalize(rgb: Tensor) -> Tensor:
+    """B x 3 x H x W RGB in [0, 1] -> the spatial stage's (and so the teacher's) input."""
+    mean = rgb.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = rgb.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (rgb - mean) / std
+
+
+def _rgb01(frames: Tensor, name: str) -> Tensor:
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"batch[{name!r}]: expected B x 3 x H x W RGB frames, got shape {tuple(frames.shape)}")
+    return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+
+
+def temporal_loss(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: dict[str, Tensor],
+    temporal: TemporalConfig,
+    generator: torch.Generator | None = None,
+    penalty: Callable[[], Tensor] | None = None,
+    lwf: nn.Module | None = None,
+) -> dict[str, Tensor]:
+    """The temporal loss of one batch of (target, reference) pairs.
+
+    batch: "target", "reference": B x 3 x H x W RGB (uint8, or float in [0, 1]); their Lab is computed
+        here, on the frames' device (cheaper on a GPU than shipping float Lab from the stream).
+    student: encoder with forward(x, layers) -> {level: features} (stt.models.Encoder), fed Lab.
+    temporal: the objective as the stage runs it (`StageSpec.temporal`: beta is 0 without a teacher).
+    teacher: the frozen spatial encoder, fed ImageNet-normalised RGB (what it was trained on, as in
+        the authors' code); needed when temporal.beta > 0, ignored otherwise.
+    generator: the random source of the dropped colour channel (None: torch's global one).
+    penalty: an extra regulariser added to "loss" (e.g. the EWC penalty), reported as "penalty".
+    lwf: stt.lwf.LwF (the frozen earlier network's outputs as soft targets for the student's res5):
+        adds lwf.weight x its term to "loss", reported unweighted as "lwf".
+    Returns stt.losses.temporal_losses's dict ("loss" to backpropagate, detached terms).
+    """
+    rgb_t, rgb_r = _rgb01(batch["target"], "target"), _rgb01(batch["reference"], "reference")
+    lab_t, lab_r = normalize_lab(rgb_to_lab(rgb_t)), normalize_lab(rgb_to_lab(rgb_r))
+    input_t, input_r, dropped = drop_color_channel(lab_t, lab_r, generator, temporal.channel_dropout_scale)
+
+    # One pass over both frames, as the authors do: BatchNorm normalises them together.
+    pyramid = student(torch.cat([input_t, input_r]), layers=stage_levels(temporal, lwf is not None))
+    student_t = {level: features.chunk(2)[0] for level, features in pyramid.items()}
+    student_r = {level: features.chunk(2)[1] for level, features in pyramid.items()}
+
+    teacher_t = teacher_r = None
+    if temporal.beta > 0:
+        if teacher is None:
+            raise ValueError(f"temporal.beta={temporal.beta} needs the frozen teacher (global correlation distillation)")
+        with torch.no_grad():
+            res5 = teacher(imagenet_normalize(torch.cat([rgb_t, rgb_r])), layers=("res5",))["res5"]
+        teacher_t, teacher_r = {"res5": res5.chunk(2)[0]}, {"res5": res5.chunk(2)[1]}
+
+    losses = temporal_losses(
+        student_t, student_r, take_channel(lab_t, dropped), take_channel(lab_r, dropped), temporal, teacher_t, teacher_r
+    )
+    if lwf is not None:  # the old network sees the RGB it was trained on; the student its Lab input
+        term = lwf(imagenet_normalize(torch.cat([rgb_t, rgb_r])), pyramid["res5"])
+        losses = {**losses, "loss": losses["loss"] + lwf.weight * term, "lwf": term.detach()}
+    return add_penalty(losses, penalty)
+
+
+def shared_trunk_student(encoder: Encoder, model: ModelConfig) -> Encoder:
+    """A stride-8 student whose every parameter *is* `encoder`'s (a standard-stride trunk, e.g. MoCo's).
+
+    The stride-8 layout differs from the standard one only in module-free parts (no stem max-pool,
+    an average pool before layer4), so the two can share conv and BatchNorm modules; the stride-4
+    layout changes layer3's conv strides and cannot.
+    """
+    if model.stride != 8:
+        raise ValueError(f"model.stride: the spatiotemporal recipe shares one trunk, which needs stride 8, got {model.stride}")
+    student = Encoder(encoder.arch, 8)
+    for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
+        setattr(student, name, getattr(encoder, name))
+    return student
+
+
+def spatiotemporal_loss(
+    moco: nn.Module,
+    student: nn.Module,
+    spatial_batch: dict[str, Tensor],
+    temporal_batch: dict[str, Tensor],
+    temporal: TemporalConfig,
+    gamma: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Recipe (ii): L = L_nce + gamma * L_t with one trunk (student = shared_trunk_student(moco's encoder)).
+
+    spatial_batch: {"view_q", "view_k"} (stt.spatial.MoCo's input); temporal_batch, temporal: as
+    `temporal_loss` (no teacher: beta must be 0). Returns "loss", "nce" and the temporal terms.
+    """
+    nce = moco(spatial_batch["view_q"], spatial_batch["view_k"])["loss"]
+    terms = temporal_loss(student, None, temporal_batch, temporal, generator)
+    return {**terms, "loss": nce + gamma * terms["loss"], "nce": nce.detach()}
+
+
+class SpatiotemporalModel(nn.Module):
+    """Recipe (ii) as one module, so DistributedDataParallel sees one forward per step:
+    forward(spatial_batch, temporal_batch) -> `spatiotemporal_loss`'s losses."""
+
+    def __init__(self, moco: nn.Module, spec: StageSpec):
+        super().__init__()
+        self.moco = moco
+        self.student = shared_trunk_student(moco.encoder, spec.config.model)  # the same parameters, registered twice
+        self.temporal, self.gamma = spec.temporal, spec.config.train.gamma
+
+    def forward(self, spatial_batch: dict[str, Tensor], temporal_batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return spatiotemporal_loss(self.moco, self.student, spatial_batch, temporal_batch, self.temporal, self.gamma)
+
+
 # ----------------------------------------------------------------------------------------- one step
 def train_one_step(compute_losses: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer, lr: float,
                    device: torch.device) -> dict[str, Tensor]:
@@ -103,12 +235,6 @@ def train_one_step(compute_losses: Callable[[], dict[str, Tensor]], optimizer: t
     losses["loss"].backward()
     optimizer.step()
     return {name: value.detach() for name, value in losses.items()}
-
-
-def spatial_losses(moco: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """MoCo's InfoNCE on the two augmented views of each image (DetCo adds its local terms)."""
-    outputs = moco(batch["view_q"], batch["view_k"])
-    return {name: value for name, value in outputs.items() if name != "logits"}
 
 
 # ----------------------------------------------------------------------------------------- the stage
@@ -156,7 +282,7 @@ class StageModel:
         if self.spec.name in ("spatial", "vfs"):  # two views: of one image, or two frames of one video
             return add_penalty(spatial_losses(self.forward_model, batch[self.spec.name]), self.penalty)
         if self.spec.name == "temporal":
-            return temporal_step(self.forward_model, self.teacher, batch["temporal"], self.spec.temporal, penalty=self.penalty,
+            return temporal_loss(self.forward_model, self.teacher, batch["temporal"], self.spec.temporal, penalty=self.penalty,
                                  lwf=self.lwf)
         return self.forward_model(batch["spatial"], batch["temporal"])
 
@@ -171,7 +297,7 @@ class StageModel:
         if self.spec.name == "spatial":
             encoder, loss_of = model.encoder, lambda batch: model(batch["spatial"]["view_q"], batch["spatial"]["view_k"])["loss"]
         elif self.spec.name == "temporal":
-            encoder, loss_of = model, lambda batch: temporal_step(model, self.teacher, batch["temporal"], self.spec.temporal)["loss"]
+            encoder, loss_of = model, lambda batch: temporal_loss(model, self.teacher, batch["temporal"], self.spec.temporal)["loss"]
         else:
             raise ValueError(f"no EWC recipe is anchored to the {self.spec.name} stage")
         fisher = fisher_diagonal(dict(encoder.named_parameters()), loss_of, (next(batches) for _ in range(num_batches)))

@@ -157,8 +157,8 @@ def test_a_conflicting_resume_is_refused_naming_the_keys(tmp_path):
     torch.save({"model": {}, "config": to_dict(stored), "stage": "temporal", "step": 1000}, tmp_path / "temporal-final.pt")
     check_resume_config(stage_spec(Config(), "temporal"), str(tmp_path))  # the same configuration resumes
     changed = Config()
-    changed.train.lr, changed.data.crop_size, changed.train.log_every = 5e-4, 128, 1  # log_every changes no weights
-    with pytest.raises(ValueError, match=r"trained with other settings \(data.crop_size: 256 -> 128, train.lr: 0.0001 -> 0.0005\)"):
+    changed.temporal.lr, changed.data.crop_size, changed.train.log_every = 5e-4, 128, 1  # log_every changes no weights
+    with pytest.raises(ValueError, match=r"trained with other settings \(temporal.lr: 0.0001 -> 0.0005, data.crop_size: 256 -> 128\)"):
         check_resume_config(stage_spec(changed, "temporal"), str(tmp_path))
     shorter = Config()
     shorter.train.max_steps = 500
@@ -248,6 +248,6 @@ def test_a_corrupt_feature_cache_entry_is_recomputed_with_a_warning(tiny, tmp_pa
 
 
 def current_umask() -> int:
-    from stt.features import current_umask as umask
+    from stt.files import current_umask as umask
 
     return umask()

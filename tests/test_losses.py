@@ -470,7 +470,8 @@ def random_pair_batch(batch: int = 2, size: int = 32, seed: int = 0) -> dict[str
 
 def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     from stt.models import build_encoder
-    from stt.objectives import stage_spec, temporal_step
+    from stt.objectives import stage_spec
+    from stt.stages import temporal_loss
 
     torch.manual_seed(0)
     student = build_encoder(cfg.model)
@@ -478,7 +479,7 @@ def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     before = [p.detach().clone() for p in student.parameters()]
     losses = []
     for step in range(3):
-        terms = temporal_step(student, teacher, random_pair_batch(seed=step), stage_spec(cfg, "temporal").temporal,
+        terms = temporal_loss(student, teacher, random_pair_batch(seed=step), stage_spec(cfg, "temporal").temporal,
                               torch.Generator().manual_seed(step), penalty)
         optimizer.zero_grad()
         terms["loss"].backward()
@@ -521,7 +522,8 @@ def test_each_temporal_recipe_trains(recipe):
 
 def test_spatiotemporal_recipe_shares_one_trunk():
     from stt.config import Config
-    from stt.objectives import shared_trunk_student, spatiotemporal_step, stage_spec
+    from stt.objectives import stage_spec
+    from stt.stages import shared_trunk_student, spatiotemporal_loss
     from stt.spatial import MoCo
 
     cfg = Config()
@@ -534,7 +536,7 @@ def test_spatiotemporal_recipe_shares_one_trunk():
     optimizer = torch.optim.Adam([p for p in moco.parameters() if p.requires_grad], lr=1e-4)
     views = {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}
     for step in range(3):
-        terms = spatiotemporal_step(moco, student, views, random_pair_batch(seed=step), stage_spec(cfg, "spatiotemporal").temporal,
+        terms = spatiotemporal_loss(moco, student, views, random_pair_batch(seed=step), stage_spec(cfg, "spatiotemporal").temporal,
                                     cfg.train.gamma)
         optimizer.zero_grad()
         terms["loss"].backward()

@@ -11,7 +11,8 @@ import torch
 from stt.config import load_config
 from stt.lwf import LwF, lwf_loss
 from stt.models import build_teacher
-from stt.objectives import imagenet_normalize, stage_spec, temporal_step
+from stt.objectives import stage_spec
+from stt.stages import imagenet_normalize, temporal_loss
 from stt.stages import StageModel
 
 TINY = ["train.recipe=spatial-then-temporal-lwf", "train.batch_size=4", "spatial.image_size=64", "spatial.queue_size=16",
@@ -79,8 +80,8 @@ def test_lwf_stage_facts_and_its_term_in_the_temporal_step(spatial_payload):
     batch = {"target": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
              "reference": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)}
     generator = torch.Generator().manual_seed(0)
-    with_lwf = temporal_step(stage.model, None, batch, spec.temporal, torch.Generator().manual_seed(0), lwf=stage.lwf)
-    without = temporal_step(stage.model, None, batch, spec.temporal, generator)
+    with_lwf = temporal_loss(stage.model, None, batch, spec.temporal, torch.Generator().manual_seed(0), lwf=stage.lwf)
+    without = temporal_loss(stage.model, None, batch, spec.temporal, generator)
     assert with_lwf["lwf"].item() > 0  # a Lab-fed stride-8 student does not reproduce the RGB network's outputs
     assert with_lwf["loss"].item() == pytest.approx(without["loss"].item() + 3 * with_lwf["lwf"].item(), rel=1e-5)
     losses = stage.step({"temporal": batch}, 1e-3)

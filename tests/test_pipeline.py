@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skimage.color import rgb2lab
 
 from stt.config import DataConfig, SpatialConfig
 from stt.data import prepare as prep
@@ -41,7 +40,6 @@ from stt.data.transforms import (
     decode_rgb_or_none,
     pair_crops,
     random_resized_crop_box,
-    uint8_to_normalized_lab,
 )
 
 HEIGHT, WIDTH = 48, 64
@@ -132,13 +130,6 @@ def test_decode_rejects_empty_truncated_and_garbage_bytes():
     assert decode_rgb_or_none(b"") is None
     assert decode_rgb_or_none(data[: len(data) // 2]) is None
     assert decode_rgb_or_none(b"not a jpeg") is None
-
-
-def test_lab_matches_skimage():
-    images = np.random.default_rng(0).integers(0, 256, size=(2, 3, 5, 7), dtype=np.uint8)
-    expected = rgb2lab(images.transpose(0, 2, 3, 1) / 255.0).transpose(0, 3, 1, 2)
-    expected = (expected - np.array([50, 0, 0]).reshape(1, 3, 1, 1)) / np.array([50, 127, 127]).reshape(1, 3, 1, 1)
-    np.testing.assert_allclose(uint8_to_normalized_lab(images), expected, atol=1e-4)
 
 
 def test_interleaved_pairs_cover_every_pair_decode_once_and_skip_corrupt():
@@ -303,15 +294,13 @@ def expected_pairs(gap: int) -> set[tuple[str, int]]:
 
 def test_stream_from_raw_and_from_shards(ray_local, coded_ytvos, tmp_path):
     cfg = DataConfig(root=str(coded_ytvos), crop_size=24, frame_gap=1, data_cpus=1.0)
-    raw = temporal_pair_dataset(cfg, seed=0, lab=True)
+    raw = temporal_pair_dataset(cfg, seed=0)
     assert raw.rows_per_epoch == 10
     rows = raw.dataset.take_all()
     assert {(r["video"], r["target_frame"]) for r in rows} == expected_pairs(1) and len(rows) == 8
     assert raw.skipped_frames() == 1
     assert ray_local.get(raw.skipped.first_sources.remote()) == [str(coded_ytvos / "train/JPEGImages/dog/00050.jpg")]
     check_pairs(rows, cfg)
-    lab = np.stack([r["target_lab"] for r in rows])
-    np.testing.assert_allclose(lab, uint8_to_normalized_lab(np.stack([r["target"] for r in rows])), atol=1e-6)
 
     out = tmp_path / "shards"
     manifest = prep.prepare("ytvos", coded_ytvos, str(out), prep.Settings("ytvos", quality=95))
@@ -370,7 +359,7 @@ def test_all_frames_layout_pairs_are_as_far_apart_as_configured():
         plan = raw_plan(source)
         assert raw_frame_step(plan) == 1 and plan.counts.sum() == 2079
     cfg = DataConfig(root=str(root), crop_size=16, frame_gap=4)
-    rows = [row for batch in unit_pairs(plan, 0, None, 0, cfg, False, lambda corrupt: corrupt.clear())
+    rows = [row for batch in unit_pairs(plan, 0, None, 0, cfg, lambda corrupt: corrupt.clear())
             for row in batch["gap"].tolist()]
     unit = draw_unit(0, plan.num_units, 0)[0]  # the unit that stream row 0 stands for
     first, last = plan.unit_start[unit], plan.unit_start[unit + 1]

@@ -49,7 +49,7 @@ from stt.config import DataConfig, SpatialConfig, VFSConfig
 from stt.data import prepare
 from stt.data.augment import FramePairViews, TwoViews
 from stt.data.layouts import DatasetError, read_rgb_or_none
-from stt.data.transforms import decode_rgb_or_none, pair_crops, to_chw, uint8_to_normalized_lab
+from stt.data.transforms import decode_rgb_or_none, pair_crops, to_chw
 
 FRAMES_PER_UNIT = 256  # raw sources; shards use their row groups
 ROWS_PER_CHUNK = 32  # rows per yielded block: small enough for steady streaming
@@ -279,7 +279,7 @@ def report_corrupt(skipped, corrupt: list[str]) -> None:
         corrupt.clear()
 
 
-def unit_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, cfg: DataConfig, lab: bool,
+def unit_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, cfg: DataConfig,
                report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the temporal pairs of one unit (no Ray); `report(corrupt)` is called with the
     sources of corrupt frames met so far (and must empty the list) before each batch leaves."""
@@ -289,18 +289,18 @@ def unit_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, cfg:
     # Crop as pairs come, so a chunk holds crops, not full frames.
     crops = ((clip, i, *pair_crops(t, r, rng, cfg.crop_size, cfg.crop_scale, cfg.crop_ratio)) for clip, i, t, r in pairs)
     for chunk in _chunks(crops, lambda: report(corrupt)):
-        yield _pair_batch(chunk, cfg, lab)
+        yield _pair_batch(chunk, cfg)
 
 
 def make_pairs(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
-               first_unit: int, data_cfg: DataConfig, lab: bool) -> Iterator[dict[str, np.ndarray]]:
+               first_unit: int, data_cfg: DataConfig) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of temporal pairs."""
     plan = ray.get(plan_ref[0])  # in a list, so Ray passes the reference and the array stays zero-copy
     for row_id in batch["id"]:
-        yield from unit_pairs(plan, first_unit + int(row_id), shard_root, seed, data_cfg, lab, lambda c: report_corrupt(skipped, c))
+        yield from unit_pairs(plan, first_unit + int(row_id), shard_root, seed, data_cfg, lambda c: report_corrupt(skipped, c))
 
 
-def _pair_batch(pairs: list, cfg: DataConfig, lab: bool) -> dict[str, np.ndarray]:
+def _pair_batch(pairs: list, cfg: DataConfig) -> dict[str, np.ndarray]:
     """(clip, reference position, target crop, reference crop) tuples -> one batch of columns."""
     reference_frames = np.array([clip.frames[i] for clip, i, _, _ in pairs], dtype=np.int64)
     target_frames = np.array([clip.frames[i + cfg.frame_gap] for clip, i, _, _ in pairs], dtype=np.int64)
@@ -312,9 +312,6 @@ def _pair_batch(pairs: list, cfg: DataConfig, lab: bool) -> dict[str, np.ndarray
         "reference_frame": reference_frames,
         "gap": target_frames - reference_frames,
     }
-    if lab:
-        batch["target_lab"] = uint8_to_normalized_lab(batch["target"])
-        batch["reference_lab"] = uint8_to_normalized_lab(batch["reference"])
     return batch
 
 
@@ -457,12 +454,11 @@ def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: floa
 
 
 def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *, seed: int = 0, epochs: int = 1,
-                          lab: bool = False, rows: int | None = None, skip_rows: int = 0, skipped=None) -> Stream:
+                          rows: int | None = None, skip_rows: int = 0, skipped=None) -> Stream:
     """(target, reference) pairs of `frame_gap` list steps, same crop and flip on both.
 
     Columns: target, reference: 3 x S x S uint8 RGB (S = crop_size; the frozen teacher takes RGB,
-    and on a GPU `stt.color.rgb_to_lab` on the device is cheaper than shipping floats); with `lab`
-    also target_lab, reference_lab: 3 x S x S float32 normalised Lab (stt.color). video (str),
+    and on a GPU `stt.color.rgb_to_lab` on the device is cheaper than shipping floats). video (str),
     target_frame, reference_frame (raw frame numbers) and gap = their difference (int64).
     `source`: None reads `data_cfg.root` (see `resolve_source`). `epochs`, `rows`, `skip_rows`: which
     part of the endless epoch sequence to stream (`stream_units`). `skipped`: a `SkippedFrames`
@@ -471,7 +467,7 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     plan, shard_root, unit_rows = pair_plan(data_cfg, source or resolve_source(data_cfg.root))
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
     dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
-                              data_cfg=data_cfg, lab=lab)
+                              data_cfg=data_cfg)
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
 
 
@@ -540,7 +536,7 @@ def local_stream(stream: str, data_cfg: DataConfig, spatial_cfg: SpatialConfig, 
         if stream == "vfs":
             yield from unit_vfs_pairs(plan, unit_id, shard_root, seed, vfs_cfg, report)
         elif temporal:
-            yield from unit_pairs(plan, unit_id, shard_root, seed, data_cfg, False, report)
+            yield from unit_pairs(plan, unit_id, shard_root, seed, data_cfg, report)
         else:
             yield from unit_views(plan, unit_id, shard_root, seed, spatial_cfg.image_size, report)
 

@@ -19,10 +19,8 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageFile
 
-from stt.color import normalize_lab, rgb_to_lab
 
 
 class CropBox(NamedTuple):
@@ -122,9 +120,3 @@ def pair_crops(
 def to_chw(images: np.ndarray) -> np.ndarray:
     """N x H x W x 3 -> N x 3 x H x W (a contiguous copy, the layout torch models take)."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-
-
-def uint8_to_normalized_lab(images: np.ndarray) -> np.ndarray:
-    """N x 3 x H x W uint8 sRGB -> N x 3 x H x W float32 Lab normalised by mean (50, 0, 0), std (50, 127, 127)."""
-    rgb = torch.from_numpy(images).float().div_(255.0)
-    return normalize_lab(rgb_to_lab(rgb)).numpy()
