@@ -27,6 +27,7 @@ from stt import checkpoint
 from stt.cli import UsageError
 from stt.color import normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
+from stt.files import current_umask
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published
 
@@ -54,12 +55,6 @@ def resize_short_side(x: torch.Tensor, max_short_side: int) -> torch.Tensor:
     scale = max_short_side / min(h, w)
     size = (round(h * scale), round(w * scale))
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def parse_baseline(source: str) -> tuple[str, int] | None:

@@ -12,7 +12,11 @@ import scipy.io
 from PIL import Image
 
 from stt.data import layouts, synthetic
-from stt.data.synthetic import PRESETS
+from stt.data.synthetic import PRESETS, cache
+from stt.data.synthetic.layers import draw_sprite
+from stt.data.synthetic.numerics import to_uint8, video_rng
+from stt.data.synthetic.puppet import DEFAULT_ANGLES
+from stt.data.synthetic.writers import write_mat
 
 # sha256 over the sorted relative paths and bytes of `generate(dir, "tiny", seed=0)`. It changes only
 # when the generator's output does: then bump GENERATOR_VERSION (the cache key) and record the new one.
@@ -128,7 +132,7 @@ def test_jhmdb_layout(tiny):
 def test_jhmdb_joints_are_the_rendered_puppet_plus_one(tiny):
     preset = PRESETS["tiny"]
     textures = synthetic.load_textures()
-    scene = synthetic.random_puppet_scene(synthetic._rng(0, "jhmdb", 0), preset, preset.jhmdb_size,
+    scene = synthetic.random_puppet_scene(video_rng(0, "jhmdb", 0), preset, preset.jhmdb_size,
                                           preset.jhmdb_frames, 1, textures, "clap")
     pos_img = scipy.io.loadmat(tiny["jhmdb"] / "joint_positions" / "clap" / "synthetic_clap_00" /
                                "joint_positions.mat")["pos_img"]
@@ -220,7 +224,7 @@ def test_ensure_dataset_generates_once_then_reuses(tmp_path, monkeypatch, capsys
         calls.append(Path(out_dir))
         return real_generate(out_dir, "tiny", seed, ("davis",))  # small stand-in for the full set
 
-    monkeypatch.setattr(synthetic, "generate", counting_generate)
+    monkeypatch.setattr(cache, "generate", counting_generate)
     monkeypatch.setenv("STT_CACHE", str(tmp_path))
     root = synthetic.ensure_dataset("davis", "tiny", seed=3)
     expected = tmp_path / f"synthetic-tiny-s3-v{synthetic.GENERATOR_VERSION}" / "davis"
@@ -241,7 +245,7 @@ def test_ensure_dataset_survives_losing_a_race(tmp_path, monkeypatch):
         (final / "davis").mkdir(parents=True)  # the winner's complete copy lands first
         return {}
 
-    monkeypatch.setattr(synthetic, "generate", generate_while_another_process_finishes)
+    monkeypatch.setattr(cache, "generate", generate_while_another_process_finishes)
     assert synthetic.ensure_dataset("davis", "tiny", cache_dir=tmp_path) == final / "davis"
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name] and not (final / "mine").exists()
 
@@ -261,7 +265,7 @@ def test_ensure_dataset_removes_a_killed_generations_scratch_and_follows_the_uma
     an_hour_ago = time.time() - 3600
     for path in (killed, killed / "davis", killed / "davis" / "frame.jpg"):
         os.utime(path, (an_hour_ago, an_hour_ago))
-    monkeypatch.setattr(synthetic, "generate", lambda out_dir, *args, **kwargs: (Path(out_dir) / "davis").mkdir())
+    monkeypatch.setattr(cache, "generate", lambda out_dir, *args, **kwargs: (Path(out_dir) / "davis").mkdir())
     old_mask = os.umask(0o022)
     try:
         root = synthetic.ensure_dataset("davis", "tiny", cache_dir=tmp_path)
@@ -299,7 +303,7 @@ def test_bilinear_matches_hand_values_and_clamps():
 
 def test_to_uint8_rounds_half_up_and_clips():
     values = np.array([-3.0, 0.49, 0.5, 1.5, 254.5, 300.0])
-    assert synthetic._to_uint8(values).tolist() == [0, 0, 1, 2, 255, 255]
+    assert to_uint8(values).tolist() == [0, 0, 1, 2, 255, 255]
 
 
 def test_davis_palette_is_the_voc_colour_map():
@@ -324,7 +328,7 @@ def test_circle_sprite_labels_exactly_the_pixels_within_its_radius():
         amplitude=(0.0, 0.0), frequency=(0.0, 0.0), phase=(0.0, 0.0), angle=0.4, spin=0.0,
         scale_wave=(0.0, 0.0, 0.0), bend_wave=(0.0, 0.0, 0.0), ripple_wave=(0.0, 0.0, 0.0))
     canvas, labels = np.zeros((20, 24, 3)), np.zeros((20, 24), dtype=np.uint8)
-    synthetic._draw_sprite(canvas, labels, sprite, 0, {"flat": np.full((11, 11, 3), 200.0)})
+    draw_sprite(canvas, labels, sprite, 0, {"flat": np.full((11, 11, 3), 200.0)})
     rows, columns = np.mgrid[0:20, 0:24]
     inside = (columns - 10.3) ** 2 + (rows - 8.6) ** 2 <= 36.0
     np.testing.assert_array_equal(labels == 7, inside)
@@ -336,7 +340,7 @@ def test_circle_sprite_labels_exactly_the_pixels_within_its_radius():
 
 
 def test_puppet_kinematics_by_hand():
-    rest = {name: (0.0, 0.0, 0.0, 0.0) for name in synthetic._DEFAULT_ANGLES}
+    rest = {name: (0.0, 0.0, 0.0, 0.0) for name in DEFAULT_ANGLES}
     rest["shoulder_l"] = (math.pi / 2, 0.0, 0.0, 0.0)  # left upper arm straight out to the image right
     puppet = synthetic.Puppet(size=10.0, centre=(50.0, 60.0), path=((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
                               waves=rest, looks={})
@@ -354,7 +358,7 @@ def test_puppet_kinematics_by_hand():
 
 def test_mat_file_header_has_no_timestamp(tmp_path):
     pos_img = np.arange(2 * 15 * 3, dtype=np.float64).reshape(2, 15, 3)
-    synthetic._write_mat(tmp_path / "a.mat", {"pos_img": pos_img})
+    write_mat(tmp_path / "a.mat", {"pos_img": pos_img})
     data = (tmp_path / "a.mat").read_bytes()
     assert data.startswith(b"MATLAB 5.0 MAT-file, written by stt.data.synthetic ")
     np.testing.assert_array_equal(scipy.io.loadmat(tmp_path / "a.mat")["pos_img"], pos_img)
