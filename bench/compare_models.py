@@ -12,10 +12,10 @@ takes (stt checkpoints, published releases, random:SEED, lab:STRIDE), optionally
 each checkpoint's own input space and stride come from the file, as in stt.evaluate.
 
 With `--tune-trials N` each model also gets its own propagation: N Optuna (TPE) trials over the
-`propagation` section of tune/space.yaml (`--space`), the configured defaults first, maximising
+`propagation` section of stt/sweep/space.yaml (`--space`), the configured defaults first, maximising
 J&F on `--tune-set` (DAVIS `train`), the best setting then scored once on `--set` (`val`), never
-tuned on. (The sweep's propagation phase is a method of its Ray Tune driver, not importable on its
-own, so this is the small loop the issue allows.) Trials run on the cached features, served by top-K
+tuned on. (The sweep's propagation phase runs its trials as Ray Tune trials of one sweep's experiment,
+so this is the small loop the issue allows.) Trials run on the cached features, served by top-K
 affinity graphs (stt/graph.py) where they can be, else by stt.propagation.
 
 Prints one Markdown table: model | J&F | J | F | tuned J&F (| the tuned setting).
@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stt.config import PRESETS, Config, from_dict, load_config, to_dict  # noqa: E402
 from stt.data.layouts import DAVIS  # noqa: E402
-from stt.evaluate import evaluate_davis, resolve_device  # noqa: E402
-from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
+from stt.evaluate import evaluate_davis  # noqa: E402
+from stt.features import FeatureCache, FeatureExtractor, resolve_device  # noqa: E402
 from stt.graph import default_k, load_or_build, propagate_with_graph, serves, superset_config  # noqa: E402
 from stt.propagation import for_task, propagate  # noqa: E402
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune" / "space.yaml"
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "stt" / "sweep" / "space.yaml"
 
 
 def parse_checkpoint(argument: str) -> tuple[str, str]:

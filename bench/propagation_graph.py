@@ -8,13 +8,12 @@ from each other: the same fp32 near-ties). Not a test.
     python bench/propagation_graph.py --checkpoint CKPT --short-side 480 --sequences 8
 
 Features come from the feature cache (stt.features.FeatureCache, extracted on the first run); the
-graph is built for the superset of tune/space.yaml's propagation section (as the sweep does), with
+graph is built for the superset of stt/sweep/space.yaml's propagation section (as the sweep does), with
 K = stt.graph.default_k unless --k. Times are wall seconds on this machine, `torch.get_num_threads()` threads.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from dataclasses import replace
@@ -29,12 +28,13 @@ if str(ROOT) not in sys.path:
 
 from stt.config import Config  # noqa: E402
 from stt.data.layouts import DAVIS  # noqa: E402
-from stt.evaluate import default_cache_dir  # noqa: E402
+from stt.cache import cache_dir  # noqa: E402
 from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
 from stt.graph import build_graph, default_k, propagate_with_graph, serves, superset_config  # noqa: E402
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask  # noqa: E402
+from stt.sweep import SPACE_FILE, load_space  # noqa: E402
 
-# Settings drawn from tune/space.yaml's values (window, repeat_first_frame, minmax and hard labels are label-side
+# Settings drawn from stt/sweep/space.yaml's values (window, repeat_first_frame, minmax and hard labels are label-side
 # factors the space may add); the last is per-frame, which the graph refuses: timed on the existing path only.
 SETTINGS = {
     "defaults k10 n20 r12 T.07": {},
@@ -47,15 +47,6 @@ SETTINGS = {
 }
 
 
-def load_space(path: Path) -> dict:
-    """tune/sweep.py's load_space (the script is imported by path, as tests/test_sweep.py does)."""
-    spec = importlib.util.spec_from_file_location("sweep", ROOT / "tune" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = sweep  # its dataclasses look their module up
-    spec.loader.exec_module(sweep)
-    return sweep.load_space(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--davis-root", default=str(ROOT.parent / "shared" / "data" / "davis-real"))
@@ -63,10 +54,10 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=2, help="the first N sequences of the split")
     parser.add_argument("--checkpoint", default="random", help="feature source: checkpoint, random[:SEED] or lab[:STRIDE]")
     parser.add_argument("--short-side", type=int, default=240, help="eval.max_short_side (the laptop sweep plan's 240)")
-    parser.add_argument("--space", default=str(ROOT / "tune" / "space.yaml"))
+    parser.add_argument("--space", default=str(SPACE_FILE))
     parser.add_argument("--k", type=int, nargs="+", help="cached candidates per target, one graph each (default: "
                         "stt.graph.default_k of the superset); the windowed path is timed once for all")
-    parser.add_argument("--cache", default=str(default_cache_dir() / "features"), help="feature cache folder")
+    parser.add_argument("--cache", default=str(cache_dir() / "features"), help="feature cache folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a sweep's propagation trial "
                         "holds one CPU, and Ray gives a one-CPU task one OpenMP thread)")
     parser.add_argument("--dense", action="store_true", help="also run the dense implementation: how far windowed and "

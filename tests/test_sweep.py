@@ -1,5 +1,4 @@
-"""tune/sweep.py: search space, the PRUNED bookkeeping, and a tiny end-to-end sweep with ASHA and --resume."""
-import importlib.util
+"""stt.sweep (tune/sweep.py): search space, the PRUNED bookkeeping, and a tiny end-to-end sweep with ASHA and --resume."""
 import json
 import re
 import sys
@@ -13,21 +12,19 @@ import ray
 from optuna.trial import TrialState
 from ray import tune
 
+import stt.sweep.cli
 from stt.cli import InterruptedRun, UsageError, run
 from stt.config import load_config
 from stt.data.synthetic import generate
+from stt.sweep import PLANS, SPACE_FILE, load_space, main
+from stt.sweep.phases import fit_in_driver
+from stt.sweep.trials import PrunedAwareOptunaSearch
 
-SWEEP_FILE = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
-spec = importlib.util.spec_from_file_location("sweep", SWEEP_FILE)
-sweep = importlib.util.module_from_spec(spec)
-sys.modules["sweep"] = sweep
-spec.loader.exec_module(sweep)
-# Ray workers cannot import a script by path: ship its functions by value, as for `python tune/sweep.py`.
-ray.cloudpickle.register_pickle_by_value(sweep)
+ENTRY_POINT = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
 
 
 def test_default_space_covers_losses_and_propagation():
-    space = sweep.load_space(sweep.SPACE_FILE)
+    space = load_space(SPACE_FILE)
     assert {"temporal.alpha", "temporal.beta", "temporal.entropy_threshold", "temporal.entropy"} <= set(space["training"])
     assert {"propagation.topk", "propagation.temperature", "propagation.context", "propagation.radius",
             "propagation.aggregation"} <= set(space["propagation"])
@@ -62,7 +59,7 @@ def test_bad_space_files_name_the_file_and_entry(tmp_path, text, message):
     path = tmp_path / "space.yaml"
     path.write_text(text)
     with pytest.raises(UsageError, match=message) as raised:
-        sweep.load_space(path, load_config())
+        load_space(path, load_config())
     assert str(raised.value).startswith(f"{path}: ") and "\n" not in str(raised.value)
 
 
@@ -70,20 +67,20 @@ def test_space_values_are_checked_against_the_base_config(tmp_path):
     """A value is applied to the sweep's own base config, as a trial applies it."""
     path = tmp_path / "space.yaml"
     path.write_text("training:\n  temporal.entropy_threshold: {uniform: [0.5, 0.9]}\n")
-    assert sweep.load_space(path, load_config())["training"]["temporal.entropy_threshold"].upper == 0.9
+    assert load_space(path, load_config())["training"]["temporal.entropy_threshold"].upper == 0.9
     path.write_text("training:\n  temporal.alpha: {randint: [0, 3]}\n")
-    assert sweep.load_space(path)["training"]["temporal.alpha"].lower == 0  # an integer range for a float key is fine
+    assert load_space(path)["training"]["temporal.alpha"].lower == 0  # an integer range for a float key is fine
 
 
 def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, capsys, monkeypatch):
     def too_late(*args, **kwargs):  # Ray may already run in this test session: the check must come first
         raise AssertionError("the space was checked after the sweep started its work")
 
-    monkeypatch.setattr(sweep, "start_ray", too_late)
-    monkeypatch.setattr(sweep, "ensure_dataset", too_late)
+    monkeypatch.setattr(stt.sweep.cli, "start_ray", too_late)
+    monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", too_late)
     path = tmp_path / "space.yaml"
     path.write_text("training:\n  temporal.alpha: {loguniform: [0, 10]}\n")
-    assert run(sweep.main, "sweep", ["--quick", "--space", str(path), "--storage", str(tmp_path)]) == 2
+    assert run(main, "sweep", ["--quick", "--space", str(path), "--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sweep: error: ") and str(path) in err and "\n" not in err
 
@@ -91,7 +88,7 @@ def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, capsys, m
 def test_asha_stopped_trials_are_pruned_not_complete(tmp_path):
     """Ray's OptunaSearch would record an early-stopped trial's partial J&F as a final value."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
-    search = sweep.PrunedAwareOptunaSearch(space={"temporal.alpha": tune.loguniform(1, 10)}, metric="jf", mode="max",
+    search = PrunedAwareOptunaSearch(space={"temporal.alpha": tune.loguniform(1, 10)}, metric="jf", mode="max",
                                            seed=0, study_name="s", storage=storage, full_steps=12)
     for trial_id, last_step in (("stopped", 6), ("finished", 12)):
         assert search.suggest(trial_id)["temporal.alpha"] > 0
@@ -105,25 +102,25 @@ def test_asha_stopped_trials_are_pruned_not_complete(tmp_path):
 
 def test_tuning_on_the_reported_split_is_refused():
     with pytest.raises(ValueError, match="tuning on the reported split"):
-        sweep.main(["--quick", "--tune-set", "val", "--report-set", "val"])
+        main(["--quick", "--tune-set", "val", "--report-set", "val"])
 
 
 def test_object_store_storage_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="--storage s3://bucket/sweeps: the sweep keeps its Optuna study"):
-        sweep.main(["--storage", "s3://bucket/sweeps"])
+        main(["--storage", "s3://bucket/sweeps"])
 
 
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
-    small = replace(sweep.PLANS["quick"], training_trials=3, propagation_trials=3, spatial_steps=2, temporal_steps=4,
+    small = replace(PLANS["quick"], training_trials=3, propagation_trials=3, spatial_steps=2, temporal_steps=4,
                     eval_every=2, reduction_factor=2,
                     overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
                                "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
-    monkeypatch.setitem(sweep.PLANS, "quick", small)
+    monkeypatch.setitem(PLANS, "quick", small)
     argv = ["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root", str(data["ytvos"]),
             "--davis-root", str(data["davis"])]
-    result = sweep.main(argv)
+    result = main(argv)
 
     experiment, table = result["experiment"], result["table"]
     training, propagation = table[table["kind"] == "training"], table[table["kind"] == "propagation"]
@@ -153,28 +150,24 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     for phase in ("best_propagation", "final"):
         state.pop(phase)
     (experiment / "state.json").write_text(json.dumps(state))
-    resumed = sweep.main(argv + ["--resume"])
+    resumed = main(argv + ["--resume"])
     assert len(resumed["table"]) == len(table)
     assert resumed["state"]["best_propagation"]["params"] == chosen
 
 
-# A tiny sweep run as `python tune/sweep.py` is, in its own process (its own Ray), so that it can be sent Ctrl-C.
+# A tiny sweep run through the real entry point, tune/sweep.py, in its own process (its own Ray), so that it can
+# be sent Ctrl-C; the quick plan shrunk first (the entry point reads the package's PLANS).
 DRIVER = """
-import importlib.util, sys
+import runpy, sys
 from dataclasses import replace
-import ray
-spec = importlib.util.spec_from_file_location("sweep", {sweep_file!r})
-sweep = importlib.util.module_from_spec(spec)
-sys.modules["sweep"] = sweep
-spec.loader.exec_module(sweep)
-ray.cloudpickle.register_pickle_by_value(sweep)
-sweep.PLANS["quick"] = replace(sweep.PLANS["quick"], spatial_steps=2, temporal_steps=4, eval_every=2, reduction_factor=2,
+from stt.sweep import PLANS
+PLANS["quick"] = replace(PLANS["quick"], spatial_steps=2, temporal_steps=4, eval_every=2, reduction_factor=2,
     overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
                "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
-from stt.cli import run
 from stt.train import start_ray
 start_ray(num_cpus=2, include_dashboard=True)
-sys.exit(run(sweep.main, "sweep", sys.argv[1:]))
+sys.argv = [{entry_point!r}, *sys.argv[1:]]
+runpy.run_path({entry_point!r}, run_name="__main__")
 """
 
 
@@ -204,12 +197,12 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
 
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
     experiment = tmp_path / "sweeps" / "tiny"
-    argv = [sys.executable, "-c", DRIVER.format(sweep_file=str(SWEEP_FILE)), "--quick", "--samples", "2",
+    argv = [sys.executable, "-c", DRIVER.format(entry_point=str(ENTRY_POINT)), "--quick", "--samples", "2",
             "--propagation-samples", "2", "--storage", str(tmp_path / "sweeps"), "--name", "tiny",
             "--data-root", str(data["ytvos"]), "--davis-root", str(data["davis"])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out, err = (tmp_path / "first.out").open("w"), tmp_path / "first.err"  # files: a full pipe would stall the driver
-    driver = subprocess.Popen(argv, cwd=SWEEP_FILE.parents[1], env=env, stdout=out, stderr=err.open("w"), start_new_session=True)
+    driver = subprocess.Popen(argv, cwd=ENTRY_POINT.parents[1], env=env, stdout=out, stderr=err.open("w"), start_new_session=True)
     try:
         deadline = time.monotonic() + 900
         while not finished_training_trials(experiment):
@@ -234,7 +227,7 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
     checkpoints = {p: p.stat().st_mtime_ns for p in (experiment / "training-runs" / finished_id).rglob("*") if p.is_file()}
     study_before = [(t.number, t.state, t.params) for t in finished_training_trials(experiment)]
 
-    resumed = subprocess.run([*argv, "--resume"], cwd=SWEEP_FILE.parents[1], env=env, capture_output=True, text=True,
+    resumed = subprocess.run([*argv, "--resume"], cwd=ENTRY_POINT.parents[1], env=env, capture_output=True, text=True,
                              timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = tune_trials(experiment / "training")
@@ -270,11 +263,11 @@ def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
     import signal
     import threading
 
-    assert sweep.fit_in_driver(FakeTrainer(0.0, 4), "phase 1/4 (the spatial stage)", 4).metrics["step"] == 4
+    assert fit_in_driver(FakeTrainer(0.0, 4), "phase 1/4 (the spatial stage)", 4).metrics["step"] == 4
     with pytest.raises(InterruptedRun, match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; run the same command with --resume"):
-        sweep.fit_in_driver(FakeTrainer(0.0, 2), "phase 1/4 (the spatial stage)", 4)
+        fit_in_driver(FakeTrainer(0.0, 2), "phase 1/4 (the spatial stage)", 4)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     with pytest.raises(InterruptedRun, match=r"^the yardsticks interrupted; run the same command with --resume to continue$"):
-        sweep.fit_in_driver(FakeTrainer(30.0, 4), "the yardsticks", 4)
+        fit_in_driver(FakeTrainer(30.0, 4), "the yardsticks", 4)
     timer.join()
