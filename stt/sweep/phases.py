@@ -1,0 +1,318 @@
+"""The phases of one sweep over one experiment folder (`Sweep`), and how a phase knows it finished:
+`check_finished` for Tune's trials, `fit_in_driver` for a stage the driver trains itself. Ctrl-C in
+either is an InterruptedRun naming the phase; `state.json` records what finished, so `--resume` skips it."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from stt.cli import InterruptedRun, UsageError
+from stt.config import Config, to_dict
+from stt.data.layouts import DAVIS
+from stt.evaluate import copy_first_mask, evaluate_davis, resolve_device
+from stt.features import FeatureCache, FeatureExtractor
+from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
+from stt.objectives import stage_spec
+from stt.observe import TrialProgress
+from stt.propagation import for_task
+from stt.sweep.plans import SweepPlan
+from stt.sweep.space import in_domain, with_params
+from stt.sweep.trials import (METRIC, PrunedAwareOptunaSearch, cluster_concurrency, fail_stale_trials, optuna_storage,
+                              propagation_trial, training_trial)
+from stt.train import build_stage_trainer, export_final
+
+RESUME = "run the same command with --resume to continue"
+
+
+class Sweep:
+    """The four phases over one experiment folder; `state.json` records what is finished."""
+
+    def __init__(self, args: argparse.Namespace, plan: SweepPlan, base: Config, space: dict):
+        self.args, self.plan, self.space = args, plan, space
+        self.base = base
+        self.experiment = Path(args.storage).absolute() / args.name
+        self.experiment.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.experiment / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.use_gpu = not args.cpu and ray.cluster_resources().get("GPU", 0) >= 1
+        # A worker that decodes its own data (data.decode_in_worker) needs a whole core; else half of one beside
+        # Ray Data's.
+        self.cpus_per_worker = 1.0 if self.use_gpu or base.data.decode_in_worker else 0.5
+
+    def save_state(self, **entries) -> None:
+        self.state.update(entries)
+        self.state_file.write_text(json.dumps(self.state, indent=1))
+
+    def tuner(self, name: str, trainable, param_space: dict, search: OptunaSearch, scheduler, concurrency: int,
+              samples: int):
+        path = self.experiment / name
+        # A phase that crashed before Tune saved its first experiment state has nothing to restore.
+        stored = any(path.glob("experiment_state-*.json"))
+        if self.args.resume and stored:
+            print(f"sweep: resuming the {name} trials from {path}")
+            return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                      param_space=param_space)
+        if stored:
+            raise UsageError(f"{path}: the {name} trials of an unfinished sweep are stored there; run the same command "
+                             "with --resume to continue it, or give a new --name")
+        fail_stale_trials(self.experiment, name)
+        return tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
+                                        num_samples=samples, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=str(self.experiment),
+                                      callbacks=[TrialProgress(name, samples)],
+                                      # a failed trial is recorded, the sweep goes on
+                                      failure_config=tune.FailureConfig(fail_fast=False)),
+        )
+
+    def train_in_driver(self, cfg: Config, stage: str, run_dir: str, init: str, phase: str, destination: Path) -> str:
+        """Train `stage` under `cfg` (for `cfg.train.max_steps`) as the driver's own Ray Train run, and export
+        its final checkpoint to `destination`."""
+        trainer = build_stage_trainer(stage_spec(cfg, stage), run_dir, init, use_gpu=self.use_gpu,
+                                      workers=self.plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
+        export_final(fit_in_driver(trainer, phase, cfg.train.max_steps).checkpoint, str(destination))
+        return str(destination)
+
+    def spatial(self) -> str:
+        if "spatial_checkpoint" in self.state:
+            return self.state["spatial_checkpoint"]
+        if self.args.init:
+            checkpoint = self.args.init
+        else:
+            cfg = replace_train(self.base, max_steps=self.plan.spatial_steps, eval_every=0)
+            print(f"sweep: phase 1/4, spatial stage ({self.plan.spatial_steps} steps)")
+            checkpoint = self.train_in_driver(cfg, "spatial", str(self.experiment / "spatial"), "",
+                                              "phase 1/4 (the spatial stage)", self.experiment / "spatial-final.pt")
+        self.save_state(spatial_checkpoint=checkpoint)
+        return checkpoint
+
+    def training(self, spatial_checkpoint: str) -> dict:
+        if "best_training" in self.state:
+            return self.state["best_training"]
+        plan, data = self.plan, self.base.data
+        print(f"sweep: phase 2/4, {plan.training_trials} training trials of {plan.temporal_steps} steps, "
+              f"J&F on DAVIS '{self.args.tune_set}' every {plan.eval_every}")
+        base = to_dict(replace_train(self.base, max_steps=plan.temporal_steps, eval_every=plan.eval_every,
+                                     checkpoint_every=plan.eval_every, eval_davis_root=self.args.davis_root,
+                                     eval_davis_set=self.args.tune_set))
+        trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
+        trainable = tune.with_resources(
+            tune.with_parameters(training_trial, base=base, spatial_checkpoint=spatial_checkpoint,
+                                 runs=str(self.experiment / "training-runs"), workers=plan.workers_per_trial,
+                                 cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu),
+            # the trial only drives its TorchTrainer, whose workers hold the real resources (Tune refuses 0)
+            {"CPU": 0.01},
+        )
+        search = PrunedAwareOptunaSearch(seed=plan.seed, study_name="training", storage=optuna_storage(self.experiment),
+                                         full_steps=plan.temporal_steps)
+        asha = ASHAScheduler(time_attr="step", max_t=plan.temporal_steps, grace_period=plan.eval_every,
+                             reduction_factor=plan.reduction_factor)
+        concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
+        results = self.tuner("training", trainable, self.space["training"], search, asha, concurrency,
+                             plan.training_trials).fit()
+        check_finished(results, "phase 2/4", "training", plan.training_trials)
+        # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
+        # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
+        best = best_result(results)
+        run = self.experiment / "training-runs" / best.metrics["trial_id"] / "temporal"
+        chosen = {"params": {k: best.config[k] for k in self.space["training"]}, "tuning_jf": best.metrics[METRIC],
+                  "checkpoint": str(latest_checkpoint(run, "temporal"))}
+        self.save_state(best_training=chosen)
+        return chosen
+
+    def propagation(self, best_training: dict) -> dict:
+        if "best_propagation" in self.state:
+            return self.state["best_propagation"]
+        plan, args = self.plan, self.args
+        cfg = with_params(self.base, best_training["params"])
+        base, checkpoint, cache = to_dict(cfg), best_training["checkpoint"], self.experiment / "features"
+        print(f"sweep: phase 3/4, {plan.propagation_trials} propagation trials on cached features of {checkpoint}")
+        # Extract once here, so every trial is a cache hit (each asserts it ran no network).
+        default = evaluate_davis(Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache,
+                                 progress=False)
+        graphs = self.graphs(cfg, checkpoint, cache)
+        trainable = tune.with_parameters(propagation_trial, base=base, checkpoint=checkpoint,
+                                         davis_root=args.davis_root, tune_set=args.tune_set, feature_cache=str(cache),
+                                         graphs=graphs)
+        defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in self.space["propagation"]}
+        # The configured defaults are the first point, where the space contains them.
+        start = [defaults] if all(in_domain(self.space["propagation"][k], v) for k, v in defaults.items()) else None
+        search = OptunaSearch(seed=plan.seed, study_name="propagation", storage=optuna_storage(self.experiment),
+                              points_to_evaluate=start)
+        results = self.tuner("propagation", trainable, self.space["propagation"], search, None,
+                             cluster_concurrency(1.0, 0), plan.propagation_trials).fit()
+        check_finished(results, "phase 3/4", "propagation", plan.propagation_trials)
+        on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
+        print(f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
+              + (f", {sum(m['graph_fallback_fraction'] for m in on_graph) / len(on_graph):.2%} of their target "
+                 "locations computed the usual way" if on_graph else ""))
+        best = best_result(results)
+        chosen = {"params": {k: best.config[k] for k in self.space["propagation"]}, "tuning_jf": best.metrics[METRIC],
+                  "default_tuning_jf": default["summary"]["J&F-Mean"]}
+        self.save_state(best_propagation=chosen)
+        return chosen
+
+    def graphs(self, cfg: Config, checkpoint: str, cache: Path) -> dict[str, str]:
+        """{sequence: file of its top-K affinity graph} on the tuning split (stt/graph.py), for the widest setting
+        of the propagation space, saved beside its cached features: the trials then filter and gather instead of
+        recomputing affinities. Built once per checkpoint; a resumed sweep finds them on disk."""
+        started = time.perf_counter()
+        extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
+        superset = superset_config(self.space["propagation"], for_task(cfg.propagation, "davis", extractor.stride))
+        graph_k, features_cache = default_k(superset), FeatureCache(str(cache))
+        dataset = DAVIS(Path(self.args.davis_root), split=self.args.tune_set)
+        graphs = {}
+        for seq in dataset.sequences:
+            frame_paths = dataset.frame_paths(seq)
+            path = graph_path(features_cache.path_for(extractor.cache_key, frame_paths), superset, graph_k)
+            if not path.is_file():
+                features = features_cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+                save_graph(build_graph(features, superset, graph_k), path)
+            graphs[seq] = str(path)
+        print(f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
+              f"{time.perf_counter() - started:.1f} s (context {superset.context}, radius {superset.radius}, "
+              f"first frame {'in' if superset.window_first_frame else 'without'} a window)")
+        return graphs
+
+    def report(self, best_training: dict, best_propagation: dict) -> dict:
+        if "final" in self.state:
+            return self.state["final"]
+        args = self.args
+        cfg = with_params(self.base, {**best_training["params"], **best_propagation["params"]})
+        print(f"sweep: phase 4/4, the best configuration evaluated once on DAVIS '{args.report_set}'")
+        final = evaluate_davis(Path(args.davis_root), best_training["checkpoint"], cfg,
+                               self.experiment / "final-results", split=args.report_set,
+                               feature_cache=self.experiment / "features", progress=False)
+        (self.experiment / "best.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        entry = {"reported_jf": final["summary"]["J&F-Mean"], "summary": final["summary"],
+                 "checkpoint": best_training["checkpoint"], "max_short_side": cfg.eval.max_short_side}
+        self.save_state(final=entry)
+        return entry
+
+    def yardsticks(self, spatial_checkpoint: str, best_training: dict) -> dict:
+        """What the reported J&F is read against, each evaluated once on the reported split at the result's
+        resolution with the default propagation: the tuned training with default propagation (what the
+        propagation search added), the untuned default configuration trained with one training trial's
+        budget (what the training search added), random init, Lab pixels and the first mask copied."""
+        if "yardsticks" in self.state:
+            return self.state["yardsticks"]
+        args, plan, stride = self.args, self.plan, self.base.model.stride
+        print(f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.temporal_steps} "
+              "steps, random init, Lab pixels, the copied first mask)")
+        untuned = self.experiment / "untuned-temporal-final.pt"
+        if not untuned.exists():  # trained once; a rerun of the sweep only re-reads it
+            cfg = replace_train(self.base, max_steps=plan.temporal_steps, eval_every=0,
+                                checkpoint_every=plan.temporal_steps)
+            self.train_in_driver(cfg, "temporal", str(self.experiment / "untuned-run"), spatial_checkpoint,
+                                 "the yardsticks (training the untuned defaults)", untuned)
+        sources = {"tuned training, default propagation": best_training["checkpoint"],
+                   "untuned defaults": str(untuned), "random init": f"random:{plan.seed}",
+                   f"Lab pixels (stride {stride})": f"lab:{stride}"}
+        rows = {}
+        for name, source in sources.items():  # cached features: a rerun costs propagation only
+            summary = evaluate_davis(Path(args.davis_root), source, self.base, None, split=args.report_set,
+                                     feature_cache=self.experiment / "features", progress=False)["summary"]
+            rows[name] = {"source": source, **jf_row(summary)}
+        copied = copy_first_mask(Path(args.davis_root), args.report_set)
+        rows["first mask copied"] = {"source": "copy", **jf_row(copied)}
+        self.save_state(yardsticks=rows)
+        return rows
+
+
+def jf_row(summary: dict) -> dict[str, float]:
+    """A yardstick's numbers from an evaluation's DAVIS summary."""
+    return {"J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
+
+
+def check_finished(results, phase: str, kind: str, planned: int) -> None:
+    """InterruptedRun unless every planned trial of the phase finished (TERMINATED, or ERROR: recorded as failed).
+
+    On Ctrl-C, Tune saves the experiment and `Tuner.fit()` returns the trials so far as if done; going
+    on would choose among them and report a sweep that never ran. The trials not finished are resumed
+    by `--resume` (Tuner.restore, resume_unfinished), the finished ones kept.
+    The statuses are read from the experiment state Tune saved as the run ended: the ResultGrid's are
+    taken after Tune's cleanup, which marks every trial it stopped TERMINATED, the interrupted ones too
+    (Ray 2.60; results.num_terminated counted 2 of 2 after Ctrl-C with one trial running).
+    """
+    default_sigint()
+    saved = tune.ExperimentAnalysis(results.experiment_path).trials  # Ray: the trials as saved, with their statuses
+    finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+    if finished < planned:
+        raise InterruptedRun(f"{phase} interrupted after {finished} of {planned} {kind} trials; {RESUME}")
+
+
+def default_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt again. Tune's handler (after a fit, it stays installed and would
+    swallow the next Ctrl-C) and Ray Train's (bound to a controller that is gone) are removed."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def fit_in_driver(trainer, phase: str, steps: int) -> "ray.train.Result":
+    """`trainer.fit()` of a stage the driver trains itself, or InterruptedRun if Ctrl-C stopped it or it ended
+    before `steps`.
+
+    Run in a thread: there Ray Train installs no SIGINT handler of its own (in the main thread its handler
+    aborts the run and ends the process with status 1 and no word, or 0), so Ctrl-C reaches this thread as
+    KeyboardInterrupt. The run's checkpoints stay where `--resume` picks them up; its controller and
+    workers end with the driver's Ray.
+    """
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - raised again in the main thread just below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name=f"sweep: {phase}", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    step = (result.metrics or {}).get("step", 0)
+    if result.checkpoint is None or step < steps:
+        raise InterruptedRun(f"{phase} stopped at step {step} of {steps}; {RESUME}")
+    return result
+
+
+def best_result(results) -> "ray.tune.Result":
+    """The trial with the highest last-reported J&F. Ties (common on tiny or early models) go to the larger
+    trial id, so a resumed sweep, whose restored results Tune may list in another order, chooses the same trial."""
+    scored = [result for result in results if result.metrics and METRIC in result.metrics]
+    if not scored:
+        raise RuntimeError("no trial reported a tuning J&F; see the trials' errors above")
+    return max(scored, key=lambda result: (result.metrics[METRIC], result.metrics["trial_id"]))
+
+
+def latest_checkpoint(run: Path, stage: str) -> Path:
+    """The newest `checkpoint.pt` of a training trial's Ray Train run (the checkpoint of its last J&F report)."""
+    found = sorted(run.glob(f"{stage}-step*/checkpoint.pt"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {run}")
+    return found[-1]
+
+
+def replace_train(cfg: Config, **changes) -> Config:
+    """A copy of `cfg` with `changes` to its train section."""
+    copy = with_params(cfg, {})
+    copy.train = replace(copy.train, **changes)
+    return copy

@@ -1,0 +1,139 @@
+"""The two kinds of Tune trial (`training_trial`, `propagation_trial`) and the Optuna/Tune glue around them:
+the searcher that records ASHA-stopped trials as PRUNED, the study storage, and how many trials fit at once.
+
+Everything here runs in Ray: the trial functions in Tune's trial actors, the callback in the Train controller.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.optuna import OptunaSearch
+
+from stt.checkpoint import join
+from stt.evaluate import evaluate_davis
+from stt.graph import load_graph, propagate_with_graph, serves
+from stt.objectives import stage_spec
+from stt.propagation import propagate
+from stt.sweep.space import with_params
+from stt.train import build_stage_trainer
+
+METRIC = "tuning_jf"
+
+
+def optuna_storage(experiment: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{experiment / 'optuna.db'}")
+
+
+def cluster_concurrency(cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials fit the cluster at once, from its resources."""
+    resources = ray.cluster_resources()
+    fits = [resources.get("CPU", 1.0) / cpus_per_trial]
+    if gpus_per_trial:
+        fits.append(resources.get("GPU", 0.0) / gpus_per_trial)
+    return max(1, math.floor(min(fits)))
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that keeps the training step and records trials stopped early as PRUNED.
+
+    Ray's OptunaSearch indexes intermediate values by Tune's iteration count and tells Optuna
+    COMPLETE for any trial that ended with a result, so an ASHA-stopped trial's early J&F would
+    count as a final value; and the result on which ASHA stops a trial never reaches
+    `on_trial_result`. Here every J&F is reported at its training step (`step`), the last one
+    included, and a trial that ended before `full_steps` is told as PRUNED: TPE then ranks it by its
+    intermediate values, below the trials that finished.
+    """
+
+    def __init__(self, *args, full_steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.full_steps = full_steps
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:
+            self._ot_trials[trial_id].report(result[self.metric], result["step"])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and not error and trial_id not in self._completed_trials:
+            self.on_trial_result(trial_id, result)  # Optuna ignores a step it already has
+            if result["step"] < self.full_steps:
+                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def fail_stale_trials(experiment: Path, study_name: str) -> None:
+    """Trials a crashed sweep left RUNNING in the study: recorded as FAIL, as they are."""
+    storage = optuna_storage(experiment)
+    if study_name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        return
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+
+
+class TuningJFCallback(TuneReportCallback):
+    """Forward to Tune only the Ray Train reports that carry J&F, renamed to the sweep's metric.
+
+    The trainer also reports losses between evaluations; Tune's searcher and ASHA need the metric
+    in every result they see.
+    """
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "J&F" not in metrics[0]:
+            return
+        metrics = [{**metrics[0], METRIC: metrics[0]["J&F"]}] + list(metrics[1:])
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def training_trial(params: dict, *, base: dict, spatial_checkpoint: str, runs: str, workers: int,
+                   cpus_per_worker: float, use_gpu: bool) -> None:
+    """One Tune trial: the temporal stage with `params`, a TorchTrainer inside the trial.
+
+    Its Ray Train run is named after the Tune trial, so a resumed sweep resumes it from its
+    checkpoints instead of starting over.
+    """
+    cfg = with_params(base, params)
+    trial_id = tune.get_context().get_trial_id()  # Ray: this Tune trial
+    trainer = build_stage_trainer(stage_spec(cfg, "temporal"), join(runs, trial_id), spatial_checkpoint,
+                                  use_gpu=use_gpu, workers=workers, cpus_per_worker=cpus_per_worker,
+                                  callbacks=[TuningJFCallback()], run_name="sweep", trial=trial_id)
+    trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
+
+
+def propagation_trial(params: dict, *, base: dict, checkpoint: str, davis_root: str, tune_set: str,
+                      feature_cache: str, graphs: dict[str, str] | None = None) -> None:
+    """One Tune trial: propagation with `params` on cached features of the tuning split (seconds).
+
+    graphs: {sequence: file of its top-K affinity graph} (stt/graph.py, built once by `Sweep.propagation`).
+    A trial the graphs serve filters and gathers from them (the same labels as stt.propagation, exactly);
+    one they cannot serve runs stt.propagation as usual and reports why in "graph".
+    """
+    stats = {"targets": 0, "fallbacks": 0}
+    features_changed = sorted(key for key in params if not key.startswith("propagation."))
+    reason = ("no graphs" if not graphs else
+              f"the trial sets {', '.join(features_changed)}: the graphs hold other features" if features_changed
+              else None)
+
+    def on_graph(sequence: str, features, labels, cfg):
+        nonlocal reason
+        graph = load_graph(Path(graphs[sequence]), features)
+        reason = serves(graph, cfg)  # the same for every sequence: the graphs share one superset
+        if reason is not None:
+            return propagate(features, labels, cfg)
+        return propagate_with_graph(graph, labels, cfg, stats)
+
+    report = evaluate_davis(Path(davis_root), checkpoint, with_params(base, params), None, split=tune_set,
+                            device="cpu", feature_cache=Path(feature_cache), progress=False,
+                            propagator=on_graph if reason is None else None)
+    if report["network_calls"]:
+        raise RuntimeError(f"a propagation trial ran the network {report['network_calls']} times: "
+                           "the feature cache missed")
+    tune.report({METRIC: report["summary"]["J&F-Mean"], "seconds": report["seconds"], "graph": reason or "served",
+                 "graph_fallback_fraction": stats["fallbacks"] / max(1, stats["targets"])})
