@@ -1,20 +1,37 @@
-"""ResNet-18/50 encoders returning the feature pyramid {res3, res4, res5} at a chosen stride.
+"""ResNet-18/50 encoders returning the feature pyramid {res3, res4, res5} at a chosen stride, and MAST's encoder.
 
-The trunk is torchvision's own ResNet (random init); presets change conv strides and drop the
-stem max-pool, so every layout has the same parameters and key names as torchvision and one state
-dict loads into all of them (ImageNet weights, the spatial-stage teacher, the temporal student).
+The trunk is torchvision's own ResNet (random init); presets change conv strides, the stem pool and the padding,
+so every layout has the same parameters and key names as torchvision and one state dict loads into all of them
+(ImageNet weights, the spatial-stage teacher, the temporal student, VFS's and CRW's releases).
 
 Output strides (input H x W gives a map of ceil(H / stride) x ceil(W / stride)):
 
-    layout (res4 stride)      stem pool      layer strides  res3  res4  res5
-    8   (temporal student)    none           1, 2, 2, 2*     4     8     32
-    4   (temporal student)    3x3 s2 mean    1, 1, 1, 2*     4     4     32
-    16  (torchvision / teacher) 3x3 s2 max   1, 2, 2, 2      8     16    32
+    model.stride preset         stem pool     layer strides  padding  res3  res4  res5
+    8   (temporal student)      none          1, 2, 2, 2*    zeros     4     8     32
+    4   (temporal student)      3x3 s2 mean   1, 1, 1, 2*    zeros     4     4     32
+    8-maxpool (VFS)             3x3 s2 max    1, 2, 1, 2*    zeros     8     8     32
+    8-maxpool-reflect (CRW)     3x3 s2 max    1, 2, 1, 2*    reflect   8     8     32
+    16  (torchvision / teacher) 3x3 s2 max    1, 2, 2, 2     zeros     8     16    32
 
-Both student layouts are the authors' (configs/test/res18_d8.py: strides (1, 2, 2, 1), no pool;
+Both student layouts are the STT authors' (configs/test/res18_d8.py: strides (1, 2, 2, 1), no pool;
 res18_d4.py: strides (1, 1, 1, 1), `pool_type='mean'`, nn.AvgPool2d(3, 2, 1) counting the padding):
 at stride 4 every layer runs at 1/4 of the input, so layer1 costs a quarter of what it costs in
 the stride-8 layout and layer2 never downsamples.
+
+The two max-pool layouts are the trunks VFS and CRW evaluate DAVIS with; res4 (layer3's output, the level both
+propagate from) is at 1/8 like preset 8's, but it is reached through torchvision's stem and an undownsampled
+layer3, so preset 8 computes other features from the same weights:
+* VFS (xvjiarui/VFS): tools/test.py lines 129-132 build the test model with `backbone.strides = test_cfg.strides`
+  and `out_indices = test_cfg.out_indices`; configs/r18_nc_sgd_cos_100e_r2_1xNx8_k400.py lines 31-32 (and the
+  r50 config) set strides (1, 2, 1, 1), out_indices (2,); mmaction/models/backbones/resnet.py line 435 keeps
+  the stem nn.MaxPool2d(3, 2, 1), and `make_res_layer` puts a layer's stride on its first block's 3x3 conv
+  (conv2 in a Bottleneck) and its shortcut, as torchvision does. mmcv's ConvModule pads with zeros.
+* CRW (ajabri/videowalk): code/resnet.py `modify` (lines 20-37) sets every conv of layer3 and layer4 to stride 1
+  and, for code/utils/__init__.py `make_encoder`'s default model type 'scratch' (line 291,
+  `net.modify(padding='reflect')`), pads every conv with padding > 0 by reflection; code/utils/arguments.py
+  test_args (lines 45, 49) evaluate that model type with layer4 removed, so the features are layer3's; the
+  stem max-pool is torchvision's.
+Neither uses layer4 when it propagates; here it keeps the rule below so res5 stays at stride 32 in every layout.
 
 * res5 must sit at stride 32 in every layout, so that the student's res5 grid matches the frozen
   teacher's for global correlation distillation (DESIGN.md: 8x8 at 256x256). The student therefore
@@ -25,10 +42,19 @@ the stride-8 layout and layer2 never downsamples.
   sees features at the stride its ImageNet/spatial-stage weights were trained at, and costs
   exactly what it costs in the standard ResNet. The pool uses ceil_mode so that its output size is
   ceil(h / k), like every strided conv here: student and teacher res5 agree at every input size.
+
+MAST (model.arch=mast-resnet18, zlai0/MAST) is not a torchvision ResNet: models/submodule.py `ResNet18`
+(lines 33-63; its blocks, `ResidualBlock`, lines 9-30) has no stem pool, layer3 and layer4 at stride 1 with
+256 channels each, and a 1x1 shortcut only where a block changes stride or width; models/mast.py (lines 19-20,
+32-33) propagates from `post_convolution(feature_extraction(x))`, a 3x3 conv (256 -> 64, with bias) on layer4's
+output. `MastEncoder` is that network under MAST's own module names (so a release loads key for key): res3 is
+layer2's output (128 channels) and res4 the post-convolution's (64 channels), both at stride 4. It has no res5,
+no teacher layout and no spatial stage: it evaluates MAST releases (or a random MAST trunk) and does not train.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -37,15 +63,48 @@ from torch import Tensor, nn
 from stt.config import ModelConfig
 
 LEVELS = ("res3", "res4", "res5")
-STRIDES = (8, 4)  # model.stride presets: the res4 output stride of a student
+VFS_STRIDE = "8-maxpool"  # VFS's DAVIS trunk (module doc)
+CRW_STRIDE = "8-maxpool-reflect"  # CRW's DAVIS trunk: VFS's, padded by reflection
+# model.stride presets (config validation reads this): a student's res4 stride, or a published trunk by name
+STRIDES = (8, 4, VFS_STRIDE, CRW_STRIDE)
 TEACHER_RES4_STRIDE = 16  # the torchvision-standard trunk
 
-ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+TORCHVISION_ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+MAST_ARCH = "mast-resnet18"
+MAST_STRIDE = 4  # MAST never downsamples past 1/4
+ARCHS = (*TORCHVISION_ARCHS, MAST_ARCH)  # model.arch choices (config validation reads this)
 _RES3_CHANNELS = {"resnet18": 128, "resnet50": 512}
 # DistributedDataParallel and torch.compile wrap a model and prefix its keys; a saved wrapped
 # model still holds plain encoder weights.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CLASSIFIER_PREFIX = "fc."
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a preset runs torchvision's trunk: the stem pool, which of layer2/layer3 keep their stride 2, padding."""
+
+    stem_pool: str  # none | mean | max
+    layer2_downsamples: bool
+    layer3_downsamples: bool
+    padding_mode: str = "zeros"
+
+    @property
+    def res3_stride(self) -> int:
+        return 2 * (1 if self.stem_pool == "none" else 2) * (2 if self.layer2_downsamples else 1)
+
+    @property
+    def res4_stride(self) -> int:
+        return self.res3_stride * (2 if self.layer3_downsamples else 1)
+
+
+LAYOUTS = {
+    8: Layout("none", True, True),
+    4: Layout("mean", False, False),
+    VFS_STRIDE: Layout("max", True, False),
+    CRW_STRIDE: Layout("max", True, False, "reflect"),
+    TEACHER_RES4_STRIDE: Layout("max", True, True),
+}
 
 
 class Encoder(nn.Module):
@@ -55,39 +114,41 @@ class Encoder(nn.Module):
     `layers`; only the trunk up to the deepest requested level runs.
     """
 
-    def __init__(self, arch: str = "resnet18", res4_stride: int = 8, frozen: bool = False):
+    def __init__(self, arch: str = "resnet18", stride: int | str = 8, frozen: bool = False):
         super().__init__()
-        if arch not in ARCHS:
+        if arch == MAST_ARCH:
+            raise ValueError(f"model.arch={MAST_ARCH}: MAST's trunk has no torchvision layout (no stride-16 teacher, "
+                             "no spatial or VFS stage); it evaluates MAST releases only (stt.models.MastEncoder)")
+        if arch not in TORCHVISION_ARCHS:
             raise ValueError(f"model.arch: expected one of {sorted(ARCHS)}, got {arch!r}")
-        if res4_stride not in (4, 8, TEACHER_RES4_STRIDE):
-            raise ValueError(f"res4 stride: expected 4, 8 or {TEACHER_RES4_STRIDE}, got {res4_stride!r}")
-        trunk = ARCHS[arch](weights=None)
-        standard = res4_stride == TEACHER_RES4_STRIDE
+        if stride not in LAYOUTS:
+            raise ValueError(f"model.stride: expected one of {list(LAYOUTS)}, got {stride!r}")
+        layout = LAYOUTS[stride]
+        trunk = TORCHVISION_ARCHS[arch](weights=None)
         self.arch = arch
         self.frozen = frozen
         self.conv1, self.bn1, self.relu = trunk.conv1, trunk.bn1, trunk.relu
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
-        if standard:
-            self.maxpool = trunk.maxpool
-        elif res4_stride == 4:  # the authors' res18_d4: a mean-pool stem, then every layer at stride 1
-            self.maxpool = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = {"max": trunk.maxpool, "none": nn.Identity(),
+                        # the authors' res18_d4: nn.AvgPool2d(3, 2, 1), padding counted
+                        "mean": nn.AvgPool2d(kernel_size=3, stride=2, padding=1)}[layout.stem_pool]
+        if not layout.layer2_downsamples:
             _remove_downsampling(self.layer2)
+        if not layout.layer3_downsamples:
             _remove_downsampling(self.layer3)
-        else:
-            self.maxpool = nn.Identity()
-        res4_to_16 = TEACHER_RES4_STRIDE // res4_stride
+        if layout.padding_mode != "zeros":
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d) and any(module.padding):  # CRW's `modify`: sum(m.padding) > 0
+                    module.padding_mode = layout.padding_mode
+        res4_to_16 = TEACHER_RES4_STRIDE // layout.res4_stride
         self.res5_pool = nn.AvgPool2d(res4_to_16, ceil_mode=True) if res4_to_16 > 1 else nn.Identity()
 
         res3_channels = _RES3_CHANNELS[arch]
         self.out_channels = {"res3": res3_channels, "res4": 2 * res3_channels, "res5": 4 * res3_channels}
-        res3_stride = 8 if standard else 4
-        self.strides = {"res3": res3_stride, "res4": res4_stride, "res5": 32}
+        self.strides = {"res3": layout.res3_stride, "res4": layout.res4_stride, "res5": 32}
 
     def forward(self, x: Tensor, layers: Sequence[str] = LEVELS) -> dict[str, Tensor]:
-        unknown = [name for name in layers if name not in LEVELS]
-        if unknown or not layers:
-            raise ValueError(f"layers: expected a non-empty subset of {LEVELS}, got {tuple(layers)!r}")
-        deepest = max(LEVELS.index(name) for name in layers)
+        deepest = _deepest(layers, LEVELS, self.arch)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         res3 = self.layer2(self.layer1(x))
         features = {"res3": res3}
@@ -103,6 +164,14 @@ class Encoder(nn.Module):
         return super().train(mode and not self.frozen)
 
 
+def _deepest(layers: Sequence[str], levels: tuple[str, ...], arch: str) -> int:
+    """Index in `levels` of the deepest requested level; ValueError for an empty or unknown request."""
+    unknown = [name for name in layers if name not in levels]
+    if unknown or not layers:
+        raise ValueError(f"layers: expected a non-empty subset of {levels} ({arch}), got {tuple(layers)!r}")
+    return max(levels.index(name) for name in layers)
+
+
 def _remove_downsampling(layer: nn.Sequential) -> None:
     """Set every stride-2 conv of the layer's first block (main path and shortcut) to stride 1."""
     for module in layer[0].modules():
@@ -110,11 +179,82 @@ def _remove_downsampling(layer: nn.Sequential) -> None:
             module.stride = (1, 1)
 
 
-def build_encoder(cfg: ModelConfig) -> Encoder:
-    """The student encoder of `cfg` (stride preset 4 or 8), with weights from `cfg.weights`."""
-    if cfg.stride not in (4, 8):
-        raise ValueError(f"model.stride: expected 4 or 8, got {cfg.stride!r}")
-    encoder = Encoder(cfg.arch, cfg.stride)
+# ------------------------------------------------------------------------------------------- MAST
+class MastBlock(nn.Module):
+    """MAST's ResidualBlock: relu(left(x) + shortcut(x)), `left` = 3x3 conv (stride), BN, ReLU, 3x3 conv, BN;
+    `shortcut` = 1x1 conv (stride) + BN where the block changes stride or width, else the identity (an empty
+    nn.Sequential, as MAST's: no keys)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.left = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.left(x) + self.shortcut(x))
+
+
+class MastTrunk(nn.Module):
+    """MAST's ResNet18(in_ch=3): a 7x7 stride-2 stem (conv, BN, ReLU; no pool), then four layers of two blocks,
+    (64, 1), (128, 2), (256, 1), (256, 1) as (width, first-block stride)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        widths = 64
+        for index, (width, stride) in enumerate(((64, 1), (128, 2), (256, 1), (256, 1)), start=1):
+            setattr(self, f"layer{index}", nn.Sequential(MastBlock(widths, width, stride), MastBlock(width, width, 1)))
+            widths = width
+
+
+class MastEncoder(nn.Module):
+    """MAST's feature network (models/mast.py): res3 = layer2's output (128 channels), res4 =
+    post_convolution(layer4(layer3(res3))) (64 channels, what MAST propagates from), both at stride 4.
+
+    forward(x: B x 3 x H x W (normalised Lab), layers) -> {name: B x C x ceil(H/4) x ceil(W/4)}.
+    """
+
+    levels = ("res3", "res4")
+
+    def __init__(self):
+        super().__init__()
+        self.arch = MAST_ARCH
+        self.feature_extraction = MastTrunk()
+        self.post_convolution = nn.Conv2d(256, 64, 3, 1, 1)
+        self.out_channels = {"res3": 128, "res4": 64}
+        self.strides = {"res3": MAST_STRIDE, "res4": MAST_STRIDE}
+
+    def forward(self, x: Tensor, layers: Sequence[str] = levels) -> dict[str, Tensor]:
+        if "res5" in layers:
+            raise ValueError(f"layers: {MAST_ARCH} has no res5 (MAST never downsamples past 1/4); use res4, "
+                             "the level MAST propagates from, or res3")
+        deepest = _deepest(layers, self.levels, self.arch)
+        trunk = self.feature_extraction
+        features = {"res3": trunk.layer2(trunk.layer1(trunk.conv1(x)))}
+        if deepest >= 1:
+            features["res4"] = self.post_convolution(trunk.layer4(trunk.layer3(features["res3"])))
+        return {name: features[name] for name in layers}
+
+
+# ------------------------------------------------------------------------------------------- building, weights
+def build_encoder(cfg: ModelConfig) -> Encoder | MastEncoder:
+    """The encoder of `cfg` (a student stride preset, or MAST's at stride 4), with weights from `cfg.weights`."""
+    if cfg.arch == MAST_ARCH:
+        if cfg.stride != MAST_STRIDE:
+            raise ValueError(f"model.stride: {MAST_ARCH} runs at stride {MAST_STRIDE} only (its res4 is at 1/4), "
+                             f"got {cfg.stride!r}; set model.stride={MAST_STRIDE}")
+        encoder = MastEncoder()
+    else:
+        if cfg.stride not in STRIDES:
+            raise ValueError(f"model.stride: expected one of {list(STRIDES)}, got {cfg.stride!r}")
+        encoder = Encoder(cfg.arch, cfg.stride)
     if cfg.weights != "random":
         load_encoder_weights(encoder, load_state_dict_file(cfg.weights))
     return encoder
@@ -144,8 +284,8 @@ def encoder_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return _torchvision_keys(model.state_dict())
 
 
-def load_encoder_weights(encoder: Encoder, state_dict: Mapping[str, Tensor]) -> None:
-    """Load torchvision-named weights into any layout; the classifier (fc.*) is dropped.
+def load_encoder_weights(encoder: Encoder | MastEncoder, state_dict: Mapping[str, Tensor]) -> None:
+    """Load the encoder's own key names (torchvision's, or MAST's) into any layout; a classifier (fc.*) is dropped.
 
     Strict otherwise: raises ValueError naming every missing or unexpected key and every shape
     mismatch, so an architecture mix-up (ResNet-18 weights into a ResNet-50) is reported plainly.

@@ -17,6 +17,7 @@ from torch import nn
 
 from stt.config import EvalConfig, ModelConfig
 from stt.features import FeatureExtractor
+from stt.models import CRW_STRIDE, MAST_ARCH, VFS_STRIDE
 from stt.published import detect_format, load_published, read_checkpoint
 
 
@@ -147,7 +148,7 @@ def simsiam_head(channels: int, mid: int, out: int, pred_mid: int) -> nn.Module:
     return head
 
 
-def vfs_release(trunk, channels: int, mid: int, pred_mid: int) -> dict:
+def vfs_training_checkpoint(trunk, channels: int, mid: int, pred_mid: int) -> dict:
     """publish_model.py output of a SimSiamBaseTracker: meta, state_dict (backbone., img_head., iteration), no optimizer."""
     state_dict = mmcv_names(trunk)
     state_dict.update({f"img_head.{k}": v for k, v in randomised(simsiam_head(channels, mid, mid, pred_mid), 3).items()})
@@ -157,25 +158,59 @@ def vfs_release(trunk, channels: int, mid: int, pred_mid: int) -> dict:
     return {"meta": meta, "state_dict": state_dict}
 
 
-def test_vfs_resnet18_release(tmp_path):
+def convert_to_pretrained(checkpoint: dict) -> dict:
+    """VFS tools/convert_weights/convert_to_pretrained.py, which its README runs before testing: backbone.* only,
+    ConvModule names back to torchvision's (conv1.conv -> conv1, conv1.bn -> bn1, layerL.B.convN.conv -> convN,
+    convN.bn -> bnN, downsample.conv/.bn -> downsample.0/.1), saved as {"state_dict": ..., "meta": {}}."""
+    state_dict = {}
+    for key, value in checkpoint["state_dict"].items():
+        if not key.startswith("backbone."):
+            continue
+        parts = key[len("backbone."):].split(".")
+        if parts[0] == "conv1":
+            name = f"{'conv1' if parts[1] == 'conv' else 'bn1'}.{parts[-1]}"
+        elif parts[2] == "downsample":
+            name = f"{parts[0]}.{parts[1]}.downsample.{0 if parts[3] == 'conv' else 1}.{parts[-1]}"
+        else:
+            name = f"{parts[0]}.{parts[1]}.{parts[3]}{parts[2][-1]}.{parts[-1]}"
+        state_dict[name] = value
+    return {"state_dict": state_dict, "meta": {}}
+
+
+def test_vfs_resnet18_release_runs_on_vfs_trunk(tmp_path, capsys):
     trunk = torchvision_trunk()
     path = tmp_path / "r18_nc_sgd_cos_100e_r2_1xNx8_k400-db1a4c0d.pth"
-    release = vfs_release(trunk, 512, 512, 128)
-    assert "img_head.projection_fcs.7.running_mean" in release["state_dict"]
+    release = convert_to_pretrained(vfs_training_checkpoint(trunk, 512, 512, 128))
+    assert "layer2.0.downsample.1.num_batches_tracked" in release["state_dict"] and release["meta"] == {}
     torch.save(release, path)
+    assert detect_format(read_checkpoint(path), str(path)) == "vfs"
     overrides, mapped = load_published(path)
-    assert overrides == {"arch": "resnet18", "stride": 8, "input_space": "rgb"}
+    assert overrides == {"arch": "resnet18", "stride": VFS_STRIDE, "input_space": "rgb"}
     assert_same_trunk(mapped, trunk)
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and f"{path}: vfs weights -> model.arch=resnet18 model.stride=8-maxpool" in said
     extractor = extract(path, input_space="lab")
-    assert (extractor.input_space, extractor.stride) == ("rgb", 8)
+    assert (extractor.input_space, extractor.stride, extractor.model_cfg.stride) == ("rgb", 8, VFS_STRIDE)
     assert extractor(frames()).shape == (2, 256, 8, 12)
+    renamed = tmp_path / "weights.pth"  # nothing in the file says VFS: a plain trunk, the caller's stride and input
+    torch.save(release, renamed)
+    assert load_published(renamed)[0] == {"arch": "resnet18"}
 
 
-def test_vfs_resnet50_release_is_told_apart_by_its_shapes():
-    trunk = torchvision_trunk("resnet50")
-    overrides, mapped = load_published(vfs_release(trunk, 2048, 2048, 512), name="r50_nc_sgd_cos_100e_r5_1xNx2_k400-d7ce3ad0.pth")
-    assert overrides["arch"] == "resnet50"
+def test_vfs_training_checkpoints_of_both_archs():
+    trunk = torchvision_trunk()
+    checkpoint = vfs_training_checkpoint(trunk, 512, 512, 128)
+    assert "img_head.projection_fcs.7.running_mean" in checkpoint["state_dict"]
+    overrides, mapped = load_published(checkpoint, name="epoch_100.pth")  # told by its head, not its name
+    assert overrides == {"arch": "resnet18", "stride": VFS_STRIDE, "input_space": "rgb"}
     assert_same_trunk(mapped, trunk)
+    trunk50 = torchvision_trunk("resnet50")
+    name = "r50_nc_sgd_cos_100e_r5_1xNx2_k400-d7ce3ad0.pth"
+    for file in (vfs_training_checkpoint(trunk50, 2048, 2048, 512), convert_to_pretrained(
+            vfs_training_checkpoint(trunk50, 2048, 2048, 512))):
+        overrides, mapped = load_published(file, name=name)
+        assert overrides == {"arch": "resnet50", "stride": VFS_STRIDE, "input_space": "rgb"}
+        assert_same_trunk(mapped, trunk50)
 
 
 # ----------------------------------------------------------------------------------------- CRW
@@ -202,10 +237,11 @@ def test_crw_pretrained_pth(tmp_path):
         torch.load(path, weights_only=True)
     assert detect_format(read_checkpoint(path)) == "crw"
     overrides, mapped = load_published(path)
-    assert overrides == {"arch": "resnet18", "stride": 8, "input_space": "rgb"}
+    assert overrides == {"arch": "resnet18", "stride": CRW_STRIDE, "input_space": "rgb"}
     assert_same_trunk(mapped, trunk)
     extractor = extract(path, layer="res3")
-    assert extractor(frames()).shape == (2, 128, 16, 24)
+    assert extractor.encoder.conv1.padding_mode == "reflect"
+    assert extractor(frames()).shape == (2, 128, 8, 12)  # res3 at 1/8 behind the stem max-pool
     _, legacy = load_published(crw_checkpoint(trunk, legacy=True))
     assert_same_trunk(legacy, trunk)
 
@@ -224,10 +260,11 @@ def test_torchvision_imagenet_and_old_files_without_num_batches_tracked(tmp_path
     assert load_published(trunk_only)[0] == {"arch": "resnet18"}  # no classifier: nothing says ImageNet's input
 
 
-# ----------------------------------------------------------------------------------------- refusals
-def mast_checkpoint() -> dict:
-    """MAST main.py's checkpoint of models/mast.py: feature_extraction = submodule.ResNet18(3) (conv1 Sequential,
-    ResidualBlock left/shortcut Sequentials, layer3/layer4 at 256 channels, stride 1) and post_convolution."""
+# ----------------------------------------------------------------------------------------- MAST
+def mast_checkpoint(seed: int = 5) -> dict:
+    """MAST main.py's checkpoint ({"epoch", "state_dict": model.module.state_dict(), "optimizer"}) of models/mast.py:
+    feature_extraction = submodule.ResNet18(3) (conv1 Sequential, ResidualBlock left/shortcut Sequentials, layer3/
+    layer4 at 256 channels, stride 1), post_convolution (256 -> 64, bias); the Colorizer has no weights."""
     def block(cin, cout, stride):
         module = nn.Module()
         module.left = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
@@ -246,20 +283,41 @@ def mast_checkpoint() -> dict:
     mast = nn.Module()
     mast.feature_extraction = net
     mast.post_convolution = nn.Conv2d(256, 64, 3, 1, 1)
-    return {"epoch": 10, "state_dict": mast.state_dict(), "optimizer": {"state": {}, "param_groups": []}}
+    return {"epoch": 10, "state_dict": randomised(mast, seed), "optimizer": {"state": {}, "param_groups": []}}
 
 
-def test_mast_is_refused_with_the_reason(tmp_path):
+def test_mast_release_loads_key_for_key_onto_mast_encoder(tmp_path, capsys):
+    path = tmp_path / "checkpoint_epoch_10.pt"  # main.py's name for what it saves
+    release = mast_checkpoint()
+    weights = release["state_dict"]
+    assert "feature_extraction.layer3.0.shortcut.0.weight" in weights and "post_convolution.bias" in weights
+    torch.save(release, path)
+    assert detect_format(read_checkpoint(path)) == "mast"
+    overrides, mapped = load_published(path)
+    assert overrides == {"arch": MAST_ARCH, "stride": 4, "input_space": "lab"}
+    assert_same_trunk(mapped, weights)  # every key of the release, none renamed, none left out
+    assert "mast weights -> model.arch=mast-resnet18 model.stride=4 model.input_space=lab" in capsys.readouterr().out
+    extractor = extract(path, input_space="rgb")
+    assert (extractor.input_space, extractor.stride, extractor.model_cfg.arch) == ("lab", 4, MAST_ARCH)
+    assert torch.equal(extractor.encoder.post_convolution.weight, weights["post_convolution.weight"])
+    assert extractor(frames()).shape == (2, 64, 16, 24)
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in weights.items()}}  # saved around nn.DataParallel
+    assert_same_trunk(load_published(wrapped, name="mast.pt")[1], weights)
+
+
+def test_mast_keys_that_do_not_fit_are_named_on_one_line(tmp_path):
+    release = mast_checkpoint()
+    del release["state_dict"]["post_convolution.bias"]
+    release["state_dict"]["colorizer.memory.weight"] = torch.zeros(1)
     path = tmp_path / "mast.pt"
-    state = mast_checkpoint()
-    assert "feature_extraction.layer3.0.shortcut.0.weight" in state["state_dict"]
-    torch.save(state, path)
+    torch.save(release, path)
     with pytest.raises(ValueError) as excinfo:
         extract(path)
-    message = one_line_error(excinfo)
-    assert str(path) in message and "as mast weights" in message and "layer4 has 256 output channels" in message
+    assert one_line_error(excinfo) == (f"{path}: cannot load as mast weights: mast-resnet18 trunk: missing keys "
+                                       "[post_convolution.bias]; unexpected keys [colorizer.memory.weight]")
 
 
+# ----------------------------------------------------------------------------------------- refusals
 def test_missing_unexpected_and_mismatched_keys_are_named_on_one_line(tmp_path):
     trunk = torchvision_trunk()
     release = authors_release(trunk)
