@@ -409,8 +409,11 @@ def _mapped(state: Any, name: str, guess: str) -> tuple[dict, dict[str, Tensor]]
 def init_payload(state: Any, what: str, arch: str) -> dict[str, Any]:
     """Training's `--init` from a published release: {"model": encoder weights}, the part of an stt.train
     payload the stages read (no "fisher": an EWC stage needs stt's own checkpoint). The stage's input space
-    and stride are the stage's own; the arch must be the run's (one-line ValueError otherwise)."""
+    and stride are the stage's own; the arch must be the run's and not MAST's (one-line ValueError otherwise)."""
     overrides, weights = load_published(state, name=what)
+    if overrides["arch"] == MAST_ARCH:
+        raise ValueError(f"{what}: a MAST release initialises no stt stage (MAST's encoder has no torchvision layout "
+                         "and does not train here); evaluate it with --checkpoint")
     if overrides["arch"] != arch:
         raise ValueError(f"{what}: {detect_format(state, what)} weights of a {overrides['arch']}, but model.arch={arch}; "
                          f"set model.arch={overrides['arch']}")

@@ -367,6 +367,10 @@ def test_training_init_accepts_a_release_for_the_same_arch(tmp_path):
     assert_same_trunk(payload["model"], trunk)
     with pytest.raises(ValueError, match="crw weights of a resnet18, but model.arch=resnet50; set model.arch=resnet18"):
         checkpoint.load_init(path.read_bytes(), str(path), "resnet50")
+    mast = tmp_path / "mast.pt"
+    torch.save(mast_checkpoint(), mast)
+    with pytest.raises(ValueError, match="a MAST release initialises no stt stage"):
+        checkpoint.load_init(mast.read_bytes(), str(mast), MAST_ARCH)
     bare = tmp_path / "resnet18.pth"
     torch.save(trunk, bare)
     with pytest.raises(ValueError, match="not an stt.train checkpoint"):  # resuming still takes stt's own files only
