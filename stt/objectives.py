@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from stt.cli import UsageError
 from stt.config import Config, TemporalConfig, from_dict, to_dict
 from stt.losses import student_levels
+from stt.models import MAST_ARCH, TORCHVISION_ARCHS
 
 # Paper 001 Table 1 (ResNet-18, temporal stage only, hence no teacher): rows top to bottom.
 TABLE1_ROWS: dict[str, dict] = {
@@ -111,6 +113,9 @@ def stage_spec(cfg: Config, stage: str) -> StageSpec:
     """The `StageSpec` of `stage` under `cfg`'s recipe (`cfg` itself is left alone)."""
     if stage not in STAGES:
         raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+    if cfg.model.arch == MAST_ARCH:  # refused here, on the driver, rather than in a worker's builder
+        raise UsageError(f"model.arch={MAST_ARCH}: MAST's trunk evaluates MAST releases only; no stt stage trains it "
+                         f"(train with one of {tuple(TORCHVISION_ARCHS)})")
     recipe = recipe_of(cfg)
     staged = from_dict(to_dict(cfg))
     staged.model.input_space = INPUT_SPACE[stage]

@@ -17,6 +17,7 @@ from stt.models import build_encoder
 from stt import checkpoint
 from stt.checkpoint import CHECKPOINT_FILE
 from stt.models import encoder_state_dict
+from stt.cli import UsageError
 from stt.objectives import stage_spec
 from stt.stages import StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
 from stt.train import learning_rate, main, resumed_step
@@ -61,6 +62,15 @@ def test_stage_spec_sets_the_input_space_and_leaves_the_original_alone():
     assert stage_spec(cfg, "spatial").config.model.input_space == "rgb"
     assert stage_spec(cfg, "temporal").config.model.input_space == "lab"
     assert cfg.model.input_space == "rgb"
+
+
+def test_a_mast_trunk_is_refused_before_any_stage_starts():
+    """MAST's encoder (stt.models.MastEncoder) evaluates releases only: every stage refuses it on the driver."""
+    cfg = Config()
+    cfg.model.arch = "mast-resnet18"
+    for stage in ("spatial", "temporal", "vfs"):
+        with pytest.raises(UsageError, match=r"model.arch=mast-resnet18: MAST's trunk evaluates MAST releases only"):
+            stage_spec(cfg, stage)
 
 
 def test_stage_spec_decides_every_fact_of_a_stage_once():
