@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stt.config import PRESETS, Config, from_dict, load_config, to_dict  # noqa: E402
 from stt.data.layouts import DAVIS  # noqa: E402
-from stt.evaluate import evaluate_davis, resolve_device  # noqa: E402
-from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
+from stt.evaluate import evaluate_davis  # noqa: E402
+from stt.features import FeatureCache, FeatureExtractor, resolve_device  # noqa: E402
 from stt.graph import default_k, load_or_build, propagate_with_graph, serves, superset_config  # noqa: E402
 from stt.propagation import for_task, propagate  # noqa: E402
 

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 from bench.propagation import PeakMemory, synthetic_video, time_frames  # noqa: E402
 from stt.config import PropagationConfig  # noqa: E402
+from stt.features import resolve_device  # noqa: E402
 from stt.propagation import predict_dense, predict_windowed  # noqa: E402
 
 # Order of running: the torch.compile rows take longest, so they come after everything but Ray training
@@ -347,7 +348,7 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     size = SIZES["smoke" if args.smoke else "full"]
-    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
     davis_root = None if args.smoke else Path(args.davis_root)
     ytvos_root = None if args.smoke else Path(args.ytvos_root)
     runners = {

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from stt.config import Config  # noqa: E402
 from stt.data.layouts import DAVIS  # noqa: E402
-from stt.evaluate import default_cache_dir  # noqa: E402
+from stt.cache import cache_dir  # noqa: E402
 from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
 from stt.graph import build_graph, default_k, propagate_with_graph, serves, superset_config  # noqa: E402
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--space", default=str(SPACE_FILE))
     parser.add_argument("--k", type=int, nargs="+", help="cached candidates per target, one graph each (default: "
                         "stt.graph.default_k of the superset); the windowed path is timed once for all")
-    parser.add_argument("--cache", default=str(default_cache_dir() / "features"), help="feature cache folder")
+    parser.add_argument("--cache", default=str(cache_dir() / "features"), help="feature cache folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a sweep's propagation trial "
                         "holds one CPU, and Ray gives a one-CPU task one OpenMP thread)")
     parser.add_argument("--dense", action="store_true", help="also run the dense implementation: how far windowed and "

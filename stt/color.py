@@ -28,6 +28,10 @@ _XYZ_FROM_RGB = (
 _D65_WHITE = (0.95047, 1.0, 1.08883)
 _LAB_MEAN = (50.0, 0.0, 0.0)
 _LAB_STD = (50.0, 127.0, 127.0)
+# The RGB input's normalisation (torchvision's ImageNet statistics), here beside Lab's so every input
+# space stt feeds an encoder is defined in one file.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_CHANNELS = (1, 2)  # a and b: the channels that may be dropped
 
 

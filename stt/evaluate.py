@@ -1,8 +1,9 @@
 """python -m stt.evaluate: label propagation on DAVIS-2017, VIP and JHMDB, and exact scoring.
 
-Reads top to bottom in the order the algorithm runs: read frames, extract features (cached),
-downsample the first annotation to the feature grid, propagate, upsample, argmax, save indexed
-PNGs, score.
+Reads top to bottom in the order the algorithm runs (as DINO's eval_video_segmentation.py): load
+the feature source once (EvaluationRun: extractor, feature cache, clock, metrics.json), then per
+video read frames, extract features (cached), downsample the first annotation to the feature grid,
+propagate, upsample, argmax, save indexed PNGs, score; last the report.
 
     python -m stt.evaluate davis --checkpoint CKPT|random|lab:4 --out DIR [--davis-root ROOT] [--set val]
     python -m stt.evaluate vip   --checkpoint CKPT --out DIR [--vip-root ROOT]
@@ -26,33 +27,73 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from stt import cli
+from stt.cache import cache_dir
 from stt.config import PRESETS, Config, load_config, to_dict
 from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
 from stt.data.synthetic import ensure_dataset
-from stt.features import FeatureCache, FeatureExtractor
-from stt.metrics import confusion_matrix, evaluate_davis_sequence, mean_iou, pck, summarize_davis
+from stt.features import FeatureCache, FeatureExtractor, resolve_device
+from stt.metrics import (
+    DAVIS_SUMMARY_KEYS,
+    VIP_NUM_CLASSES,
+    confusion_matrix,
+    evaluate_davis_sequence,
+    mean_iou,
+    pck,
+    summarize_davis,
+)
+from stt.observe import with_progress
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask, upsample_labels
-
-SUMMARY_KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("STT_CACHE", Path.home() / ".cache" / "stt"))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def task_config(cfg: Config, task: str, stride: int) -> Config:
     """`cfg` with the task's propagation defaults filled in (radius None -> the authors' radius for
     `task` at feature `stride`, stt.propagation.for_task); what the report's config then shows."""
     return dataclasses.replace(cfg, propagation=for_task(cfg.propagation, task, stride))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRun:
+    """What evaluating a feature source shares on every benchmark: its feature extractor, the feature
+    cache, the config with the task's propagation defaults, a clock, and the report in metrics.json.
+    DAVIS, VIP and JHMDB differ only in their videos, labels and scores."""
+
+    task: str  # davis | vip | jhmdb: the propagation defaults (task_config) and the report's `<task>_root`
+    checkpoint: str
+    cfg: Config
+    extractor: FeatureExtractor
+    cache: FeatureCache
+    started: float
+
+    @classmethod
+    def open(cls, task: str, checkpoint: str, cfg: Config, device: str, feature_cache: Path | None) -> EvaluationRun:
+        """Load the feature source on `device` (auto: the GPU if there is one). The clock starts once it is
+        loaded, so the report's seconds are the videos' (feature extraction, propagation, scoring)."""
+        extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
+        cache = FeatureCache(feature_cache or cache_dir() / "features")
+        return cls(task, checkpoint, task_config(cfg, task, extractor.stride), extractor, cache, time.perf_counter())
+
+    def features(self, frame_paths: list[Path], read_frames) -> torch.Tensor:
+        """T x C x h x w features of the frames, cached or extracted (`read_frames()` is called only to extract)."""
+        return self.cache.load_or_compute(self.extractor, frame_paths, read_frames)
+
+    def square_features(self, frame_paths: list[Path], side: int) -> torch.Tensor:
+        """As `features`, of the frames resized to side x side (VIP and JHMDB are evaluated at a fixed size)."""
+        resize = functools.partial(resized_frames, frame_paths, (side, side))
+        return self.cache.load_or_compute(self.extractor, frame_paths, resize, variant=f"square{side}")
+
+    def report(self, scores: dict, root: Path, out: Path | None, **dataset) -> dict:
+        """The report, also written to `out/metrics.json` (if `out`): the scores, the checkpoint, `<task>_root`,
+        `dataset` (what else names the data evaluated), the network forward passes (0 when every feature was
+        cached), the seconds since `open`, and the config."""
+        report = {**scores, "checkpoint": self.checkpoint, f"{self.task}_root": str(root), **dataset,
+                  "network_calls": self.extractor.network_calls, "seconds": time.perf_counter() - self.started,
+                  "config": to_dict(self.cfg)}
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
+        return report
 
 
 def propagate_video(
@@ -112,8 +153,8 @@ def to_jsonable(value):
 
 
 def print_davis_table(summary: dict, rows: list[dict], file=sys.stdout) -> None:
-    print("  ".join(f"{k:>9}" for k in SUMMARY_KEYS), file=file)
-    print("  ".join(f"{summary[k]:9.3f}" for k in SUMMARY_KEYS), file=file)
+    print("  ".join(f"{k:>9}" for k in DAVIS_SUMMARY_KEYS), file=file)
+    print("  ".join(f"{summary[k]:9.3f}" for k in DAVIS_SUMMARY_KEYS), file=file)
     print(f"{'sequence':<28}{'J-Mean':>8}{'F-Mean':>8}", file=file)
     for row in rows:
         print(f"{row['sequence'] + '_' + str(row['object']):<28}{row['J-Mean']:8.3f}{row['F-Mean']:8.3f}", file=file)
@@ -148,17 +189,15 @@ def evaluate_davis(
     (sequence, object), and how many network forward passes ran (0 when every feature was cached).
     """
     dataset = DAVIS(root, split=split, resolution=resolution)
-    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
-    cfg = task_config(cfg, "davis", extractor.stride)
-    cache = FeatureCache(feature_cache or default_cache_dir() / "features")
-    rows, started = [], time.perf_counter()
-    for seq in tqdm(dataset.sequences, desc="davis", unit="seq", disable=not progress):
-        frame_paths = dataset.frame_paths(seq)
-        features = cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+    run = EvaluationRun.open("davis", checkpoint, cfg, device, feature_cache)
+    rows = []
+    for seq in with_progress(dataset.sequences, "davis", "seq", name=str, enabled=progress):
+        features = run.features(dataset.frame_paths(seq), lambda: dataset.read_frames(seq))
         gt = dataset.read_masks(seq)  # T x H x W, 255 = void
         first = np.where(gt[0] == 255, 0, gt[0])
         per_sequence = None if propagator is None else functools.partial(propagator, seq)
-        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], cfg, implementation, per_sequence)
+        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], run.cfg, implementation,
+                               per_sequence)
         if out is not None:
             palette = dataset.palette(seq)
             (out / seq).mkdir(parents=True, exist_ok=True)
@@ -167,19 +206,7 @@ def evaluate_davis(
             if overlays:
                 save_overlays(dataset.read_frames(seq), pred, palette, out / "overlays" / seq)
         rows.extend(evaluate_davis_sequence(gt, pred, seq))
-    report = {
-        "summary": summarize_davis(rows),
-        "rows": public_rows(rows),
-        "checkpoint": checkpoint,
-        "davis_root": str(root),
-        "set": split,
-        "network_calls": extractor.network_calls,
-        "seconds": time.perf_counter() - started,
-        "config": to_dict(cfg),
-    }
-    if out is not None:
-        (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
-    return report
+    return run.report({"summary": summarize_davis(rows), "rows": public_rows(rows)}, root, out, set=split)
 
 
 def copy_first_mask(root: Path, split: str = "val", resolution: str = "480p") -> dict:
@@ -228,13 +255,14 @@ def read_result_masks(results: Path, seq: str, stems: list[str], size: tuple[int
     return np.stack([blank, *inner, blank])
 
 
-def score_davis(davis_root: Path, results: Path, split: str, resolution: str = "480p") -> tuple[dict, list[dict]]:
+def score_davis(davis_root: Path, results: Path, split: str, resolution: str = "480p",
+                progress: bool = True) -> tuple[dict, list[dict]]:
     """Score a results folder `results/<seq>/<frame>.png` exactly like the official semi-supervised DAVIS tool."""
     if not results.is_dir():
         raise FileNotFoundError(f"--results {results}: no such folder; expected RESULTS/<sequence>/<frame>.png")
     dataset = DAVIS(davis_root, split=split, resolution=resolution)
     rows = []
-    for seq in tqdm(dataset.sequences, desc="score", unit="seq"):
+    for seq in with_progress(dataset.sequences, "score", "seq", name=str, enabled=progress):
         gt = dataset.read_masks(seq)
         stems = [p.stem for p in dataset.mask_paths(seq)]
         pred = read_result_masks(results, seq, stems, gt.shape[1:])
@@ -260,35 +288,28 @@ def resized_frames(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
 
 def evaluate_vip(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, device: str = "auto",
                  feature_cache: Path | None = None, implementation: str = "windowed", progress: bool = True) -> dict:
-    """Semantic part propagation on VIP: mIoU over 20 classes at the annotated frames after the first.
+    """Semantic part propagation on VIP: mIoU over its 20 classes at the annotated frames after the first.
 
     VIP annotates every 25th frame and, as in paper 004 Sec. 7, labels are propagated along the
     annotated frames themselves (25 raw frames apart), fed at `eval.vip_size` squared.
     """
     dataset = VIP(root)
-    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
-    cfg = task_config(cfg, "vip", extractor.stride)
-    cache = FeatureCache(feature_cache or default_cache_dir() / "features")
-    size = (cfg.eval.vip_size, cfg.eval.vip_size)
-    confusion, started = np.zeros((20, 20), dtype=np.int64), time.perf_counter()
-    for video in tqdm(dataset.videos, desc="vip", unit="video", disable=not progress):
+    run = EvaluationRun.open("vip", checkpoint, cfg, device, feature_cache)
+    confusion = np.zeros((VIP_NUM_CLASSES, VIP_NUM_CLASSES), dtype=np.int64)
+    for video in with_progress(dataset.videos, "vip", "video", name=str, enabled=progress):
         annotated = sorted(dataset.label_paths(video).items())
         all_frames = dataset.frame_paths(video)
         frame_paths = [all_frames[index] for index, _ in annotated]
+        features = run.square_features(frame_paths, run.cfg.eval.vip_size)
         labels = np.stack([dataset.read_label(path) for _, path in annotated])  # T x H x W
-        features = cache.load_or_compute(extractor, frame_paths, lambda: resized_frames(frame_paths, size), variant=f"square{size[0]}")
-        pred = propagate_video(features, labels[0], 20, labels.shape[1:], cfg, implementation)
-        confusion += confusion_matrix(labels[1:], pred[1:], num_classes=20)
+        pred = propagate_video(features, labels[0], VIP_NUM_CLASSES, labels.shape[1:], run.cfg, implementation)
         if out is not None:
             (out / video).mkdir(parents=True, exist_ok=True)
             for mask, (_, path) in zip(pred, annotated):
                 Image.fromarray(mask).save(out / video / f"{path.stem}.png")
+        confusion += confusion_matrix(labels[1:], pred[1:], num_classes=VIP_NUM_CLASSES)
     miou, per_class = mean_iou(confusion)
-    report = {"mIoU": miou, "per_class_iou": per_class, "checkpoint": checkpoint, "vip_root": str(root),
-              "network_calls": extractor.network_calls, "seconds": time.perf_counter() - started, "config": to_dict(cfg)}
-    if out is not None:
-        (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
-    return report
+    return run.report({"mIoU": miou, "per_class_iou": per_class}, root, out)
 
 
 # ----------------------------------------------------------------------------------------- JHMDB
@@ -314,29 +335,20 @@ def evaluate_jhmdb(root: Path, checkpoint: str, cfg: Config, out: Path | None, *
                    sigma: float = 0.5) -> dict:
     """Keypoint propagation on JHMDB split 1 (test): PCK@0.1 and @0.2, frames fed at `eval.jhmdb_size` squared."""
     dataset = JHMDB(root)
-    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device(device))
-    cfg = task_config(cfg, "jhmdb", extractor.stride)
-    cache = FeatureCache(feature_cache or default_cache_dir() / "features")
-    size = (cfg.eval.jhmdb_size, cfg.eval.jhmdb_size)
-    predictions, truths, started = [], [], time.perf_counter()
-    for action, video in tqdm(dataset.videos, desc="jhmdb", unit="video", disable=not progress):
+    run = EvaluationRun.open("jhmdb", checkpoint, cfg, device, feature_cache)
+    predictions, truths = [], []
+    for action, video in with_progress(dataset.videos, "jhmdb", "video", name="/".join, enabled=progress):
         joints = dataset.joints(action, video)  # T x 15 x 2
         # Some JHMDB videos have more frames than joint annotations: use the shorter (as VFS does).
         frame_paths = dataset.frame_paths(action, video)[: len(joints)]
         joints = joints[: len(frame_paths)]
+        features = run.square_features(frame_paths, run.cfg.eval.jhmdb_size)
         image_size = Image.open(frame_paths[0]).size[::-1]
-        features = cache.load_or_compute(extractor, frame_paths, lambda: resized_frames(frame_paths, size), variant=f"square{size[0]}")
         first = joints_to_heatmaps(joints[0], image_size, tuple(features.shape[-2:]), sigma).to(features)
-        soft = propagate(features, first, cfg.propagation, implementation=implementation)
+        soft = propagate(features, first, run.cfg.propagation, implementation=implementation)
         predictions.append(heatmaps_to_joints(soft, image_size))
         truths.append(joints)
-    scores = pck(predictions, truths)
-    report = {**scores, "checkpoint": checkpoint, "jhmdb_root": str(root), "network_calls": extractor.network_calls,
-              "seconds": time.perf_counter() - started, "config": to_dict(cfg)}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
-    return report
+    return run.report(pck(predictions, truths), root, out)
 
 
 def run_vip(args: argparse.Namespace, cfg: Config) -> dict:

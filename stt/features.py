@@ -25,14 +25,18 @@ import torch.nn.functional as F
 
 from stt import checkpoint
 from stt.cli import UsageError
-from stt.color import normalize_lab, rgb_to_lab
+from stt.color import IMAGENET_MEAN, IMAGENET_STD, normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
 from stt.files import current_umask
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; anything else as torch names it (cpu, cuda, cuda:1)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def frames_to_input(frames: np.ndarray, input_space: str, device: torch.device) -> torch.Tensor:

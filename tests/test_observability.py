@@ -1,6 +1,7 @@
 """What a person watching a run sees: the `stt_train_*` gauges (names and tags), the stt Grafana
 dashboard's queries against those names, Ray's Train state API listing a real stt.train run, the
-propagated-mask panel in TensorBoard, and the progress lines' elapsed time and ETA."""
+propagated-mask panel in TensorBoard, and the progress lines' elapsed time and ETA, redrawn in place on
+a terminal and sparse elsewhere."""
 from __future__ import annotations
 
 import io
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from stt.losses import TERMS
-from stt.observe import eta_seconds, format_duration, mask_panel, progress_text
+from stt.observe import Progress, eta_seconds, format_duration, mask_panel, progress_text, rate_text, with_progress
 from stt.train import MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +233,101 @@ def test_progress_text_gives_elapsed_time_and_an_eta_without_the_first_step():
     assert eta_seconds(4, 10, 34.0) == 34.0 / 4 * 6
     assert progress_text(4, 10, 34.0, first_s=10.0) == "elapsed 34s  eta 48s"
     assert progress_text(10, 10, 3725.0, first_s=1.0) == "elapsed 1h02m  eta 0s"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_rate_text_gives_units_a_second_or_the_time_a_unit_takes():
+    assert rate_text(50, 4.0, "frame") == "12.5 frame/s"
+    assert rate_text(4, 10.0, "seq") == "2.5s/seq"
+    assert rate_text(2, 370.0, "shard") == "3m05s/shard"
+    assert rate_text(0, 3.0, "seq") == "? seq/s"
+
+
+def test_progress_off_a_terminal_prints_a_line_a_minute_with_an_eta_and_the_last_one():
+    stream, clock = io.StringIO(), FakeClock()
+    progress = Progress(10, "davis", "seq", stream=stream, every_s=60.0, clock=clock)
+    for index in range(10):
+        clock.now += 25.0  # a sequence every 25 s
+        progress.advance(f"s{index}")
+    progress.close()
+    # a line once a minute has passed since the last (75, 150 and 225 s), and one for the last sequence;
+    # eta: 25 s for each sequence left
+    assert stream.getvalue().splitlines() == [
+        "davis 3/10 seq (30%)  25s/seq  elapsed 1m15s  eta 2m55s  s2",
+        "davis 6/10 seq (60%)  25s/seq  elapsed 2m30s  eta 1m40s  s5",
+        "davis 9/10 seq (90%)  25s/seq  elapsed 3m45s  eta 25s  s8",
+        "davis 10/10 seq (100%)  25s/seq  elapsed 4m10s  eta 0s  s9",
+    ]
+
+
+def test_progress_on_a_terminal_redraws_one_line_in_place_within_its_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "50")  # shutil.get_terminal_size reads it first
+    stream, clock = FakeTerminal(), FakeClock()
+    progress = Progress(3, "vip", "video", stream=stream, clock=clock)
+    for name in ("a", "b", "a-video-with-a-long-name"):
+        clock.now += 2.0
+        progress.advance(name)
+    lines = ["vip 1/3 video (33%)  2s/video  elapsed 2s  eta 4s  a",
+             "vip 2/3 video (66%)  2s/video  elapsed 4s  eta 2s  b",
+             "vip 3/3 video (100%)  2s/video  elapsed 6s  eta 0s  a-video-with-a-long-name"]
+    # "\r" back to the line's start, the text cut to the terminal's width less one, "\x1b[K" clears what is left
+    assert stream.getvalue() == "".join(f"\r{line[:49]}\x1b[K" for line in lines) + "\n"
+
+    stream = FakeTerminal()
+    for name in with_progress(["a", "b", "c"], "davis", "seq", name=str, stream=stream):
+        if name == "b":
+            break  # an error or a break ends the line, so what is printed next starts a fresh one
+    assert stream.getvalue().count("\r") == 1 and stream.getvalue().endswith("\x1b[K\n")
+
+    stream = FakeTerminal()
+    assert list(with_progress([1, 2], "davis", "seq", enabled=False, stream=stream)) == [1, 2]
+    assert stream.getvalue() == ""
+
+
+def test_evaluate_and_prepare_print_no_bar_garbage_when_captured(tmp_path, capsys):
+    """pytest's capture is not a terminal, like a log file: stdout holds the results alone, stderr one
+    progress line per loop, and neither a carriage return nor a terminal escape."""
+    from stt.data import prepare
+    from stt.data.layouts import DAVIS
+    from stt.data.synthetic import generate
+    from stt.evaluate import main
+    from stt.metrics import DAVIS_SUMMARY_KEYS
+
+    data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
+    capsys.readouterr()
+    report = main(["davis", "--davis-root", str(data["davis"]), "--checkpoint", "lab:8", "--out", str(tmp_path / "out"),
+                   "--feature-cache", str(tmp_path / "cache"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert not re.search(r"[\r\x1b]", captured.out + captured.err)
+    table = captured.out.splitlines()
+    assert table[0].split() == list(DAVIS_SUMMARY_KEYS) and len(table) == 3 + len(report["rows"])
+    sequences = DAVIS(data["davis"]).sequences
+    count = len(sequences)
+    rate = r"(\S+ seq/s|\S+/seq)"
+    assert re.fullmatch(rf"davis {count}/{count} seq \(100%\)  {rate}  elapsed \d+s  eta 0s  {sequences[-1]}\n",
+                        captured.err), captured.err
+
+    settings = prepare.Settings("ytvos", frames_per_row_group=8, row_groups_per_shard=1)
+    manifest = prepare.prepare("ytvos", data["ytvos"], str(tmp_path / "shards"), settings, workers=2)
+    captured = capsys.readouterr()
+    shards = len(manifest["shards"])
+    assert shards > 1 and not re.search(r"[\r\x1b]", captured.out + captured.err)
+    assert captured.out.startswith(f"stt.prepare: {tmp_path / 'shards'}: {shards} shard(s) written")
+    rate = r"(\S+ shard/s|\S+/shard)"
+    assert re.fullmatch(rf"stt.prepare {shards}/{shards} shard \(100%\)  {rate}  elapsed \d+s  eta 0s\n",
+                        captured.err), captured.err
 
 
 def test_the_mask_panel_shows_frame_prediction_and_truth_per_chosen_frame():

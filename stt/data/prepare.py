@@ -28,6 +28,7 @@ any URI `pyarrow.fs.FileSystem.from_uri` accepts (s3://bucket/prefix, file:///..
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -46,6 +47,7 @@ from PIL import Image
 
 from stt import cli
 from stt.data.layouts import DAVIS, DatasetError, ImageFolder, YouTubeVOS, read_rgb_or_none
+from stt.observe import with_progress
 
 KINDS = ("ytvos", "images", "davis")
 MANIFEST = "_manifest.json"
@@ -251,11 +253,10 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
     fs.create_dir(base, recursive=True)
     jobs = [(out, i, groups, src, settings) for i, groups in enumerate(shards)]
     started = time.perf_counter()
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            written = list(pool.map(write_shard, *zip(*jobs)))
-    else:
-        written = [write_shard(*job) for job in jobs]
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        # Both maps yield in shard order as the shards finish (the built-in one lazily, one at a time).
+        finished = pool.map(write_shard, *zip(*jobs)) if pool is not None else map(write_shard, *zip(*jobs))
+        written = list(with_progress(finished, "stt.prepare", "shard", total=len(jobs)))
     corrupt = [s for i in range(len(shards)) for s in _corrupt_sources(fs, f"{base}/{shard_name(i)}")]
     manifest = {
         "format": 1,
