@@ -130,6 +130,35 @@ def test_small_k_forces_fallbacks_that_stay_exact():
     assert stats["fallbacks"] == 0
 
 
+@pytest.mark.parametrize("channels", [3, 8])
+def test_fallback_rows_equal_dense_prediction(channels, monkeypatch):
+    """The fallback (_exact_rows: target rows in groups, windowed slots scored on the band of grid rows their
+    windows reach) against stt.propagation.predict_dense for every location and for scattered ones, across
+    windows, radii (0: no window), first-frame rules and the repeated first frame; with a logit budget so
+    small that groups hold one or two targets, and with the default one."""
+    import stt.graph
+    from stt.propagation import context_indices, predict_dense
+
+    features, _ = random_video(channels, grid=(11, 13), frames=9, seed=5)
+    features = torch.nn.functional.normalize(features, dim=1).double()
+    generator = torch.Generator().manual_seed(6)
+    carried = torch.softmax(3 * torch.randn(9, 143, 4, generator=generator, dtype=torch.float64), dim=2)  # T x N x L
+    scattered = torch.randperm(11 * 13, generator=generator)[:40].sort().values
+    settings = [dict(radius=0.0), dict(radius=1.0), dict(radius=2.5, window="circle"),
+                dict(radius=4.0, window_first_frame=False), dict(radius=3.0, repeat_first_frame=True, topk=7),
+                dict(radius=20.0, topk=1, temperature=0.2)]
+    for budget in (2 * 11 * 13 * 9, stt.graph.CHUNK_LOGITS):
+        monkeypatch.setattr(stt.graph, "CHUNK_LOGITS", budget)
+        for changes, t in itertools.product(settings, [1, 3, 8]):
+            cfg = replace(SUPERSET, context=4, **changes)
+            frames = context_indices(t, cfg.context, cfg.repeat_first_frame)
+            labels = carried[frames].transpose(1, 2).reshape(len(frames), 4, 11, 13)
+            expected = predict_dense(features[frames], labels, features[t], cfg).flatten(1).T  # N x L
+            for rows in (torch.arange(11 * 13), scattered):
+                ours = stt.graph._exact_rows(features, carried, t, rows, cfg, (11, 13))
+                assert torch.allclose(ours, expected[rows], atol=1e-12, rtol=0), (changes, t, budget)
+
+
 def test_tiny_grid_holds_every_candidate():
     """3 x 4 grid: fewer candidates than K at every target, so every trial is served whole, never a fallback."""
     features, first = random_video(5, grid=(3, 4), frames=5, seed=2)

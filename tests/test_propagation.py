@@ -458,3 +458,15 @@ def test_windowed_propagation_runs_in_half_precision():
     half = propagate(features.half(), labels.half(), cfg, "windowed")
     assert half.dtype == torch.float16
     assert torch.equal(full.argmax(1), half.float().argmax(1))
+
+
+def test_labels_to_mask_is_argmax_with_its_tie_and_nan_rules():
+    """labels_to_mask uses max's indices for speed: the same ids as argmax, the first of tied labels and
+    the first NaN winning, over several leading dims and label counts."""
+    assert labels_to_mask(torch.tensor([[[0.5]], [[0.5]], [[0.2]]])).tolist() == [[0]]  # a tie: the first
+    assert labels_to_mask(torch.tensor([[[0.9]], [[float("nan")]], [[float("nan")]]])).tolist() == [[1]]
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(3, 2, 5, 7), (2, 4, 6, 9), (6, 11, 13)]:
+        labels = torch.rand(shape, generator=generator).mul(4).round()  # few distinct values: many ties
+        labels.flatten()[:: 17] = float("nan")
+        assert torch.equal(labels_to_mask(labels), labels.argmax(dim=-3))
