@@ -76,6 +76,17 @@ def parse_baseline(source: str) -> tuple[str, int] | None:
     return kind, int(value)
 
 
+def stored_model_note(source: str, stored: ModelConfig, given: ModelConfig) -> str | None:
+    """One line when a checkpoint's stored trunk (model.arch, model.stride) differs from the given config's:
+    the stored one wins, because the weights were trained on it. (model.input_space is left out: it is the
+    stage's, decided by stt.objectives.stage_spec, not a choice the config makes for a trained encoder.)"""
+    differing = [f"model.{name}={getattr(stored, name)} (the config says {getattr(given, name)})"
+                 for name in ("arch", "stride") if getattr(stored, name) != getattr(given, name)]
+    if not differing:
+        return None
+    return f"stt: {source}: its stored model config wins, as its weights were trained with it: {', '.join(differing)}"
+
+
 class FeatureExtractor:
     """Turns uint8 frames `T x H x W x 3` into features `T x C x h x w` (float32, on `device`).
 
@@ -107,7 +118,10 @@ class FeatureExtractor:
             data = checkpoint.read_bytes(source)
             state = checkpoint.read(data, source)
             if checkpoint.is_stt_checkpoint(state):
-                self.model_cfg = model_cfg = checkpoint.config_of(state, source).model
+                stored = checkpoint.config_of(state, source).model
+                if note := stored_model_note(source, stored, model_cfg):
+                    print(note)
+                self.model_cfg = model_cfg = stored
                 weights = state["model"]
             else:  # a published release or a bare torchvision state dict (stt.published maps and configures it)
                 overrides, weights = load_published(state, name=source)

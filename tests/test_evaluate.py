@@ -139,3 +139,25 @@ def test_jhmdb_on_the_real_clip_with_the_authors_settings(jhmdb_real_root, tmp_p
     assert copied["PCK@0.2"] < 5  # the person moves: copying frame 1 finds almost nothing
     assert report["PCK@0.1"] <= report["PCK@0.2"] and report["PCK@0.2"] > copied["PCK@0.2"] + 15
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["PCK@0.2"] == pytest.approx(report["PCK@0.2"])
+
+
+def test_a_checkpoints_stored_trunk_wins_over_the_config_and_says_so(tmp_path, capsys):
+    """Issue 15: the stored model config used to override the given one silently."""
+    from stt import checkpoint
+    from stt.config import Config, EvalConfig, ModelConfig
+    from stt.features import FeatureExtractor
+    from stt.models import build_encoder
+
+    trained = Config()
+    trained.model.stride, trained.model.input_space = 4, "lab"
+    path = tmp_path / "temporal-final.pt"
+    encoder = build_encoder(trained.model)
+    optimizer = torch.optim.Adam(encoder.parameters())
+    torch.save(checkpoint.payload(encoder.state_dict(), trained, "temporal", 1, optimizer), path)
+
+    extractor = FeatureExtractor(str(path), ModelConfig(), EvalConfig())
+    assert (extractor.model_cfg.stride, extractor.input_space) == (4, "lab")
+    assert capsys.readouterr().out == (f"stt: {path}: its stored model config wins, as its weights were trained with it: "
+                                       "model.stride=4 (the config says 8)\n")
+    FeatureExtractor(str(path), trained.model, EvalConfig())
+    assert capsys.readouterr().out == ""
