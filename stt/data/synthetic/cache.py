@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from stt.cache import cache_dir as default_cache_dir
 from stt.data.synthetic.numerics import load_textures
 from stt.data.synthetic.presets import PRESETS
 from stt.data.synthetic.writers import KIND_DIRS, KINDS, WRITERS
@@ -54,11 +55,11 @@ def remove_stale_scratch(cache: Path, prefix: str, idle_s: float = 600.0) -> Non
 
 def ensure_dataset(kind: str, preset: str = "default", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """The root of the embedded synthetic `kind` dataset, generated once (all kinds together) into
-    cache_dir (default $STT_CACHE or ~/.cache/stt) and reused afterwards. Generation writes into a
-    temporary folder renamed into place, so a crash leaves nothing half-written and a process that loses
-    a race uses the winner's copy."""
+    cache_dir (default: stt.cache.cache_dir(), i.e. $STT_CACHE or ~/.cache/stt) and reused afterwards.
+    Generation writes into a temporary folder renamed into place, so a crash leaves nothing half-written
+    and a process that loses a race uses the winner's copy."""
     _check(preset, seed, (kind,))
-    cache = Path(cache_dir or os.environ.get("STT_CACHE") or Path.home() / ".cache" / "stt")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     final = cache / f"synthetic-{preset}-s{seed}-v{GENERATOR_VERSION}"
     if not final.is_dir():
         cache.mkdir(parents=True, exist_ok=True)

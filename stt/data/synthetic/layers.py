@@ -55,6 +55,8 @@ def paint(canvas: np.ndarray, labels: np.ndarray, box: tuple[slice, slice], dist
 
 @dataclass(frozen=True)
 class Background:
+    """A tinted photograph panning linearly across the video."""
+
     texture: str
     tint: tuple[float, float, float]
     zoom: float  # source pixels per frame pixel
