@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from stt import checkpoint
-from stt.color import drop_color_channel, normalize_lab, rgb_to_lab, take_channel
+from stt.color import IMAGENET_MEAN, IMAGENET_STD, drop_color_channel, normalize_lab, rgb_to_lab, take_channel
 from stt.config import Config, ModelConfig, TemporalConfig
-from stt.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from stt.losses import temporal_losses
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.lwf import LwF

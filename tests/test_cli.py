@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 
 def one_line_error(capsys, main, prog: str, argv: list[str]) -> tuple[int, str]:
     code = cli.run(main, prog, argv)
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if "%|" not in line]  # not progress bars
+    err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
     return code, err[0]
 

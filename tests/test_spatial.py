@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stt.config import ModelConfig, SpatialConfig
-from stt.data.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, blur_kernel_size
+from stt.color import IMAGENET_MEAN, IMAGENET_STD
+from stt.data.augment import TwoViews, blur_kernel_size
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.models import build_teacher, encoder_state_dict
 from stt.spatial import MoCo, enqueue, grid_patches, info_nce, info_nce_logits, momentum_update

@@ -12,8 +12,7 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from stt.color import IMAGENET_MEAN, IMAGENET_STD
 
 
 def blur_kernel_size(image_size: int) -> int:

@@ -51,6 +51,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageFile
 
+from stt.metrics import VIP_IGNORE_LABEL, VIP_NUM_CLASSES
+
 
 class DatasetError(ValueError):
     """A dataset file or folder is missing or not what the official layout promises."""
@@ -431,8 +433,8 @@ class JHMDB:
 class VIP:
     """VIP (Video instance-level Parsing), VIP_Fine: frames and human-part category labels."""
 
-    NUM_CLASSES = 20
-    IGNORE_INDEX = 255
+    NUM_CLASSES = VIP_NUM_CLASSES  # the dataset's facts, defined once beside the mIoU that reads them
+    IGNORE_INDEX = VIP_IGNORE_LABEL
 
     def __init__(self, root, split: str = "val"):
         root = _require_dir(Path(root), "a VIP root holding VIP_Fine/ (or VIP_Fine itself)")
