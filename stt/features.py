@@ -27,7 +27,7 @@ from stt import checkpoint
 from stt.cli import UsageError
 from stt.color import IMAGENET_MEAN, IMAGENET_STD, normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
-from stt.files import current_umask
+from stt.cache import current_umask
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published
 

@@ -248,6 +248,6 @@ def test_a_corrupt_feature_cache_entry_is_recomputed_with_a_warning(tiny, tmp_pa
 
 
 def current_umask() -> int:
-    from stt.files import current_umask as umask
+    from stt.cache import current_umask as umask
 
     return umask()
