@@ -1,60 +1,152 @@
-"""What a propagation trial of tune/sweep.py costs with cached features vs re-extracting them.
+"""What one propagation trial of the sweep costs, three ways, on the tuning split (issue 12):
 
-    python bench/sweep_costs.py                                   # random-init ResNet-18, embedded DAVIS train split
-    python bench/sweep_costs.py --checkpoint runs/stt/temporal-final.pt eval.max_short_side=128 propagation.context=7
+    cold           extract the features (into an empty cache), propagate (stt.propagation, windowed), score
+    warm features  the features read from the cache, the same propagation, score (the sweep before graphs)
+    warm graph     the features and each sequence's top-K graph read from disk, stt.graph.propagate_with_graph,
+                   score (the sweep's propagation trial today; the graphs are built once per checkpoint)
 
-Times `stt.evaluate.evaluate_davis` on the tuning split three ways: cold (features extracted and
-written to an empty cache), warm (every feature read from the cache, as each sweep trial does;
-asserted to run no network), and the split of the cold run into extraction and propagation.
+    python bench/sweep_costs.py                                   # random-init ResNet-18, the embedded synthetic DAVIS
+    python bench/sweep_costs.py --davis-root ../shared/data/davis-real eval.max_short_side=128 propagation.context=7
+    python bench/sweep_costs.py --davis-root ../shared/data/davis-real --sequences 1 --cache ~/.cache/stt/features
+
+One trial is the base configuration (the dotted overrides) over every sequence of the split (or the first
+--sequences): per sequence, read the ground truth, propagate, upsample, argmax, score J&F (stt.metrics), as
+stt.evaluate.evaluate_davis does. The graphs are built for the superset of the sweep's search space with
+K = stt.graph.default_k, saved beside the cached features (a graph already there is loaded, and its build is
+not timed). Also printed: the fraction of target locations the graph computed the usual way (fallbacks), the
+graphs' size, and the per-trial cost outside propagation (building the feature extractor, which
+evaluate_davis does once per trial). Wall seconds, `torch.get_num_threads()` threads (1 by default, as a
+one-CPU Tune trial).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
 from stt.config import load_config
+from stt.data.layouts import DAVIS
 from stt.data.synthetic import ensure_dataset
-from stt.evaluate import evaluate_davis
+from stt.evaluate import propagate_video, task_config
+from stt.features import FeatureCache, FeatureExtractor
+from stt.graph import (
+    build_graph,
+    default_k,
+    graph_path,
+    load_graph,
+    propagate_with_graph,
+    save_graph,
+    serves,
+    superset_config,
+)
+from stt.metrics import evaluate_davis_sequence, summarize_davis
+from stt.sweep import SPACE_FILE, load_space
+
+
+def run_trial(dataset: DAVIS, sequences: list[str], cfg, features_of, propagator_of=None) -> tuple[float, dict]:
+    """Wall seconds and J&F summary of one trial: features_of(seq) -> features, propagator_of(seq) -> a
+    propagator for stt.evaluate.propagate_video (None: stt.propagation.propagate)."""
+    started, rows = time.perf_counter(), []
+    for seq in sequences:
+        features = features_of(seq)
+        gt = dataset.read_masks(seq)  # T x H x W, 255 = void
+        first = np.where(gt[0] == 255, 0, gt[0])
+        propagator = None if propagator_of is None else propagator_of(seq, features)
+        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], cfg, "windowed", propagator)
+        rows.extend(evaluate_davis_sequence(gt, pred, seq))
+    return time.perf_counter() - started, summarize_davis(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="random", help="checkpoint file or random[:SEED]")
+    parser.add_argument("--checkpoint", default="random", help="checkpoint file, random[:SEED] or lab[:STRIDE]")
     parser.add_argument("--davis-root", help="DAVIS-2017 root (default: the embedded synthetic set)")
     parser.add_argument("--set", default="train", help="the tuning split")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=2, help="warm runs to average")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    parser.add_argument("--sequences", type=int, help="only the first N sequences of the split (default: all)")
+    parser.add_argument("--space", default=str(SPACE_FILE), help="the search space whose superset the graphs hold")
+    parser.add_argument("--cache", help="feature cache folder for the warm runs and the graphs (default: the cold "
+                        "run's temporary one); give one to reuse features and graphs of an earlier run")
+    parser.add_argument("--repeats", type=int, default=2, help="warm trials of each kind; the fastest is printed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a one-CPU Tune trial)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides (the trial's configuration)")
     args = parser.parse_args()
-    cfg = load_config(None, args.overrides)
+    torch.set_num_threads(args.threads)
+    base = load_config(None, args.overrides)
     root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
+    dataset = DAVIS(root, split=args.set)
+    sequences = dataset.sequences[: args.sequences]
 
-    with tempfile.TemporaryDirectory() as cache:
-        run = lambda: evaluate_davis(root, args.checkpoint, cfg, None, split=args.set, device=args.device,
-                                     feature_cache=Path(cache), progress=False)
-        started = time.perf_counter()
-        cold = run()
-        cold_s = time.perf_counter() - started
-        warm_s = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            warm = run()
-            warm_s.append(time.perf_counter() - started)
-            assert warm["network_calls"] == 0, "a warm run ran the network"
-            assert warm["summary"] == cold["summary"], "cached features changed the result"
-    warm_mean = sum(warm_s) / len(warm_s)
-    print(f"# {args.checkpoint} on {root} ({args.set}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    started = time.perf_counter()
+    extractor = FeatureExtractor(args.checkpoint, base.model, base.eval, "cpu")
+    extractor_s = time.perf_counter() - started
+    cfg = task_config(base, "davis", extractor.stride)
+    superset = superset_config(load_space(Path(args.space))["propagation"], cfg.propagation)
+    k = default_k(superset)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        cold_cache = FeatureCache(Path(scratch) / "features")
+        read = lambda cache: lambda seq: cache.load_or_compute(extractor, dataset.frame_paths(seq),
+                                                               lambda: dataset.read_frames(seq))
+        cold_s, cold = run_trial(dataset, sequences, cfg, read(cold_cache))
+        assert extractor.network_calls > 0, "the cold run found its features cached"
+        cache = FeatureCache(args.cache) if args.cache else cold_cache
+        for seq in sequences:  # a given cache may not hold them yet (untimed)
+            read(cache)(seq)
+        calls = extractor.network_calls
+        warm_s, warm = min(run_trial(dataset, sequences, cfg, read(cache)) for _ in range(args.repeats))
+        assert extractor.network_calls == calls, "a warm run ran the network: the feature cache missed"
+
+        paths, build_s, built, graph_bytes = {}, 0.0, 0, 0
+        for seq in sequences:
+            frame_paths = dataset.frame_paths(seq)
+            paths[seq] = graph_path(cache.path_for(extractor.cache_key, frame_paths), superset, k)
+            features = read(cache)(seq)
+            if seq == sequences[0]:
+                grid = tuple(features.shape[-2:])
+            if not paths[seq].is_file():
+                started = time.perf_counter()
+                save_graph(build_graph(features, superset, k), paths[seq])
+                build_s, built = build_s + time.perf_counter() - started, built + 1
+            graph_bytes += paths[seq].stat().st_size
+        reason = serves(load_graph(paths[seq], features), cfg.propagation)  # one superset: the same for every graph
+        stats = {"targets": 0, "fallbacks": 0}
+        on_graph = lambda seq, features: lambda f, labels, c: propagate_with_graph(load_graph(paths[seq], f), labels, c,
+                                                                                     stats)
+        graph_runs = [run_trial(dataset, sequences, cfg, read(cache), None if reason else on_graph)
+                      for _ in range(args.repeats)]
+        graph_s, graph = min(graph_runs, key=lambda run: run[0])
+        assert extractor.network_calls == calls, "a graph run ran the network: the feature cache missed"
+
+    frames = sum(len(dataset.frame_paths(seq)) for seq in sequences)
+    print(f"# {args.checkpoint} features on {root} ({args.set}, {len(sequences)} sequences, {frames} frames), "
+          f"grid {grid} for {sequences[0]}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"overrides: {' '.join(args.overrides) or 'none'}")
-    print("| run | seconds | network forward passes |")
-    print("|---|---|---|")
-    print(f"| cold: extract + cache + propagate | {cold_s:.1f} | {cold['network_calls']} |")
-    print(f"| warm: cached features + propagate (one sweep trial) | {warm_mean:.1f} | 0 |")
-    print(f"| extraction alone (cold - warm) | {cold_s - warm_mean:.1f} | |")
-    print(f"\ncached trial is {cold_s / warm_mean:.1f}x cheaper than re-extracting; J&F {cold['summary']['J&F-Mean']:.4f} both ways")
+    print(f"# graphs: superset of {Path(args.space).name} (context {superset.context}, radius {superset.radius} "
+          f"{superset.window}), K = {k}, {graph_bytes / 2**20:.1f} MiB on disk; "
+          + (f"built {built} in {build_s:.1f} s ({build_s / max(1, built):.1f} s per sequence)" if built else
+             "all found on disk (built by an earlier run)"))
+    print("| trial | seconds | vs cold | J&F |")
+    print("|---|---|---|---|")
+    for name, seconds, summary in [("cold: extract + propagate + score", cold_s, cold),
+                                   ("warm features: cached features, windowed propagation", warm_s, warm),
+                                   ("warm graph: cached features and graph, gather", graph_s, graph)]:
+        print(f"| {name} | {seconds:.2f} | {cold_s / seconds:.1f}x | {summary['J&F-Mean']:.6f} |")
+    if reason:
+        print(f"\nthe graph cannot serve this trial ({reason}): the warm graph row ran stt.propagation")
+    else:
+        print(f"\nfallbacks: {stats['fallbacks'] / max(1, stats['targets']):.2%} of {stats['targets'] // args.repeats} "
+              f"target locations per trial computed the usual way; J&F graph - windowed: "
+              f"{graph['J&F-Mean'] - warm['J&F-Mean']:+.2e}, cold - warm: {cold['J&F-Mean'] - warm['J&F-Mean']:+.2e}")
+    print(f"per-trial work outside propagation not in these rows: building the feature extractor {extractor_s:.2f} s")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from stt.config import PropagationConfig
+
 # Private helpers of the windowed implementation, imported on purpose: the graph is built with the very
 # kernels a trial of stt.propagation runs, so its affinities and its top-K are those of the existing path.
 from stt.propagation import (

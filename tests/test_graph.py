@@ -144,9 +144,9 @@ def test_fallback_rows_equal_dense_prediction(channels, monkeypatch):
     generator = torch.Generator().manual_seed(6)
     carried = torch.softmax(3 * torch.randn(9, 143, 4, generator=generator, dtype=torch.float64), dim=2)  # T x N x L
     scattered = torch.randperm(11 * 13, generator=generator)[:40].sort().values
-    settings = [dict(radius=0.0), dict(radius=1.0), dict(radius=2.5, window="circle"),
-                dict(radius=4.0, window_first_frame=False), dict(radius=3.0, repeat_first_frame=True, topk=7),
-                dict(radius=20.0, topk=1, temperature=0.2)]
+    settings = [{"radius": 0.0}, {"radius": 1.0}, {"radius": 2.5, "window": "circle"},
+                {"radius": 4.0, "window_first_frame": False}, {"radius": 3.0, "repeat_first_frame": True, "topk": 7},
+                {"radius": 20.0, "topk": 1, "temperature": 0.2}]
     for budget in (2 * 11 * 13 * 9, stt.graph.CHUNK_LOGITS):
         monkeypatch.setattr(stt.graph, "CHUNK_LOGITS", budget)
         for changes, t in itertools.product(settings, [1, 3, 8]):
