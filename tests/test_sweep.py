@@ -1,4 +1,4 @@
-"""stt.sweep (tune/sweep.py): search space, the PRUNED bookkeeping, and a tiny end-to-end sweep with ASHA and --resume."""
+"""stt.sweep (tune/sweep.py): search space, the PRUNED bookkeeping, tiny end-to-end sweeps with ASHA and --resume."""
 import json
 import re
 import sys
@@ -17,7 +17,10 @@ from stt.cli import InterruptedRun, UsageError, run
 from stt.config import load_config
 from stt.data.synthetic import generate
 from stt.sweep import PLANS, SPACE_FILE, load_space, main
+from stt.checkpoint import load as load_checkpoint
+from stt.objectives import stage_spec
 from stt.sweep.phases import fit_in_driver
+from stt.sweep.space import training_groups, tuned_stage
 from stt.sweep.trials import PrunedAwareOptunaSearch
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
@@ -25,37 +28,106 @@ ENTRY_POINT = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
 
 def test_default_space_covers_losses_and_propagation():
     space = load_space(SPACE_FILE)
-    assert {"temporal.alpha", "temporal.beta", "temporal.entropy_threshold", "temporal.entropy"} <= set(space["training"])
+    assert {"temporal.alpha", "temporal.beta", "temporal.entropy_threshold",
+            "temporal.entropy"} <= set(space["training"])
     assert {"propagation.topk", "propagation.temperature", "propagation.context", "propagation.radius",
             "propagation.aggregation"} <= set(space["propagation"])
+
+
+TEMPORAL = {"temporal.alpha", "temporal.entropy_threshold", "temporal.entropy", "temporal.entropy_window"}
+VFS = {"vfs.lr", "vfs.weight_decay", "vfs.color_aug"}
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    ([], TEMPORAL | {"temporal.beta"}),  # the default recipe distils the spatial stage's correlations
+    (["train.recipe=spatial-then-temporal-no-gc"], TEMPORAL),  # no teacher: beta would change nothing
+    (["temporal.beta=0"], TEMPORAL),  # beta 0 turns the teacher off in the default recipe too
+    (["train.recipe=temporal"], TEMPORAL),
+    (["train.recipe=spatial-then-temporal-lwf"], TEMPORAL | {"train.lwf_weight", "train.lwf_temperature"}),
+    (["train.recipe=spatial-then-temporal-ewc"], TEMPORAL | {"train.ewc_weight"}),
+    (["train.recipe=vfs"], VFS),
+    (["train.recipe=vfs", "vfs.negatives=true"], VFS | {"spatial.temperature"}),
+    (["train.recipe=vfs", "vfs.sampling=continuous"], VFS | {"vfs.interval"}),
+])
+def test_training_trials_sample_the_groups_of_the_recipes_last_stage(overrides, keys):
+    """Which entries of the default space a training trial samples, per recipe (no Ray: load_space only)."""
+    base = load_config(None, overrides)
+    space = load_space(SPACE_FILE, base)
+    assert set(space["training"]) == keys
+    assert training_groups(stage_spec(base, tuned_stage(base)))[0] == ("vfs" if "vfs" in str(overrides) else "temporal")
+
+
+@pytest.mark.parametrize("recipe, last", [("spatial", "spatial"), ("temporal-then-spatial", "spatial"),
+                                          ("temporal-then-spatial-ewc", "spatial"),
+                                          ("spatiotemporal", "spatiotemporal")])
+def test_a_recipe_whose_last_stage_cannot_be_tuned_is_refused_in_one_line(recipe, last, tmp_path, capsys,
+                                                                           monkeypatch):
+    def too_late(*args, **kwargs):
+        raise AssertionError("the recipe was checked after the sweep started its work")
+
+    monkeypatch.setattr(stt.sweep.cli, "start_ray", too_late)
+    monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", too_late)
+    assert run(main, "sweep", ["--quick", "--storage", str(tmp_path), f"train.recipe={recipe}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sweep: error: train.recipe={recipe}: the sweep tunes a recipe's last stage, one of temporal, vfs "
+                   f"(its trials report that stage's J&F); this recipe ends with the {last} stage")
+
+
+IN_TEMPORAL = "training:\n  temporal:\n    "  # a space file's text up to an entry of the temporal group
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("training:\n  temporal.alpah: {uniform: [1, 2]}\n", r"training.temporal.alpah: uniform \[1, 2\]: unknown config key 'temporal.alpah'"),
-        ("training:\n  temporal.alpha: {normal: [1, 2]}\n", r"training.temporal.alpha: expected one of \['choice', 'loguniform'"),
-        ("propagation:\n  propagation.topk: {choice: [2.5, 3]}\n", r"propagation.propagation.topk: choice \[2.5, 3\]: expected an integer, got 2.5"),
+        (IN_TEMPORAL + "temporal.alpah: {uniform: [1, 2]}\n",
+         r"training.temporal: temporal.alpah: uniform \[1, 2\]: unknown config key 'temporal.alpah'"),
+        (IN_TEMPORAL + "temporal.alpha: {normal: [1, 2]}\n",
+         r"training.temporal: temporal.alpha: expected one of \['choice', 'loguniform'"),
+        ("propagation:\n  propagation.topk: {choice: [2.5, 3]}\n",
+         r"propagation: propagation.topk: choice \[2.5, 3\]: expected an integer, got 2.5"),
         ("sampling:\n  temporal.alpha: {uniform: [1, 2]}\n", "expected sections"),
-        ("training:\n  temporal.alpha: {uniform: [10, 1]}\n", r"training.temporal.alpha: uniform \[10, 1\]: expected low < high"),
-        ("training:\n  temporal.alpha: {loguniform: [0, 10]}\n", r"training.temporal.alpha: loguniform \[0, 10\]: expected 0 < low < high"),
-        ("propagation:\n  propagation.topk: {randint: [5, 5]}\n", r"propagation.propagation.topk: randint \[5, 5\]: expected low < high .*empty range"),
-        ("training:\n  temporal.entropy: {choice: []}\n", r"training.temporal.entropy: choice \[\]: expected at least one value"),
-        ("training:\n  temporal.entropy: {choice: [neglog, bogus]}\n",
-         r"training.temporal.entropy: choice \['neglog', 'bogus'\]: expected one of \('neglog', 'shannon'.*\), got 'bogus'"),
-        ("propagation:\n  propagation.topk: {choice: [0, 5]}\n", r"propagation.propagation.topk: choice \[0, 5\]: expected a positive value, got 0"),
-        ("training:\n  temporal.entropy_threshold: {uniform: [0.5, 1.5]}\n", r"uniform \[0.5, 1.5\]: expected a kept fraction in \(0, 1\], got 1.5"),
-        ("propagation:\n  temporal.alpha: {uniform: [1, 2]}\n", "propagation.temporal.alpha: the propagation section samples propagation.. keys only"),
-        ("training:\n  propagation.topk: {choice: [5, 10]}\n", "training.propagation.topk: propagation.. keys belong under 'propagation'"),
-        ("training:\n  temporal.alpha: {uniform: 5}\n", r"training.temporal.alpha: uniform 5: expected a list of arguments"),
-        ("training:\n  temporal.alpha: {uniform: [1, 2, 3]}\n", r"uniform \[1, 2, 3\]: expected \[low, high\], two numbers"),
-        ("propagation:\n  propagation.topk: {uniform: [1, 20]}\n", "propagation.topk is an integer: expected randint or choice"),
-        ("training:\n  temporal: {uniform: [1, 2]}\n", r"training.temporal: uniform \[1, 2\]: expected a mapping"),
-        ("training: [temporal.alpha]\n", "training: expected a mapping of config keys"),
+        (IN_TEMPORAL + "temporal.alpha: {uniform: [10, 1]}\n",
+         r"training.temporal: temporal.alpha: uniform \[10, 1\]: expected low < high"),
+        (IN_TEMPORAL + "temporal.alpha: {loguniform: [0, 10]}\n",
+         r"temporal.alpha: loguniform \[0, 10\]: expected 0 < low < high"),
+        ("propagation:\n  propagation.topk: {randint: [5, 5]}\n",
+         r"propagation: propagation.topk: randint \[5, 5\]: expected low < high .*empty range"),
+        (IN_TEMPORAL + "temporal.entropy: {choice: []}\n",
+         r"temporal.entropy: choice \[\]: expected at least one value"),
+        (IN_TEMPORAL + "temporal.entropy: {choice: [neglog, bogus]}\n",
+         r"temporal.entropy: choice \['neglog', 'bogus'\]: expected one of \('neglog', 'shannon'.*\), got 'bogus'"),
+        ("propagation:\n  propagation.topk: {choice: [0, 5]}\n",
+         r"propagation: propagation.topk: choice \[0, 5\]: expected a positive value, got 0"),
+        (IN_TEMPORAL + "temporal.entropy_threshold: {uniform: [0.5, 1.5]}\n",
+         r"uniform \[0.5, 1.5\]: expected a kept fraction in \(0, 1\], got 1.5"),
+        ("propagation:\n  temporal.alpha: {uniform: [1, 2]}\n",
+         "propagation: temporal.alpha: the propagation section samples propagation.. keys only"),
+        (IN_TEMPORAL + "propagation.topk: {choice: [5, 10]}\n",
+         "training.temporal: propagation.topk: propagation.. keys belong under 'propagation'"),
+        (IN_TEMPORAL + "temporal.alpha: {uniform: 5}\n", r"temporal.alpha: uniform 5: expected a list of arguments"),
+        (IN_TEMPORAL + "temporal.alpha: {uniform: [1, 2, 3]}\n",
+         r"uniform \[1, 2, 3\]: expected \[low, high\], two numbers"),
+        ("propagation:\n  propagation.topk: {uniform: [1, 20]}\n", "propagation.topk is an integer: expected randint "
+         "or choice"),
+        ("training:\n  temporal: {uniform: [1, 2]}\n", r"training.temporal: uniform: expected one of \['choice'"),
+        ("training:\n  temporal: [temporal.alpha]\n", "training.temporal: expected a mapping of config keys"),
+        ("training: [temporal.alpha]\n", "training: expected a mapping of stage groups to entries"),
+        # the format before groups: a key where a group belongs
+        ("training:\n  temporal.alpha: {uniform: [1, 2]}\n", "training.temporal.alpha: expected groups of entries "
+         "named after the stage they tune, one of temporal, temporal.teacher, temporal.lwf, temporal.ewc, vfs, "
+         r"vfs.negatives, vfs.continuous \(see the default space file, space.yaml\)"),
+        ("training:\n  spatial:\n    spatial.lr: {uniform: [0.01, 0.1]}\n", "training.spatial: expected groups"),
+        # a group that does not apply is validated too
+        ("training:\n  vfs:\n    vfs.lr: {uniform: [0, 0.1]}\n", r"training.vfs: vfs.lr: uniform \[0, 0.1\]: "
+         "expected a positive value, got 0"),
+        (IN_TEMPORAL + "temporal.beta: {uniform: [1, 2]}\n  temporal+teacher:\n    temporal.beta: {uniform: [1, 2]}\n",
+         "training.temporal.teacher: temporal.beta: also in another group that applies to "
+         "train.recipe=spatial-then-temporal; sample each key in one group"),
     ],
 )
 def test_bad_space_files_name_the_file_and_entry(tmp_path, text, message):
-    """Every mistake in a search space is one line naming the file, the entry and what was expected, before Ray starts."""
+    """Every mistake in a search space is one line naming the file, the entry and what was expected, before Ray
+    starts."""
     path = tmp_path / "space.yaml"
     path.write_text(text)
     with pytest.raises(UsageError, match=message) as raised:
@@ -66,9 +138,9 @@ def test_bad_space_files_name_the_file_and_entry(tmp_path, text, message):
 def test_space_values_are_checked_against_the_base_config(tmp_path):
     """A value is applied to the sweep's own base config, as a trial applies it."""
     path = tmp_path / "space.yaml"
-    path.write_text("training:\n  temporal.entropy_threshold: {uniform: [0.5, 0.9]}\n")
+    path.write_text("training:\n  temporal:\n    temporal.entropy_threshold: {uniform: [0.5, 0.9]}\n")
     assert load_space(path, load_config())["training"]["temporal.entropy_threshold"].upper == 0.9
-    path.write_text("training:\n  temporal.alpha: {randint: [0, 3]}\n")
+    path.write_text("training:\n  temporal:\n    temporal.alpha: {randint: [0, 3]}\n")
     assert load_space(path)["training"]["temporal.alpha"].lower == 0  # an integer range for a float key is fine
 
 
@@ -97,7 +169,8 @@ def test_asha_stopped_trials_are_pruned_not_complete(tmp_path):
         search.on_trial_complete(trial_id, {"jf": 0.5, "step": last_step, "training_iteration": last_step // 6})
     stopped, finished = optuna.load_study(study_name="s", storage=storage).trials
     assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {6: 0.25}
-    assert finished.state == TrialState.COMPLETE and finished.value == 0.5 and finished.intermediate_values == {6: 0.25, 12: 0.5}
+    assert finished.state == TrialState.COMPLETE and finished.value == 0.5
+    assert finished.intermediate_values == {6: 0.25, 12: 0.5}
 
 
 def test_tuning_on_the_reported_split_is_refused():
@@ -110,13 +183,16 @@ def test_object_store_storage_is_refused_with_the_reason():
         main(["--storage", "s3://bucket/sweeps"])
 
 
+# The tiny sweeps' runs: the smallest inputs every stage accepts.
+TINY = ("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
+        "vfs.image_size=32", "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true")
+
+
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
-    small = replace(PLANS["quick"], training_trials=3, propagation_trials=3, spatial_steps=2, temporal_steps=4,
-                    eval_every=2, reduction_factor=2,
-                    overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
-                               "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
+    small = replace(PLANS["quick"], training_trials=3, propagation_trials=3, earlier_steps=2, trial_steps=4,
+                    eval_every=2, reduction_factor=2, overrides=TINY)
     monkeypatch.setitem(PLANS, "quick", small)
     argv = ["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root", str(data["ytvos"]),
             "--davis-root", str(data["davis"])]
@@ -136,8 +212,9 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     assert yardsticks.between(0, 1).all() and (experiment / "untuned-temporal-final.pt").is_file()
     assert yardsticks["untuned defaults"] == result["state"]["yardsticks"]["untuned defaults"]["J&F"]
     summary_text = (experiment / "summary.md").read_text()
-    assert "| untuned defaults |" in summary_text and "the untuned defaults trained with the same budget by" in summary_text
-    assert (experiment / "trials.csv").is_file() and (experiment / "summary.md").read_text().count("reported split") == 1
+    assert "| untuned defaults |" in summary_text
+    assert "the untuned defaults trained with the same budget by" in summary_text
+    assert (experiment / "trials.csv").is_file() and summary_text.count("reported split") == 1
     assert any((experiment / "plots").glob("*-history.png"))
     best = load_config(experiment / "best.yaml")  # what `stt.train --config` and `stt.evaluate --config` accept
     chosen = result["state"]["best_propagation"]["params"]
@@ -155,13 +232,41 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     assert resumed["state"]["best_propagation"]["params"] == chosen
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, stage, earlier, sampled", [
+    ("vfs", "vfs", (), VFS),
+    ("spatial-then-temporal-lwf", "temporal", ("spatial",), TEMPORAL | {"train.lwf_weight", "train.lwf_temperature"}),
+])
+def test_tiny_sweep_of_another_recipe(ray_local, tmp_path, monkeypatch, recipe, stage, earlier, sampled):
+    """The sweep follows train.recipe: phase 1 trains its stages before the last (none for vfs), the training
+    trials and the untuned yardstick train its last stage with that stage's space groups, best.yaml keeps it."""
+    data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
+    small = replace(PLANS["quick"], training_trials=2, propagation_trials=1, earlier_steps=2, trial_steps=2,
+                    eval_every=2, reduction_factor=2, overrides=TINY)
+    monkeypatch.setitem(PLANS, "quick", small)
+    result = main(["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root",
+                   str(data["ytvos"]), "--davis-root", str(data["davis"]), f"train.recipe={recipe}"])
+
+    experiment, table, state = result["experiment"], result["table"], result["state"]
+    training = table[table["kind"] == "training"]
+    assert len(training) == 2 and set(training["state"]) <= {"COMPLETE", "PRUNED"}
+    # the groups of the last stage only: no temporal.beta (LwF's recipe has no teacher), no temporal.* for VFS
+    assert {column for column in training.columns if "." in column and training[column].notna().any()} == sampled
+    assert load_checkpoint(state["best_training"]["checkpoint"])["stage"] == stage
+    assert [p.name for p in experiment.iterdir() if p.name in ("spatial", "temporal", "vfs")] == list(earlier)
+    assert state["init_checkpoint"] == (str(experiment / f"{earlier[-1]}-final.pt") if earlier else "")
+    assert load_checkpoint(experiment / f"untuned-{stage}-final.pt")["stage"] == stage
+    assert load_config(experiment / "best.yaml").train.recipe == recipe
+    assert set(state["yardsticks"]) >= {"untuned defaults", "random init"}
+
+
 # A tiny sweep run through the real entry point, tune/sweep.py, in its own process (its own Ray), so that it can
 # be sent Ctrl-C; the quick plan shrunk first (the entry point reads the package's PLANS).
 DRIVER = """
 import runpy, sys
 from dataclasses import replace
 from stt.sweep import PLANS
-PLANS["quick"] = replace(PLANS["quick"], spatial_steps=2, temporal_steps=4, eval_every=2, reduction_factor=2,
+PLANS["quick"] = replace(PLANS["quick"], earlier_steps=2, trial_steps=4, eval_every=2, reduction_factor=2,
     overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
                "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
 from stt.train import start_ray
@@ -202,7 +307,8 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
             "--data-root", str(data["ytvos"]), "--davis-root", str(data["davis"])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out, err = (tmp_path / "first.out").open("w"), tmp_path / "first.err"  # files: a full pipe would stall the driver
-    driver = subprocess.Popen(argv, cwd=ENTRY_POINT.parents[1], env=env, stdout=out, stderr=err.open("w"), start_new_session=True)
+    driver = subprocess.Popen(argv, cwd=ENTRY_POINT.parents[1], env=env, stdout=out, stderr=err.open("w"),
+                              start_new_session=True)
     try:
         deadline = time.monotonic() + 900
         while not finished_training_trials(experiment):
@@ -219,12 +325,13 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
     assert re.search(r"^sweep: error: phase 2/4 interrupted after 1 of 2 training trials; "
                      r"run the same command with --resume to continue$", stderr, re.MULTILINE), stderr[-3000:]
     assert not (experiment / "best.yaml").exists() and not (experiment / "summary.md").exists()
-    assert set(json.loads((experiment / "state.json").read_text())) == {"spatial_checkpoint"}  # nothing final recorded
+    assert set(json.loads((experiment / "state.json").read_text())) == {"init_checkpoint"}  # nothing final recorded
     before = tune_trials(experiment / "training")
     finished = {trial_id: result for trial_id, (status, result) in before.items() if status == "TERMINATED"}
     assert len(finished) == 1 and len(before) == 2, before.keys()
     (finished_id,) = finished
-    checkpoints = {p: p.stat().st_mtime_ns for p in (experiment / "training-runs" / finished_id).rglob("*") if p.is_file()}
+    trial_files = (experiment / "training-runs" / finished_id).rglob("*")
+    checkpoints = {p: p.stat().st_mtime_ns for p in trial_files if p.is_file()}
     study_before = [(t.number, t.state, t.params) for t in finished_training_trials(experiment)]
 
     resumed = subprocess.run([*argv, "--resume"], cwd=ENTRY_POINT.parents[1], env=env, capture_output=True, text=True,
@@ -264,10 +371,12 @@ def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
     import threading
 
     assert fit_in_driver(FakeTrainer(0.0, 4), "phase 1/4 (the spatial stage)", 4).metrics["step"] == 4
-    with pytest.raises(InterruptedRun, match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; run the same command with --resume"):
+    with pytest.raises(InterruptedRun, match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; "
+                                             "run the same command with --resume"):
         fit_in_driver(FakeTrainer(0.0, 2), "phase 1/4 (the spatial stage)", 4)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(InterruptedRun, match=r"^the yardsticks interrupted; run the same command with --resume to continue$"):
+    with pytest.raises(InterruptedRun,
+                       match=r"^the yardsticks interrupted; run the same command with --resume to continue$"):
         fit_in_driver(FakeTrainer(30.0, 4), "the yardsticks", 4)
     timer.join()

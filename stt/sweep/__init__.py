@@ -1,5 +1,5 @@
-"""python tune/sweep.py (or python -m stt.sweep): Ray Tune + Optuna over STT's loss weights, entropy selection and label
-propagation.
+"""python tune/sweep.py (or python -m stt.sweep): Ray Tune + Optuna over a training recipe's settings (STT's loss
+weights and entropy selection by default) and label propagation.
 
     python tune/sweep.py --quick                          # minutes on a laptop, embedded synthetic data
     python tune/sweep.py --plan laptop --data-root ../shared/data/ytvos-real/train_all_frames \
@@ -7,16 +7,21 @@ propagation.
     python tune/sweep.py                                  # a longer local sweep on the same data
     python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage /mnt/shared/sweeps --name r18
     python tune/sweep.py --resume --name NAME             # continue an interrupted sweep
+    python tune/sweep.py --quick train.recipe=vfs         # another recipe: VFS (paper 003), LwF, EWC, ...
 
 Ctrl-C stops the sweep with exit status 130 and one line naming the phase and how many of its trials
 finished; nothing is chosen or reported from a phase that did not finish. `--resume` then runs the
 phase's unfinished trials (the finished ones are kept, not rerun) and the phases after it.
 
-How the two kinds of trial combine: nested, in four phases, each resumable.
- 1. Spatial stage, once: MoCo on still images. Its encoder initialises every training trial and
-    is the frozen teacher of global correlation distillation.
- 2. Training trials: the temporal stage, one Ray Train `TorchTrainer` inside each Tune trial,
-    with sampled loss weights and entropy settings. Every `eval_every` steps the trial reports
+How the two kinds of trial combine: nested, in four phases, each resumable. The sweep follows
+`train.recipe` (stt.objectives; default spatial-then-temporal) and tunes its LAST stage, temporal or vfs.
+ 1. The recipe's earlier stages, once (the default: the spatial stage, MoCo on still images). The last
+    one's encoder initialises every training trial (and is the frozen teacher of global correlation
+    distillation, LwF's old network, or EWC's anchor). A one-stage recipe (vfs, temporal) has none:
+    its trials start from --init, or from scratch. --init also stands in for the earlier stages.
+ 2. Training trials: the last stage, one Ray Train `TorchTrainer` inside each Tune trial, with the
+    settings of the space file's groups for that stage sampled (the default recipe: loss weights and
+    entropy settings; space.yaml says which group applies when). Every `eval_every` steps the trial reports
     J&F on the tuning split, scored with the default propagation settings so trials compare on
     features alone; ASHA stops weak trials early; OptunaSearch (TPE, seeded) proposes the next.
  3. Propagation trials: on the best training trial's final checkpoint, features of the tuning
@@ -26,8 +31,9 @@ How the two kinds of trial combine: nested, in four phases, each resumable.
     split. Tuning and reported numbers are both printed, labelled; only the reported one is the
     result (paper 004, Sec. 4.1 and 8: never report the split you tuned on).
 Then the yardsticks the result is read against, once each on the reported split at the same resolution
-with the default propagation: the untuned default configuration trained with one training trial's
-budget, the tuned training with default propagation, random init, Lab pixels, the copied first mask.
+with the default propagation: the untuned default configuration (the same recipe) trained with one
+training trial's budget, the tuned training with default propagation, random init, Lab pixels, the
+copied first mask.
 summary.md and the trials table (kind "yardstick") show them beside the result.
 
 ASHA-stopped trials are told to Optuna as PRUNED with their intermediate J&F, not COMPLETE, so

@@ -42,7 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DAVIS-2017 root for tuning and reporting (default: embedded synthetic)")
     parser.add_argument("--tune-set", default="train", help="DAVIS split tuned on (default: train)")
     parser.add_argument("--report-set", default="val", help="DAVIS split reported, evaluated once (default: val)")
-    parser.add_argument("--init", default="", help="a spatial-stage checkpoint to use instead of training one")
+    parser.add_argument("--init", default="", help="a checkpoint to start the training trials from instead of training "
+                        "the recipe's earlier stages (e.g. a spatial-stage one); with a one-stage recipe (vfs, "
+                        "temporal), the trials' initial weights")
     parser.add_argument("--workers", type=int, help="Ray Train workers per training trial (default: 1)")
     parser.add_argument("--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs")
     parser.add_argument("--config", help="YAML with base config sections; the space's keys are sampled on top")
@@ -78,17 +80,17 @@ def main(argv: list[str] | None = None) -> dict:
     # Watching live: the studies' trials, intermediate J&F and pruning, while the sweep runs.
     print(f"sweep: watch the studies live (pip install -e '.[dashboard]'): "
           f"optuna-dashboard sqlite:///{(sweep.experiment / 'optuna.db').resolve()}")
-    phase = "phase 1/4 (the spatial stage)"
+    phase = sweep.first_phase
     try:  # Ctrl-C inside a phase's fit() is told by its checks; anywhere else, it lands here
-        spatial_checkpoint = sweep.spatial()
+        init_checkpoint = sweep.earlier_stages()
         phase = "phase 2/4 (training trials)"
-        best_training = sweep.training(spatial_checkpoint)
+        best_training = sweep.training(init_checkpoint)
         phase = "phase 3/4 (propagation trials)"
         best_propagation = sweep.propagation(best_training)
         phase = "phase 4/4 (the report)"
         sweep.report(best_training, best_propagation)
         phase = "the yardsticks"
-        sweep.yardsticks(spatial_checkpoint, best_training)
+        sweep.yardsticks(init_checkpoint, best_training)
     except KeyboardInterrupt:
         raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
 

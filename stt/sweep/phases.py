@@ -1,4 +1,5 @@
-"""The phases of one sweep over one experiment folder (`Sweep`), and how a phase knows it finished:
+"""The phases of one sweep over one experiment folder (`Sweep`): the recipe's earlier stages, the training
+trials of its last stage, the propagation trials, the report and the yardsticks; and how a phase knows it finished:
 `check_finished` for Tune's trials, `fit_in_driver` for a stage the driver trains itself. Ctrl-C in
 either is an InterruptedRun naming the phase; `state.json` records what finished, so `--resume` skips it."""
 from __future__ import annotations
@@ -23,11 +24,11 @@ from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis, resolve_device
 from stt.features import FeatureCache, FeatureExtractor
 from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
-from stt.objectives import stage_spec
+from stt.objectives import recipe_of, stage_spec
 from stt.observe import TrialProgress
 from stt.propagation import for_task
 from stt.sweep.plans import SweepPlan
-from stt.sweep.space import in_domain, with_params
+from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
 from stt.sweep.trials import (METRIC, PrunedAwareOptunaSearch, cluster_concurrency, fail_stale_trials, optuna_storage,
                               propagation_trial, training_trial)
 from stt.train import build_stage_trainer, export_final
@@ -41,10 +42,15 @@ class Sweep:
     def __init__(self, args: argparse.Namespace, plan: SweepPlan, base: Config, space: dict):
         self.args, self.plan, self.space = args, plan, space
         self.base = base
+        # The training trials tune the recipe's last stage; phase 1 trains the ones before it.
+        self.stage = tuned_stage(base)
+        self.earlier = recipe_of(base).stages[:-1]
         self.experiment = Path(args.storage).absolute() / args.name
         self.experiment.mkdir(parents=True, exist_ok=True)
         self.state_file = self.experiment / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        if "spatial_checkpoint" in self.state:  # its name in sweeps stored before any recipe could be swept
+            self.state["init_checkpoint"] = self.state.pop("spatial_checkpoint")
         self.use_gpu = not args.cpu and ray.cluster_resources().get("GPU", 0) >= 1
         # A worker that decodes its own data (data.decode_in_worker) needs a whole core; else half of one beside
         # Ray Data's.
@@ -86,39 +92,56 @@ class Sweep:
         export_final(fit_in_driver(trainer, phase, cfg.train.max_steps).checkpoint, str(destination))
         return str(destination)
 
-    def spatial(self) -> str:
-        if "spatial_checkpoint" in self.state:
-            return self.state["spatial_checkpoint"]
-        if self.args.init:
-            checkpoint = self.args.init
+    @property
+    def first_phase(self) -> str:
+        """Phase 1 as its messages name it."""
+        if not self.earlier:
+            return "phase 1/4 (no earlier stage)"
+        return f"phase 1/4 (the {' and '.join(self.earlier)} stage{'s' if len(self.earlier) > 1 else ''})"
+
+    def earlier_stages(self) -> str:
+        """Phase 1: the recipe's stages before the one the trials tune, each from the one before; returns the
+        checkpoint the training trials start from (and distil, or are regularised toward): the last of them,
+        or `--init` instead of training them ("" for a one-stage recipe without --init)."""
+        if "init_checkpoint" in self.state:
+            return self.state["init_checkpoint"]
+        checkpoint, recipe = self.args.init, self.base.train.recipe
+        if not self.earlier:
+            print(f"sweep: phase 1/4 skipped: train.recipe={recipe} has one stage, {self.stage}, which the training "
+                  f"trials tune{f' from --init {checkpoint}' if checkpoint else ''}")
+        elif checkpoint:
+            print(f"sweep: phase 1/4 skipped: --init {checkpoint} stands for the {' and '.join(self.earlier)} stage")
         else:
-            cfg = replace_train(self.base, max_steps=self.plan.spatial_steps, eval_every=0)
-            print(f"sweep: phase 1/4, spatial stage ({self.plan.spatial_steps} steps)")
-            checkpoint = self.train_in_driver(cfg, "spatial", str(self.experiment / "spatial"), "",
-                                              "phase 1/4 (the spatial stage)", self.experiment / "spatial-final.pt")
-        self.save_state(spatial_checkpoint=checkpoint)
+            cfg = replace_train(self.base, max_steps=self.plan.earlier_steps, eval_every=0)
+            for stage in self.earlier:
+                print(f"sweep: phase 1/4, {stage} stage ({self.plan.earlier_steps} steps)")
+                checkpoint = self.train_in_driver(cfg, stage, str(self.experiment / stage), checkpoint,
+                                                  self.first_phase, self.experiment / f"{stage}-final.pt")
+        self.save_state(init_checkpoint=checkpoint)
         return checkpoint
 
-    def training(self, spatial_checkpoint: str) -> dict:
+    def training(self, init_checkpoint: str) -> dict:
         if "best_training" in self.state:
             return self.state["best_training"]
         plan, data = self.plan, self.base.data
-        print(f"sweep: phase 2/4, {plan.training_trials} training trials of {plan.temporal_steps} steps, "
+        groups = ", ".join(training_groups(stage_spec(self.base, self.stage)))
+        print(f"sweep: phase 2/4, {plan.training_trials} training trials of the {self.stage} stage "
+              f"(train.recipe={self.base.train.recipe}, space groups {groups}), {plan.trial_steps} steps each, "
               f"J&F on DAVIS '{self.args.tune_set}' every {plan.eval_every}")
-        base = to_dict(replace_train(self.base, max_steps=plan.temporal_steps, eval_every=plan.eval_every,
+        base = to_dict(replace_train(self.base, max_steps=plan.trial_steps, eval_every=plan.eval_every,
                                      checkpoint_every=plan.eval_every, eval_davis_root=self.args.davis_root,
                                      eval_davis_set=self.args.tune_set))
         trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
         trainable = tune.with_resources(
-            tune.with_parameters(training_trial, base=base, spatial_checkpoint=spatial_checkpoint,
+            tune.with_parameters(training_trial, base=base, stage=self.stage, init=init_checkpoint,
                                  runs=str(self.experiment / "training-runs"), workers=plan.workers_per_trial,
                                  cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu),
             # the trial only drives its TorchTrainer, whose workers hold the real resources (Tune refuses 0)
             {"CPU": 0.01},
         )
         search = PrunedAwareOptunaSearch(seed=plan.seed, study_name="training", storage=optuna_storage(self.experiment),
-                                         full_steps=plan.temporal_steps)
-        asha = ASHAScheduler(time_attr="step", max_t=plan.temporal_steps, grace_period=plan.eval_every,
+                                         full_steps=plan.trial_steps)
+        asha = ASHAScheduler(time_attr="step", max_t=plan.trial_steps, grace_period=plan.eval_every,
                              reduction_factor=plan.reduction_factor)
         concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
         results = self.tuner("training", trainable, self.space["training"], search, asha, concurrency,
@@ -127,9 +150,9 @@ class Sweep:
         # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
         # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
         best = best_result(results)
-        run = self.experiment / "training-runs" / best.metrics["trial_id"] / "temporal"
+        run = self.experiment / "training-runs" / best.metrics["trial_id"] / self.stage
         chosen = {"params": {k: best.config[k] for k in self.space["training"]}, "tuning_jf": best.metrics[METRIC],
-                  "checkpoint": str(latest_checkpoint(run, "temporal"))}
+                  "checkpoint": str(latest_checkpoint(run, self.stage))}
         self.save_state(best_training=chosen)
         return chosen
 
@@ -202,7 +225,7 @@ class Sweep:
         self.save_state(final=entry)
         return entry
 
-    def yardsticks(self, spatial_checkpoint: str, best_training: dict) -> dict:
+    def yardsticks(self, init_checkpoint: str, best_training: dict) -> dict:
         """What the reported J&F is read against, each evaluated once on the reported split at the result's
         resolution with the default propagation: the tuned training with default propagation (what the
         propagation search added), the untuned default configuration trained with one training trial's
@@ -210,13 +233,13 @@ class Sweep:
         if "yardsticks" in self.state:
             return self.state["yardsticks"]
         args, plan, stride = self.args, self.plan, self.base.model.stride
-        print(f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.temporal_steps} "
+        print(f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.trial_steps} "
               "steps, random init, Lab pixels, the copied first mask)")
-        untuned = self.experiment / "untuned-temporal-final.pt"
+        untuned = self.experiment / f"untuned-{self.stage}-final.pt"
         if not untuned.exists():  # trained once; a rerun of the sweep only re-reads it
-            cfg = replace_train(self.base, max_steps=plan.temporal_steps, eval_every=0,
-                                checkpoint_every=plan.temporal_steps)
-            self.train_in_driver(cfg, "temporal", str(self.experiment / "untuned-run"), spatial_checkpoint,
+            cfg = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0,
+                                checkpoint_every=plan.trial_steps)
+            self.train_in_driver(cfg, self.stage, str(self.experiment / "untuned-run"), init_checkpoint,
                                  "the yardsticks (training the untuned defaults)", untuned)
         sources = {"tuned training, default propagation": best_training["checkpoint"],
                    "untuned defaults": str(untuned), "random init": f"random:{plan.seed}",

@@ -1,9 +1,11 @@
-"""The search space: the YAML file (default: space.yaml beside this module) read into Ray Tune domains,
-every entry validated against the sweep's base config before Ray starts."""
+"""The search space: the YAML file (default: space.yaml beside this module) read into Ray Tune domains for
+the stage the sweep tunes (the last of `train.recipe`), every entry validated against the sweep's base config
+before Ray starts."""
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -11,18 +13,44 @@ from ray import tune
 
 from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, to_dict, validate
+from stt.objectives import StageSpec, recipe_of, stage_spec
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": tune.choice, "randint": tune.randint}
 EXAMPLES = {"loguniform": "[0.01, 1]", "uniform": "[0.1, 1]", "choice": "[a, b]", "randint": "[1, 10]"}
 
+# The stages a sweep can tune (the last of `train.recipe`: its trials report that stage's J&F), and for each the
+# features that add a group of training entries, `STAGE+FEATURE`, when the stage's spec has them.
+FEATURES: dict[str, dict[str, Callable[[StageSpec], bool]]] = {
+    "temporal": {"teacher": lambda spec: spec.teacher, "lwf": lambda spec: spec.lwf, "ewc": lambda spec: spec.ewc},
+    "vfs": {"negatives": lambda spec: spec.config.vfs.negatives,
+            "continuous": lambda spec: spec.config.vfs.sampling == "continuous"},
+}
+GROUPS = tuple(group for stage, features in FEATURES.items() for group in (stage, *(f"{stage}+{f}" for f in features)))
+
+
+def tuned_stage(cfg: Config) -> str:
+    """The stage the training trials tune: the last of `cfg.train.recipe`, or a UsageError saying why it cannot be."""
+    stages = recipe_of(cfg).stages
+    if stages[-1] not in FEATURES:
+        raise UsageError(f"train.recipe={cfg.train.recipe}: the sweep tunes a recipe's last stage, one of "
+                         f"{', '.join(FEATURES)} (its trials report that stage's J&F); this recipe ends with the "
+                         f"{stages[-1]} stage")
+    return stages[-1]
+
+
+def training_groups(spec: StageSpec) -> tuple[str, ...]:
+    """The groups of the space's `training` section that apply to the stage `spec`: its own, then one per feature."""
+    return (spec.name, *(f"{spec.name}+{name}" for name, has in FEATURES[spec.name].items() if has(spec)))
+
 
 def load_space(path: Path, base: Config | None = None) -> dict[str, dict[str, object]]:
-    """The YAML search space as Ray Tune domains: {"training": {key: domain}, "propagation": {...}}.
+    """The YAML search space as Ray Tune domains for `base`'s recipe: {"training": {key: domain}, "propagation": {...}}.
 
-    Every entry is checked before Ray starts, against `base` (the sweep's base config; default: the
-    defaults): the distribution and its arguments, and each value it can produce (each choice, both
-    ends of a range) applied to a copy of `base` and validated as a config would be (stt.config.validate).
+    "training" holds the entries of the groups that apply to the recipe's last stage (`training_groups`).
+    Every entry of every group is checked before Ray starts, against `base` (the sweep's base config; default:
+    the defaults): the distribution and its arguments, and each value it can produce (each choice, both ends
+    of a range) applied to a copy of `base` and validated as a config would be (stt.config.validate).
     A UsageError names the file, the entry and what was expected.
     """
     path = Path(path)
@@ -33,22 +61,41 @@ def load_space(path: Path, base: Config | None = None) -> dict[str, dict[str, ob
     if not isinstance(spec, dict) or set(spec) - {"training", "propagation"}:
         raise UsageError(f"{path}: expected sections 'training' and/or 'propagation', got {list(spec or {})}")
     base = with_params(base or Config(), {})
-    space: dict[str, dict[str, object]] = {"training": {}, "propagation": {}}
-    for section, entries in spec.items():
-        if not isinstance(entries or {}, dict):
-            raise UsageError(f"{path}: {section}: expected a mapping of config keys to distributions, got {entries!r}")
-        for key, distribution in (entries or {}).items():
-            space[section][key] = space_entry(path, section, str(key), distribution, base)
-    return space
+    stage_groups = mapping(path, "training", spec.get("training"), "stage groups to entries")
+    groups = {f"training.{group}": entries for group, entries in stage_groups.items()}
+    for group in groups:
+        if group.removeprefix("training.") not in GROUPS:
+            raise UsageError(f"{path}: {group}: expected groups of entries named after the stage they tune, one of "
+                             f"{', '.join(GROUPS)} (see the default space file, {SPACE_FILE.name})")
+    domains = {group: {str(key): space_entry(path, group, str(key), distribution, base)
+                       for key, distribution in mapping(path, group, entries).items()}
+               for group, entries in {**groups, "propagation": spec.get("propagation")}.items()}
+    applied = [f"training.{group}" for group in training_groups(stage_spec(base, tuned_stage(base)))]
+    training: dict[str, object] = {}
+    for group in applied:
+        for key, domain in domains.get(group, {}).items():
+            if key in training:
+                raise UsageError(f"{path}: {group}: {key}: also in another group that applies to "
+                                 f"train.recipe={base.train.recipe}; sample each key in one group")
+            training[key] = domain
+    return {"training": training, "propagation": domains["propagation"]}
 
 
-def space_entry(path: Path, section: str, key: str, distribution, base: Config):
-    """One search-space entry as a Ray Tune domain, or a UsageError naming `path`, the entry and what was expected."""
-    where = f"{path}: {section}.{key}"
-    if section == "propagation" and not key.startswith("propagation."):
+def mapping(path: Path, where: str, entries, of: str = "config keys to distributions") -> dict:
+    """A section or group of the space file as a mapping (empty if absent), or a UsageError naming it."""
+    if not isinstance(entries or {}, dict):
+        raise UsageError(f"{path}: {where}: expected a mapping of {of}, got {entries!r}")
+    return entries or {}
+
+
+def space_entry(path: Path, group: str, key: str, distribution, base: Config):
+    """One search-space entry of `group` ("propagation", or "training.STAGE[+FEATURE]") as a Ray Tune domain, or a
+    UsageError naming `path`, the entry and what was expected."""
+    where = f"{path}: {group}: {key}"
+    if group == "propagation" and not key.startswith("propagation."):
         raise UsageError(f"{where}: the propagation section samples propagation.* keys only (propagation trials reuse "
                          "one checkpoint's features); move it under 'training'")
-    if section == "training" and key.startswith("propagation."):
+    if group != "propagation" and key.startswith("propagation."):
         raise UsageError(f"{where}: propagation.* keys belong under 'propagation' (searched on the cached features)")
     if not isinstance(distribution, dict) or len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
         raise UsageError(f"{where}: expected one of {sorted(DISTRIBUTIONS)} with its arguments, e.g. "

@@ -92,16 +92,17 @@ class TuningJFCallback(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def training_trial(params: dict, *, base: dict, spatial_checkpoint: str, runs: str, workers: int,
+def training_trial(params: dict, *, base: dict, stage: str, init: str, runs: str, workers: int,
                    cpus_per_worker: float, use_gpu: bool) -> None:
-    """One Tune trial: the temporal stage with `params`, a TorchTrainer inside the trial.
+    """One Tune trial: `stage` (the recipe's last) with `params`, from the checkpoint `init` ("" for none),
+    a TorchTrainer inside the trial.
 
     Its Ray Train run is named after the Tune trial, so a resumed sweep resumes it from its
     checkpoints instead of starting over.
     """
     cfg = with_params(base, params)
     trial_id = tune.get_context().get_trial_id()  # Ray: this Tune trial
-    trainer = build_stage_trainer(stage_spec(cfg, "temporal"), join(runs, trial_id), spatial_checkpoint,
+    trainer = build_stage_trainer(stage_spec(cfg, stage), join(runs, trial_id), init,
                                   use_gpu=use_gpu, workers=workers, cpus_per_worker=cpus_per_worker,
                                   callbacks=[TuningJFCallback()], run_name="sweep", trial=trial_id)
     trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
