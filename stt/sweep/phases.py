@@ -29,8 +29,15 @@ from stt.observe import TrialProgress
 from stt.propagation import for_task
 from stt.sweep.plans import SweepPlan
 from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
-from stt.sweep.trials import (METRIC, PrunedAwareOptunaSearch, cluster_concurrency, fail_stale_trials, optuna_storage,
-                              propagation_trial, training_trial)
+from stt.sweep.trials import (
+    METRIC,
+    PrunedAwareOptunaSearch,
+    cluster_concurrency,
+    fail_stale_trials,
+    optuna_storage,
+    propagation_trial,
+    training_trial,
+)
 from stt.train import build_stage_trainer, export_final
 
 RESUME = "run the same command with --resume to continue"
@@ -202,7 +209,7 @@ class Sweep:
             frame_paths = dataset.frame_paths(seq)
             path = graph_path(features_cache.path_for(extractor.cache_key, frame_paths), superset, graph_k)
             if not path.is_file():
-                features = features_cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+                features = features_cache.load_or_compute(extractor, frame_paths, lambda seq=seq: dataset.read_frames(seq))
                 save_graph(build_graph(features, superset, graph_k), path)
             graphs[seq] = str(path)
         print(f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
@@ -284,7 +291,7 @@ def default_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def fit_in_driver(trainer, phase: str, steps: int) -> "ray.train.Result":
+def fit_in_driver(trainer, phase: str, steps: int) -> ray.train.Result:
     """`trainer.fit()` of a stage the driver trains itself, or InterruptedRun if Ctrl-C stopped it or it ended
     before `steps`.
 
@@ -317,7 +324,7 @@ def fit_in_driver(trainer, phase: str, steps: int) -> "ray.train.Result":
     return result
 
 
-def best_result(results) -> "ray.tune.Result":
+def best_result(results) -> ray.tune.Result:
     """The trial with the highest last-reported J&F. Ties (common on tiny or early models) go to the larger
     trial id, so a resumed sweep, whose restored results Tune may list in another order, chooses the same trial."""
     scored = [result for result in results if result.metrics and METRIC in result.metrics]

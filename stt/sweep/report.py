@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # plots are files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
 
-from stt.sweep.trials import optuna_storage  # noqa: E402
+from stt.sweep.trials import optuna_storage
 
 
 def trials_table(experiment: Path, state: dict) -> pd.DataFrame:
@@ -61,7 +61,7 @@ def write_plots(experiment: Path, table: pd.DataFrame) -> list[Path]:
             written.append(save_figure(out / f"{kind}-importance.png"))
         rows = table[table["kind"] == kind]
         params = [c for c in rows.columns if "." in c and rows[c].notna().any()]
-        figure, axes = plt.subplots(1, max(1, len(params)), figsize=(3.2 * max(1, len(params)), 3), squeeze=False)
+        _, axes = plt.subplots(1, max(1, len(params)), figsize=(3.2 * max(1, len(params)), 3), squeeze=False)
         for axis, param in zip(axes[0], params):
             categorical = rows[param].dtype == object
             for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
@@ -116,8 +116,8 @@ def yardstick_table(args: argparse.Namespace, state: dict) -> str:
     summary = final["summary"]
     lines = [f"\n\n| on DAVIS '{args.report_set}', short side <= {final['max_short_side']} | J&F | J | F |",
              "|---|---|---|---|",
-             f"| **tuned** (training + propagation search) | **{final['reported_jf']:.3f}** | {summary['J-Mean']:.3f} "
-             f"| {summary['F-Mean']:.3f} |"]
+             (f"| **tuned** (training + propagation search) | **{final['reported_jf']:.3f}** "
+              f"| {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} |")]
     lines += [f"| {name} | {row['J&F']:.3f} | {row['J']:.3f} | {row['F']:.3f} |" for name, row in yardsticks.items()]
     margin = final["reported_jf"] - yardsticks["untuned defaults"]["J&F"]
     verdict = "beats" if margin > 0 else "does not beat"

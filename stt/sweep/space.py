@@ -19,8 +19,8 @@ SPACE_FILE = Path(__file__).with_name("space.yaml")
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": tune.choice, "randint": tune.randint}
 EXAMPLES = {"loguniform": "[0.01, 1]", "uniform": "[0.1, 1]", "choice": "[a, b]", "randint": "[1, 10]"}
 
-# The stages a sweep can tune (the last of `train.recipe`: its trials report that stage's J&F), and for each the
-# features that add a group of training entries, `STAGE+FEATURE`, when the stage's spec has them.
+# The stages a sweep can tune (the last of `train.recipe`), and for each the features that add a group of training
+# entries, `STAGE+FEATURE`, when the stage's spec has them. A group's entries should not change the feature itself.
 FEATURES: dict[str, dict[str, Callable[[StageSpec], bool]]] = {
     "temporal": {"teacher": lambda spec: spec.teacher, "lwf": lambda spec: spec.lwf, "ewc": lambda spec: spec.ewc},
     "vfs": {"negatives": lambda spec: spec.config.vfs.negatives,
@@ -33,9 +33,9 @@ def tuned_stage(cfg: Config) -> str:
     """The stage the training trials tune: the last of `cfg.train.recipe`, or a UsageError saying why it cannot be."""
     stages = recipe_of(cfg).stages
     if stages[-1] not in FEATURES:
-        raise UsageError(f"train.recipe={cfg.train.recipe}: the sweep tunes a recipe's last stage, one of "
-                         f"{', '.join(FEATURES)} (its trials report that stage's J&F); this recipe ends with the "
-                         f"{stages[-1]} stage")
+        raise UsageError(f"train.recipe={cfg.train.recipe}: the sweep tunes a recipe's last stage, which must be "
+                         f"one of {', '.join(FEATURES)} (the stages its search space has groups for); this recipe "
+                         f"ends with the {stages[-1]} stage")
     return stages[-1]
 
 
