@@ -9,7 +9,8 @@ from each other: the same fp32 near-ties). Not a test.
 
 Features come from the feature cache (stt.features.FeatureCache, extracted on the first run); the
 graph is built for the superset of stt/sweep/space.yaml's propagation section (as the sweep does), with
-K = stt.graph.default_k unless --k. Times are wall seconds on this machine, `torch.get_num_threads()` threads.
+K = stt.graph.default_k unless --k. Times are wall seconds on this machine, `torch.get_num_threads()` threads:
+"graph s" is propagate_with_graph, "masks s" the upsampling and argmax of its labels at the masks' size.
 """
 from __future__ import annotations
 
@@ -26,13 +27,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from stt.config import Config  # noqa: E402
-from stt.data.layouts import DAVIS  # noqa: E402
-from stt.cache import cache_dir  # noqa: E402
-from stt.features import FeatureCache, FeatureExtractor  # noqa: E402
-from stt.graph import build_graph, default_k, propagate_with_graph, serves, superset_config  # noqa: E402
-from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask  # noqa: E402
-from stt.sweep import SPACE_FILE, load_space  # noqa: E402
+from stt.cache import cache_dir
+from stt.config import Config
+from stt.data.layouts import DAVIS
+from stt.features import FeatureCache, FeatureExtractor
+from stt.graph import (
+    build_graph,
+    default_k,
+    propagate_with_graph,
+    serves,
+    superset_config,
+)
+from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask
+from stt.sweep import SPACE_FILE, load_space
 
 # Settings drawn from stt/sweep/space.yaml's values (window, repeat_first_frame, minmax and hard labels are label-side
 # factors the space may add); the last is per-frame, which the graph refuses: timed on the existing path only.
@@ -79,7 +86,7 @@ def main() -> None:
 
     windowed_seconds, dense_diff = dict.fromkeys(SETTINGS, 0.0), {}
     reasons = {}
-    totals = {(k, name): {"graph": 0.0, "fallbacks": 0, "targets": 0, "pixels": 0, "differing": 0, "diff": 0.0}
+    totals = {(k, name): {"graph": 0.0, "masks": 0.0, "fallbacks": 0, "targets": 0, "pixels": 0, "differing": 0, "diff": 0.0}
               for k in ks for name in SETTINGS}
     build_seconds, graph_bytes, frames_total = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0), 0
     for seq in dataset.sequences[: args.sequences]:
@@ -124,7 +131,9 @@ def main() -> None:
                 row["diff"] = max(row["diff"], (ours - theirs).abs().max().item())
                 if args.dense:
                     row["vs_dense"] = max(row.get("vs_dense", 0.0), (ours - dense).abs().max().item())
+                started = time.perf_counter()
                 ours_masks = soft_labels_to_mask(ours, masks.shape[1:], trial.minmax_normalise)
+                row["masks"] += time.perf_counter() - started  # upsampling and argmax at the masks' size
                 row["differing"] += (ours_masks != theirs_masks).sum().item()
                 row["pixels"] += ours_masks.numel()
 
@@ -132,14 +141,15 @@ def main() -> None:
     for k in ks:
         print(f"\nK={k}: build {build_seconds[k]:.1f} s for {sequences} sequences ({frames_total} frames, "
               f"{1000 * build_seconds[k] / frames_total:.0f} ms/frame), graphs {graph_bytes[k] / 2**20:.1f} MiB in all")
-        print(f"{'setting':<28}{'windowed s':>11}{'graph s':>9}{'speed-up':>9}{'fallback':>10}{'max |diff|':>12}{'mask px differ':>16}"
+        print(f"{'setting':<28}{'windowed s':>11}{'graph s':>9}{'masks s':>9}{'speed-up':>9}{'fallback':>10}{'max |diff|':>12}{'mask px differ':>16}"
               + ("  graph-dense  windowed-dense" if args.dense else ""))
         for name in SETTINGS:
             row = totals[k, name]
             if name in reasons:
-                print(f"{name:<28}{windowed_seconds[name]:>11.2f}{'-':>9}{'-':>9}{'-':>10}{'-':>12}{'-':>16}   refused: {reasons[name]}")
+                print(f"{name:<28}{windowed_seconds[name]:>11.2f}{'-':>9}{'-':>9}{'-':>9}{'-':>10}{'-':>12}{'-':>16}   refused: {reasons[name]}")
                 continue
-            print(f"{name:<28}{windowed_seconds[name]:>11.2f}{row['graph']:>9.2f}{windowed_seconds[name] / row['graph']:>8.0f}x"
+            print(f"{name:<28}{windowed_seconds[name]:>11.2f}{row['graph']:>9.2f}{row['masks']:>9.2f}"
+                  f"{windowed_seconds[name] / row['graph']:>8.0f}x"
                   f"{row['fallbacks'] / row['targets']:>10.2%}{row['diff']:>12.1e}{row['differing']:>9} of {row['pixels'] / 1e6:.0f}M"
               + (f"{row['vs_dense']:>13.1e}{dense_diff[name]:>15.1e}" if args.dense else ""))
 

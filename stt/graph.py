@@ -120,7 +120,8 @@ class Graph:
 def _domain_values(domain) -> list:
     """The values a Ray Tune domain (or a plain constant) can take, as far as its extremes go:
     a choice's categories, randint's [lower, upper - 1] (upper is exclusive), uniform's [lower, upper]."""
-    from ray.tune.search import sample  # here, not at the top: the graph itself needs no Ray
+    # here, not at the top: the graph itself needs no Ray
+    from ray.tune.search import sample
 
     if isinstance(domain, sample.Categorical):
         return list(domain.categories)
