@@ -244,6 +244,17 @@ class MastEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- building, weights
+def feature_stride(cfg: ModelConfig, layer: str) -> int:
+    """The output stride of `layer` under `cfg`'s arch and preset, without building the network (the grid the
+    evaluator propagates on, e.g. the Lab-pixel yardstick's pooling beside a trained model)."""
+    if cfg.arch == MAST_ARCH:
+        if layer not in MastEncoder.levels:
+            raise ValueError(f"eval.layer: {MAST_ARCH} has no {layer} (MAST never downsamples past 1/4)")
+        return MAST_STRIDE
+    layout = LAYOUTS[cfg.stride]
+    return {"res3": layout.res3_stride, "res4": layout.res4_stride, "res5": 32}[layer]
+
+
 def build_encoder(cfg: ModelConfig) -> Encoder | MastEncoder:
     """The encoder of `cfg` (a student stride preset, or MAST's at stride 4), with weights from `cfg.weights`."""
     if cfg.arch == MAST_ARCH:

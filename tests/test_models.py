@@ -341,3 +341,17 @@ def test_resnet50_forward_at_a_small_size():
     }
     features["res5"].mean().backward()
     assert encoder.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch, stride", [("resnet18", 8), ("resnet18", 4), ("resnet18", "8-maxpool"),
+                                          ("resnet50", "8-maxpool-reflect"), ("mast-resnet18", 4)])
+def test_feature_stride_is_the_built_encoders(arch, stride):
+    from stt.models import feature_stride
+
+    cfg = ModelConfig(arch=arch, stride=stride)
+    encoder = build_encoder(cfg)
+    for layer, value in encoder.strides.items():
+        assert feature_stride(cfg, layer) == value
+    if arch == "mast-resnet18":
+        with pytest.raises(ValueError, match="has no res5"):
+            feature_stride(cfg, "res5")

@@ -21,11 +21,12 @@ from ray.tune.search.optuna import OptunaSearch
 from stt.cli import InterruptedRun, UsageError
 from stt.config import Config, to_dict
 from stt.data.layouts import DAVIS
-from stt.evaluate import copy_first_mask, evaluate_davis, resolve_device
-from stt.features import FeatureCache, FeatureExtractor
+from stt.evaluate import copy_first_mask, evaluate_davis
+from stt.features import FeatureCache, FeatureExtractor, resolve_device
 from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
 from stt.objectives import recipe_of, stage_spec
-from stt.observe import TrialProgress
+from stt.models import feature_stride
+from stt.observe import TrialProgress, with_progress
 from stt.propagation import for_task
 from stt.sweep.plans import SweepPlan
 from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
@@ -205,7 +206,8 @@ class Sweep:
         graph_k, features_cache = default_k(superset), FeatureCache(str(cache))
         dataset = DAVIS(Path(self.args.davis_root), split=self.args.tune_set)
         graphs = {}
-        for seq in dataset.sequences:
+        # features extracted where not cached, then each sequence's graph: minutes at native resolution
+        for seq in with_progress(dataset.sequences, "sweep: graphs", "seq", name=str):
             frame_paths = dataset.frame_paths(seq)
             path = graph_path(features_cache.path_for(extractor.cache_key, frame_paths), superset, graph_k)
             if not path.is_file():
@@ -239,7 +241,8 @@ class Sweep:
         budget (what the training search added), random init, Lab pixels and the first mask copied."""
         if "yardsticks" in self.state:
             return self.state["yardsticks"]
-        args, plan, stride = self.args, self.plan, self.base.model.stride
+        args, plan = self.args, self.plan
+        stride = feature_stride(self.base.model, self.base.eval.layer)  # the trained model's grid, e.g. 8 for 8-maxpool
         print(f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.trial_steps} "
               "steps, random init, Lab pixels, the copied first mask)")
         untuned = self.experiment / f"untuned-{self.stage}-final.pt"
