@@ -221,7 +221,7 @@ def validate(config: Config) -> Config:
     """
     from stt.losses import ENTROPY_SCORES, ENTROPY_WINDOWS, PYRAMID_LEVELS, REFERENCE_POOLINGS, THRESHOLD_MODES
     from stt.models import ARCHS, LEVELS, STRIDES
-    from stt.objectives import RECIPES
+    from stt.recipes import RECIPES
     from stt.propagation import AGGREGATIONS, LABEL_SAMPLINGS, PER_FRAME_NORMS, WINDOWS
     from stt.vfs import SAMPLINGS as VFS_SAMPLINGS
 

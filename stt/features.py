@@ -79,7 +79,7 @@ def parse_baseline(source: str) -> tuple[str, int] | None:
 def stored_model_note(source: str, stored: ModelConfig, given: ModelConfig) -> str | None:
     """One line when a checkpoint's stored trunk (model.arch, model.stride) differs from the given config's:
     the stored one wins, because the weights were trained on it. (model.input_space is left out: it is the
-    stage's, decided by stt.objectives.stage_spec, not a choice the config makes for a trained encoder.)"""
+    stage's, decided by stt.recipes.stage_spec, not a choice the config makes for a trained encoder.)"""
     differing = [f"model.{name}={getattr(stored, name)} (the config says {getattr(given, name)})"
                  for name in ("arch", "stride") if getattr(stored, name) != getattr(given, name)]
     if not differing:

@@ -4,7 +4,7 @@ The losses are here too: `temporal_loss` is the temporal stage's loss on one bat
 the colour bottleneck, one student pass over both frames, the frozen teacher on RGB, then
 stt.losses.temporal_losses); `spatiotemporal_loss` is recipe (ii), L_nce + gamma L_t on one shared trunk.
 
-`StageModel` is built from a `StageSpec` (stt.objectives) and reads nothing else: the spatial stage is
+`StageModel` is built from a `StageSpec` (stt.recipes) and reads nothing else: the spatial stage is
 MoCo v2 (SGD), the temporal stage a stride-8/4 student with Adam and, when the spec distils globally,
 the frozen earlier-stage encoder as teacher; the joint stage is MoCo with a student sharing its trunk;
 the vfs stage is VFS (stt.vfs, SGD), or MoCo on frame pairs with `vfs.negatives`.
@@ -28,7 +28,7 @@ from stt.losses import temporal_losses
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.lwf import LwF
 from stt.models import Encoder, build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
-from stt.objectives import StageSpec, stage_levels
+from stt.recipes import StageSpec, stage_levels
 from stt.spatial import MoCo
 from stt.vfs import VFS
 

@@ -7,7 +7,7 @@
 Stage `spatial` trains MoCo v2 on still images (RGB input); stage `temporal` trains the stride-8
 student on frame pairs (normalised Lab input) with the frozen spatial encoder as the teacher and
 the initialisation; stage `spatiotemporal` trains L_nce + gamma L_t jointly on one trunk. `all`
-runs the stages of `train.recipe` (stt.objectives.RECIPES, paper 001 Table 2) in order, each
+runs the stages of `train.recipe` (stt.recipes.RECIPES, paper 001 Table 2) in order, each
 initialised from the one before; spatial-then-temporal by default. In an EWC recipe the earlier
 stage also stores the diagonal Fisher of its objective in its last checkpoint, and the later stage
 adds the EWC penalty toward the earlier stage's weights. Each stage is one Ray Train run stored at
@@ -18,7 +18,7 @@ and a crashed worker group restarts from it (`--max-failures`); either way the d
 from the first unit of videos the checkpointed steps had not wholly consumed.
 
 The worker reads like one loop (`train_loop_per_worker`): restore, build the stage
-(stt.stages.StageModel, from the StageSpec that stt.objectives.stage_spec resolved once on the
+(stt.stages.StageModel, from the StageSpec that stt.recipes.stage_spec resolved once on the
 driver), iterate, report, checkpoint (stt.checkpoint's one-file format); every call into Ray is
 marked `# Ray:`.
 
@@ -63,7 +63,7 @@ from stt import checkpoint, cli
 from stt.config import Config, load_config, to_dict
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
-from stt.objectives import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
+from stt.recipes import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
 from stt.observe import MASKS_PNG, progress_text
 from stt.stages import StageModel
 

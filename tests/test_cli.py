@@ -151,7 +151,7 @@ def test_prepare_refuses_options_out_of_range(tiny, tmp_path, capsys):
 
 def test_a_conflicting_resume_is_refused_naming_the_keys(tmp_path):
     """Issue 18: re-running a finished stage with another lr kept the old model ("already finished")."""
-    from stt.objectives import stage_spec
+    from stt.recipes import stage_spec
 
     stored = stage_spec(Config(), "temporal").config
     torch.save({"model": {}, "config": to_dict(stored), "stage": "temporal", "step": 1000}, tmp_path / "temporal-final.pt")
@@ -196,7 +196,7 @@ def test_evaluate_reads_a_checkpoint_through_a_uri(tmp_path):
     pyarrow path here, and gives the same features (the same cache key) as the local path."""
     from stt.features import FeatureExtractor
     from stt.models import build_encoder
-    from stt.objectives import stage_spec
+    from stt.recipes import stage_spec
 
     spec = stage_spec(Config(), "temporal")
     optimizer = torch.optim.Adam(build_encoder(spec.config.model).parameters())

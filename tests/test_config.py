@@ -62,7 +62,7 @@ def test_laptop_recipe_loads_with_values_in_range():
     assert cfg.data.frame_gap == 4  # 4 raw frames at 24 fps = YouTube-VOS's 5 at 30 fps (0.167 s)
     assert cfg.data.decode_in_worker is True
     assert 4 <= cfg.train.batch_size <= 64 and 1e-5 <= cfg.temporal.lr <= 1e-3
-    from stt.objectives import stage_spec
+    from stt.recipes import stage_spec
 
     # the rates its learning curves were measured with, on its one worker (BENCHMARKS.md)
     assert stage_spec(cfg, "temporal").peak_lr(1) == pytest.approx(5e-4) and stage_spec(cfg, "spatial").peak_lr(1) == pytest.approx(0.03)

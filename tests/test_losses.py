@@ -459,7 +459,7 @@ def test_short_overfit_drives_reconstruction_down():
     assert history[-1] < 0.6 * history[0], history
 
 
-# ---------------------------------------------------------------- stt.objectives: configurations that train
+# ---------------------------------------------------------------- stt.recipes: configurations that train
 
 
 def random_pair_batch(batch: int = 2, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -470,7 +470,7 @@ def random_pair_batch(batch: int = 2, size: int = 32, seed: int = 0) -> dict[str
 
 def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     from stt.models import build_encoder
-    from stt.objectives import stage_spec
+    from stt.recipes import stage_spec
     from stt.stages import temporal_loss
 
     torch.manual_seed(0)
@@ -493,7 +493,7 @@ def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
 @pytest.mark.parametrize("row", ["frame-reconstruction", "pyramid-reconstruction", "local-distillation", "entropy-selection"])
 def test_each_table1_row_trains(row):
     from stt.config import Config
-    from stt.objectives import table1_config
+    from stt.recipes import table1_config
 
     cfg = Config()
     cfg.temporal = table1_config(row)
@@ -505,7 +505,7 @@ def test_each_table1_row_trains(row):
 def test_each_temporal_recipe_trains(recipe):
     from stt.config import Config
     from stt.models import build_encoder, build_teacher
-    from stt.objectives import RECIPES, stage_spec
+    from stt.recipes import RECIPES, stage_spec
 
     cfg = Config()
     cfg.train.recipe = recipe
@@ -522,7 +522,7 @@ def test_each_temporal_recipe_trains(recipe):
 
 def test_spatiotemporal_recipe_shares_one_trunk():
     from stt.config import Config
-    from stt.objectives import stage_spec
+    from stt.recipes import stage_spec
     from stt.stages import shared_trunk_student, spatiotemporal_loss
     from stt.spatial import MoCo
 
@@ -548,7 +548,7 @@ def test_spatiotemporal_recipe_shares_one_trunk():
 
 def test_unknown_recipe_is_named():
     from stt.config import Config
-    from stt.objectives import stage_spec
+    from stt.recipes import stage_spec
 
     cfg = Config()
     cfg.train.recipe = "temporal-only"

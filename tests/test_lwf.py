@@ -11,7 +11,7 @@ import torch
 from stt.config import load_config
 from stt.lwf import LwF, lwf_loss
 from stt.models import build_teacher
-from stt.objectives import stage_spec
+from stt.recipes import stage_spec
 from stt.stages import imagenet_normalize, temporal_loss
 from stt.stages import StageModel
 

@@ -21,7 +21,7 @@ from stt.train import MetricsLogger
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "cluster" / "grafana" / "stt_dashboard.json"
 
-# Every number train_loop_per_worker reports: the loss dict's keys (stt.losses / stt.objectives),
+# Every number train_loop_per_worker reports: the loss dict's keys (stt.losses / stt.recipes),
 # WindowMeter.summary's two rates, and the bookkeeping train_loop_per_worker adds itself.
 REPORTED = (*TERMS, "loss", "penalty", "nce", "pairs_per_s", "data_wait_fraction", "step", "lr", "start_step",
             "skipped_frames", "accuracy", "J&F")

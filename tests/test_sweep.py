@@ -17,7 +17,7 @@ from stt.checkpoint import load as load_checkpoint
 from stt.cli import InterruptedRun, UsageError, run
 from stt.config import load_config
 from stt.data.synthetic import generate
-from stt.objectives import stage_spec
+from stt.recipes import stage_spec
 from stt.sweep import PLANS, SPACE_FILE, load_space, main
 from stt.sweep.phases import fit_in_driver
 from stt.sweep.space import training_groups, tuned_stage

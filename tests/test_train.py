@@ -18,7 +18,7 @@ from stt import checkpoint
 from stt.checkpoint import CHECKPOINT_FILE
 from stt.models import encoder_state_dict
 from stt.cli import UsageError
-from stt.objectives import stage_spec
+from stt.recipes import stage_spec
 from stt.stages import StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
 from stt.train import learning_rate, main, resumed_step
 
@@ -126,7 +126,7 @@ def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
 
 
 def test_every_recipe_names_the_stage_its_ewc_stage_is_anchored_to():
-    from stt.objectives import RECIPES
+    from stt.recipes import RECIPES
 
     anchors = {(recipe, stage) for recipe in RECIPES for stage in ("spatial", "temporal", "spatiotemporal")
                if stage_spec(tiny_config(f"train.recipe={recipe}"), stage).fisher_batches}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stt.config import load_config
-from stt.objectives import stage_spec
+from stt.recipes import stage_spec
 from stt.spatial import info_nce
 from stt.stages import StageModel
 from stt.vfs import VFS, sample_frame_pair, vfs_loss

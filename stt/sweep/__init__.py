@@ -14,7 +14,7 @@ finished; nothing is chosen or reported from a phase that did not finish. `--res
 phase's unfinished trials (the finished ones are kept, not rerun) and the phases after it.
 
 How the two kinds of trial combine: nested, in four phases, each resumable. The sweep follows
-`train.recipe` (stt.objectives; default spatial-then-temporal) and tunes its LAST stage, temporal or vfs.
+`train.recipe` (stt.recipes; default spatial-then-temporal) and tunes its LAST stage, temporal or vfs.
  1. The recipe's earlier stages, once (the default: the spatial stage, MoCo on still images). The last
     one's encoder initialises every training trial (and is the frozen teacher of global correlation
     distillation, LwF's old network, or EWC's anchor). A one-stage recipe (vfs, temporal) has none:

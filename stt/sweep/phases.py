@@ -24,7 +24,7 @@ from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
 from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
-from stt.objectives import recipe_of, stage_spec
+from stt.recipes import recipe_of, stage_spec
 from stt.models import feature_stride
 from stt.observe import TrialProgress, with_progress
 from stt.propagation import for_task

@@ -13,7 +13,7 @@ from ray import tune
 
 from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, to_dict, validate
-from stt.objectives import StageSpec, recipe_of, stage_spec
+from stt.recipes import StageSpec, recipe_of, stage_spec
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
 DISTRIBUTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": tune.choice, "randint": tune.randint}

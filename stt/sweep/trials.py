@@ -18,7 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 from stt.checkpoint import join
 from stt.evaluate import evaluate_davis
 from stt.graph import load_graph, propagate_with_graph, serves
-from stt.objectives import stage_spec
+from stt.recipes import stage_spec
 from stt.propagation import propagate
 from stt.sweep.space import with_params
 from stt.train import build_stage_trainer
