@@ -7,6 +7,7 @@ Baselines: copy-first-mask (no propagation at all), Lab pixels average-pooled to
 and a random-init ResNet-18 (seed 0, stride-8 preset, res4), all with the default propagation
 settings of DESIGN.md unless overridden (`propagation.topk=5` ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        root = Path(args.davis_root) if args.davis_root else generate(scratch / "data", preset=args.preset, kinds=("davis",))["davis"]
+        root = (
+            Path(args.davis_root)
+            if args.davis_root
+            else generate(scratch / "data", preset=args.preset, kinds=("davis",))["davis"]
+        )
         name = str(args.davis_root) if args.davis_root else f"synthetic '{args.preset}'"
-        print(f"# {name}, split {args.set}; {date.today()}; {platform.processor() or platform.machine()}, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(
+            f"# {name}, split {args.set}; {date.today()}; {platform.processor() or platform.machine()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        )
         print("| baseline | J&F | J | F | seconds |")
         print("|---|---|---|---|---|")
         for source in args.sources.split(","):
@@ -48,11 +55,22 @@ def main() -> None:
             if source == "copy":
                 summary = copy_first_mask(root, args.set)
             else:
-                report = evaluate_davis(root, source, cfg, None, split=args.set, device=args.device,
-                                        feature_cache=scratch / "features", progress=False)
+                report = evaluate_davis(
+                    root,
+                    source,
+                    cfg,
+                    None,
+                    split=args.set,
+                    device=args.device,
+                    feature_cache=scratch / "features",
+                    progress=False,
+                )
                 summary = report["summary"]
             seconds = time.perf_counter() - started
-            print(f"| {source} | {summary['J&F-Mean']:.3f} | {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} | {seconds:.1f} |", flush=True)
+            print(
+                f"| {source} | {summary['J&F-Mean']:.3f} | {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} | {seconds:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ affinity graphs (stt/graph.py) where they can be, else by stt.propagation.
 
 Prints one Markdown table: model | J&F | J | F | tuned J&F (| the tuned setting).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,7 @@ def propagation_space(path: Path) -> dict[str, dict]:
 
 
 def suggest(trial: optuna.Trial, key: str, entry: dict):
-    (kind, values), = entry.items()
+    ((kind, values),) = entry.items()
     if kind == "choice":
         return trial.suggest_categorical(key, list(values))
     if kind == "loguniform":
@@ -79,8 +80,12 @@ def tune_domains(space: dict[str, dict]) -> dict:
     """The space as Ray Tune domains, which stt.graph.superset_config reads for the widest setting."""
     from ray import tune
 
-    makers = {"choice": lambda v: tune.choice(list(v)), "loguniform": lambda v: tune.loguniform(*v),
-              "uniform": lambda v: tune.uniform(*v), "randint": lambda v: tune.randint(*v)}
+    makers = {
+        "choice": lambda v: tune.choice(list(v)),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
     return {key: makers[kind](values) for key, entry in space.items() for kind, values in entry.items()}
 
 
@@ -91,8 +96,17 @@ def with_propagation(cfg: Config, params: dict) -> Config:
     return tuned
 
 
-def tune_propagation(root: Path, source: str, cfg: Config, space: dict[str, dict], trials: int, split: str, cache: Path,
-                     device: str, seed: int) -> tuple[dict, float, float]:
+def tune_propagation(
+    root: Path,
+    source: str,
+    cfg: Config,
+    space: dict[str, dict],
+    trials: int,
+    split: str,
+    cache: Path,
+    device: str,
+    seed: int,
+) -> tuple[dict, float, float]:
     """(best params, its J&F on `split`, the default's J&F on `split`) after `trials` TPE trials."""
     extractor = FeatureExtractor(source, cfg.model, cfg.eval, resolve_device(device))
     superset = superset_config(tune_domains(space), for_task(cfg.propagation, "davis", extractor.stride))
@@ -107,8 +121,17 @@ def tune_propagation(root: Path, source: str, cfg: Config, space: dict[str, dict
         return propagate_with_graph(graphs[sequence], labels, pcfg)
 
     def score(params: dict) -> float:
-        report = evaluate_davis(root, source, with_propagation(cfg, params), None, split=split, device=device,
-                                feature_cache=cache, progress=False, propagator=on_graph)
+        report = evaluate_davis(
+            root,
+            source,
+            with_propagation(cfg, params),
+            None,
+            split=split,
+            device=device,
+            feature_cache=cache,
+            progress=False,
+            propagator=on_graph,
+        )
         return float(report["summary"]["J&F-Mean"])
 
     resolved = for_task(cfg.propagation, "davis", extractor.stride)  # the default radius, in cells
@@ -118,12 +141,14 @@ def tune_propagation(root: Path, source: str, cfg: Config, space: dict[str, dict
     start = all(in_space(space[key], value) for key, value in defaults.items())
     if start:  # the configured defaults are the first trial, where the space holds them (as the sweep)
         study.enqueue_trial(defaults)
-    study.optimize(lambda trial: score({key: suggest(trial, key, entry) for key, entry in space.items()}), n_trials=trials)
+    study.optimize(
+        lambda trial: score({key: suggest(trial, key, entry) for key, entry in space.items()}), n_trials=trials
+    )
     return study.best_params, study.best_value, study.trials[0].value if start else float("nan")
 
 
 def in_space(entry: dict, value) -> bool:
-    (kind, values), = entry.items()
+    ((kind, values),) = entry.items()
     if kind == "choice":
         return value in values
     high = values[1] - 1 if kind == "randint" else values[1]
@@ -133,12 +158,20 @@ def in_space(entry: dict, value) -> bool:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--davis-root", required=True, help="a DAVIS-2017 root (ImageSets/2017/{train,val}.txt)")
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="[NAME=]SOURCE: an stt or published checkpoint, random:SEED or lab:STRIDE (repeat it)")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="[NAME=]SOURCE: an stt or published checkpoint, random:SEED or lab:STRIDE (repeat it)",
+    )
     parser.add_argument("--set", default="val", help="the split reported (default val)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named evaluation protocol for all models (authors)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a named evaluation protocol for all models (authors)"
+    )
     parser.add_argument("--config", help="YAML config applied to every model (propagation, eval sections)")
-    parser.add_argument("--tune-trials", type=int, default=0, help="per-model propagation trials on --tune-set (0: no tuned column)")
+    parser.add_argument(
+        "--tune-trials", type=int, default=0, help="per-model propagation trials on --tune-set (0: no tuned column)"
+    )
     parser.add_argument("--tune-set", default="train", help="the split propagation is tuned on (default train)")
     parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="search space file (its propagation section)")
     parser.add_argument("--feature-cache", type=Path, default=Path("~/.cache/stt/features").expanduser())
@@ -150,31 +183,66 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = Path(args.davis_root)
     space = propagation_space(args.space) if args.tune_trials else {}
 
-    print(f"# DAVIS {root} '{args.set}', short side <= {cfg.eval.max_short_side}, propagation "
-          f"{args.preset or 'default'} protocol; {date.today()}; {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"# DAVIS {root} '{args.set}', short side <= {cfg.eval.max_short_side}, propagation "
+        f"{args.preset or 'default'} protocol; {date.today()}; {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
     rows = []
     for name, source in map(parse_checkpoint, args.checkpoint):
         started = time.perf_counter()
-        summary = evaluate_davis(root, source, cfg, None, split=args.set, device=args.device, feature_cache=args.feature_cache,
-                                 progress=False)["summary"]
+        summary = evaluate_davis(
+            root,
+            source,
+            cfg,
+            None,
+            split=args.set,
+            device=args.device,
+            feature_cache=args.feature_cache,
+            progress=False,
+        )["summary"]
         row = {"model": name, "J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
         if args.tune_trials:
-            params, tuned_on, default_on = tune_propagation(root, source, cfg, space, args.tune_trials, args.tune_set,
-                                                            args.feature_cache, args.device, args.seed)
-            tuned = evaluate_davis(root, source, with_propagation(cfg, params), None, split=args.set, device=args.device,
-                                   feature_cache=args.feature_cache, progress=False)["summary"]
-            row.update({"tuned J&F": tuned["J&F-Mean"], "tuned on": tuned_on, "default on": default_on,
-                        "setting": ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
-                                             for k, v in params.items())})
+            params, tuned_on, default_on = tune_propagation(
+                root, source, cfg, space, args.tune_trials, args.tune_set, args.feature_cache, args.device, args.seed
+            )
+            tuned = evaluate_davis(
+                root,
+                source,
+                with_propagation(cfg, params),
+                None,
+                split=args.set,
+                device=args.device,
+                feature_cache=args.feature_cache,
+                progress=False,
+            )["summary"]
+            row.update(
+                {
+                    "tuned J&F": tuned["J&F-Mean"],
+                    "tuned on": tuned_on,
+                    "default on": default_on,
+                    "setting": ", ".join(
+                        f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                        for k, v in params.items()
+                    ),
+                }
+            )
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
-        print(f"compare_models: {name}: J&F {row['J&F']:.3f}"
-              + (f", tuned {row['tuned J&F']:.3f}" if "tuned J&F" in row else "") + f" ({row['seconds']:.0f} s)", flush=True)
+        print(
+            f"compare_models: {name}: J&F {row['J&F']:.3f}"
+            + (f", tuned {row['tuned J&F']:.3f}" if "tuned J&F" in row else "")
+            + f" ({row['seconds']:.0f} s)",
+            flush=True,
+        )
 
     tuned = bool(args.tune_trials)
     print()
-    print("| model | J&F | J | F |" + (f" tuned J&F | J&F on '{args.tune_set}': default -> tuned | tuned propagation |" if tuned else ""))
+    print(
+        "| model | J&F | J | F |"
+        + (f" tuned J&F | J&F on '{args.tune_set}': default -> tuned | tuned propagation |" if tuned else "")
+    )
     print("|---|---|---|---|" + ("---|---|---|" if tuned else ""))
     for row in rows:
         line = f"| {row['model']} | {row['J&F']:.3f} | {row['J']:.3f} | {row['F']:.3f} |"

@@ -10,6 +10,7 @@ own batch function in this process on one core with no Ray: its pairs per CPU-se
 per-core cost, unaffected by other load on the machine. Target (issue): >= 150 pairs/s per core
 from shards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,9 @@ def ray_stream(source: Source, cfg: DataConfig, epochs: int) -> tuple[int, float
 
 
 def torch_loader(root: Path, cfg: DataConfig, workers: int) -> tuple[int, float]:
-    loader = torch.utils.data.DataLoader(PairFolder(root, cfg), batch_size=32, shuffle=True, num_workers=workers,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        PairFolder(root, cfg), batch_size=32, shuffle=True, num_workers=workers, persistent_workers=False
+    )
     batches = iter(loader)
     next(batches)
     started, pairs = time.perf_counter(), 0
@@ -120,9 +122,14 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         for size, raw, shards in sources:
             if "inline" not in skip:
-                for name, plan, root in (("shards", shard_plan(shards)[1], shards), ("raw", raw_plan(Source("ytvos", str(raw))), None)):
+                for name, plan, root in (
+                    ("shards", shard_plan(shards)[1], shards),
+                    ("raw", raw_plan(Source("ytvos", str(raw))), None),
+                ):
                     pairs, wall, cpu = inline(plan, root, cfg)
-                    rows.append((size, f"inline {name} (1 core, no Ray)", pairs / wall, f"{pairs / cpu:.0f} pairs/CPU-s"))
+                    rows.append(
+                        (size, f"inline {name} (1 core, no Ray)", pairs / wall, f"{pairs / cpu:.0f} pairs/CPU-s")
+                    )
             if "ray" not in skip:
                 for name, source in (("shards", Source("shards", shards)), ("raw", Source("ytvos", str(raw)))):
                     pairs, wall = ray_stream(source, cfg, args.epochs)

@@ -23,6 +23,7 @@ Parts (reusing bench/propagation.py, bench/train_step.py and bench/train_through
   train        bench/train_throughput (the real `stt.train --workers 1` path) with use_gpu:
                pairs/s and data-wait fraction; needs Ray (carried as wheels on the device).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,26 +60,62 @@ GRAPH_FUNCTIONS = ("predict_graph", "predict_topk_graph", "predict_topk")  # the
 
 # Full size is the issue's DAVIS setting; smoke keeps every code path at a size 2 CPU cores finish in seconds.
 SIZES = {
-    "full": {"grid": (60, 107), "channels": 256, "context": 20, "radius": 12.0, "topk": 10, "frames": 10,
-             "archs": ("resnet18", "resnet50"), "size": 256, "batch": 32, "iters": 10,
-             "warmup": 3, "train_batch": 64, "train_size": 256, "train_steps": 150},
-    "smoke": {"grid": (12, 20), "channels": 16, "context": 3, "radius": 3.0, "topk": 5, "frames": 2,
-              "archs": ("resnet18",), "size": 32, "batch": 2, "iters": 1,
-              "warmup": 1, "train_batch": 4, "train_size": 64, "train_steps": 4},
+    "full": {
+        "grid": (60, 107),
+        "channels": 256,
+        "context": 20,
+        "radius": 12.0,
+        "topk": 10,
+        "frames": 10,
+        "archs": ("resnet18", "resnet50"),
+        "size": 256,
+        "batch": 32,
+        "iters": 10,
+        "warmup": 3,
+        "train_batch": 64,
+        "train_size": 256,
+        "train_steps": 150,
+    },
+    "smoke": {
+        "grid": (12, 20),
+        "channels": 16,
+        "context": 3,
+        "radius": 3.0,
+        "topk": 5,
+        "frames": 2,
+        "archs": ("resnet18",),
+        "size": 32,
+        "batch": 2,
+        "iters": 1,
+        "warmup": 1,
+        "train_batch": 4,
+        "train_size": 64,
+        "train_steps": 4,
+    },
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the same code paths in seconds")
-    parser.add_argument("--parts", nargs="+", choices=PARTS,
-                        help="default: all but train (its Ray wheels travel in a second call); --smoke: also not compile")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        help="default: all but train (its Ray wheels travel in a second call); --smoke: also not compile",
+    )
     parser.add_argument("--out", default="gpu_suite.json", help="JSON report")
     parser.add_argument("--device", help="default: cuda if available (cpu with --smoke)")
-    parser.add_argument("--davis-root", default=str(ROOT / ".gpu" / "davis-real"),
-                        help="DAVIS root (bench/stage_gpu.sh stages the val split here); --smoke: the embedded synthetic set")
-    parser.add_argument("--ytvos-root", default=str(ROOT / ".gpu" / "ytvos-real"),
-                        help="training video for the train part; --smoke: the embedded synthetic set")
+    parser.add_argument(
+        "--davis-root",
+        default=str(ROOT / ".gpu" / "davis-real"),
+        help="DAVIS root (bench/stage_gpu.sh stages the val split here); --smoke: the embedded synthetic set",
+    )
+    parser.add_argument(
+        "--ytvos-root",
+        default=str(ROOT / ".gpu" / "ytvos-real"),
+        help="training video for the train part; --smoke: the embedded synthetic set",
+    )
     parser.add_argument("--reference", default=str(REFERENCE), help="CPU J&F per sequence to compare against")
     parser.add_argument("--train-steps", type=int, help="steps of the train part (default: 150, about 2 minutes)")
     return parser
@@ -121,24 +158,47 @@ def run_propagation(size: dict, device: torch.device) -> dict:
                 with torch.no_grad(), PeakMemory(device) as memory:
                     ms, masks = time_frames(predict, x, y, num_context, size["frames"], device)
                 reference = masks if reference is None else reference  # fp32 dense runs first
-                row.update(ms_per_frame=ms, peak_mib=memory.peak_bytes / 2**20,
-                           argmax_agreement=(masks == reference).float().mean().item())
+                row.update(
+                    ms_per_frame=ms,
+                    peak_mib=memory.peak_bytes / 2**20,
+                    argmax_agreement=(masks == reference).float().mean().item(),
+                )
             except Exception as err:  # one implementation's failure (e.g. no fp16 kernel) keeps the rest
                 row["error"] = f"{type(err).__name__}: {err}"
             rows.append(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"grid": list(size["grid"]), "channels": size["channels"], "context": cfg.context, "radius": cfg.radius,
-            "topk": cfg.topk, "timed_frames": size["frames"], "graph_path": graph is not None, "rows": rows}
+    return {
+        "grid": list(size["grid"]),
+        "channels": size["channels"],
+        "context": cfg.context,
+        "radius": cfg.radius,
+        "topk": cfg.topk,
+        "timed_frames": size["frames"],
+        "graph_path": graph is not None,
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------- step
 def run_step(size: dict, device: torch.device, compiled: bool, save_partial=lambda rows: None) -> dict:
     from bench.train_step import measure
 
-    cases = [{"arch": arch, "what": what, "compile": compiled, "device": device.type, "size": size["size"],
-              "threads": None, "batch": size["batch"], "iters": size["iters"], "warmup": size["warmup"]}
-             for arch in size["archs"] for what in ("backbone", "temporal")]
+    cases = [
+        {
+            "arch": arch,
+            "what": what,
+            "compile": compiled,
+            "device": device.type,
+            "size": size["size"],
+            "threads": None,
+            "batch": size["batch"],
+            "iters": size["iters"],
+            "warmup": size["warmup"],
+        }
+        for arch in size["archs"]
+        for what in ("backbone", "temporal")
+    ]
     context = multiprocessing.get_context("spawn")  # a fresh process per row: separate peaks, no shared caches
     rows = []
     for case in cases:
@@ -147,12 +207,24 @@ def run_step(size: dict, device: torch.device, compiled: bool, save_partial=lamb
                 rows.append(pool.apply(measure, (case,)))
         except Exception as err:
             rows.append({**case, "error": f"{type(err).__name__}: {err}"})
-        print(f"[gpu_suite] step {case['arch']} {'compile' if case['compile'] else 'eager'} {case['what']}: "
-              f"{rows[-1].get('pairs_per_s', rows[-1].get('error'))}", flush=True)
+        print(
+            f"[gpu_suite] step {case['arch']} {'compile' if case['compile'] else 'eager'} {case['what']}: "
+            f"{rows[-1].get('pairs_per_s', rows[-1].get('error'))}",
+            flush=True,
+        )
         save_partial(rows)  # compiling a row can take minutes: a run cut off keeps the finished rows
     for row in rows:
-        bare = next((r for r in rows if r["arch"] == row["arch"] and r["compile"] == row["compile"]
-                     and r["what"] == "backbone" and "step_s" in r), None)
+        bare = next(
+            (
+                r
+                for r in rows
+                if r["arch"] == row["arch"]
+                and r["compile"] == row["compile"]
+                and r["what"] == "backbone"
+                and "step_s" in r
+            ),
+            None,
+        )
         if "step_s" in row and bare is not None:
             row["fraction_of_bare"] = bare["step_s"] / row["step_s"]
     return {"precision": "bf16 autocast, channels_last" if device.type == "cuda" else "fp32", "rows": rows}
@@ -183,6 +255,7 @@ class Stopwatch:
                 self.seconds[category] = self.seconds.get(category, 0.0) + elapsed - nested
                 if self._stack:
                     self._stack[-1] += elapsed
+
         return timed
 
 
@@ -244,7 +317,9 @@ def run_evaluate(root: Path | None, device: torch.device, reference_path: Path, 
         cfg.eval.max_short_side = 64
         cfg.propagation.context = 3
     elif not (root / "ImageSets" / "2017" / "val.txt").is_file():
-        raise FileNotFoundError(f"{root}: no ImageSets/2017/val.txt; run bench/stage_gpu.sh first (expected the staged val split)")
+        raise FileNotFoundError(
+            f"{root}: no ImageSets/2017/val.txt; run bench/stage_gpu.sh first (expected the staged val split)"
+        )
     watch = Stopwatch(device)
     patches = [
         (DAVIS, "read_frames", watch.wrap("decode", DAVIS.read_frames)),
@@ -257,16 +332,30 @@ def run_evaluate(root: Path | None, device: torch.device, reference_path: Path, 
     with scratch, patched(patches):
         started = time.perf_counter()
         # A fresh feature cache: the network runs on every frame, as in the CPU reference run.
-        report = evaluate.evaluate_davis(root, reference.get("checkpoint", "random:0"), cfg, Path(scratch.name) / "out", device=device.type,
-                                         feature_cache=Path(scratch.name) / "cache", progress=False)
+        report = evaluate.evaluate_davis(
+            root,
+            reference.get("checkpoint", "random:0"),
+            cfg,
+            Path(scratch.name) / "out",
+            device=device.type,
+            feature_cache=Path(scratch.name) / "cache",
+            progress=False,
+        )
         wall = time.perf_counter() - started
         dataset = DAVIS(root)
         frames = sum(len(dataset.frame_paths(s)) for s in dataset.sequences)
     split = {k: watch.seconds.get(k, 0.0) for k in ("decode", "features", "propagation", "scoring")}
     split["other (PNG writing, cache)"] = wall - sum(split.values())
-    return {"root": str(root), "frames": frames, "wall_s": wall,
-            "split_s": split, "summary": report["summary"], "network_calls": report["network_calls"],
-            "feature_device": device.type, "reference_check": compare_reference(report["rows"], reference)}
+    return {
+        "root": str(root),
+        "frames": frames,
+        "wall_s": wall,
+        "split_s": split,
+        "summary": report["summary"],
+        "network_calls": report["network_calls"],
+        "feature_device": device.type,
+        "reference_check": compare_reference(report["rows"], reference),
+    }
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -296,8 +385,13 @@ def run_part(name: str, fn) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type,
-           "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -305,19 +399,25 @@ def environment(device: torch.device) -> dict:
 
 def print_table(report: dict) -> None:
     parts = report["parts"]
-    print(f"\n== gpu_suite on {report['environment'].get('gpu', report['environment']['device'])}"
-          f"{' (smoke)' if report['smoke'] else ''}")
+    print(
+        f"\n== gpu_suite on {report['environment'].get('gpu', report['environment']['device'])}"
+        f"{' (smoke)' if report['smoke'] else ''}"
+    )
     if "propagation" in parts and parts["propagation"]["ok"]:
         p = parts["propagation"]
-        print(f"propagation {p['grid'][0]}x{p['grid'][1]}, C {p['channels']}, 1+{p['context']} context, "
-              f"radius {p['radius']:g}, top-{p['topk']}")
+        print(
+            f"propagation {p['grid'][0]}x{p['grid'][1]}, C {p['channels']}, 1+{p['context']} context, "
+            f"radius {p['radius']:g}, top-{p['topk']}"
+        )
         print(f"  {'impl':<10}{'dtype':<9}{'ms/frame':>10}{'peak MiB':>10}{'agree':>9}")
         for r in p["rows"]:
             if "error" in r:
                 print(f"  {r['implementation']:<10}{r['dtype']:<9} FAILED {r['error']}")
             else:
-                print(f"  {r['implementation']:<10}{r['dtype']:<9}{r['ms_per_frame']:>10.2f}{r['peak_mib']:>10.0f}"
-                      f"{r['argmax_agreement']:>9.4f}")
+                print(
+                    f"  {r['implementation']:<10}{r['dtype']:<9}{r['ms_per_frame']:>10.2f}{r['peak_mib']:>10.0f}"
+                    f"{r['argmax_agreement']:>9.4f}"
+                )
     step_rows = [r for name in ("step", "compile") if parts.get(name, {}).get("ok") for r in parts[name]["rows"]]
     if step_rows:
         print(f"training step ({parts.get('step', parts.get('compile'))['precision']})")
@@ -327,19 +427,25 @@ def print_table(report: dict) -> None:
             if "error" in r:
                 print(f"  {r['arch']:<10}{mode:<9}{r['what']:<10} FAILED {r['error']}")
             else:
-                print(f"  {r['arch']:<10}{mode:<9}{r['what']:<10}{r['pairs_per_s']:>9.1f}{r['peak_gb']:>9.2f}"
-                      f"{r.get('fraction_of_bare', float('nan')):>8.2f}")
+                print(
+                    f"  {r['arch']:<10}{mode:<9}{r['what']:<10}{r['pairs_per_s']:>9.1f}{r['peak_gb']:>9.2f}"
+                    f"{r.get('fraction_of_bare', float('nan')):>8.2f}"
+                )
     if "evaluate" in parts and parts["evaluate"]["ok"]:
         e = parts["evaluate"]
         split = ", ".join(f"{k} {v:.1f}" for k, v in e["split_s"].items())
         check = e["reference_check"]
-        print(f"evaluate davis: {e['frames']} frames, {e['wall_s']:.1f} s ({split}); J&F {e['summary']['J&F-Mean']:.4f}; "
-              f"CPU reference {'OK' if check['ok'] else 'MISMATCH or none compared'} "
-              + ", ".join(f"{s} {c['J&F']:.4f} vs {c['reference']:.4f}" for s, c in check["compared"].items()))
+        print(
+            f"evaluate davis: {e['frames']} frames, {e['wall_s']:.1f} s ({split}); J&F {e['summary']['J&F-Mean']:.4f}; "
+            f"CPU reference {'OK' if check['ok'] else 'MISMATCH or none compared'} "
+            + ", ".join(f"{s} {c['J&F']:.4f} vs {c['reference']:.4f}" for s, c in check["compared"].items())
+        )
     if "train" in parts and parts["train"]["ok"]:
         t = parts["train"]
-        print(f"train (Ray, 1 worker): {t['pairs_per_s']:.1f} pairs/s, data wait {t['data_wait_fraction']:.1%}, "
-              f"batch {t['batch']}, {t['steps']} steps, {t['wall_s']:.0f} s")
+        print(
+            f"train (Ray, 1 worker): {t['pairs_per_s']:.1f} pairs/s, data wait {t['data_wait_fraction']:.1%}, "
+            f"batch {t['batch']}, {t['steps']} steps, {t['wall_s']:.0f} s"
+        )
     for name, part in parts.items():
         if not part["ok"]:
             print(f"{name}: FAILED {part['error']}")
@@ -363,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         def save(rows: list[dict]) -> None:
             report["parts"][name] = {"ok": False, "error": "cut off before the part ended", "rows": rows}
             Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+
         return save
 
     parts = args.parts or [p for p in PARTS if p != "train" and not (args.smoke and p == "compile")]

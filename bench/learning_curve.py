@@ -16,6 +16,7 @@ Results accumulate in OUT/curve.json (a rerun skips what is there, so an interru
 nothing finished); the table is printed and OUT/learning_curve.png drawn. `--phase train` or
 `--phase eval` runs one half, e.g. evaluation in a second process while training goes on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,24 +45,58 @@ def train_arms(args: argparse.Namespace) -> None:
     """Run both arms through stt.train's own command line, every checkpoint kept."""
     import ray
 
-    from stt.train import main as train_main, start_ray
+    from stt.train import main as train_main
+    from stt.train import start_ray
 
     if not ray.is_initialized():
         start_ray(num_cpus=args.num_cpus)
-    options = ["--config", str(args.config), "--storage", str(args.out / "runs"), "--cpu", "--workers", "1",
-               "--keep-checkpoints", "0"]
+    options = [
+        "--config",
+        str(args.config),
+        "--storage",
+        str(args.out / "runs"),
+        "--cpu",
+        "--workers",
+        "1",
+        "--keep-checkpoints",
+        "0",
+    ]
     overrides = [f"data.root={args.data_root}", *args.overrides]  # positional: after every option
     timings = load(args.out).setdefault("train_seconds", {})
     for arm in args.arms:
         started = time.perf_counter()
         if arm == "temporal":
-            train_main([*options, "--name", "temporal", "--stage", "temporal", "--max-steps", str(args.temporal_steps),
-                        *overrides, "train.recipe=temporal"])
+            train_main(
+                [
+                    *options,
+                    "--name",
+                    "temporal",
+                    "--stage",
+                    "temporal",
+                    "--max-steps",
+                    str(args.temporal_steps),
+                    *overrides,
+                    "train.recipe=temporal",
+                ]
+            )
         elif arm == "spatial-then-temporal":
-            spatial = train_main([*options, "--name", arm, "--stage", "spatial", "--max-steps", str(args.spatial_steps),
-                                  *overrides])
-            train_main([*options, "--name", arm, "--stage", "temporal", "--max-steps", str(args.temporal_steps),
-                        "--init", spatial["spatial"], *overrides])
+            spatial = train_main(
+                [*options, "--name", arm, "--stage", "spatial", "--max-steps", str(args.spatial_steps), *overrides]
+            )
+            train_main(
+                [
+                    *options,
+                    "--name",
+                    arm,
+                    "--stage",
+                    "temporal",
+                    "--max-steps",
+                    str(args.temporal_steps),
+                    "--init",
+                    spatial["spatial"],
+                    *overrides,
+                ]
+            )
         else:
             raise SystemExit(f"--arms: unknown arm {arm!r}; expected temporal or spatial-then-temporal")
         results = load(args.out)
@@ -105,10 +140,22 @@ def evaluate_all(args: argparse.Namespace) -> dict:
         if source == "copy":
             summary = copy_first_mask(Path(args.davis_root), args.set)
         else:
-            summary = evaluate_davis(Path(args.davis_root), source, cfg, None, split=args.set, device="cpu",
-                                     feature_cache=args.out / "features", progress=False)["summary"]
-        points[key] = {"J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"],
-                       "seconds": time.perf_counter() - started}
+            summary = evaluate_davis(
+                Path(args.davis_root),
+                source,
+                cfg,
+                None,
+                split=args.set,
+                device="cpu",
+                feature_cache=args.out / "features",
+                progress=False,
+            )["summary"]
+        points[key] = {
+            "J&F": summary["J&F-Mean"],
+            "J": summary["J-Mean"],
+            "F": summary["F-Mean"],
+            "seconds": time.perf_counter() - started,
+        }
         save(args.out, results)
         print(f"{key}: J&F {summary['J&F-Mean']:.3f} ({points[key]['seconds']:.0f} s)", flush=True)
 
@@ -117,10 +164,15 @@ def evaluate_all(args: argparse.Namespace) -> dict:
     for arm in args.arms:
         for step, path in checkpoints(args.out, arm):
             score(f"{arm}@{step}", str(path))
-    results["settings"] = {"eval.max_short_side": cfg.eval.max_short_side, "set": args.set,
-                           "davis_root": str(args.davis_root), "data_root": str(args.data_root),
-                           "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                           "torch": torch.__version__}
+    results["settings"] = {
+        "eval.max_short_side": cfg.eval.max_short_side,
+        "set": args.set,
+        "davis_root": str(args.davis_root),
+        "data_root": str(args.data_root),
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+    }
     save(args.out, results)
     return results
 
@@ -128,8 +180,10 @@ def evaluate_all(args: argparse.Namespace) -> dict:
 def report(args: argparse.Namespace, results: dict) -> None:
     """The Markdown table and the plot (J&F against temporal step; yardsticks as horizontal lines)."""
     points = results.get("points", {})
-    print(f"\n# {results['settings']['set']} split of {results['settings']['davis_root']}, short side "
-          f"{results['settings']['eval.max_short_side']}, default propagation; {results['settings']['date']}")
+    print(
+        f"\n# {results['settings']['set']} split of {results['settings']['davis_root']}, short side "
+        f"{results['settings']['eval.max_short_side']}, default propagation; {results['settings']['date']}"
+    )
     print("| model | step | J&F | J | F |")
     print("|---|---|---|---|---|")
     for source in YARDSTICKS:
@@ -148,7 +202,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
         if source in points:
             axes.axhline(points[source]["J&F"], color="grey", linestyle=style, label=source)
     axes.set_xlabel("temporal-stage step (batch 8, 128 px crops)")
-    axes.set_ylabel(f"J&F, DAVIS {results['settings']['set']} (short side {results['settings']['eval.max_short_side']})")
+    axes.set_ylabel(
+        f"J&F, DAVIS {results['settings']['set']} (short side {results['settings']['eval.max_short_side']})"
+    )
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()

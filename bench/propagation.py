@@ -12,6 +12,7 @@ Peak memory is what the prediction allocates on top of its inputs: on CUDA from
 torch.cuda.max_memory_allocated, on the CPU from the process's peak resident set (Linux
 VmHWM, reset through /proc/self/clear_refs before each implementation runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregation", default=defaults.aggregation, help="overall | per-frame")
     parser.add_argument("--per-frame-norm", default=defaults.per_frame_norm, help="before-mask | after-mask")
     parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
-    parser.add_argument("--tile", type=int, default=8, help="target tile side of the windowed implementation (many channels)")
+    parser.add_argument(
+        "--tile", type=int, default=8, help="target tile side of the windowed implementation (many channels)"
+    )
     parser.add_argument("--implementations", nargs="+", default=["dense", "windowed"], choices=["dense", "windowed"])
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -51,11 +54,15 @@ def synthetic_video(num_frames: int, channels: int, grid: tuple[int, int], num_l
     """Unit-norm features num_frames x C x h x w and one-hot labels num_frames x L x h x w."""
     generator = torch.Generator().manual_seed(seed)
     h, w = grid
-    field = F.interpolate(torch.randn(1, channels, h // 4 + 2, w // 4 + 2, generator=generator), size=(h + 8, w + 8), mode="bilinear")[0]
+    field = F.interpolate(
+        torch.randn(1, channels, h // 4 + 2, w // 4 + 2, generator=generator), size=(h + 8, w + 8), mode="bilinear"
+    )[0]
     shifts = torch.randint(0, 9, (num_frames, 2), generator=generator)
     frames = torch.stack([field[:, dy : dy + h, dx : dx + w] for dy, dx in shifts.tolist()])
     features = F.normalize(frames + 0.3 * torch.randn(frames.shape, generator=generator), dim=1)
-    regions = F.interpolate(torch.randn(1, num_labels, h // 8 + 2, w // 8 + 2, generator=generator), size=(h, w), mode="bilinear")[0]
+    regions = F.interpolate(
+        torch.randn(1, num_labels, h // 8 + 2, w // 8 + 2, generator=generator), size=(h, w), mode="bilinear"
+    )[0]
     labels = F.one_hot(regions.argmax(0), num_labels).permute(2, 0, 1).float()
     return features, labels.expand(num_frames, -1, -1, -1).contiguous()
 
@@ -94,6 +101,7 @@ class PeakMemory:
 
 def time_frames(predict, features, labels, num_context: int, frames: int, device: torch.device):
     """Predict frames num_context .. num_context + frames (plus a warm-up); ms per frame and label maps."""
+
     def step(t):
         context = [0, *range(t - num_context + 1, t)]
         return predict(features[context], labels[context], features[t])
@@ -124,7 +132,9 @@ def main(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
     )
     num_context = args.context + 1
-    features, labels = synthetic_video(num_context + args.frames, args.channels, tuple(args.grid), args.labels, args.seed)
+    features, labels = synthetic_video(
+        num_context + args.frames, args.channels, tuple(args.grid), args.labels, args.seed
+    )
     features, labels = features.to(device), labels.to(device)
     h, w = args.grid
     predictors = {

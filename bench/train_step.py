@@ -12,6 +12,7 @@ Each measurement runs in its own process, so "peak" is that process's alone: on 
 of allocated memory, on CPU the peak resident set (which includes ~0.3-0.5 GB of Python, torch
 and libraries). Prints one table; not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,16 +96,30 @@ def measure(case: dict) -> dict:
         peak_gb = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    return {**case, "pairs_per_s": batch * case["iters"] / seconds, "step_s": seconds / case["iters"], "peak_gb": peak_gb}
+    return {
+        **case,
+        "pairs_per_s": batch * case["iters"] / seconds,
+        "step_s": seconds / case["iters"],
+        "peak_gb": peak_gb,
+    }
 
 
 def main(args: argparse.Namespace) -> None:
     cpu = args.device == "cpu"
     defaults = {"batch": 2 if cpu else 32, "iters": 3 if cpu else 20, "warmup": 1 if cpu else 5}
-    settings = {name: getattr(args, name) if getattr(args, name) is not None else value for name, value in defaults.items()}
+    settings = {
+        name: getattr(args, name) if getattr(args, name) is not None else value for name, value in defaults.items()
+    }
     cases = [
-        {"arch": arch, "what": what, "compile": compiled, "device": args.device, "size": args.size,
-         "threads": args.threads, **settings}
+        {
+            "arch": arch,
+            "what": what,
+            "compile": compiled,
+            "device": args.device,
+            "size": args.size,
+            "threads": args.threads,
+            **settings,
+        }
         for arch in args.arch
         for compiled in ([False, True] if args.compile else [False])
         for what in ("backbone", "temporal")
@@ -119,8 +134,10 @@ def main(args: argparse.Namespace) -> None:
     memory = "peak alloc GB" if not cpu else "peak RSS GB"
     precision = "bf16 autocast, channels_last" if not cpu else "fp32"
     threads = args.threads or torch.get_num_threads()
-    print(f"device={args.device} ({precision}{f', {threads} threads' if cpu else ''}), {args.size}x{args.size}, "
-          f"{settings['batch']} pairs/step, {settings['iters']} timed steps after {settings['warmup']} warm-up")
+    print(
+        f"device={args.device} ({precision}{f', {threads} threads' if cpu else ''}), {args.size}x{args.size}, "
+        f"{settings['batch']} pairs/step, {settings['iters']} timed steps after {settings['warmup']} warm-up"
+    )
     print(f"{'arch':<10} {'mode':<8} {'measured':<40} {'pairs/s':>9} {'s/step':>8} {memory:>14} {'x backbone':>11}")
     baseline = {}
     for row in rows:
@@ -130,8 +147,10 @@ def main(args: argparse.Namespace) -> None:
         if row["what"] == "backbone":
             baseline[key] = row["step_s"]
         ratio = row["step_s"] / baseline[key] if key in baseline else float("nan")
-        print(f"{row['arch']:<10} {mode:<8} {label:<40} {row['pairs_per_s']:>9.2f} {row['step_s']:>8.3f} "
-              f"{row['peak_gb']:>14.2f} {ratio:>11.2f}")
+        print(
+            f"{row['arch']:<10} {mode:<8} {label:<40} {row['pairs_per_s']:>9.2f} {row['step_s']:>8.3f} "
+            f"{row['peak_gb']:>14.2f} {ratio:>11.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ reports after the first (warm-up) one. Target on an H100: data wait under 10% at
 With no --data it streams the embedded synthetic YouTube-VOS set (prepare shards with
 `python -m stt.data.prepare` and pass --data for real numbers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,36 @@ def main(argv: list[str] | None = None) -> dict:
     # Global distillation needs a spatial teacher; its cost is part of the step, so a random one stands in.
     with tempfile.TemporaryDirectory() as storage:
         overrides = [
-            f"model.arch={args.arch}", f"train.batch_size={batch}", f"data.crop_size={size}", f"spatial.image_size={size}",
-            f"data.data_cpus={data_cpus}", f"data.root={args.data}", "train.eval_every=0", f"train.log_every={log_every}",
-            f"train.checkpoint_every={steps}", "train.warmup_steps=1", f"spatial.queue_size={max(batch * args.workers, 256)}",
+            f"model.arch={args.arch}",
+            f"train.batch_size={batch}",
+            f"data.crop_size={size}",
+            f"spatial.image_size={size}",
+            f"data.data_cpus={data_cpus}",
+            f"data.root={args.data}",
+            "train.eval_every=0",
+            f"train.log_every={log_every}",
+            f"train.checkpoint_every={steps}",
+            "train.warmup_steps=1",
+            f"spatial.queue_size={max(batch * args.workers, 256)}",
         ]
         if args.stage == "temporal":
             overrides.append("temporal.beta=0")  # no spatial checkpoint here; see --help of stt.train
-        argv = ["--workers", str(args.workers), "--stage", args.stage, "--max-steps", str(steps), "--storage", storage,
-                "--name", "bench", "--cpus-per-worker", str(cpus_per_worker), *([] if args.gpu else ["--cpu"]), *overrides]
+        argv = [
+            "--workers",
+            str(args.workers),
+            "--stage",
+            args.stage,
+            "--max-steps",
+            str(steps),
+            "--storage",
+            storage,
+            "--name",
+            "bench",
+            "--cpus-per-worker",
+            str(cpus_per_worker),
+            *([] if args.gpu else ["--cpu"]),
+            *overrides,
+        ]
         started = time.perf_counter()
         train_main(argv)
         wall = time.perf_counter() - started
@@ -68,13 +91,26 @@ def main(argv: list[str] | None = None) -> dict:
     # Only checkpoint reports are kept; with checkpoint_every = steps that is the final one, which
     # averages the steps since the previous log report.
     last = history.iloc[-1]
-    print(f"{'device':>8} {'arch':>9} {'stage':>9} {'workers':>7} {'batch':>5} {'size':>4} {'steps':>5} "
-          f"{'pairs/s':>8} {'data wait':>9} {'wall s':>7}")
-    print(f"{'gpu' if args.gpu else 'cpu':>8} {args.arch:>9} {args.stage:>9} {args.workers:>7} {batch:>5} {size:>4} "
-          f"{steps:>5} {last['pairs_per_s']:8.1f} {last['data_wait_fraction']:9.1%} {wall:7.1f}")
-    return {"gpu": args.gpu, "arch": args.arch, "stage": args.stage, "workers": args.workers, "batch": batch, "size": size,
-            "steps": steps, "pairs_per_s": float(last["pairs_per_s"]),
-            "data_wait_fraction": float(last["data_wait_fraction"]), "wall_s": wall}
+    print(
+        f"{'device':>8} {'arch':>9} {'stage':>9} {'workers':>7} {'batch':>5} {'size':>4} {'steps':>5} "
+        f"{'pairs/s':>8} {'data wait':>9} {'wall s':>7}"
+    )
+    print(
+        f"{'gpu' if args.gpu else 'cpu':>8} {args.arch:>9} {args.stage:>9} {args.workers:>7} {batch:>5} {size:>4} "
+        f"{steps:>5} {last['pairs_per_s']:8.1f} {last['data_wait_fraction']:9.1%} {wall:7.1f}"
+    )
+    return {
+        "gpu": args.gpu,
+        "arch": args.arch,
+        "stage": args.stage,
+        "workers": args.workers,
+        "batch": batch,
+        "size": size,
+        "steps": steps,
+        "pairs_per_s": float(last["pairs_per_s"]),
+        "data_wait_fraction": float(last["data_wait_fraction"]),
+        "wall_s": wall,
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ nodes they ran on) that the work spanned several worker nodes and never the head
 outputs that the run finished. Writes OUT/rehearsal.json; exits non-zero on any failure. The
 cluster is torn down in every case, by stopping only the processes this script started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_FILE = REPO / "cluster" / "local.yaml"
 # The smallest runs that still exercise every part: tiny crops, 2-pair batches, no periodic J&F.
-TINY_SWEEP = ["data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
-              "spatial.bn_splits=1", "train.warmup_steps=1"]
+TINY_SWEEP = [
+    "data.crop_size=32",
+    "train.batch_size=2",
+    "spatial.image_size=32",
+    "spatial.queue_size=16",
+    "spatial.bn_splits=1",
+    "train.warmup_steps=1",
+]
 TINY_TRAIN = [*TINY_SWEEP, "train.checkpoint_every=2", "train.log_every=1"]
 
 
@@ -49,8 +56,10 @@ def free_port() -> int:
 
 def mount_namespace_prefix() -> list[str]:
     """The `unshare` command that gives a process its own mount namespace, or [] where none is allowed."""
-    for prefix in (["unshare", "--mount", "--propagation", "private"],
-                   ["unshare", "--mount", "--propagation", "private", "--map-root-user"]):
+    for prefix in (
+        ["unshare", "--mount", "--propagation", "private"],
+        ["unshare", "--mount", "--propagation", "private", "--map-root-user"],
+    ):
         try:
             if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
                 return prefix
@@ -79,19 +88,31 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # never join another cluster
         env.update(auth_env(self.token_file))
-        env.update({k: str(v) for k, v in self.ports.items()}, STT_RAY_TEMP=str(self.ray_temp), RAY_HEAD_IP="127.0.0.1",
-                   STT_DRIVER_PRIVATE=str(self.driver_private), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+        env.update(
+            {k: str(v) for k, v in self.ports.items()},
+            STT_RAY_TEMP=str(self.ray_temp),
+            RAY_HEAD_IP="127.0.0.1",
+            STT_DRIVER_PRIVATE=str(self.driver_private),
+            PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        )
         return env
 
     def _launch(self, name: str, command: str, isolated: bool) -> None:
         if isolated:  # the driver's private folder becomes an empty tmpfs, in this node's namespace only
-            argv = [*self.isolation, "sh", "-c", f'mount -t tmpfs stt-node-private "$STT_DRIVER_PRIVATE" && exec {command}']
+            argv = [
+                *self.isolation,
+                "sh",
+                "-c",
+                f'mount -t tmpfs stt-node-private "$STT_DRIVER_PRIVATE" && exec {command}',
+            ]
         else:
             argv = ["sh", "-c", f"exec {command}"]
         env = {**self.env(), "STT_AGENT_PORT": str(free_port())}
         with open(self.logs / f"{name}.log", "w") as log:
             # Its own session: stop() signals this node's whole process group and nothing else.
-            self.processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.processes.append(
+                subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
 
     def start(self, timeout_s: float = 120) -> None:
         for i, command in enumerate(self.head_commands):
@@ -105,8 +126,11 @@ class LocalCluster:
     def alive_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes
 
-        return [n for n in list_nodes(address=self.dashboard, detail=True, raise_on_missing_output=False)
-                if n["state"] == "ALIVE"]
+        return [
+            n
+            for n in list_nodes(address=self.dashboard, detail=True, raise_on_missing_output=False)
+            if n["state"] == "ALIVE"
+        ]
 
     def wait_for_nodes(self, count: int, timeout_s: float) -> None:
         deadline, last_error = time.monotonic() + timeout_s, None
@@ -120,7 +144,9 @@ class LocalCluster:
             except Exception as error:  # the dashboard is not up yet
                 last_error = error
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{count} nodes not alive after {timeout_s:.0f} s (last error: {last_error}); logs in {self.logs}")
+                raise TimeoutError(
+                    f"{count} nodes not alive after {timeout_s:.0f} s (last error: {last_error}); logs in {self.logs}"
+                )
             time.sleep(1)
 
     def stop(self) -> None:
@@ -156,7 +182,11 @@ def run_job(dashboard: str, entrypoint: str, log: Path, timeout_s: float) -> str
                 raise
             time.sleep(2)
     deadline = time.monotonic() + timeout_s
-    while (status := client.get_job_status(submission)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    while (status := client.get_job_status(submission)) not in (
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    ):
         if time.monotonic() > deadline:
             client.stop_job(submission)
             break
@@ -171,8 +201,9 @@ def nodes_by_actor_class(dashboard: str, job_id: str) -> dict[str, list[str]]:
     """{actor class: sorted node ids} of every actor the job created, from Ray's state API."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000,
-                         raise_on_missing_output=False)
+    actors = list_actors(
+        address=dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000, raise_on_missing_output=False
+    )
     found: dict[str, set[str]] = defaultdict(set)
     for actor in actors:
         if actor.get("node_id"):
@@ -184,7 +215,9 @@ def check_spread(what: str, placement: dict[str, list[str]], actor_class: str, h
     """`actor_class` ran on at least two nodes, and no actor of the job that needs a CPU ran on the head."""
     nodes = placement.get(actor_class, [])
     if len(nodes) < 2:
-        raise AssertionError(f"{what}: {actor_class} actors ran on {len(nodes)} node(s), expected at least 2: {placement}")
+        raise AssertionError(
+            f"{what}: {actor_class} actors ran on {len(nodes)} node(s), expected at least 2: {placement}"
+        )
     if head in nodes:
         raise AssertionError(f"{what}: {actor_class} ran on the 0-CPU head node {head}: {placement}")
 
@@ -198,8 +231,8 @@ def rehearse(out: Path, stage: str, skip_sweep: bool, timeout_s: float) -> dict:
     token_file.chmod(0o600)
     os.environ.update(auth_env(token_file))  # this script is a client of the cluster: set before Ray is imported
 
-    from stt.data.synthetic import generate
     from stt import checkpoint
+    from stt.data.synthetic import generate
 
     started = time.perf_counter()
     data = generate(shared / "data", preset="tiny", kinds=("ytvos", "davis"))  # "S3 / EFS": seen by every node
@@ -216,9 +249,14 @@ def rehearse(out: Path, stage: str, skip_sweep: bool, timeout_s: float) -> dict:
         cd = f"cd {private} &&"  # relative paths would land in the driver's private folder
 
         t = time.perf_counter()
-        job = run_job(cluster.dashboard, f"{cd} {python} -m stt.train --workers 2 --cpu --cpus-per-worker 1.5 --stage {stage} "
-                      f"--max-steps 2 --storage {shared / 'runs'} --name rehearsal data.root={data['ytvos']} "
-                      f"train.eval_every=0 {' '.join(TINY_TRAIN)}", out / "train-job.log", timeout_s)
+        job = run_job(
+            cluster.dashboard,
+            f"{cd} {python} -m stt.train --workers 2 --cpu --cpus-per-worker 1.5 --stage {stage} "
+            f"--max-steps 2 --storage {shared / 'runs'} --name rehearsal data.root={data['ytvos']} "
+            f"train.eval_every=0 {' '.join(TINY_TRAIN)}",
+            out / "train-job.log",
+            timeout_s,
+        )
         report["seconds"]["train"] = round(time.perf_counter() - t, 1)
         report["train_placement"] = nodes_by_actor_class(cluster.dashboard, job)
         check_spread("stt.train", report["train_placement"], "RayTrainWorker", head)
@@ -226,15 +264,21 @@ def rehearse(out: Path, stage: str, skip_sweep: bool, timeout_s: float) -> dict:
             final = shared / "runs" / "rehearsal" / f"{trained}-final.pt"
             payload = checkpoint.load(final.read_bytes(), str(final))
             if payload["stage"] != trained or payload["step"] != 2:
-                raise AssertionError(f"{final}: expected the {trained} stage at step 2, got {payload['stage']} at {payload['step']}")
+                raise AssertionError(
+                    f"{final}: expected the {trained} stage at step 2, got {payload['stage']} at {payload['step']}"
+                )
             report.setdefault("checkpoints", []).append(str(final))
 
         if not skip_sweep:
             t = time.perf_counter()
-            job = run_job(cluster.dashboard, f"{cd} {python} {REPO / 'tune' / 'sweep.py'} --quick --samples 2 "
-                          f"--propagation-samples 2 --cpu --storage {shared / 'sweeps'} --name rehearsal "
-                          f"--data-root {data['ytvos']} --davis-root {data['davis']} {' '.join(TINY_SWEEP)}",
-                          out / "sweep-job.log", timeout_s)
+            job = run_job(
+                cluster.dashboard,
+                f"{cd} {python} {REPO / 'tune' / 'sweep.py'} --quick --samples 2 "
+                f"--propagation-samples 2 --cpu --storage {shared / 'sweeps'} --name rehearsal "
+                f"--data-root {data['ytvos']} --davis-root {data['davis']} {' '.join(TINY_SWEEP)}",
+                out / "sweep-job.log",
+                timeout_s,
+            )
             report["seconds"]["sweep"] = round(time.perf_counter() - t, 1)
             report["sweep_placement"] = nodes_by_actor_class(cluster.dashboard, job)
             check_spread("tune/sweep.py", report["sweep_placement"], "RayTrainWorker", head)
@@ -248,9 +292,12 @@ def rehearse(out: Path, stage: str, skip_sweep: bool, timeout_s: float) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python cluster/rehearse.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="rehearsal", help="folder for shared storage, logs and rehearsal.json (default: ./rehearsal)")
+    parser = argparse.ArgumentParser(
+        prog="python cluster/rehearse.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="rehearsal", help="folder for shared storage, logs and rehearsal.json (default: ./rehearsal)"
+    )
     parser.add_argument("--stage", choices=("all", "spatial"), default="all", help="stt.train stages to rehearse")
     parser.add_argument("--skip-sweep", action="store_true", help="rehearse stt.train only (what CI runs)")
     parser.add_argument("--job-timeout", type=float, default=900, help="seconds allowed to each job")

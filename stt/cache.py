@@ -5,6 +5,7 @@
 A module of its own, importing nothing heavy, so that the dataset generator and the evaluator both
 read these from here without pulling in each other's dependencies.
 """
+
 from __future__ import annotations
 
 import os

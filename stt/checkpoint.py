@@ -11,6 +11,7 @@ Every reader goes through `read` (weights only: a malicious pickle is refused; a
 file is one line naming it) and `load` (the keys above are there). Storage goes through pyarrow's
 file systems, so the same calls serve a laptop folder and a cluster's bucket.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -123,8 +124,15 @@ def config_of(checkpoint: dict[str, Any], what: str) -> Config:
     return from_dict(checkpoint["config"], source=what)
 
 
-def payload(encoder_weights: dict[str, Tensor], cfg: Config, stage: str, step: int, optimizer: torch.optim.Optimizer,
-            moco: nn.Module | None = None, fisher: dict[str, Tensor] | None = None) -> dict[str, Any]:
+def payload(
+    encoder_weights: dict[str, Tensor],
+    cfg: Config,
+    stage: str,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    moco: nn.Module | None = None,
+    fisher: dict[str, Tensor] | None = None,
+) -> dict[str, Any]:
     """The one-file checkpoint: plain tensors, numbers, strings, lists and dicts only."""
     checkpoint = {
         "model": {k: v.detach().cpu() for k, v in encoder_weights.items()},

@@ -25,15 +25,26 @@ class InterruptedRun(RuntimeError):
 
 
 # Raised by stt for input it cannot use; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               yaml.YAMLError, InterruptedRun)
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    yaml.YAMLError,
+    InterruptedRun,
+)
 
 
 def ray_wrapped(error: BaseException) -> list[BaseException]:
     """The exceptions Ray wrapped in `error`: a worker's (RayTaskError.cause, Ray Train's
     WorkerGroupError.worker_failures) or the Train controller's."""
-    inner = [getattr(error, "cause", None), *getattr(error, "worker_failures", {}).values(),
-             getattr(error, "controller_failure", None)]
+    inner = [
+        getattr(error, "cause", None),
+        *getattr(error, "worker_failures", {}).values(),
+        getattr(error, "controller_failure", None),
+    ]
     return [e for e in inner if isinstance(e, BaseException)]
 
 

@@ -14,6 +14,7 @@ the authors' code (and MAST, which it copies):
   (not zeroed, not rescaled), and the values that are copied are the same channel of the
   unmodified normalised reference frame: both codes clone the Lab frames before the dropout.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,9 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     r, g, b = linear.unbind(1)
     xyz = [(m0 * r + m1 * g + m2 * b) / white for (m0, m1, m2), white in zip(_XYZ_FROM_RGB, _D65_WHITE)]
     # CIE's cube root with its linear toe near black; the clamp keeps pow away from negatives.
-    fx, fy, fz = (torch.where(t > 0.008856, t.clamp_min(0.008856).pow(1.0 / 3.0), 7.787 * t + 16.0 / 116.0) for t in xyz)
+    fx, fy, fz = (
+        torch.where(t > 0.008856, t.clamp_min(0.008856).pow(1.0 / 3.0), 7.787 * t + 16.0 / 116.0) for t in xyz
+    )
     return torch.stack((116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)), dim=1)
 
 

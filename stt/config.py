@@ -5,6 +5,7 @@ section names (`model`, `temporal`, `propagation`, ...); command lines add overr
 `temporal.alpha=500` or `propagation.aggregation=per-frame`. Unknown keys are errors, so a typo
 never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -221,43 +222,87 @@ def validate(config: Config) -> Config:
     """
     from stt.losses import ENTROPY_SCORES, ENTROPY_WINDOWS, PYRAMID_LEVELS, REFERENCE_POOLINGS, THRESHOLD_MODES
     from stt.models import ARCHS, LEVELS, STRIDES
-    from stt.recipes import RECIPES
     from stt.propagation import AGGREGATIONS, LABEL_SAMPLINGS, PER_FRAME_NORMS, WINDOWS
+    from stt.recipes import RECIPES
     from stt.vfs import SAMPLINGS as VFS_SAMPLINGS
 
-    m, s, t, p, e, d, r = (config.model, config.spatial, config.temporal, config.propagation, config.eval,
-                           config.data, config.train)
+    m, s, t, p, e, d, r = (
+        config.model,
+        config.spatial,
+        config.temporal,
+        config.propagation,
+        config.eval,
+        config.data,
+        config.train,
+    )
     for name, value, allowed in (
-            ("model.arch", m.arch, tuple(ARCHS)), ("model.stride", m.stride, STRIDES),
-            ("model.input_space", m.input_space, ("rgb", "lab")), ("spatial.method", s.method, ("moco", "detco")),
-            ("temporal.lc_reference_pooling", t.lc_reference_pooling, REFERENCE_POOLINGS),
-            ("temporal.entropy", t.entropy, ENTROPY_SCORES), ("temporal.entropy_window", t.entropy_window, ENTROPY_WINDOWS),
-            ("temporal.threshold_mode", t.threshold_mode, THRESHOLD_MODES),
-            ("propagation.aggregation", p.aggregation, AGGREGATIONS),
-            ("propagation.per_frame_norm", p.per_frame_norm, PER_FRAME_NORMS), ("propagation.window", p.window, WINDOWS),
-            ("propagation.label_sampling", p.label_sampling, LABEL_SAMPLINGS), ("eval.layer", e.layer, LEVELS),
-            ("train.recipe", r.recipe, tuple(RECIPES)), ("vfs.sampling", config.vfs.sampling, VFS_SAMPLINGS)):
+        ("model.arch", m.arch, tuple(ARCHS)),
+        ("model.stride", m.stride, STRIDES),
+        ("model.input_space", m.input_space, ("rgb", "lab")),
+        ("spatial.method", s.method, ("moco", "detco")),
+        ("temporal.lc_reference_pooling", t.lc_reference_pooling, REFERENCE_POOLINGS),
+        ("temporal.entropy", t.entropy, ENTROPY_SCORES),
+        ("temporal.entropy_window", t.entropy_window, ENTROPY_WINDOWS),
+        ("temporal.threshold_mode", t.threshold_mode, THRESHOLD_MODES),
+        ("propagation.aggregation", p.aggregation, AGGREGATIONS),
+        ("propagation.per_frame_norm", p.per_frame_norm, PER_FRAME_NORMS),
+        ("propagation.window", p.window, WINDOWS),
+        ("propagation.label_sampling", p.label_sampling, LABEL_SAMPLINGS),
+        ("eval.layer", e.layer, LEVELS),
+        ("train.recipe", r.recipe, tuple(RECIPES)),
+        ("vfs.sampling", config.vfs.sampling, VFS_SAMPLINGS),
+    ):
         check_choice(name, value, allowed)
     if not t.rec_levels or set(t.rec_levels) - set(PYRAMID_LEVELS) or len(set(t.rec_levels)) != len(t.rec_levels):
-        raise UsageError(f"temporal.rec_levels: expected distinct levels among {PYRAMID_LEVELS}, got {list(t.rec_levels)}")
+        raise UsageError(
+            f"temporal.rec_levels: expected distinct levels among {PYRAMID_LEVELS}, got {list(t.rec_levels)}"
+        )
     positive = {  # > 0
-        "spatial.feature_dim": s.feature_dim, "spatial.queue_size": s.queue_size, "spatial.bn_splits": s.bn_splits,
-        "spatial.image_size": s.image_size, "spatial.lr": s.lr, "spatial.lr_batch": s.lr_batch, "spatial.temperature": s.temperature,
-        "temporal.radius_res3": t.radius_res3, "temporal.radius_res4": t.radius_res4, "temporal.rec_scale": t.rec_scale,
-        "temporal.channel_dropout_scale": t.channel_dropout_scale, "temporal.teacher_temperature": t.teacher_temperature,
-        "propagation.temperature": p.temperature, "propagation.topk": p.topk, "propagation.chunk_size": p.chunk_size,
-        "eval.vip_size": e.vip_size, "eval.jhmdb_size": e.jhmdb_size, "eval.batch_size": e.batch_size,
-        "data.frame_gap": d.frame_gap, "data.data_cpus": d.data_cpus,
-        "train.batch_size": r.batch_size, "temporal.lr": t.lr, "temporal.lr_batch": t.lr_batch, "train.max_steps": r.max_steps,
-        "train.checkpoint_every": r.checkpoint_every, "train.log_every": r.log_every, "train.ewc_fisher_batches": r.ewc_fisher_batches,
-        "train.lwf_temperature": r.lwf_temperature, "vfs.interval": config.vfs.interval, "vfs.image_size": config.vfs.image_size,
-        "vfs.lr": config.vfs.lr, "vfs.lr_batch": config.vfs.lr_batch,
+        "spatial.feature_dim": s.feature_dim,
+        "spatial.queue_size": s.queue_size,
+        "spatial.bn_splits": s.bn_splits,
+        "spatial.image_size": s.image_size,
+        "spatial.lr": s.lr,
+        "spatial.lr_batch": s.lr_batch,
+        "spatial.temperature": s.temperature,
+        "temporal.radius_res3": t.radius_res3,
+        "temporal.radius_res4": t.radius_res4,
+        "temporal.rec_scale": t.rec_scale,
+        "temporal.channel_dropout_scale": t.channel_dropout_scale,
+        "temporal.teacher_temperature": t.teacher_temperature,
+        "propagation.temperature": p.temperature,
+        "propagation.topk": p.topk,
+        "propagation.chunk_size": p.chunk_size,
+        "eval.vip_size": e.vip_size,
+        "eval.jhmdb_size": e.jhmdb_size,
+        "eval.batch_size": e.batch_size,
+        "data.frame_gap": d.frame_gap,
+        "data.data_cpus": d.data_cpus,
+        "train.batch_size": r.batch_size,
+        "temporal.lr": t.lr,
+        "temporal.lr_batch": t.lr_batch,
+        "train.max_steps": r.max_steps,
+        "train.checkpoint_every": r.checkpoint_every,
+        "train.log_every": r.log_every,
+        "train.ewc_fisher_batches": r.ewc_fisher_batches,
+        "train.lwf_temperature": r.lwf_temperature,
+        "vfs.interval": config.vfs.interval,
+        "vfs.image_size": config.vfs.image_size,
+        "vfs.lr": config.vfs.lr,
+        "vfs.lr_batch": config.vfs.lr_batch,
     }
     non_negative = {  # >= 0; 0 means off / none / native size
-        "spatial.weight_decay": s.weight_decay, "temporal.alpha": t.alpha, "temporal.beta": t.beta,
-        "propagation.context": p.context, "propagation.radius": p.radius or 0, "eval.max_short_side": e.max_short_side,
-        "train.gamma": r.gamma, "train.ewc_weight": r.ewc_weight, "train.lwf_weight": r.lwf_weight,
-        "vfs.weight_decay": config.vfs.weight_decay, "train.warmup_steps": r.warmup_steps,
+        "spatial.weight_decay": s.weight_decay,
+        "temporal.alpha": t.alpha,
+        "temporal.beta": t.beta,
+        "propagation.context": p.context,
+        "propagation.radius": p.radius or 0,
+        "eval.max_short_side": e.max_short_side,
+        "train.gamma": r.gamma,
+        "train.ewc_weight": r.ewc_weight,
+        "train.lwf_weight": r.lwf_weight,
+        "vfs.weight_decay": config.vfs.weight_decay,
+        "train.warmup_steps": r.warmup_steps,
         "train.eval_every": r.eval_every,
     }
     for name, value in positive.items():
@@ -275,10 +320,14 @@ def validate(config: Config) -> Config:
         raise UsageError(f"data.crop_size: expected a positive multiple of 32, got {d.crop_size!r}")
     low, high = d.crop_scale
     if not 0 < low <= high <= 1:
-        raise UsageError(f"data.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(d.crop_scale)}")
+        raise UsageError(
+            f"data.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(d.crop_scale)}"
+        )
     low, high = config.vfs.crop_scale
     if not 0 < low <= high <= 1:
-        raise UsageError(f"vfs.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(config.vfs.crop_scale)}")
+        raise UsageError(
+            f"vfs.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(config.vfs.crop_scale)}"
+        )
     low, high = d.crop_ratio
     if not 0 < low <= high:
         raise UsageError(f"data.crop_ratio: expected 0 < low <= high (width / height), got {list(d.crop_ratio)}")
@@ -343,8 +392,10 @@ def _update(obj: Any, mapping: dict, prefix: str) -> None:
     for key, value in mapping.items():
         where = f"{prefix}{key}"
         if where in MOVED_KEYS:
-            raise UsageError(f"config key '{where}' is now '{MOVED_KEYS[where]}' (each stage has its own rate: "
-                             "spatial.lr, temporal.lr, vfs.lr)")
+            raise UsageError(
+                f"config key '{where}' is now '{MOVED_KEYS[where]}' (each stage has its own rate: "
+                "spatial.lr, temporal.lr, vfs.lr)"
+            )
         if key not in hints:
             known = ", ".join(sorted(hints))
             raise UsageError(f"unknown config key '{where}' (known here: {known})")
@@ -371,7 +422,9 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         try:
             cursor[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as error:
-            raise UsageError(f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
+            raise UsageError(
+                f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})"
+            ) from None
         _update(config, nested, "")
     return config
 

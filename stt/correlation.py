@@ -16,6 +16,7 @@ computed one window row (dy) at a time as a batched matrix product of each query
 matching key row, from which the 2r+1 diagonals around the query are read; aggregation loops over
 the same 2r+1 row offsets.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,9 @@ from torch import Tensor
 
 def _check_pair(q: Tensor, k: Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape:
-        raise ValueError(f"q and k: expected two B x C x h x w tensors of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k: expected two B x C x h x w tensors of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
 
 
 def window_side(radius: int) -> int:
@@ -97,7 +100,12 @@ def aggregate_local(weights: Tensor, values: Tensor) -> Tensor:
     Returns B x D x h x w: out[:, :, y, x] = sum_{dy,dx} weights[:, (dy,dx), y, x] * values[:, :, y+dy, x+dx],
     out-of-frame values counting as zero. Transient memory per row offset: D x (2r+1) x positions.
     """
-    if weights.dim() != 4 or values.dim() != 4 or weights.shape[0] != values.shape[0] or weights.shape[2:] != values.shape[2:]:
+    if (
+        weights.dim() != 4
+        or values.dim() != 4
+        or weights.shape[0] != values.shape[0]
+        or weights.shape[2:] != values.shape[2:]
+    ):
         raise ValueError(
             f"weights and values: expected B x (2r+1)^2 x h x w and B x D x h x w, got {tuple(weights.shape)} and {tuple(values.shape)}"
         )

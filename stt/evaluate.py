@@ -13,6 +13,7 @@ propagate, upsample, argmax, save indexed PNGs, score; last the report.
 Every subcommand takes `--config FILE.yaml` and trailing dotted overrides such as
 `propagation.topk=5`; with no dataset root it uses the embedded synthetic default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,9 +88,15 @@ class EvaluationRun:
         """The report, also written to `out/metrics.json` (if `out`): the scores, the checkpoint, `<task>_root`,
         `dataset` (what else names the data evaluated), the network forward passes (0 when every feature was
         cached), the seconds since `open`, and the config."""
-        report = {**scores, "checkpoint": self.checkpoint, f"{self.task}_root": str(root), **dataset,
-                  "network_calls": self.extractor.network_calls, "seconds": time.perf_counter() - self.started,
-                  "config": to_dict(self.cfg)}
+        report = {
+            **scores,
+            "checkpoint": self.checkpoint,
+            f"{self.task}_root": str(root),
+            **dataset,
+            "network_calls": self.extractor.network_calls,
+            "seconds": time.perf_counter() - self.started,
+            "config": to_dict(self.cfg),
+        }
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(to_jsonable(report), indent=1))
@@ -97,7 +104,12 @@ class EvaluationRun:
 
 
 def propagate_video(
-    features: torch.Tensor, first_labels: np.ndarray, num_labels: int, out_size: tuple[int, int], cfg: Config, implementation: str,
+    features: torch.Tensor,
+    first_labels: np.ndarray,
+    num_labels: int,
+    out_size: tuple[int, int],
+    cfg: Config,
+    implementation: str,
     propagator=None,
 ) -> np.ndarray:
     """Propagate the first frame's label map through a video.
@@ -196,8 +208,9 @@ def evaluate_davis(
         gt = dataset.read_masks(seq)  # T x H x W, 255 = void
         first = np.where(gt[0] == 255, 0, gt[0])
         per_sequence = None if propagator is None else functools.partial(propagator, seq)
-        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], run.cfg, implementation,
-                               per_sequence)
+        pred = propagate_video(
+            features, first, dataset.num_objects(seq) + 1, gt.shape[1:], run.cfg, implementation, per_sequence
+        )
         if out is not None:
             palette = dataset.palette(seq)
             (out / seq).mkdir(parents=True, exist_ok=True)
@@ -224,7 +237,9 @@ def check_out(out: str) -> None:
     """Before any work: --out must be a folder we can write, or a path where one can be made."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--out {out}: a file is there; expected a folder for the predictions and metrics.json")
+        raise NotADirectoryError(
+            f"--out {out}: a file is there; expected a folder for the predictions and metrics.json"
+        )
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise PermissionError(f"--out {out}: {existing} is not writable")
@@ -234,8 +249,16 @@ def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
     check_out(args.out)
     root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
     report = evaluate_davis(
-        root, args.checkpoint, cfg, Path(args.out), split=args.set, resolution=args.resolution, device=args.device,
-        feature_cache=args.feature_cache, implementation=args.implementation, overlays=args.overlays,
+        root,
+        args.checkpoint,
+        cfg,
+        Path(args.out),
+        split=args.set,
+        resolution=args.resolution,
+        device=args.device,
+        feature_cache=args.feature_cache,
+        implementation=args.implementation,
+        overlays=args.overlays,
     )
     print_davis_table(report["summary"], report["rows"])
     return report
@@ -249,14 +272,17 @@ def read_result_masks(results: Path, seq: str, stems: list[str], size: tuple[int
         path = results / seq / f"{stem}.png"
         inner.append(read_mask(path))
         if inner[-1].shape != size:
-            raise ValueError(f"{path}: result mask is {inner[-1].shape[1]}x{inner[-1].shape[0]}; expected "
-                             f"{size[1]}x{size[0]} like the ground truth")
+            raise ValueError(
+                f"{path}: result mask is {inner[-1].shape[1]}x{inner[-1].shape[0]}; expected "
+                f"{size[1]}x{size[0]} like the ground truth"
+            )
     blank = np.zeros(size, np.uint8)
     return np.stack([blank, *inner, blank])
 
 
-def score_davis(davis_root: Path, results: Path, split: str, resolution: str = "480p",
-                progress: bool = True) -> tuple[dict, list[dict]]:
+def score_davis(
+    davis_root: Path, results: Path, split: str, resolution: str = "480p", progress: bool = True
+) -> tuple[dict, list[dict]]:
     """Score a results folder `results/<seq>/<frame>.png` exactly like the official semi-supervised DAVIS tool."""
     if not results.is_dir():
         raise FileNotFoundError(f"--results {results}: no such folder; expected RESULTS/<sequence>/<frame>.png")
@@ -286,8 +312,17 @@ def resized_frames(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.BILINEAR)) for p in paths])
 
 
-def evaluate_vip(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, device: str = "auto",
-                 feature_cache: Path | None = None, implementation: str = "windowed", progress: bool = True) -> dict:
+def evaluate_vip(
+    root: Path,
+    checkpoint: str,
+    cfg: Config,
+    out: Path | None,
+    *,
+    device: str = "auto",
+    feature_cache: Path | None = None,
+    implementation: str = "windowed",
+    progress: bool = True,
+) -> dict:
     """Semantic part propagation on VIP: mIoU over its 20 classes at the annotated frames after the first.
 
     VIP annotates every 25th frame and, as in paper 004 Sec. 7, labels are propagated along the
@@ -313,7 +348,9 @@ def evaluate_vip(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, 
 
 
 # ----------------------------------------------------------------------------------------- JHMDB
-def joints_to_heatmaps(joints: np.ndarray, image_size: tuple[int, int], grid: tuple[int, int], sigma: float) -> torch.Tensor:
+def joints_to_heatmaps(
+    joints: np.ndarray, image_size: tuple[int, int], grid: tuple[int, int], sigma: float
+) -> torch.Tensor:
     """15 x 2 joint (x, y) pixel coordinates -> 15 x h x w Gaussian maps on the feature grid (sigma in cells)."""
     (height, width), (h, w) = image_size, grid
     cx = (joints[:, 0] + 0.5) * w / width - 0.5  # pixel centre -> cell coordinates
@@ -330,9 +367,18 @@ def heatmaps_to_joints(heatmaps: torch.Tensor, image_size: tuple[int, int]) -> n
     return np.stack([flat % image_size[1], flat // image_size[1]], axis=-1).astype(np.float64)
 
 
-def evaluate_jhmdb(root: Path, checkpoint: str, cfg: Config, out: Path | None, *, device: str = "auto",
-                   feature_cache: Path | None = None, implementation: str = "windowed", progress: bool = True,
-                   sigma: float = 0.5) -> dict:
+def evaluate_jhmdb(
+    root: Path,
+    checkpoint: str,
+    cfg: Config,
+    out: Path | None,
+    *,
+    device: str = "auto",
+    feature_cache: Path | None = None,
+    implementation: str = "windowed",
+    progress: bool = True,
+    sigma: float = 0.5,
+) -> dict:
     """Keypoint propagation on JHMDB split 1 (test): PCK@0.1 and @0.2, frames fed at `eval.jhmdb_size` squared."""
     dataset = JHMDB(root)
     run = EvaluationRun.open("jhmdb", checkpoint, cfg, device, feature_cache)
@@ -354,8 +400,15 @@ def evaluate_jhmdb(root: Path, checkpoint: str, cfg: Config, out: Path | None, *
 def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
     check_out(args.out)
     root = Path(args.vip_root) if args.vip_root else ensure_dataset("vip")
-    report = evaluate_vip(root, args.checkpoint, cfg, Path(args.out), device=args.device,
-                          feature_cache=args.feature_cache, implementation=args.implementation)
+    report = evaluate_vip(
+        root,
+        args.checkpoint,
+        cfg,
+        Path(args.out),
+        device=args.device,
+        feature_cache=args.feature_cache,
+        implementation=args.implementation,
+    )
     print(f"VIP mIoU {report['mIoU']:.4f}")
     return report
 
@@ -363,25 +416,42 @@ def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
 def run_jhmdb(args: argparse.Namespace, cfg: Config) -> dict:
     check_out(args.out)
     root = Path(args.jhmdb_root) if args.jhmdb_root else ensure_dataset("jhmdb")
-    report = evaluate_jhmdb(root, args.checkpoint, cfg, Path(args.out), device=args.device,
-                            feature_cache=args.feature_cache, implementation=args.implementation)
+    report = evaluate_jhmdb(
+        root,
+        args.checkpoint,
+        cfg,
+        Path(args.out),
+        device=args.device,
+        feature_cache=args.feature_cache,
+        implementation=args.implementation,
+    )
     print("  ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("PCK")))
     return report
 
 
 # ----------------------------------------------------------------------------------------- parser
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m stt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--config", help="YAML file with config sections (propagation, eval, model)")
-        sub.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol (config.PRESETS), applied "
-                         "after --config and before the overrides; 'authors': the authors' DAVIS evaluator")
+        sub.add_argument(
+            "--preset",
+            choices=sorted(PRESETS),
+            help="a named protocol (config.PRESETS), applied "
+            "after --config and before the overrides; 'authors': the authors' DAVIS evaluator",
+        )
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. propagation.topk=5")
 
     def propagation_args(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--checkpoint", default="random", help="checkpoint file (local path or URI, e.g. s3://), 'random[:SEED]', or 'lab[:STRIDE]' (Lab pixels)")
+        sub.add_argument(
+            "--checkpoint",
+            default="random",
+            help="checkpoint file (local path or URI, e.g. s3://), 'random[:SEED]', or 'lab[:STRIDE]' (Lab pixels)",
+        )
         sub.add_argument("--out", required=True, help="output folder for predictions and metrics.json")
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda")
         sub.add_argument("--feature-cache", help="feature cache folder (default: $STT_CACHE/features)")
@@ -401,7 +471,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     common(vip)
 
     jhmdb = commands.add_parser("jhmdb", help="propagate JHMDB keypoints and report PCK")
-    jhmdb.add_argument("--jhmdb-root", help="folder holding Rename_Images/, joint_positions/, splits/ (default: synthetic)")
+    jhmdb.add_argument(
+        "--jhmdb-root", help="folder holding Rename_Images/, joint_positions/, splits/ (default: synthetic)"
+    )
     propagation_args(jhmdb)
     common(jhmdb)
 

@@ -8,6 +8,7 @@ theta* are the stage-1 (spatial) weights, F the diagonal Fisher information of t
 objective at theta*. Parameters are matched by name; encoder names are the same in every stride
 preset (stt/models.py), so a Fisher estimated on the spatial encoder applies to the student.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping

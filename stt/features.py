@@ -9,6 +9,7 @@ A sweep re-runs propagation hundreds of times with other settings; the network r
 - `random` / `random:SEED`: a randomly initialised encoder (a baseline, seeded);
 - `lab:STRIDE`: Lab pixels average-pooled to a stride-STRIDE grid (the classic colour baseline).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from stt import checkpoint
+from stt.cache import current_umask
 from stt.cli import UsageError
 from stt.color import IMAGENET_MEAN, IMAGENET_STD, normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
-from stt.cache import current_umask
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published
 
@@ -71,7 +72,11 @@ def parse_baseline(source: str) -> tuple[str, int] | None:
     if value is None:
         return (kind, 8) if kind == "lab" else (kind, 0)
     if not value.isdigit() or (kind == "lab" and int(value) == 0):
-        expected = "lab:STRIDE with a positive integer stride, e.g. lab:8" if kind == "lab" else "random:SEED with an integer seed >= 0"
+        expected = (
+            "lab:STRIDE with a positive integer stride, e.g. lab:8"
+            if kind == "lab"
+            else "random:SEED with an integer seed >= 0"
+        )
         raise UsageError(f"--checkpoint {source}: expected {expected}")
     return kind, int(value)
 
@@ -80,8 +85,11 @@ def stored_model_note(source: str, stored: ModelConfig, given: ModelConfig) -> s
     """One line when a checkpoint's stored trunk (model.arch, model.stride) differs from the given config's:
     the stored one wins, because the weights were trained on it. (model.input_space is left out: it is the
     stage's, decided by stt.recipes.stage_spec, not a choice the config makes for a trained encoder.)"""
-    differing = [f"model.{name}={getattr(stored, name)} (the config says {getattr(given, name)})"
-                 for name in ("arch", "stride") if getattr(stored, name) != getattr(given, name)]
+    differing = [
+        f"model.{name}={getattr(stored, name)} (the config says {getattr(given, name)})"
+        for name in ("arch", "stride")
+        if getattr(stored, name) != getattr(given, name)
+    ]
     if not differing:
         return None
     return f"stt: {source}: its stored model config wins, as its weights were trained with it: {', '.join(differing)}"
@@ -114,7 +122,9 @@ class FeatureExtractor:
             identity = f"random-seed{seed}"
         else:  # a file: local, or on an object store (s3://...)
             if not checkpoint.is_uri(source) and not Path(source).is_file():
-                raise FileNotFoundError(f"checkpoint {source} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')")
+                raise FileNotFoundError(
+                    f"checkpoint {source} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')"
+                )
             data = checkpoint.read_bytes(source)
             state = checkpoint.read(data, source)
             if checkpoint.is_stt_checkpoint(state):
@@ -164,7 +174,9 @@ class FeatureCache:
         digest = hashlib.sha256(json.dumps([extractor_key, variant, frames]).encode()).hexdigest()
         return self.root / digest[:2] / f"{digest}.npy"
 
-    def load_or_compute(self, extractor: FeatureExtractor, frame_paths: list[Path], read_frames, variant: str = "") -> torch.Tensor:
+    def load_or_compute(
+        self, extractor: FeatureExtractor, frame_paths: list[Path], read_frames, variant: str = ""
+    ) -> torch.Tensor:
         """Features `T x C x h x w` (float32, on the extractor's device); `read_frames()` is called only on a miss.
 
         `variant` names any preprocessing `read_frames` applies (e.g. a fixed resize), so it keys the cache too.
@@ -174,7 +186,9 @@ class FeatureCache:
             try:
                 return torch.from_numpy(np.load(path)).to(extractor.device).float()
             except (ValueError, OSError, EOFError) as error:  # damaged on disk: the entry is only a cache
-                print(f"stt: feature cache entry {path} is unreadable ({' '.join(str(error).split())[:120]}); recomputing it")
+                print(
+                    f"stt: feature cache entry {path} is unreadable ({' '.join(str(error).split())[:120]}); recomputing it"
+                )
         features = extractor(read_frames()).to(torch.float16)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:

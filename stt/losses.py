@@ -54,6 +54,7 @@ Global correlation distillation (Eqs. 8-9) at res5: student softmax(q.k / sqrt(C
     frozen teacher's softmax(q.k / tau), tau = 0.07, on unnormalised features like the authors'
     (`norm=False`), MSE averaged over B x hw x hw.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,13 +103,17 @@ def downsample_local_correlation(probs: Tensor, radius: int, factor: int, refere
     probs[f d' + b - a, f i' + a], pool = mean or sum over the f x f reference sub-cells b.
     """
     if reference_pooling not in REFERENCE_POOLINGS:
-        raise ValueError(f"temporal.lc_reference_pooling: expected one of {REFERENCE_POOLINGS}, got {reference_pooling!r}")
+        raise ValueError(
+            f"temporal.lc_reference_pooling: expected one of {REFERENCE_POOLINGS}, got {reference_pooling!r}"
+        )
     batch, window, height, width = probs.shape
     fine_side = math.isqrt(window)
     if fine_side * fine_side != window or fine_side % 2 == 0:
         raise ValueError(f"probs: expected (2R+1)^2 window channels, got {window}")
     if height % factor or width % factor:
-        raise ValueError(f"probs: a {height} x {width} grid does not pool by {factor} (res3 must be exactly {factor}x res4)")
+        raise ValueError(
+            f"probs: a {height} x {width} grid does not pool by {factor} (res3 must be exactly {factor}x res4)"
+        )
     fine_radius, coarse_side = fine_side // 2, 2 * radius + 1
     # Zero-pad the fine window so every reachable displacement |d| <= f*radius + f - 1 has a slot.
     pad = max(0, factor * radius + factor - 1 - fine_radius)
@@ -121,7 +126,13 @@ def downsample_local_correlation(probs: Tensor, radius: int, factor: int, refere
             for b_y in range(factor):
                 for b_x in range(factor):
                     start_y, start_x = first + b_y - a_y, first + b_x - a_x
-                    part = fine[:, start_y : start_y + span : factor, start_x : start_x + span : factor, a_y::factor, a_x::factor]
+                    part = fine[
+                        :,
+                        start_y : start_y + span : factor,
+                        start_x : start_x + span : factor,
+                        a_y::factor,
+                        a_x::factor,
+                    ]
                     pooled = part if pooled is None else pooled + part
     divisor = factor**2 if reference_pooling == "sum" else factor**4
     return (pooled / divisor).reshape(batch, coarse_side * coarse_side, height // factor, width // factor)
@@ -237,7 +248,9 @@ def check_temporal_config(cfg: TemporalConfig) -> None:
 
 def _feature(features: dict[str, Tensor], level: str, name: str) -> Tensor:
     if level not in features:
-        raise KeyError(f"{name}: no '{level}' features (got {sorted(features)}); run the encoder with layers including {level!r}")
+        raise KeyError(
+            f"{name}: no '{level}' features (got {sorted(features)}); run the encoder with layers including {level!r}"
+        )
     return features[level]
 
 
@@ -270,7 +283,9 @@ def temporal_losses(
     radius = {"res3": cfg.radius_res3, "res4": cfg.radius_res4}
     needed = [level for level in student_levels(cfg) if level != "res5"]
     logits = {
-        level: local_correlation(_feature(student_t, level, "student_t"), _feature(student_r, level, "student_r"), radius[level])
+        level: local_correlation(
+            _feature(student_t, level, "student_t"), _feature(student_r, level, "student_r"), radius[level]
+        )
         for level in needed
     }
     probs = {level: local_softmax(level_logits) for level, level_logits in logits.items()}
@@ -279,7 +294,9 @@ def temporal_losses(
     terms = dict.fromkeys(TERMS, zero)
     for level in cfg.rec_levels:
         reference = sample_at_grid(reference_channel.float(), probs[level].shape[-2:])
-        terms[f"rec_{level}"] = reconstruction_loss(aggregate_local(probs[level], reference), target_channel, cfg.rec_scale)
+        terms[f"rec_{level}"] = reconstruction_loss(
+            aggregate_local(probs[level], reference), target_channel, cfg.rec_scale
+        )
 
     if cfg.alpha > 0:
         fine_h, coarse_h = probs["res3"].shape[-2], probs["res4"].shape[-2]
@@ -303,7 +320,9 @@ def temporal_losses(
 
     if cfg.beta > 0:
         if teacher_t is None or teacher_r is None:
-            raise ValueError("temporal.beta > 0 needs the teacher's features (teacher_t, teacher_r); set beta=0 to train without")
+            raise ValueError(
+                "temporal.beta > 0 needs the teacher's features (teacher_t, teacher_r); set beta=0 to train without"
+            )
         terms["gc"] = global_distillation_loss(
             _feature(student_t, "res5", "student_t"),
             _feature(student_r, "res5", "student_r"),

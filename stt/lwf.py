@@ -30,6 +30,7 @@ stage's frames. Choices, and why:
   evaluated) and a trainable head could absorb the drift the term exists to prevent; it also keeps
   the checkpoint format (the student's head would otherwise need saving).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,8 +54,10 @@ def lwf_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float)
     detached); temperature: LwF's T. Returns a float32 scalar >= 0.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"logits: expected two N x K tensors of one shape, got {tuple(student_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"logits: expected two N x K tensors of one shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
@@ -74,9 +77,10 @@ class LwF(nn.Module):
             raise ValueError(
                 f"train.recipe={cfg.train.recipe} distils the spatial stage's MoCo outputs (LwF), which needs its "
                 f"checkpoint with MoCo's head and queue; {init_name or 'no --init'} has none (run --stage all, or "
-                "pass the spatial stage's checkpoint to --init)")
+                "pass the spatial stage's checkpoint to --init)"
+            )
         self.teacher = build_teacher(cfg.model, init["model"])
-        head_state = {k[len(HEAD_PREFIX):]: v for k, v in moco.items() if k.startswith(HEAD_PREFIX)}
+        head_state = {k[len(HEAD_PREFIX) :]: v for k, v in moco.items() if k.startswith(HEAD_PREFIX)}
         width, feature_dim = head_state["0.weight"].shape[1], head_state["2.weight"].shape[0]
         self.head = projection_head(width, feature_dim)
         self.head.load_state_dict(head_state)

@@ -43,6 +43,7 @@ whose label map is empty) is skipped and left out of the box; correct/total is a
 joint over all frames of all videos, and PCK is the mean over joints of the per-joint
 percentages (the pooled ratio is commented out in the official script).
 """
+
 from __future__ import annotations
 
 import warnings

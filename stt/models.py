@@ -51,6 +51,7 @@ output. `MastEncoder` is that network under MAST's own module names (so a releas
 layer2's output (128 channels) and res4 the post-convolution's (64 channels), both at stride 4. It has no res5,
 no teacher layout and no spatial stage: it evaluates MAST releases (or a random MAST trunk) and does not train.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -117,8 +118,10 @@ class Encoder(nn.Module):
     def __init__(self, arch: str = "resnet18", stride: int | str = 8, frozen: bool = False):
         super().__init__()
         if arch == MAST_ARCH:
-            raise ValueError(f"model.arch={MAST_ARCH}: MAST's trunk has no torchvision layout (no stride-16 teacher, "
-                             "no spatial or VFS stage); it evaluates MAST releases only (stt.models.MastEncoder)")
+            raise ValueError(
+                f"model.arch={MAST_ARCH}: MAST's trunk has no torchvision layout (no stride-16 teacher, "
+                "no spatial or VFS stage); it evaluates MAST releases only (stt.models.MastEncoder)"
+            )
         if arch not in TORCHVISION_ARCHS:
             raise ValueError(f"model.arch: expected one of {sorted(ARCHS)}, got {arch!r}")
         if stride not in LAYOUTS:
@@ -129,9 +132,12 @@ class Encoder(nn.Module):
         self.frozen = frozen
         self.conv1, self.bn1, self.relu = trunk.conv1, trunk.bn1, trunk.relu
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
-        self.maxpool = {"max": trunk.maxpool, "none": nn.Identity(),
-                        # the authors' res18_d4: nn.AvgPool2d(3, 2, 1), padding counted
-                        "mean": nn.AvgPool2d(kernel_size=3, stride=2, padding=1)}[layout.stem_pool]
+        self.maxpool = {
+            "max": trunk.maxpool,
+            "none": nn.Identity(),
+            # the authors' res18_d4: nn.AvgPool2d(3, 2, 1), padding counted
+            "mean": nn.AvgPool2d(kernel_size=3, stride=2, padding=1),
+        }[layout.stem_pool]
         if not layout.layer2_downsamples:
             _remove_downsampling(self.layer2)
         if not layout.layer3_downsamples:
@@ -188,14 +194,17 @@ class MastBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.left = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
         )
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(self.left(x) + self.shortcut(x))
@@ -233,8 +242,10 @@ class MastEncoder(nn.Module):
 
     def forward(self, x: Tensor, layers: Sequence[str] = levels) -> dict[str, Tensor]:
         if "res5" in layers:
-            raise ValueError(f"layers: {MAST_ARCH} has no res5 (MAST never downsamples past 1/4); use res4, "
-                             "the level MAST propagates from, or res3")
+            raise ValueError(
+                f"layers: {MAST_ARCH} has no res5 (MAST never downsamples past 1/4); use res4, "
+                "the level MAST propagates from, or res3"
+            )
         deepest = _deepest(layers, self.levels, self.arch)
         trunk = self.feature_extraction
         features = {"res3": trunk.layer2(trunk.layer1(trunk.conv1(x)))}
@@ -259,8 +270,10 @@ def build_encoder(cfg: ModelConfig) -> Encoder | MastEncoder:
     """The encoder of `cfg` (a student stride preset, or MAST's at stride 4), with weights from `cfg.weights`."""
     if cfg.arch == MAST_ARCH:
         if cfg.stride != MAST_STRIDE:
-            raise ValueError(f"model.stride: {MAST_ARCH} runs at stride {MAST_STRIDE} only (its res4 is at 1/4), "
-                             f"got {cfg.stride!r}; set model.stride={MAST_STRIDE}")
+            raise ValueError(
+                f"model.stride: {MAST_ARCH} runs at stride {MAST_STRIDE} only (its res4 is at 1/4), "
+                f"got {cfg.stride!r}; set model.stride={MAST_STRIDE}"
+            )
         encoder = MastEncoder()
     else:
         if cfg.stride not in STRIDES:
@@ -284,9 +297,13 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"model.weights: no file at {path!r} (expected 'random' or a local state dict)") from None
+        raise FileNotFoundError(
+            f"model.weights: no file at {path!r} (expected 'random' or a local state dict)"
+        ) from None
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+        raise ValueError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}"
+        )
     return dict(state_dict)
 
 

@@ -6,6 +6,7 @@ The formatting and the panel are pure functions, tested without Ray. Ray Tune is
 `TrialProgress` (see `__getattr__`), so stt.evaluate and stt.data.prepare use this module's progress
 lines on machines without Ray (bench/gpu_suite.py evaluates on a bare GPU machine).
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,8 +87,11 @@ def progress_line(label: str, unit: str, done: int, total: int, elapsed_s: float
     leaving it out would make the others look free.
     """
     percent = f"{100 * done // total}%" if total else "-"
-    parts = [f"{label} {done}/{total} {unit} ({percent})", rate_text(done, elapsed_s, unit),
-             progress_text(done, total, elapsed_s)]
+    parts = [
+        f"{label} {done}/{total} {unit} ({percent})",
+        rate_text(done, elapsed_s, unit),
+        progress_text(done, total, elapsed_s),
+    ]
     return "  ".join(parts + ([name] if name else []))
 
 
@@ -106,8 +110,16 @@ class Progress:
     once when the last unit is done.
     """
 
-    def __init__(self, total: int, label: str, unit: str, *, stream: IO[str] | None = None,
-                 every_s: float = LINE_EVERY_S, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        unit: str,
+        *,
+        stream: IO[str] | None = None,
+        every_s: float = LINE_EVERY_S,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.total, self.label, self.unit, self.every_s, self.clock = total, label, unit, every_s, clock
         self.stream = sys.stderr if stream is None else stream  # looked up now: pytest swaps sys.stderr per test
         self.in_place = is_terminal(self.stream)
@@ -134,9 +146,16 @@ class Progress:
             self.stream.flush()
 
 
-def with_progress(items: Iterable[Item], label: str, unit: str, *, total: int | None = None,
-                  name: Callable[[Item], str] | None = None, enabled: bool = True,
-                  stream: IO[str] | None = None) -> Iterator[Item]:
+def with_progress(
+    items: Iterable[Item],
+    label: str,
+    unit: str,
+    *,
+    total: int | None = None,
+    name: Callable[[Item], str] | None = None,
+    enabled: bool = True,
+    stream: IO[str] | None = None,
+) -> Iterator[Item]:
     """`items`, reporting a `Progress` line as the body of the loop finishes each one.
 
     total: defaults to len(items); name: what the line calls an item (default: nothing);
@@ -209,8 +228,15 @@ def overlay(frame: np.ndarray, mask: np.ndarray, palette: list[int]) -> np.ndarr
     return (frame * (1 - alpha) + colours[mask] * alpha).round().astype(np.uint8)
 
 
-def mask_panel(frames: np.ndarray, predicted: np.ndarray, truth: np.ndarray, palette: list[int], *,
-               rows: int = 4, tile_height: int = 96) -> np.ndarray:
+def mask_panel(
+    frames: np.ndarray,
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    palette: list[int],
+    *,
+    rows: int = 4,
+    tile_height: int = 96,
+) -> np.ndarray:
     """H x W x 3 uint8 grid: one row per chosen frame (evenly spaced, first and last included), columns
     frame | prediction over it | ground truth over it, each tile scaled to `tile_height` rows."""
     count = min(len(frames), len(predicted), len(truth))
@@ -221,8 +247,17 @@ def mask_panel(frames: np.ndarray, predicted: np.ndarray, truth: np.ndarray, pal
     def tile(image: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
-    grid = [np.concatenate([tile(frames[i]), tile(overlay(frames[i], predicted[i], palette)),
-                            tile(overlay(frames[i], truth[i], palette))], axis=1) for i in chosen]
+    grid = [
+        np.concatenate(
+            [
+                tile(frames[i]),
+                tile(overlay(frames[i], predicted[i], palette)),
+                tile(overlay(frames[i], truth[i], palette)),
+            ],
+            axis=1,
+        )
+        for i in chosen
+    ]
     return np.concatenate(grid, axis=0)
 
 
@@ -234,7 +269,9 @@ def davis_panel_png(davis_root: Path, split: str, results: Path, **panel_kwargs)
     dataset = DAVIS(davis_root, split=split)
     seq = dataset.sequences[0]
     predicted = np.stack([read_mask(results / seq / f"{path.stem}.png") for path in dataset.mask_paths(seq)])
-    panel = mask_panel(dataset.read_frames(seq), predicted, dataset.read_masks(seq), dataset.palette(seq), **panel_kwargs)
+    panel = mask_panel(
+        dataset.read_frames(seq), predicted, dataset.read_masks(seq), dataset.palette(seq), **panel_kwargs
+    )
     buffer = io.BytesIO()
     Image.fromarray(panel).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()

@@ -83,6 +83,7 @@ Sources read for each format (public repositories, via the project's code search
   checkpoint["state_dict"] strictly into an unwrapped MAST), functional/feeder/dataset/DavisLoaderLab.py (Lab).
 - torchvision: torchvision.models.resnet18/resnet50 state_dict(); stt/models.py load_encoder_weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -228,7 +229,7 @@ def _split(weights: Mapping[str, Tensor], trunk: str, dropped: tuple[str, ...]) 
     inside, stray = {}, []
     for key, value in weights.items():
         if key.startswith(trunk):
-            inside[key[len(trunk):]] = value
+            inside[key[len(trunk) :]] = value
         elif not key.startswith(dropped):
             stray.append(key)
     return inside, stray
@@ -269,8 +270,12 @@ def _checked(trunk: dict[str, Tensor], stray: list[str], name: str, guess: str) 
     trunk = {k: v for k, v in trunk.items() if not k.startswith("fc.")}  # a classifier is never part of the encoder
     arch = _arch(trunk)
     if arch is None:
-        raise _fail(name, guess, "the trunk is neither a ResNet-18 nor a ResNet-50 (the encoder's archs); "
-                    f"its keys start {_listed(sorted(trunk))}")
+        raise _fail(
+            name,
+            guess,
+            "the trunk is neither a ResNet-18 nor a ResNet-50 (the encoder's archs); "
+            f"its keys start {_listed(sorted(trunk))}",
+        )
     return arch, _fitted(trunk, stray, arch, name, guess)
 
 
@@ -280,12 +285,19 @@ def _fitted(trunk: dict[str, Tensor], stray: list[str], arch: str, name: str, gu
     expected = _expected(arch)
     trunk = dict(trunk)
     for key in expected:  # files from old torch have no num_batches_tracked; eval mode never reads it
-        if key.endswith("num_batches_tracked") and key not in trunk and key.rsplit(".", 1)[0] + ".running_mean" in trunk:
+        if (
+            key.endswith("num_batches_tracked")
+            and key not in trunk
+            and key.rsplit(".", 1)[0] + ".running_mean" in trunk
+        ):
             trunk[key] = torch.tensor(0, dtype=torch.long)
     missing = sorted(expected.keys() - trunk.keys())
     unexpected = sorted(trunk.keys() - expected.keys()) + sorted(stray)
-    mismatched = [f"{k} {tuple(trunk[k].shape)} vs {tuple(expected[k])}" for k in sorted(expected.keys() & trunk.keys())
-                  if trunk[k].shape != expected[k]]
+    mismatched = [
+        f"{k} {tuple(trunk[k].shape)} vs {tuple(expected[k])}"
+        for k in sorted(expected.keys() & trunk.keys())
+        if trunk[k].shape != expected[k]
+    ]
     if missing or unexpected or mismatched:
         problems = []
         if missing:
@@ -319,7 +331,9 @@ def _authors_stride(state: Any, name: str | None) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_published(path_or_state: str | os.PathLike | Mapping, name: str | None = None) -> tuple[dict, dict[str, Tensor]]:
+def load_published(
+    path_or_state: str | os.PathLike | Mapping, name: str | None = None
+) -> tuple[dict, dict[str, Tensor]]:
     """(model_overrides, encoder_state_dict) of a published checkpoint (a path, or what torch.load returned).
 
     model_overrides: ModelConfig fields the file determines (`arch` always; `stride` and `input_space`
@@ -353,8 +367,9 @@ _WHY = {  # why a format sets the preset it sets (module table notes)
 
 def describe(guess: str, overrides: Mapping[str, Any]) -> str:
     """One line: the format and the ModelConfig values it sets, the others kept from the caller's config."""
-    fields = " ".join(f"model.{k}={overrides[k]}" if k in overrides else f"model.{k} kept"
-                      for k in ("arch", "stride", "input_space"))
+    fields = " ".join(
+        f"model.{k}={overrides[k]}" if k in overrides else f"model.{k} kept" for k in ("arch", "stride", "input_space")
+    )
     return f"{guess} weights -> {fields}" + (f" ({_WHY[guess]})" if guess in _WHY else "")
 
 
@@ -368,17 +383,25 @@ def _mapped(state: Any, name: str, guess: str) -> tuple[dict, dict[str, Tensor]]
     if guess == "unknown":
         keys = sorted(state.keys()) if isinstance(state, Mapping) else []
         what = f"top-level keys {_listed([str(k) for k in keys])}" if keys else f"a {type(state).__name__}"
-        raise _fail(name, guess, "not a format stt knows (stt, STT authors', VFS, CRW, MAST, torchvision ResNet); "
-                    f"it holds {what}")
+        raise _fail(
+            name,
+            guess,
+            f"not a format stt knows (stt, STT authors', VFS, CRW, MAST, torchvision ResNet); it holds {what}",
+        )
     if guess == "mmcv-resnet":
-        raise _fail(name, guess, "an mmcv backbone.* ResNet with no head, stored config or file name telling the STT "
-                    "authors' release (Lab input) from VFS's (RGB); keep the release's file name (res18_d8*, *_k400*)")
+        raise _fail(
+            name,
+            guess,
+            "an mmcv backbone.* ResNet with no head, stored config or file name telling the STT "
+            "authors' release (Lab input) from VFS's (RGB); keep the release's file name (res18_d8*, *_k400*)",
+        )
 
     weights = _weights(state)
     if guess == "mast":  # MAST's own names are the encoder's (stt.models.MastEncoder)
         stray = sorted(k for k in weights if not k.startswith(_MAST_PREFIXES))
-        trunk = _fitted({k: v for k, v in weights.items() if k.startswith(_MAST_PREFIXES)}, stray, MAST_ARCH, name,
-                        guess)
+        trunk = _fitted(
+            {k: v for k, v in weights.items() if k.startswith(_MAST_PREFIXES)}, stray, MAST_ARCH, name, guess
+        )
         return {"arch": MAST_ARCH, "stride": MAST_STRIDE, "input_space": "lab"}, trunk
     if guess == "vfs" and not any(k.startswith(_MMCV_TRUNK) for k in weights):  # the release: torchvision names
         arch, trunk = _checked(dict(weights), [], name, guess)
@@ -412,9 +435,13 @@ def init_payload(state: Any, what: str, arch: str) -> dict[str, Any]:
     and stride are the stage's own; the arch must be the run's and not MAST's (one-line ValueError otherwise)."""
     overrides, weights = load_published(state, name=what)
     if overrides["arch"] == MAST_ARCH:
-        raise ValueError(f"{what}: a MAST release initialises no stt stage (MAST's encoder has no torchvision layout "
-                         "and does not train here); evaluate it with --checkpoint")
+        raise ValueError(
+            f"{what}: a MAST release initialises no stt stage (MAST's encoder has no torchvision layout "
+            "and does not train here); evaluate it with --checkpoint"
+        )
     if overrides["arch"] != arch:
-        raise ValueError(f"{what}: {detect_format(state, what)} weights of a {overrides['arch']}, but model.arch={arch}; "
-                         f"set model.arch={overrides['arch']}")
+        raise ValueError(
+            f"{what}: {detect_format(state, what)} weights of a {overrides['arch']}, but model.arch={arch}; "
+            f"set model.arch={overrides['arch']}"
+        )
     return {"model": weights}

@@ -11,6 +11,7 @@ objective, teacher, pyramid levels, EWC anchor and Fisher batches. The trainer a
 the spec; nothing forks the code and nothing works a fact out twice. The losses the specs name are
 computed in stt.stages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,12 @@ STAGES = ("spatial", "temporal", "spatiotemporal", "vfs")
 # What each stage's encoder is fed; the evaluator feeds the same. The joint stage's trunk sees both;
 # it is evaluated on Lab, the input of the objective that learns correspondence. VFS: ImageNet-normalised RGB.
 INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab", "vfs": "rgb"}
-STREAMS = {"spatial": ("spatial",), "temporal": ("temporal",), "spatiotemporal": ("spatial", "temporal"), "vfs": ("vfs",)}
+STREAMS = {
+    "spatial": ("spatial",),
+    "temporal": ("temporal",),
+    "spatiotemporal": ("spatial", "temporal"),
+    "vfs": ("vfs",),
+}
 
 
 def recipe_of(cfg: Config) -> Recipe:
@@ -98,9 +104,11 @@ class StageSpec:
         """One line for the start of the stage: the rate it really uses, and where it comes from."""
         section, train = getattr(self.config, self.lr_section), self.config.train
         batch = train.batch_size * workers
-        return (f"stt.train: {self.name} stage: global batch {batch} ({train.batch_size} x {workers} workers), effective lr "
-                f"{self.peak_lr(workers):.3g} ({self.lr_section}.lr {section.lr:g} x {batch} / {self.lr_section}.lr_batch "
-                f"{section.lr_batch})")
+        return (
+            f"stt.train: {self.name} stage: global batch {batch} ({train.batch_size} x {workers} workers), effective lr "
+            f"{self.peak_lr(workers):.3g} ({self.lr_section}.lr {section.lr:g} x {batch} / {self.lr_section}.lr_batch "
+            f"{section.lr_batch})"
+        )
 
     @property
     def find_unused_parameters(self) -> bool:
@@ -114,8 +122,10 @@ def stage_spec(cfg: Config, stage: str) -> StageSpec:
     if stage not in STAGES:
         raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
     if cfg.model.arch == MAST_ARCH:  # refused here, on the driver, rather than in a worker's builder
-        raise UsageError(f"model.arch={MAST_ARCH}: MAST's trunk evaluates MAST releases only; no stt stage trains it "
-                         f"(train with one of {tuple(TORCHVISION_ARCHS)})")
+        raise UsageError(
+            f"model.arch={MAST_ARCH}: MAST's trunk evaluates MAST releases only; no stt stage trains it "
+            f"(train with one of {tuple(TORCHVISION_ARCHS)})"
+        )
     recipe = recipe_of(cfg)
     staged = from_dict(to_dict(cfg))
     staged.model.input_space = INPUT_SPACE[stage]
@@ -125,15 +135,23 @@ def stage_spec(cfg: Config, stage: str) -> StageSpec:
         temporal = cfg.temporal if recipe.global_distillation else dataclasses.replace(cfg.temporal, beta=0.0)
     position = recipe.stages.index(stage) if stage in recipe.stages else -1
     # the stage whose weights and Fisher the recipe's EWC stage is anchored to leaves them at its last step
-    anchors_ewc = recipe.ewc_stage is not None and position >= 0 and recipe.stages.index(recipe.ewc_stage) == position + 1
+    anchors_ewc = (
+        recipe.ewc_stage is not None and position >= 0 and recipe.stages.index(recipe.ewc_stage) == position + 1
+    )
     if stage == "vfs":
         temporal = None
     lwf = recipe.lwf_stage == stage
     return StageSpec(
-        name=stage, config=staged, streams=STREAMS[stage], optimiser="adam" if stage == "temporal" else "sgd",
-        temporal=temporal, teacher=temporal is not None and temporal.beta > 0,
+        name=stage,
+        config=staged,
+        streams=STREAMS[stage],
+        optimiser="adam" if stage == "temporal" else "sgd",
+        temporal=temporal,
+        teacher=temporal is not None and temporal.beta > 0,
         student_levels=stage_levels(temporal, lwf) if temporal is not None else (),
-        ewc=recipe.ewc_stage == stage, fisher_batches=cfg.train.ewc_fisher_batches if anchors_ewc else 0, lwf=lwf,
+        ewc=recipe.ewc_stage == stage,
+        fisher_batches=cfg.train.ewc_fisher_batches if anchors_ewc else 0,
+        lwf=lwf,
     )
 
 

@@ -19,6 +19,7 @@ each worker) this module uses the single-GPU substitute of MoCo's own demo: the 
 shuffled and encoded as `bn_splits` separate BatchNorm groups, the query batch as the same number
 of contiguous groups, so a query and its key are normalised with statistics of different images.
 """
+
 from __future__ import annotations
 
 import copy
@@ -154,9 +155,13 @@ class MoCo(nn.Module):
 
     def forward(self, view_q: Tensor, view_k: Tensor) -> dict[str, Tensor]:
         if view_q.shape != view_k.shape or view_q.ndim != 4:
-            raise ValueError(f"views: expected two B x 3 x H x W batches of one shape, got {tuple(view_q.shape)} and {tuple(view_k.shape)}")
+            raise ValueError(
+                f"views: expected two B x 3 x H x W batches of one shape, got {tuple(view_q.shape)} and {tuple(view_k.shape)}"
+            )
         if view_q.shape[0] < self.bn_splits:
-            raise ValueError(f"a batch of {view_q.shape[0]} images cannot form spatial.bn_splits={self.bn_splits} BatchNorm groups")
+            raise ValueError(
+                f"a batch of {view_q.shape[0]} images cannot form spatial.bn_splits={self.bn_splits} BatchNorm groups"
+            )
         q = self._embed(self.query_net, view_q, order=None)
         with torch.no_grad():
             if self.training:

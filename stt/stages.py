@@ -12,6 +12,7 @@ An EWC stage adds the penalty toward the weights (and Fisher) of the stage befor
 distils the stage before's MoCo outputs (stt.lwf). No Ray here:
 stt.train's worker wraps `model` for DistributedDataParallel and feeds the batches.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 from stt import checkpoint
 from stt.color import IMAGENET_MEAN, IMAGENET_STD, drop_color_channel, normalize_lab, rgb_to_lab, take_channel
 from stt.config import Config, ModelConfig, TemporalConfig
-from stt.losses import temporal_losses
 from stt.ewc import ewc_penalty, fisher_diagonal
+from stt.losses import temporal_losses
 from stt.lwf import LwF
 from stt.models import Encoder, build_encoder, build_teacher, encoder_state_dict, load_encoder_weights
 from stt.recipes import StageSpec, stage_levels
@@ -58,7 +59,9 @@ def build_vfs(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[nn.Mo
     return model, torch.optim.SGD(params, lr=cfg.vfs.lr, momentum=0.9, weight_decay=cfg.vfs.weight_decay)
 
 
-def build_temporal(spec: StageSpec, init: dict[str, Tensor] | None) -> tuple[Encoder, Encoder | None, torch.optim.Optimizer]:
+def build_temporal(
+    spec: StageSpec, init: dict[str, Tensor] | None
+) -> tuple[Encoder, Encoder | None, torch.optim.Optimizer]:
     """Student (initialised from the earlier encoder `init` if given), frozen teacher if the spec
     distils globally (that same earlier encoder, or `model.weights` without one), Adam."""
     cfg = spec.config
@@ -156,7 +159,9 @@ def temporal_loss(
     teacher_t = teacher_r = None
     if temporal.beta > 0:
         if teacher is None:
-            raise ValueError(f"temporal.beta={temporal.beta} needs the frozen teacher (global correlation distillation)")
+            raise ValueError(
+                f"temporal.beta={temporal.beta} needs the frozen teacher (global correlation distillation)"
+            )
         with torch.no_grad():
             res5 = teacher(imagenet_normalize(torch.cat([rgb_t, rgb_r])), layers=("res5",))["res5"]
         teacher_t, teacher_r = {"res5": res5.chunk(2)[0]}, {"res5": res5.chunk(2)[1]}
@@ -178,7 +183,9 @@ def shared_trunk_student(encoder: Encoder, model: ModelConfig) -> Encoder:
     layout changes layer3's conv strides and cannot.
     """
     if model.stride != 8:
-        raise ValueError(f"model.stride: the spatiotemporal recipe shares one trunk, which needs stride 8, got {model.stride}")
+        raise ValueError(
+            f"model.stride: the spatiotemporal recipe shares one trunk, which needs stride 8, got {model.stride}"
+        )
     student = Encoder(encoder.arch, 8)
     for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
         setattr(student, name, getattr(encoder, name))
@@ -219,8 +226,9 @@ class SpatiotemporalModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- one step
-def train_one_step(compute_losses: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer, lr: float,
-                   device: torch.device) -> dict[str, Tensor]:
+def train_one_step(
+    compute_losses: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer, lr: float, device: torch.device
+) -> dict[str, Tensor]:
     """Set the lr, run `compute_losses()` (bf16 autocast on GPU), back-propagate "loss", step.
 
     Returns the detached losses; reading them (`.item()`) is left to the caller, so a GPU step
@@ -273,7 +281,9 @@ class StageModel:
             self.moco.load_state_dict(payload["moco"])
         else:
             load_encoder_weights(self.encoder, payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])  # after the move: its state lands on the parameters' device
+        self.optimizer.load_state_dict(
+            payload["optimizer"]
+        )  # after the move: its state lands on the parameters' device
         return int(payload["step"])
 
     def losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -281,8 +291,14 @@ class StageModel:
         if self.spec.name in ("spatial", "vfs"):  # two views: of one image, or two frames of one video
             return add_penalty(spatial_losses(self.forward_model, batch[self.spec.name]), self.penalty)
         if self.spec.name == "temporal":
-            return temporal_loss(self.forward_model, self.teacher, batch["temporal"], self.spec.temporal, penalty=self.penalty,
-                                 lwf=self.lwf)
+            return temporal_loss(
+                self.forward_model,
+                self.teacher,
+                batch["temporal"],
+                self.spec.temporal,
+                penalty=self.penalty,
+                lwf=self.lwf,
+            )
         return self.forward_model(batch["spatial"], batch["temporal"])
 
     def step(self, batch: dict[str, dict[str, Tensor]], lr: float) -> dict[str, Tensor]:
@@ -294,9 +310,15 @@ class StageModel:
         so MoCo's queue and momentum encoder and BatchNorm statistics stay as trained."""
         model = copy.deepcopy(self.model)
         if self.spec.name == "spatial":
-            encoder, loss_of = model.encoder, lambda batch: model(batch["spatial"]["view_q"], batch["spatial"]["view_k"])["loss"]
+            encoder, loss_of = (
+                model.encoder,
+                lambda batch: model(batch["spatial"]["view_q"], batch["spatial"]["view_k"])["loss"],
+            )
         elif self.spec.name == "temporal":
-            encoder, loss_of = model, lambda batch: temporal_loss(model, self.teacher, batch["temporal"], self.spec.temporal)["loss"]
+            encoder, loss_of = (
+                model,
+                lambda batch: temporal_loss(model, self.teacher, batch["temporal"], self.spec.temporal)["loss"],
+            )
         else:
             raise ValueError(f"no EWC recipe is anchored to the {self.spec.name} stage")
         fisher = fisher_diagonal(dict(encoder.named_parameters()), loss_of, (next(batches) for _ in range(num_batches)))
@@ -308,5 +330,6 @@ class StageModel:
 
     def payload(self, step: int, fisher: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """The stage's checkpoint at `step` (stt.checkpoint's format)."""
-        return checkpoint.payload(encoder_state_dict(self.encoder), self.spec.config, self.spec.name, step, self.optimizer,
-                                  self.moco, fisher)
+        return checkpoint.payload(
+            encoder_state_dict(self.encoder), self.spec.config, self.spec.name, step, self.optimizer, self.moco, fisher
+        )

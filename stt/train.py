@@ -38,6 +38,7 @@ sequence's propagated masks in TensorBoard (Images, `<stage>/davis_masks`). Rank
 per report: step, elapsed time, an ETA from this run's mean step time (its first step left out) and
 the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,8 @@ from stt import checkpoint, cli
 from stt.config import Config, load_config, to_dict
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
-from stt.recipes import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
 from stt.observe import MASKS_PNG, progress_text
+from stt.recipes import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
 from stt.stages import StageModel
 
 # the tensors a step reads, per stream
@@ -121,11 +122,23 @@ def worker_batches(spec: StageSpec, start_step: int, skipped, device: torch.devi
         return stage_batches(shards, cfg.train.batch_size, device)
     from stt.data.pipeline import local_stream, report_corrupt
 
-    streams = {name: local_batches(local_stream(name, cfg.data, cfg.spatial, seed=cfg.train.seed,
-                                                skip_rows=start_step * cfg.train.batch_size,
-                                                report=lambda corrupt: report_corrupt(skipped, corrupt), vfs_cfg=cfg.vfs),
-                                   cfg.train.batch_size, BATCH_COLUMNS[name], device)
-               for name in spec.streams}
+    streams = {
+        name: local_batches(
+            local_stream(
+                name,
+                cfg.data,
+                cfg.spatial,
+                seed=cfg.train.seed,
+                skip_rows=start_step * cfg.train.batch_size,
+                report=lambda corrupt: report_corrupt(skipped, corrupt),
+                vfs_cfg=cfg.vfs,
+            ),
+            cfg.train.batch_size,
+            BATCH_COLUMNS[name],
+            device,
+        )
+        for name in spec.streams
+    }
     return prefetched({name: next(stream) for name, stream in streams.items()} for _ in itertools.count())
 
 
@@ -143,8 +156,16 @@ def davis_jf(checkpoint: Path, cfg: Config, device: torch.device, panel: Path | 
     root = Path(cfg.train.eval_davis_root) if cfg.train.eval_davis_root else ensure_dataset("davis")
     # a fresh checkpoint's features are never reused; the predicted masks are read back for the panel
     with tempfile.TemporaryDirectory() as features, tempfile.TemporaryDirectory() as results:
-        report = evaluate_davis(root, str(checkpoint), cfg, out=Path(results) if panel else None, split=cfg.train.eval_davis_set,
-                                device=str(device), feature_cache=Path(features), progress=False)
+        report = evaluate_davis(
+            root,
+            str(checkpoint),
+            cfg,
+            out=Path(results) if panel else None,
+            split=cfg.train.eval_davis_set,
+            device=str(device),
+            feature_cache=Path(features),
+            progress=False,
+        )
         if panel is not None:
             panel.write_bytes(davis_panel_png(root, cfg.train.eval_davis_set, Path(results)))
     return float(report["summary"]["J&F-Mean"])
@@ -190,11 +211,18 @@ def train_loop_per_worker(config: dict) -> None:
     if latest is not None:
         with latest.as_directory() as folder:
             start_step = stage.restore(checkpoint.load(Path(folder) / checkpoint.CHECKPOINT_FILE, latest.path))
-    if device.type == "cuda" and world > 1 and (spec.name == "temporal" or (spec.name == "vfs" and not cfg.vfs.negatives)):
+    if (
+        device.type == "cuda"
+        and world > 1
+        and (spec.name == "temporal" or (spec.name == "vfs" and not cfg.vfs.negatives))
+    ):
         # MoCo keeps per-worker BatchNorm on purpose: shuffle-BN relies on it (see stt.spatial).
         stage.model = nn.SyncBatchNorm.convert_sync_batchnorm(stage.model)
     stage.forward_model = ray.train.torch.prepare_model(  # Ray: DistributedDataParallel across the workers
-        stage.model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": spec.find_unused_parameters})
+        stage.model,
+        move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": spec.find_unused_parameters},
+    )
 
     batches = worker_batches(spec, start_step, config["skipped_frames"], device)
     peak_lr, pairs_per_step = spec.peak_lr(world), train.batch_size * world
@@ -222,7 +250,9 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)  # Ray: a barrier across workers; rank 0's numbers reach the callbacks
         else:
             # the stage an EWC stage is anchored to leaves its Fisher; every worker's batches join the mean
-            fisher = stage.fisher(batches, spec.fisher_batches) if step == train.max_steps and spec.fisher_batches else None
+            fisher = (
+                stage.fisher(batches, spec.fisher_batches) if step == train.max_steps and spec.fisher_batches else None
+            )
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
                 if rank == 0:  # one writer: every worker holds the same weights under DDP
@@ -234,9 +264,15 @@ def train_loop_per_worker(config: dict) -> None:
                 # Ray: stored under the run's storage, the latest `--keep-checkpoints` kept
                 ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"{spec.name}-step{step:07d}")
         if rank == 0:
-            clock = progress_text(step - start_step, train.max_steps - start_step, time.perf_counter() - started, first_step_s)
-            worker_print(f"stt.train {spec.name} step {step}/{train.max_steps}  {clock}  " + "  ".join(
-                f"{name} {value:.4g}" for name, value in metrics.items() if name not in ("step", "start_step")))
+            clock = progress_text(
+                step - start_step, train.max_steps - start_step, time.perf_counter() - started, first_step_s
+            )
+            worker_print(
+                f"stt.train {spec.name} step {step}/{train.max_steps}  {clock}  "
+                + "  ".join(
+                    f"{name} {value:.4g}" for name, value in metrics.items() if name not in ("step", "start_step")
+                )
+            )
         meter.reset()
 
 
@@ -271,8 +307,11 @@ class MetricsLogger(ray.train.UserCallback):
             if self.writer is not None and name != "step":
                 self.writer.add_scalar(f"{self.stage}/{name}", value, step)
             if name not in self.gauges:
-                self.gauges[name] = Gauge(f"stt_train_{re.sub(r'[^a-zA-Z0-9_]', '_', name)}",
-                                          description=f"stt.train: {name}", tag_keys=("run", "stage", "trial"))
+                self.gauges[name] = Gauge(
+                    f"stt_train_{re.sub(r'[^a-zA-Z0-9_]', '_', name)}",
+                    description=f"stt.train: {name}",
+                    tag_keys=("run", "stage", "trial"),
+                )
             # trial "": not a sweep trial; a sweep's trials share run and stage and differ only here
             self.gauges[name].set(value, tags={"run": self.run, "stage": self.stage, "trial": self.trial})
         if self.writer is not None and checkpoint is not None and "J&F" in values:
@@ -292,7 +331,10 @@ class MetricsLogger(ray.train.UserCallback):
         except FileNotFoundError:
             return  # a checkpoint evaluated by an older stt.train
         except OSError as error:  # the picture is not worth a training run
-            print(f"stt.train: no mask panel in TensorBoard at step {step}: {' '.join(str(error).split())[:160]}", flush=True)
+            print(
+                f"stt.train: no mask panel in TensorBoard at step {step}: {' '.join(str(error).split())[:160]}",
+                flush=True,
+            )
             return
         self.writer.add_image(f"{self.stage}/davis_masks", panel, step, dataformats="HWC")
 
@@ -319,8 +361,12 @@ def training_dataset(spec: StageSpec, stream: str, num_workers: int, stage_dir: 
     data = dataclasses.replace(cfg.data, data_cpus=cfg.data.data_cpus / len(spec.streams))
     start_step = resumed_step(stage_dir)
     rows_per_step = cfg.train.batch_size * num_workers
-    span = {"rows": max(1, (cfg.train.max_steps - start_step + spec.fisher_batches) * rows_per_step),
-            "skip_rows": start_step * rows_per_step, "skipped": skipped, "seed": cfg.train.seed}
+    span = {
+        "rows": max(1, (cfg.train.max_steps - start_step + spec.fisher_batches) * rows_per_step),
+        "skip_rows": start_step * rows_per_step,
+        "skipped": skipped,
+        "seed": cfg.train.seed,
+    }
     if stream == "spatial":
         built = pipeline.spatial_view_dataset(data, cfg.spatial, **span)
     elif stream == "vfs":
@@ -338,9 +384,21 @@ def resumed_step(stage_dir: str) -> int:
     return int(result.metrics["step"]) if result.checkpoint is not None else 0
 
 
-def build_stage_trainer(spec: StageSpec, run_dir: str, init: str, *, use_gpu: bool, workers: int,
-                        cpus_per_worker: float, callbacks: tuple = (), max_failures: int = 3, keep_checkpoints: int = 3,
-                        tensorboard: str | None = None, run_name: str = "stt", trial: str = "") -> ray.train.torch.TorchTrainer:
+def build_stage_trainer(
+    spec: StageSpec,
+    run_dir: str,
+    init: str,
+    *,
+    use_gpu: bool,
+    workers: int,
+    cpus_per_worker: float,
+    callbacks: tuple = (),
+    max_failures: int = 3,
+    keep_checkpoints: int = 3,
+    tensorboard: str | None = None,
+    run_name: str = "stt",
+    trial: str = "",
+) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of one stage, stored as the Ray Train run `<run_dir>/<stage>`.
 
     Everything Ray needs (scaling, storage, failure policy) is declared here; `stt.train` and the
@@ -348,7 +406,9 @@ def build_stage_trainer(spec: StageSpec, run_dir: str, init: str, *, use_gpu: bo
     """
     cfg, stage = spec.config, spec.name
     if cfg.data.decode_in_worker and workers != 1:
-        raise ValueError(f"data.decode_in_worker=true decodes in the one Train worker: expected --workers 1, got {workers}")
+        raise ValueError(
+            f"data.decode_in_worker=true decodes in the one Train worker: expected --workers 1, got {workers}"
+        )
     check_cpu_budget(workers, cpus_per_worker, 0.0 if cfg.data.decode_in_worker else cfg.data.data_cpus)
     # Workers print their own progress lines; Ray Data's per-operator bars would flood the terminal.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -367,7 +427,9 @@ def build_stage_trainer(spec: StageSpec, run_dir: str, init: str, *, use_gpu: bo
     return ray.train.torch.TorchTrainer(  # Ray: the worker group, its data, storage and failure policy
         train_loop_per_worker,
         train_loop_config={"spec": spec, "init": init, "skipped_frames": skipped},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
             name=stage,  # same storage and name: Ray Train finds the run's checkpoints and resumes
             storage_path=run_dir,
@@ -380,8 +442,17 @@ def build_stage_trainer(spec: StageSpec, run_dir: str, init: str, *, use_gpu: bo
 
 
 # Keys that never change the weights a stage learns: a resumed run may change them freely.
-RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_davis_root",
-                     "train.eval_davis_set", "data.data_cpus", "data.decode_in_worker", "eval.", "propagation.")
+RESUMABLE_CHANGES = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.eval_davis_root",
+    "train.eval_davis_set",
+    "data.data_cpus",
+    "data.decode_in_worker",
+    "eval.",
+    "propagation.",
+)
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
@@ -407,21 +478,29 @@ def check_resume_config(spec: StageSpec, run_dir: str) -> None:
             source, stored = latest.path, checkpoint.load(Path(folder) / checkpoint.CHECKPOINT_FILE, latest.path)
     else:
         return
-    was = flatten(to_dict(checkpoint.config_of(stored, source)))  # through from_dict: keys added since get their defaults
+    was = flatten(
+        to_dict(checkpoint.config_of(stored, source))
+    )  # through from_dict: keys added since get their defaults
     now = flatten(to_dict(spec.config))
-    differing = [k for k in now if now[k] != was.get(k) and not k.startswith(RESUMABLE_CHANGES) and k != "train.max_steps"]
+    differing = [
+        k for k in now if now[k] != was.get(k) and not k.startswith(RESUMABLE_CHANGES) and k != "train.max_steps"
+    ]
     if now["train.max_steps"] < was["train.max_steps"]:
         differing.append("train.max_steps")  # a shorter run than the one stored is another run
     if differing:
         changes = ", ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in differing[:6])
-        raise ValueError(f"{run_dir}: the {stage} stage stored there was trained with other settings ({changes}); "
-                         "resume it with the same configuration (a larger train.max_steps extends it), or train "
-                         "under a new --name")
+        raise ValueError(
+            f"{run_dir}: the {stage} stage stored there was trained with other settings ({changes}); "
+            "resume it with the same configuration (a larger train.max_steps extends it), or train "
+            "under a new --name"
+        )
     if now["train.max_steps"] > was["train.max_steps"]:
         # Extending is allowed on purpose (a learning curve grows a run); it is not the run a fresh
         # start with that many steps would be, since the cosine had been planned to end earlier.
-        print(f"stt.train: extending the {stage} stage from train.max_steps {was['train.max_steps']} to "
-              f"{now['train.max_steps']}: from step {stored['step']} the cosine is re-planned to end there")
+        print(
+            f"stt.train: extending the {stage} stage from train.max_steps {was['train.max_steps']} to "
+            f"{now['train.max_steps']}: from step {stored['step']} the cosine is re-planned to end there"
+        )
 
 
 def run_stage(spec: StageSpec, args: argparse.Namespace, run_dir: str, init: str, use_gpu: bool) -> str:
@@ -433,16 +512,25 @@ def run_stage(spec: StageSpec, args: argparse.Namespace, run_dir: str, init: str
         done = checkpoint.load(final)
         if done["stage"] == stage and done["step"] >= cfg.train.max_steps:
             if spec.fisher_batches and "fisher" not in done:
-                raise ValueError(f"{final}: the finished {stage} stage has no Fisher information, which "
-                                 f"train.recipe={cfg.train.recipe} needs; train it again under a new --name")
+                raise ValueError(
+                    f"{final}: the finished {stage} stage has no Fisher information, which "
+                    f"train.recipe={cfg.train.recipe} needs; train it again under a new --name"
+                )
             print(f"stt.train: {stage} stage already finished at step {done['step']} ({final}); skipping it")
             return final
     print(spec.describe_lr(args.workers))
     trainer = build_stage_trainer(
-        spec, run_dir, init, use_gpu=use_gpu, workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(
-            args.workers, use_gpu, 0.0 if cfg.data.decode_in_worker else cfg.data.data_cpus),
-        max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard, run_name=args.name,
+        spec,
+        run_dir,
+        init,
+        use_gpu=use_gpu,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker
+        or default_cpus_per_worker(args.workers, use_gpu, 0.0 if cfg.data.decode_in_worker else cfg.data.data_cpus),
+        max_failures=args.max_failures,
+        keep_checkpoints=args.keep_checkpoints,
+        tensorboard=args.tensorboard,
+        run_name=args.name,
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -473,8 +561,10 @@ def start_ray(**init_kwargs) -> None:
     with socket.socket() as probe:  # a free port now; Ray retries the next ones if it is taken meanwhile
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-                "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"]}
+    env_vars = {
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+        "RAY_TRAIN_ENABLE_STATE_TRACKING": os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"],
+    }
     ray.init(dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env_vars}, **init_kwargs)
 
 
@@ -487,24 +577,57 @@ def default_cpus_per_worker(num_workers: int, use_gpu: bool, data_cpus: float) -
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stt.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (one GPU each on GPU); the global batch and the lr grow with them")
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all",
-                        help="all: the stages of train.recipe in order (default recipe: spatial, then temporal initialised from it)")
-    parser.add_argument("--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs (default: GPUs when present)")
+    parser = argparse.ArgumentParser(
+        prog="python -m stt.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray Train workers (one GPU each on GPU); the global batch and the lr grow with them",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=(*STAGES, "all"),
+        default="all",
+        help="all: the stages of train.recipe in order (default recipe: spatial, then temporal initialised from it)",
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs (default: GPUs when present)"
+    )
     parser.add_argument("--max-steps", type=int, help="optimisation steps per stage (overrides train.max_steps)")
-    parser.add_argument("--storage", default="runs", help="local folder or s3:// URI for checkpoints and logs (default: ./runs)")
+    parser.add_argument(
+        "--storage", default="runs", help="local folder or s3:// URI for checkpoints and logs (default: ./runs)"
+    )
     parser.add_argument("--name", default="stt", help="run name: <storage>/<name>/<stage>/; re-running with it resumes")
-    parser.add_argument("--init", default="", help="the earlier stage's checkpoint to start from (temporal stage: and to distil), or a published release (stt.published: STT authors', VFS, CRW, torchvision); with --stage all, each stage starts from the one before")
-    parser.add_argument("--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint")
-    parser.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per stage (the latest ones; 0 keeps every one, e.g. for a learning curve)")
-    parser.add_argument("--cpus-per-worker", type=float,
-                        help="CPUs reserved per training worker (default: 1, or on CPUs a share of what data.data_cpus leaves)")
-    parser.add_argument("--tensorboard", help="TensorBoard folder (default: <storage>/<name>/tensorboard for local storage)")
-    parser.add_argument("--table1-row", choices=list(TABLE1_ROWS),
-                        help="paper 001 Table 1: set the temporal objective of this row (over --config and overrides); "
-                             "the paper trains these with train.recipe=temporal")
+    parser.add_argument(
+        "--init",
+        default="",
+        help="the earlier stage's checkpoint to start from (temporal stage: and to distil), or a published release (stt.published: STT authors', VFS, CRW, torchvision); with --stage all, each stage starts from the one before",
+    )
+    parser.add_argument(
+        "--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint"
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="checkpoints kept per stage (the latest ones; 0 keeps every one, e.g. for a learning curve)",
+    )
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs reserved per training worker (default: 1, or on CPUs a share of what data.data_cpus leaves)",
+    )
+    parser.add_argument(
+        "--tensorboard", help="TensorBoard folder (default: <storage>/<name>/tensorboard for local storage)"
+    )
+    parser.add_argument(
+        "--table1-row",
+        choices=list(TABLE1_ROWS),
+        help="paper 001 Table 1: set the temporal objective of this row (over --config and overrides); "
+        "the paper trains these with train.recipe=temporal",
+    )
     parser.add_argument("--config", help="YAML file with config sections (train, data, model, spatial, temporal, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 temporal.beta=0")
     return parser
@@ -524,10 +647,14 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         from stt.data.synthetic import ensure_dataset
 
         cfg.data.root = str(ensure_dataset("ytvos"))
-        print(f"stt.train: no data.root given: training on the embedded synthetic YouTube-VOS set {cfg.data.root}"
-              + ("" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else " on a local Ray cluster"))
+        print(
+            f"stt.train: no data.root given: training on the embedded synthetic YouTube-VOS set {cfg.data.root}"
+            + ("" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else " on a local Ray cluster")
+        )
     specs = [stage_spec(cfg, stage) for stage in (recipe_of(cfg).stages if args.stage == "all" else (args.stage,))]
-    run_dir = checkpoint.join(args.storage if checkpoint.is_uri(args.storage) else os.path.abspath(args.storage), args.name)
+    run_dir = checkpoint.join(
+        args.storage if checkpoint.is_uri(args.storage) else os.path.abspath(args.storage), args.name
+    )
     check_inputs(cfg, specs, args.init, run_dir)  # before Ray starts: a typo costs a second, not a cluster start
 
     if not ray.is_initialized():
@@ -553,7 +680,9 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str) -
         if not checkpoint.is_uri(run_dir) and not os.access(path, os.W_OK):
             raise PermissionError(path)
     except (OSError, PermissionError) as error:
-        raise PermissionError(f"--storage: cannot write the run folder {run_dir} ({' '.join(str(error).split())[:120]})") from None
+        raise PermissionError(
+            f"--storage: cannot write the run folder {run_dir} ({' '.join(str(error).split())[:120]})"
+        ) from None
 
 
 if __name__ == "__main__":

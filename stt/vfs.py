@@ -28,6 +28,7 @@ configs/r18_nc_sgd_cos_100e_r2_1xNx8_k400.py, mmaction/models/heads/sim_siam_hea
 - Optimiser: SGD, momentum 0.9, weight decay 1e-4, lr 0.05 for a batch of 256 (Sec. 4.1), cosine.
 Not done: multiple pairs per video (Table 4, n = 4, 8) and SyncBN across workers for MoCo.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,7 +41,9 @@ from stt.models import TEACHER_RES4_STRIDE, Encoder, load_encoder_weights, load_
 SAMPLINGS = ("distant", "continuous")
 
 
-def sample_frame_pair(length: int, rng: np.random.Generator, sampling: str = "distant", interval: int = 32) -> tuple[int, int]:
+def sample_frame_pair(
+    length: int, rng: np.random.Generator, sampling: str = "distant", interval: int = 32
+) -> tuple[int, int]:
     """Positions (i, j) of two frames of a video of `length` frames (length >= 2).
 
     distant: Table 1 with n = 2, I_k = floor(L/2 (k - 1) + unif(0, L/2)), one frame in each half;
@@ -68,7 +71,9 @@ def vfs_loss(p1: Tensor, z1: Tensor, p2: Tensor, z2: Tensor) -> Tensor:
     2 - 2 cos(p, z), in [0, 4]. Returns a float32 scalar.
     """
     if not (p1.shape == z1.shape == p2.shape == z2.shape) or p1.dim() != 2:
-        raise ValueError(f"p1, z1, p2, z2: expected four B x D tensors, got {[tuple(t.shape) for t in (p1, z1, p2, z2)]}")
+        raise ValueError(
+            f"p1, z1, p2, z2: expected four B x D tensors, got {[tuple(t.shape) for t in (p1, z1, p2, z2)]}"
+        )
 
     def distance(p: Tensor, z: Tensor) -> Tensor:
         p, z = F.normalize(p.float(), dim=1), F.normalize(z.detach().float(), dim=1)
@@ -88,7 +93,9 @@ def projector(width: int) -> nn.Sequential:
 def predictor(width: int) -> nn.Sequential:
     """The authors' predictor: Linear(width, width/4), BatchNorm1d, ReLU, Linear(width/4, width)."""
     hidden = width // 4
-    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, width))
+    return nn.Sequential(
+        nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, width)
+    )
 
 
 def zero_init_residual(encoder: Encoder) -> None:
@@ -128,7 +135,9 @@ class VFS(nn.Module):
 
     def forward(self, view_q: Tensor, view_k: Tensor) -> dict[str, Tensor]:
         if view_q.shape != view_k.shape or view_q.ndim != 4:
-            raise ValueError(f"views: expected two B x 3 x H x W batches of one shape, got {tuple(view_q.shape)} and {tuple(view_k.shape)}")
+            raise ValueError(
+                f"views: expected two B x 3 x H x W batches of one shape, got {tuple(view_q.shape)} and {tuple(view_k.shape)}"
+            )
         z1, p1 = self.embed(view_q)  # each frame set through the trunk on its own, as the authors' forward_train
         z2, p2 = self.embed(view_k)
         loss = vfs_loss(p1, z1, p2, z2)

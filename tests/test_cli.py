@@ -1,5 +1,6 @@
 """Issue 18: every user error of every command line is one line naming the file or value and what was
 expected, with a non-zero exit (2 for a usage error); the traceback only with --debug / STT_DEBUG."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,8 @@ from stt.data import prepare
 from stt.data.layouts import DAVIS
 from stt.data.synthetic import generate
 from stt.evaluate import main as evaluate_main
-from stt.train import check_resume_config, main as train_main
+from stt.train import check_resume_config
+from stt.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +46,41 @@ def checkpoint_file(tmp_path, kind: str):
     return path
 
 
-@pytest.mark.parametrize("kind, expected, code", [
-    ("text", "not a torch.save file", 1),
-    ("empty", "empty or cut short", 1),
-    ("truncated", "damaged or cut-short zip archive", 1),
-    ("unknown-config-key", "its stored config: unknown config key 'train.learning_speed'", 2),
-])
+@pytest.mark.parametrize(
+    "kind, expected, code",
+    [
+        ("text", "not a torch.save file", 1),
+        ("empty", "empty or cut short", 1),
+        ("truncated", "damaged or cut-short zip archive", 1),
+        ("unknown-config-key", "its stored config: unknown config key 'train.learning_speed'", 2),
+    ],
+)
 def test_evaluate_names_a_bad_checkpoint_file(tiny, tmp_path, capsys, kind, expected, code):
     path = checkpoint_file(tmp_path, kind)
-    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    argv = [
+        "davis",
+        "--davis-root",
+        str(tiny["davis"]),
+        "--checkpoint",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     got, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
     assert got == code and str(path) in line and expected in line
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("checkpoint, expected", [
-    ("lab:x", "expected lab:STRIDE with a positive integer stride"), ("lab:0", "expected lab:STRIDE"),
-    ("random:x", "expected random:SEED with an integer seed"),
-])
+@pytest.mark.parametrize(
+    "checkpoint, expected",
+    [
+        ("lab:x", "expected lab:STRIDE with a positive integer stride"),
+        ("lab:0", "expected lab:STRIDE"),
+        ("random:x", "expected random:SEED with an integer seed"),
+    ],
+)
 def test_evaluate_names_a_bad_baseline(tiny, tmp_path, capsys, checkpoint, expected):
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", checkpoint, "--out", str(tmp_path / "out")]
     code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
@@ -76,15 +95,27 @@ def test_a_checkpoint_file_named_like_a_baseline_is_read_as_a_file(tiny, tmp_pat
     assert "lab_run.pt: not a weights-only torch checkpoint" in line
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("eval.batch_size=0", "eval.batch_size: expected a positive value, got 0"),
-    ("eval.layer=res9", "eval.layer: expected one of ('res3', 'res4', 'res5'), got 'res9'"),
-    ("eval.max_short_side=-1", "eval.max_short_side: expected zero or more, got -1"),
-    ("propagation.topk=0", "propagation.topk: expected a positive value, got 0"),
-    ("propagation.bogus=1", "unknown config key 'propagation.bogus'"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("eval.batch_size=0", "eval.batch_size: expected a positive value, got 0"),
+        ("eval.layer=res9", "eval.layer: expected one of ('res3', 'res4', 'res5'), got 'res9'"),
+        ("eval.max_short_side=-1", "eval.max_short_side: expected zero or more, got -1"),
+        ("propagation.topk=0", "propagation.topk: expected a positive value, got 0"),
+        ("propagation.bogus=1", "unknown config key 'propagation.bogus'"),
+    ],
+)
 def test_evaluate_refuses_bad_settings_before_any_work(tiny, tmp_path, capsys, override, expected):
-    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab:8", "--out", str(tmp_path / "out"), override]
+    argv = [
+        "davis",
+        "--davis-root",
+        str(tiny["davis"]),
+        "--checkpoint",
+        "lab:8",
+        "--out",
+        str(tmp_path / "out"),
+        override,
+    ]
     code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
     assert code == 2 and expected in line
 
@@ -100,8 +131,12 @@ def test_yaml_syntax_error_names_the_file(tiny, tmp_path, capsys):
 def test_score_names_a_results_file_and_a_wrong_sized_mask(tiny, tmp_path, capsys):
     not_a_folder = tmp_path / "results.txt"
     not_a_folder.write_text("x")
-    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate",
-                             ["score", "--davis-root", str(tiny["davis"]), "--results", str(not_a_folder)])
+    _, line = one_line_error(
+        capsys,
+        evaluate_main,
+        "stt.evaluate",
+        ["score", "--davis-root", str(tiny["davis"]), "--results", str(not_a_folder)],
+    )
     assert f"--results {not_a_folder}: no such folder" in line
 
     dataset, results = DAVIS(tiny["davis"]), tmp_path / "results"
@@ -111,8 +146,9 @@ def test_score_names_a_results_file_and_a_wrong_sized_mask(tiny, tmp_path, capsy
             Image.fromarray(np.zeros(dataset.first_mask(seq).shape, np.uint8), mode="L").save(results / seq / path.name)
     victim = results / dataset.sequences[-1] / dataset.mask_paths(dataset.sequences[-1])[1].name
     Image.fromarray(np.zeros((7, 9), np.uint8), mode="L").save(victim)
-    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate",
-                             ["score", "--davis-root", str(tiny["davis"]), "--results", str(results)])
+    _, line = one_line_error(
+        capsys, evaluate_main, "stt.evaluate", ["score", "--davis-root", str(tiny["davis"]), "--results", str(results)]
+    )
     assert f"{victim}: result mask is 9x7; expected" in line
 
 
@@ -131,11 +167,14 @@ def test_evaluate_refuses_a_first_mask_without_objects_before_writing(tiny, tmp_
     assert f"{first}: the first annotation holds no object" in line and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data.crop_size=0", "data.crop_size: expected a positive multiple of 32, got 0"),
-    ("train.batch_size=-1", "train.batch_size: expected a positive value, got -1"),
-    ("temporal.entropy=bogus", "temporal.entropy: expected one of"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.crop_size=0", "data.crop_size: expected a positive multiple of 32, got 0"),
+        ("train.batch_size=-1", "train.batch_size: expected a positive value, got -1"),
+        ("temporal.entropy=bogus", "temporal.entropy: expected one of"),
+    ],
+)
 def test_train_refuses_bad_settings_before_ray_starts(tmp_path, capsys, override, expected):
     code, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), override])
     assert code == 2 and expected in line and not (tmp_path / "stt").exists()
@@ -143,8 +182,9 @@ def test_train_refuses_bad_settings_before_ray_starts(tmp_path, capsys, override
 
 def test_prepare_refuses_options_out_of_range(tiny, tmp_path, capsys):
     for option, value in (("--short-side", "0"), ("--quality", "500")):
-        code, line = one_line_error(capsys, prepare.main, "stt.prepare",
-                                    ["ytvos", str(tiny["ytvos"]), str(tmp_path / "shards"), option, value])
+        code, line = one_line_error(
+            capsys, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(tmp_path / "shards"), option, value]
+        )
         assert f"{option}: expected an integer from" in line and f"got {value}" in line
     assert not (tmp_path / "shards").exists()
 
@@ -154,11 +194,15 @@ def test_a_conflicting_resume_is_refused_naming_the_keys(tmp_path):
     from stt.recipes import stage_spec
 
     stored = stage_spec(Config(), "temporal").config
-    torch.save({"model": {}, "config": to_dict(stored), "stage": "temporal", "step": 1000}, tmp_path / "temporal-final.pt")
+    torch.save(
+        {"model": {}, "config": to_dict(stored), "stage": "temporal", "step": 1000}, tmp_path / "temporal-final.pt"
+    )
     check_resume_config(stage_spec(Config(), "temporal"), str(tmp_path))  # the same configuration resumes
     changed = Config()
     changed.temporal.lr, changed.data.crop_size, changed.train.log_every = 5e-4, 128, 1  # log_every changes no weights
-    with pytest.raises(ValueError, match=r"trained with other settings \(temporal.lr: 0.0001 -> 0.0005, data.crop_size: 256 -> 128\)"):
+    with pytest.raises(
+        ValueError, match=r"trained with other settings \(temporal.lr: 0.0001 -> 0.0005, data.crop_size: 256 -> 128\)"
+    ):
         check_resume_config(stage_spec(changed, "temporal"), str(tmp_path))
     shorter = Config()
     shorter.train.max_steps = 500
@@ -173,8 +217,9 @@ def test_errors_inside_ray_workers_reach_the_driver_as_one_line(capsys, monkeypa
     from ray.train import WorkerGroupError
 
     def fails_in_a_worker(argv):
-        raise WorkerGroupError("rank 0 failed: <a long remote traceback>",
-                               {0: FileNotFoundError("data.root /nowhere: no such folder")})
+        raise WorkerGroupError(
+            "rank 0 failed: <a long remote traceback>", {0: FileNotFoundError("data.root /nowhere: no such folder")}
+        )
 
     assert cli.run(fails_in_a_worker, "stt.train", []) == 1
     assert capsys.readouterr().err == "stt.train: error: data.root /nowhere: no such folder\n"
@@ -201,16 +246,21 @@ def test_evaluate_reads_a_checkpoint_through_a_uri(tmp_path):
     spec = stage_spec(Config(), "temporal")
     optimizer = torch.optim.Adam(build_encoder(spec.config.model).parameters())
     path = tmp_path / "temporal-final.pt"
-    torch.save(checkpoint.payload(build_encoder(spec.config.model).state_dict(), spec.config, "temporal", 1, optimizer), path)
+    torch.save(
+        checkpoint.payload(build_encoder(spec.config.model).state_dict(), spec.config, "temporal", 1, optimizer), path
+    )
     local = FeatureExtractor(str(path), Config().model, Config().eval)
     remote = FeatureExtractor(f"file://{path}", Config().model, Config().eval)
     assert local.cache_key == remote.cache_key and remote.input_space == "lab"
 
 
-@pytest.mark.parametrize("option, expected", [
-    ("data.root=/nowhere/videos", "/nowhere/videos: not a shard folder"),
-    ("--init=/nowhere/spatial-final.pt", "--init /nowhere/spatial-final.pt: no such checkpoint file"),
-])
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ("data.root=/nowhere/videos", "/nowhere/videos: not a shard folder"),
+        ("--init=/nowhere/spatial-final.pt", "--init /nowhere/spatial-final.pt: no such checkpoint file"),
+    ],
+)
 def test_train_checks_data_and_init_before_ray_starts(tmp_path, capsys, monkeypatch, option, expected):
     import stt.train
 
@@ -235,8 +285,19 @@ def test_a_corrupt_feature_cache_entry_is_recomputed_with_a_warning(tiny, tmp_pa
     import os
     import stat
 
-    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab:8", "--feature-cache", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    argv = [
+        "davis",
+        "--davis-root",
+        str(tiny["davis"]),
+        "--checkpoint",
+        "lab:8",
+        "--feature-cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     first = evaluate_main(argv)
     entries = sorted((tmp_path / "cache").rglob("*.npy"))
     assert entries and all(stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~current_umask() for p in entries)  # shareable
@@ -244,7 +305,9 @@ def test_a_corrupt_feature_cache_entry_is_recomputed_with_a_warning(tiny, tmp_pa
     capsys.readouterr()
     again = evaluate_main(argv)
     assert f"feature cache entry {entries[0]} is unreadable" in capsys.readouterr().out
-    assert again["summary"] == first["summary"] and again["network_calls"] == 0 == first["network_calls"]  # Lab: no network
+    assert (
+        again["summary"] == first["summary"] and again["network_calls"] == 0 == first["network_calls"]
+    )  # Lab: no network
 
 
 def current_umask() -> int:

@@ -1,6 +1,7 @@
 """cluster/: every cluster YAML passes Ray's own check (what `ray up` runs) and our invariants; and a
 multi-node rehearsal on this machine (cluster/rehearse.py) trains across nodes that share nothing
 but the shared folder."""
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ def test_dashboard_is_bound_to_loopback_only(path):
     commands to the defaults inherits it, so this checks the merged config."""
     commands = start_commands(prepared(path))
     hosts = [h for command in commands for h in re.findall(r"--dashboard-host[= ](\S+)", command)]
-    assert hosts == ["127.0.0.1"], f"{path.name}: expected one --dashboard-host=127.0.0.1 in the head start command, got {hosts}"
+    assert hosts == ["127.0.0.1"], (
+        f"{path.name}: expected one --dashboard-host=127.0.0.1 in the head start command, got {hosts}"
+    )
     assert not any("0.0.0.0" in command for command in commands)
 
 
@@ -70,12 +73,18 @@ def test_no_default_setup_command_sneaks_in(path):
 @pytest.mark.parametrize("path", CLOUD_FILES, ids=lambda p: p.name)
 def test_a_gpu_worker_type_autoscales_from_zero(path):
     config = prepared(path)
-    gpu_types = {name: spec for name, spec in config["available_node_types"].items()
-                 if name != config["head_node_type"] and re.search(r"^(g[4-6]|p[3-5])", spec["node_config"].get("InstanceType", ""))}
+    gpu_types = {
+        name: spec
+        for name, spec in config["available_node_types"].items()
+        if name != config["head_node_type"]
+        and re.search(r"^(g[4-6]|p[3-5])", spec["node_config"].get("InstanceType", ""))
+    }
     assert gpu_types, f"{path.name}: no worker type with a GPU instance"
     assert all(spec["min_workers"] == 0 and spec["max_workers"] >= 1 for spec in gpu_types.values())
     assert 0 < config["idle_timeout_minutes"] <= 30
-    assert config["available_node_types"][config["head_node_type"]]["resources"].get("CPU") == 0  # the head never trains
+    assert (
+        config["available_node_types"][config["head_node_type"]]["resources"].get("CPU") == 0
+    )  # the head never trains
 
 
 @pytest.mark.parametrize("path", CLOUD_FILES, ids=lambda p: p.name)
@@ -83,7 +92,9 @@ def test_storage_is_remote_and_the_token_travels(path):
     config = prepared(path)
     options = " ".join(config["docker"]["run_options"])
     storage = re.search(r"--env STT_STORAGE=(\S+)", options)
-    assert storage and storage.group(1).startswith(("s3://", "gs://")), f"{path.name}: STT_STORAGE must be an object-store URI"
+    assert storage and storage.group(1).startswith(("s3://", "gs://")), (
+        f"{path.name}: STT_STORAGE must be an object-store URI"
+    )
     assert "--env RAY_AUTH_MODE=token" in options
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
     assert config["file_mounts"].get("~/stt") == "."  # the checkout itself: setup_commands installs it
@@ -94,7 +105,9 @@ def test_versions_match_pyproject(path):
     config = prepared(path)
     pins = pinned_versions()
     images = [config["docker"][key] for key in ("image", "head_image", "worker_image") if key in config["docker"]]
-    assert images and all(re.fullmatch(rf"rayproject/ray:{re.escape(pins['ray'])}-py3\d+-(gpu|cu\d+)", image) for image in images), images
+    assert images and all(
+        re.fullmatch(rf"rayproject/ray:{re.escape(pins['ray'])}-py3\d+-(gpu|cu\d+)", image) for image in images
+    ), images
     installed = {}
     for command in config["setup_commands"]:
         for word in shlex.split(command):
@@ -129,8 +142,22 @@ def test_rehearsal_trains_across_isolated_nodes(tmp_path):
     """cluster/rehearse.py in its own process (its own Ray cluster, not the session's): the spatial stage
     with two 1.5-CPU workers on a 0-CPU head and three 2-CPU nodes. The script asserts the placement and the
     checkpoints itself; this re-reads what it wrote."""
-    run = subprocess.run([sys.executable, str(CLUSTER / "rehearse.py"), "--out", str(tmp_path), "--stage", "spatial",
-                          "--skip-sweep", "--job-timeout", "400"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(CLUSTER / "rehearse.py"),
+            "--out",
+            str(tmp_path),
+            "--stage",
+            "spatial",
+            "--skip-sweep",
+            "--job-timeout",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "rehearsal.json").read_text())
     assert report["nodes"] == 4

@@ -8,7 +8,11 @@ from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 def test_defaults_match_design():
     cfg = Config()
     assert (cfg.propagation.aggregation, cfg.propagation.temperature, cfg.propagation.topk) == ("overall", 0.07, 10)
-    assert (cfg.propagation.context, cfg.propagation.radius, cfg.propagation.window) == (20, None, "square")  # None: per task and stride
+    assert (cfg.propagation.context, cfg.propagation.radius, cfg.propagation.window) == (
+        20,
+        None,
+        "square",
+    )  # None: per task and stride
     assert (cfg.temporal.alpha, cfg.temporal.beta, cfg.temporal.entropy_threshold) == (1000.0, 50.0, 0.7)
     assert (cfg.temporal.radius_res3, cfg.temporal.radius_res4) == (12, 6)
 
@@ -16,7 +20,9 @@ def test_defaults_match_design():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("temporal:\n  alpha: 500\n  rec_levels: [res4]\npropagation:\n  topk: 5\n")
-    cfg = load_config(path, ["propagation.topk=7", "propagation.window_first_frame=false", "data.crop_scale=[0.5, 0.9]"])
+    cfg = load_config(
+        path, ["propagation.topk=7", "propagation.window_first_frame=false", "data.crop_scale=[0.5, 0.9]"]
+    )
     assert cfg.temporal.alpha == 500.0 and isinstance(cfg.temporal.alpha, float)
     assert cfg.temporal.rec_levels == ("res4",)
     assert cfg.propagation.topk == 7 and cfg.propagation.window_first_frame is False
@@ -65,7 +71,9 @@ def test_laptop_recipe_loads_with_values_in_range():
     from stt.recipes import stage_spec
 
     # the rates its learning curves were measured with, on its one worker (BENCHMARKS.md)
-    assert stage_spec(cfg, "temporal").peak_lr(1) == pytest.approx(5e-4) and stage_spec(cfg, "spatial").peak_lr(1) == pytest.approx(0.03)
+    assert stage_spec(cfg, "temporal").peak_lr(1) == pytest.approx(5e-4) and stage_spec(cfg, "spatial").peak_lr(
+        1
+    ) == pytest.approx(0.03)
     assert 0 < cfg.train.warmup_steps < cfg.train.max_steps and cfg.train.max_steps % cfg.train.checkpoint_every == 0
     assert cfg.spatial.queue_size < 2079  # fewer entries than ytvos-real has frames: no image is its own negative
     assert cfg.eval.max_short_side == 240

@@ -1,4 +1,5 @@
 """The evaluation CLI honours DESIGN.md's contracts on the tiny synthetic set and on real DAVIS frames."""
+
 import json
 
 import numpy as np
@@ -31,7 +32,17 @@ def copy_ground_truth(dataset: DAVIS, out):
 
 def test_score_of_ground_truth_is_perfect(tiny, tmp_path):
     copy_ground_truth(DAVIS(tiny["davis"]), tmp_path / "results")
-    report = main(["score", "--davis-root", str(tiny["davis"]), "--results", str(tmp_path / "results"), "--json", str(tmp_path / "s.json")])
+    report = main(
+        [
+            "score",
+            "--davis-root",
+            str(tiny["davis"]),
+            "--results",
+            str(tmp_path / "results"),
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
     assert set(KEYS) <= set(report["summary"])
     assert report["summary"]["J-Mean"] == 1.0 and report["summary"]["F-Mean"] == 1.0
     assert json.loads((tmp_path / "s.json").read_text())["summary"]["J&F-Mean"] == 1.0
@@ -55,8 +66,21 @@ def test_score_refuses_missing_frames_and_extra_objects(tiny, tmp_path):
 
 def test_davis_writes_results_layout_and_caches_features(tiny, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "random", "--out", str(out),
-            "--feature-cache", str(cache), "--device", "cpu", "--overlays", "propagation.context=3"]
+    argv = [
+        "davis",
+        "--davis-root",
+        str(tiny["davis"]),
+        "--checkpoint",
+        "random",
+        "--out",
+        str(out),
+        "--feature-cache",
+        str(cache),
+        "--device",
+        "cpu",
+        "--overlays",
+        "propagation.context=3",
+    ]
     first = main(argv)
     dataset = DAVIS(tiny["davis"])
     for seq in dataset.sequences:
@@ -128,11 +152,24 @@ def test_jhmdb_on_the_real_clip_with_the_authors_settings(jhmdb_real_root, tmp_p
     from stt.data.layouts import JHMDB
     from stt.metrics import pck
 
-    report = main(["jhmdb", "--jhmdb-root", str(jhmdb_real_root), "--out", str(tmp_path / "out"), "--checkpoint", "lab:8",
-                   "--feature-cache", str(tmp_path / "cache"), "--device", "cpu"])
+    report = main(
+        [
+            "jhmdb",
+            "--jhmdb-root",
+            str(jhmdb_real_root),
+            "--out",
+            str(tmp_path / "out"),
+            "--checkpoint",
+            "lab:8",
+            "--feature-cache",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert report["config"]["eval"]["jhmdb_size"] == 320 and report["config"]["propagation"]["radius"] == 5
     dataset = JHMDB(jhmdb_real_root)
-    (action, video), = dataset.videos
+    ((action, video),) = dataset.videos
     joints = dataset.joints(action, video)
     assert joints.shape == (40, 15, 2) and len(dataset.frame_paths(action, video)) == 40
     copied = pck(np.repeat(joints[:1], len(joints), axis=0), joints)
@@ -157,7 +194,9 @@ def test_a_checkpoints_stored_trunk_wins_over_the_config_and_says_so(tmp_path, c
 
     extractor = FeatureExtractor(str(path), ModelConfig(), EvalConfig())
     assert (extractor.model_cfg.stride, extractor.input_space) == (4, "lab")
-    assert capsys.readouterr().out == (f"stt: {path}: its stored model config wins, as its weights were trained with it: "
-                                       "model.stride=4 (the config says 8)\n")
+    assert capsys.readouterr().out == (
+        f"stt: {path}: its stored model config wins, as its weights were trained with it: "
+        "model.stride=4 (the config says 8)\n"
+    )
     FeatureExtractor(str(path), trained.model, EvalConfig())
     assert capsys.readouterr().out == ""

@@ -1,5 +1,6 @@
 """bench/gpu_suite.py: its helpers against hand-computed values, and `--smoke` end to end on the CPU,
 so the suite is known to run before a GPU is lent."""
+
 import json
 import time
 
@@ -53,7 +54,9 @@ def test_smoke_runs_every_cpu_part_and_writes_the_json(tmp_path, one_thread):
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps({"sequences": {"no-such-sequence": {"J&F": 0.5}}}))
     out = tmp_path / "suite.json"
-    gpu_suite.main(["--smoke", "--parts", "propagation", "step", "evaluate", "--out", str(out), "--reference", str(reference)])
+    gpu_suite.main(
+        ["--smoke", "--parts", "propagation", "step", "evaluate", "--out", str(out), "--reference", str(reference)]
+    )
     report = json.loads(out.read_text())
     parts = report["parts"]
     assert report["smoke"] and set(parts) == {"propagation", "step", "evaluate"}
@@ -81,8 +84,18 @@ def test_smoke_runs_every_cpu_part_and_writes_the_json(tmp_path, one_thread):
 
 def test_a_failing_part_is_recorded_and_the_others_run(tmp_path, one_thread):
     out = tmp_path / "suite.json"
-    gpu_suite.main(["--smoke", "--parts", "propagation", "evaluate", "--out", str(out),
-                    "--reference", str(tmp_path / "missing.json")])
+    gpu_suite.main(
+        [
+            "--smoke",
+            "--parts",
+            "propagation",
+            "evaluate",
+            "--out",
+            str(out),
+            "--reference",
+            str(tmp_path / "missing.json"),
+        ]
+    )
     parts = json.loads(out.read_text())["parts"]
     assert parts["propagation"]["ok"]
     assert not parts["evaluate"]["ok"] and "missing.json" in parts["evaluate"]["error"]

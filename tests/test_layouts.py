@@ -1,4 +1,5 @@
 """Dataset readers on small hand-built trees in the official layouts, broken trees, and real DAVIS."""
+
 from pathlib import Path
 
 import numpy as np
@@ -241,8 +242,20 @@ def _break(root: Path, damage: str) -> str:
 
 @pytest.mark.parametrize(
     "damage",
-    ["split file", "frame folder", "listed sequence", "empty sequence", "mask count",
-     "mask size", "mask mode", "truncated frame", "frame size", "mask name", "listed twice", "no object in first mask"],
+    [
+        "split file",
+        "frame folder",
+        "listed sequence",
+        "empty sequence",
+        "mask count",
+        "mask size",
+        "mask mode",
+        "truncated frame",
+        "frame size",
+        "mask name",
+        "listed twice",
+        "no object in first mask",
+    ],
 )
 def test_davis_refuses_broken_trees_naming_the_path(tmp_path, damage):
     root = make_davis(tmp_path, {"a": (2, 6, 8), "b": (3, 6, 8)})
@@ -323,7 +336,11 @@ def test_image_folder_finds_images_recursively_any_case(tmp_path):
     write_clutter(tmp_path / "n02")
     paths = ImageFolder(tmp_path).paths
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
-        "d.bmp", "e.WebP", "n01/a.JPEG", "n01/b.jpg", "n02/deep/c.png"
+        "d.bmp",
+        "e.WebP",
+        "n01/a.JPEG",
+        "n01/b.jpg",
+        "n02/deep/c.png",
     ]
 
 

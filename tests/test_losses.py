@@ -3,6 +3,7 @@
 The references loop over every position and displacement of tiny grids and follow paper 001's
 equations (and the authors' dense-map formulation) term by term; the library code is vectorised.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,9 @@ def slow_global(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.T
     out = torch.zeros(batch, n, n, dtype=torch.float64)
     for b in range(batch):
         for i in range(n):
-            logits = [float(q[b, :, i // width, i % width] @ k[b, :, j // width, j % width]) / temperature for j in range(n)]
+            logits = [
+                float(q[b, :, i // width, i % width] @ k[b, :, j // width, j % width]) / temperature for j in range(n)
+            ]
             top = max(logits)
             total = sum(math.exp(v - top) for v in logits)
             for j in range(n):
@@ -94,7 +97,9 @@ def slow_temporal_losses(student_t, student_r, target, reference, teacher_t, tea
         prediction = torch.zeros(target.shape[0], 1, height, width, dtype=torch.float64)
         for b, rows in enumerate(probs[level]):
             for (y, x), row in rows.items():  # Eq. 3 on the point-sampled reference
-                prediction[b, 0, y, x] = sum(p * float(reference[b, 0, yy * stride, xx * stride]) for (yy, xx), p in row.items())
+                prediction[b, 0, y, x] = sum(
+                    p * float(reference[b, 0, yy * stride, xx * stride]) for (yy, xx), p in row.items()
+                )
         upsampled = F.interpolate(prediction, size=(image_h, image_w), mode="bilinear", align_corners=False)
         terms[f"rec_{level}"] = slow_smooth_l1(cfg.rec_scale * upsampled, cfg.rec_scale * target.double())
 
@@ -138,7 +143,9 @@ def random_pyramids(batch: int = 2, size: int = 32, seed: int = 0, requires_grad
 
     def pyramid(channel_scale: dict[str, int] | None = None):
         return {
-            name: torch.randn(batch, channels * (channel_scale or {}).get(name, 1), side, side, generator=generator).requires_grad_(requires_grad)
+            name: torch.randn(
+                batch, channels * (channel_scale or {}).get(name, 1), side, side, generator=generator
+            ).requires_grad_(requires_grad)
             for name, (channels, side) in shapes.items()
         }
 
@@ -200,11 +207,15 @@ def test_local_correlation_matches_dense_reference_with_window_masking():
                 for dy in range(-radius, radius + 1):
                     for dx in range(-radius, radius + 1):
                         if 0 <= y + dy < 6 and 0 <= x + dx < 5:
-                            expected[b, window_index(dy, dx, radius), y, x] = q[b, :, y, x] @ k[b, :, y + dy, x + dx] / math.sqrt(8)
+                            expected[b, window_index(dy, dx, radius), y, x] = (
+                                q[b, :, y, x] @ k[b, :, y + dy, x + dx] / math.sqrt(8)
+                            )
     assert torch.equal(torch.isinf(logits), torch.isinf(expected))
     assert torch.allclose(logits, expected, atol=1e-5)
 
-    channels_last = local_correlation(q.to(memory_format=torch.channels_last), k.to(memory_format=torch.channels_last), radius)
+    channels_last = local_correlation(
+        q.to(memory_format=torch.channels_last), k.to(memory_format=torch.channels_last), radius
+    )
     assert torch.allclose(channels_last, logits, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         probs_bf16 = local_softmax(local_correlation(q, k, radius))
@@ -286,7 +297,10 @@ def test_entropy_scores_and_selection_on_hand_made_rows():
     mild_top, mild_rest = math.e / (math.e + 3), 1 / (math.e + 3)
     neglog = entropy_score(logits, "neglog", "in-frame")
     assert torch.allclose(
-        neglog.flatten(), torch.tensor([4 * math.log(4), 4 * math.log(math.e + 3) - 1, 4 * math.log(math.exp(10) + 3) - 10, 2 * math.log(2)])
+        neglog.flatten(),
+        torch.tensor(
+            [4 * math.log(4), 4 * math.log(math.e + 3) - 1, 4 * math.log(math.exp(10) + 3) - 10, 2 * math.log(2)]
+        ),
     )
     shannon = entropy_score(logits, "shannon", "in-frame")
     peaked_top, peaked_rest = math.exp(10) / (math.exp(10) + 3), 1 / (math.exp(10) + 3)
@@ -308,7 +322,9 @@ def test_entropy_scores_and_selection_on_hand_made_rows():
 
 def test_normalised_and_padded_entropy_windows_on_hand_made_rows():
     inf = float("inf")
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, -inf, -inf], [1.0, 1.0, -inf, -inf], [3.0, -inf, -inf, -inf]])
+    logits = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, -inf, -inf], [1.0, 1.0, -inf, -inf], [3.0, -inf, -inf, -inf]]
+    )
     logits = logits.T.reshape(1, 4, 2, 2)
     # normalised neglog: mean(-log p) - log n = KL(uniform || p); 0 for flat rows of any size
     two = [math.e**2 / (math.e**2 + 1), 1 / (math.e**2 + 1)]
@@ -479,8 +495,14 @@ def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     before = [p.detach().clone() for p in student.parameters()]
     losses = []
     for step in range(3):
-        terms = temporal_loss(student, teacher, random_pair_batch(seed=step), stage_spec(cfg, "temporal").temporal,
-                              torch.Generator().manual_seed(step), penalty)
+        terms = temporal_loss(
+            student,
+            teacher,
+            random_pair_batch(seed=step),
+            stage_spec(cfg, "temporal").temporal,
+            torch.Generator().manual_seed(step),
+            penalty,
+        )
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -490,7 +512,9 @@ def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("row", ["frame-reconstruction", "pyramid-reconstruction", "local-distillation", "entropy-selection"])
+@pytest.mark.parametrize(
+    "row", ["frame-reconstruction", "pyramid-reconstruction", "local-distillation", "entropy-selection"]
+)
 def test_each_table1_row_trains(row):
     from stt.config import Config
     from stt.recipes import table1_config
@@ -501,7 +525,9 @@ def test_each_table1_row_trains(row):
     train_three_steps(cfg)
 
 
-@pytest.mark.parametrize("recipe", ["spatial-then-temporal", "spatial-then-temporal-no-gc", "spatial-then-temporal-ewc"])
+@pytest.mark.parametrize(
+    "recipe", ["spatial-then-temporal", "spatial-then-temporal-no-gc", "spatial-then-temporal-ewc"]
+)
 def test_each_temporal_recipe_trains(recipe):
     from stt.config import Config
     from stt.models import build_encoder, build_teacher
@@ -523,8 +549,8 @@ def test_each_temporal_recipe_trains(recipe):
 def test_spatiotemporal_recipe_shares_one_trunk():
     from stt.config import Config
     from stt.recipes import stage_spec
-    from stt.stages import shared_trunk_student, spatiotemporal_loss
     from stt.spatial import MoCo
+    from stt.stages import shared_trunk_student, spatiotemporal_loss
 
     cfg = Config()
     cfg.train.recipe = "spatiotemporal"
@@ -536,8 +562,14 @@ def test_spatiotemporal_recipe_shares_one_trunk():
     optimizer = torch.optim.Adam([p for p in moco.parameters() if p.requires_grad], lr=1e-4)
     views = {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}
     for step in range(3):
-        terms = spatiotemporal_loss(moco, student, views, random_pair_batch(seed=step), stage_spec(cfg, "spatiotemporal").temporal,
-                                    cfg.train.gamma)
+        terms = spatiotemporal_loss(
+            moco,
+            student,
+            views,
+            random_pair_batch(seed=step),
+            stage_spec(cfg, "spatiotemporal").temporal,
+            cfg.train.gamma,
+        )
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()

@@ -1,6 +1,7 @@
 """stt.lwf (Learning without Forgetting after the spatial stage, paper 000 Table 5(b) "+ LwF"): the loss
 against a hand-computed value, the frozen old network's outputs, the temporal step with the term, the
 stage's facts, and the recipe run on Ray Train (2 steps per stage, 1 worker)."""
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,17 @@ from stt.config import load_config
 from stt.lwf import LwF, lwf_loss
 from stt.models import build_teacher
 from stt.recipes import stage_spec
-from stt.stages import imagenet_normalize, temporal_loss
-from stt.stages import StageModel
+from stt.stages import StageModel, imagenet_normalize, temporal_loss
 
-TINY = ["train.recipe=spatial-then-temporal-lwf", "train.batch_size=4", "spatial.image_size=64", "spatial.queue_size=16",
-        "spatial.bn_splits=2", "data.crop_size=64", "train.lwf_weight=3"]
+TINY = [
+    "train.recipe=spatial-then-temporal-lwf",
+    "train.batch_size=4",
+    "spatial.image_size=64",
+    "spatial.queue_size=16",
+    "spatial.bn_splits=2",
+    "data.crop_size=64",
+    "train.lwf_weight=3",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -59,7 +66,9 @@ def test_old_network_outputs_are_mocos_logits_over_its_queue(spatial_payload):
     trunk = build_teacher(cfg.model, spatial_payload["model"])
     pooled = trunk(rgb, layers=("res5",))["res5"].mean(dim=(2, 3))
     hidden = torch.relu(pooled @ moco["query_net.global_head.0.weight"].T + moco["query_net.global_head.0.bias"])
-    q = torch.nn.functional.normalize(hidden @ moco["query_net.global_head.2.weight"].T + moco["query_net.global_head.2.bias"], dim=1)
+    q = torch.nn.functional.normalize(
+        hidden @ moco["query_net.global_head.2.weight"].T + moco["query_net.global_head.2.bias"], dim=1
+    )
     with torch.no_grad():
         torch.testing.assert_close(lwf.logits(trunk(rgb, layers=("res5",))["res5"]), q @ moco["global_queue"].T / 0.2)
         # the old network itself as the student: nothing forgotten
@@ -72,13 +81,17 @@ def test_lwf_stage_facts_and_its_term_in_the_temporal_step(spatial_payload):
     cfg = load_config(None, TINY)
     spec = stage_spec(cfg, "temporal")
     assert spec.lwf and not spec.teacher and not spec.ewc and spec.temporal.beta == 0
-    assert spec.student_levels == ("res3", "res4", "res5") and not spec.find_unused_parameters  # res5 feeds the old head
+    assert (
+        spec.student_levels == ("res3", "res4", "res5") and not spec.find_unused_parameters
+    )  # res5 feeds the old head
     assert not stage_spec(cfg, "spatial").lwf and not stage_spec(load_config(), "temporal").lwf
 
     stage = StageModel(spec, spatial_payload, "spatial-final.pt", torch.device("cpu"))
     torch.manual_seed(1)
-    batch = {"target": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
-             "reference": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)}
+    batch = {
+        "target": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
+        "reference": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
+    }
     generator = torch.Generator().manual_seed(0)
     with_lwf = temporal_loss(stage.model, None, batch, spec.temporal, torch.Generator().manual_seed(0), lwf=stage.lwf)
     without = temporal_loss(stage.model, None, batch, spec.temporal, generator)
@@ -95,14 +108,38 @@ def test_lwf_recipe_two_steps_per_stage_on_ray_train(ray_local, tmp_path_factory
     from stt.train import main
 
     data = generate(tmp_path_factory.mktemp("data"), preset="tiny", kinds=("ytvos",))
-    finals = main(["--workers", "1", "--cpu", "--stage", "all", "--max-steps", "2", "--storage", str(tmp_path), "--name", "lwf",
-                   "--cpus-per-worker", "0.5", *TINY, "train.warmup_steps=1", "train.checkpoint_every=2", "train.log_every=1",
-                   "train.eval_every=0", "data.decode_in_worker=true", f"data.root={data['ytvos']}"])
+    finals = main(
+        [
+            "--workers",
+            "1",
+            "--cpu",
+            "--stage",
+            "all",
+            "--max-steps",
+            "2",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "lwf",
+            "--cpus-per-worker",
+            "0.5",
+            *TINY,
+            "train.warmup_steps=1",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "data.decode_in_worker=true",
+            f"data.root={data['ytvos']}",
+        ]
+    )
     assert list(finals) == ["spatial", "temporal"]
     temporal = torch.load(finals["temporal"], map_location="cpu", weights_only=True)
     assert (temporal["stage"], temporal["step"]) == ("temporal", 2)
-    metrics = max((m for _, m in ray.train.Result.from_path(str(tmp_path / "lwf" / "temporal")).best_checkpoints),
-                  key=lambda m: m["step"])
+    metrics = max(
+        (m for _, m in ray.train.Result.from_path(str(tmp_path / "lwf" / "temporal")).best_checkpoints),
+        key=lambda m: m["step"],
+    )
     assert metrics["lwf"] > 0
-    assert metrics["loss"] == pytest.approx(metrics["rec_res3"] + metrics["rec_res4"] + 1000 * metrics["lc"] + 3 * metrics["lwf"],
-                                            rel=1e-4)
+    assert metrics["loss"] == pytest.approx(
+        metrics["rec_res3"] + metrics["rec_res4"] + 1000 * metrics["lc"] + 3 * metrics["lwf"], rel=1e-4
+    )

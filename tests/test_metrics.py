@@ -1,4 +1,5 @@
 """stt.metrics against hand-computed values and a line-by-line port of the official DAVIS code."""
+
 import math
 
 import cv2

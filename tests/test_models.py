@@ -1,4 +1,5 @@
 """The encoder: pyramid shapes and strides per preset, the teacher, weights across layouts."""
+
 import math
 import re
 
@@ -9,8 +10,17 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from stt.config import ModelConfig, load_config
-from stt.models import (CRW_STRIDE, MAST_ARCH, VFS_STRIDE, Encoder, MastEncoder, build_encoder, build_teacher,
-                        encoder_state_dict, load_encoder_weights)
+from stt.models import (
+    CRW_STRIDE,
+    MAST_ARCH,
+    VFS_STRIDE,
+    Encoder,
+    MastEncoder,
+    build_encoder,
+    build_teacher,
+    encoder_state_dict,
+    load_encoder_weights,
+)
 
 CHANNELS = {"resnet18": (128, 256, 512), "resnet50": (512, 1024, 2048)}
 
@@ -70,7 +80,9 @@ def test_stride4_is_the_authors_res18_d4_trunk(arch):
     assert all(stride == (1, 1) for name, stride in strides.items() if re.match(r"layer[123]\.", name))
     x = torch.randn(1, 3, 37, 50)
     with torch.no_grad():
-        stem = torch.nn.functional.avg_pool2d(encoder.relu(encoder.bn1(encoder.conv1(x))), 3, 2, 1, count_include_pad=True)
+        stem = torch.nn.functional.avg_pool2d(
+            encoder.relu(encoder.bn1(encoder.conv1(x))), 3, 2, 1, count_include_pad=True
+        )
         res3 = encoder.layer2(encoder.layer1(stem))
         out = encoder(x, layers=("res3", "res4"))
     assert stem.shape[-2:] == (10, 13)  # ceil(37 / 4), ceil(50 / 4)
@@ -171,9 +183,17 @@ def mast_reference(state: dict, x: torch.Tensor) -> torch.Tensor:
     """MAST's features, post_convolution(feature_extraction(x)), written out with torch.nn.functional on its
     state dict: zlai0/MAST models/submodule.py ResNet18 (7x7 s2 stem conv-BN-ReLU, no pool; layers (64, 1),
     (128, 2), (256, 1), (256, 1) of two ResidualBlocks: relu(left(x) + shortcut(x))) and models/mast.py."""
+
     def bn(y, name):
-        return F.batch_norm(y, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
-                            state[f"{name}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            y,
+            state[f"{name}.running_mean"],
+            state[f"{name}.running_var"],
+            state[f"{name}.weight"],
+            state[f"{name}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     def block(y, name, stride):
         out = F.relu(bn(F.conv2d(y, state[f"{name}.left.0.weight"], stride=stride, padding=1), f"{name}.left.1"))
@@ -182,8 +202,9 @@ def mast_reference(state: dict, x: torch.Tensor) -> torch.Tensor:
             y = bn(F.conv2d(y, state[f"{name}.shortcut.0.weight"], stride=stride), f"{name}.shortcut.1")
         return F.relu(out + y)
 
-    y = F.relu(bn(F.conv2d(x, state["feature_extraction.conv1.0.weight"], stride=2, padding=3),
-                  "feature_extraction.conv1.1"))
+    y = F.relu(
+        bn(F.conv2d(x, state["feature_extraction.conv1.0.weight"], stride=2, padding=3), "feature_extraction.conv1.1")
+    )
     for layer, stride in ((1, 1), (2, 2), (3, 1), (4, 1)):
         y = block(block(y, f"feature_extraction.layer{layer}.0", stride), f"feature_extraction.layer{layer}.1", 1)
     return F.conv2d(y, state["post_convolution.weight"], state["post_convolution.bias"], padding=1)
@@ -343,8 +364,16 @@ def test_resnet50_forward_at_a_small_size():
     assert encoder.conv1.weight.grad is not None
 
 
-@pytest.mark.parametrize("arch, stride", [("resnet18", 8), ("resnet18", 4), ("resnet18", "8-maxpool"),
-                                          ("resnet50", "8-maxpool-reflect"), ("mast-resnet18", 4)])
+@pytest.mark.parametrize(
+    "arch, stride",
+    [
+        ("resnet18", 8),
+        ("resnet18", 4),
+        ("resnet18", "8-maxpool"),
+        ("resnet50", "8-maxpool-reflect"),
+        ("mast-resnet18", 4),
+    ],
+)
 def test_feature_stride_is_the_built_encoders(arch, stride):
     from stt.models import feature_stride
 

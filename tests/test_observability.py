@@ -2,6 +2,7 @@
 dashboard's queries against those names, Ray's Train state API listing a real stt.train run, the
 propagated-mask panel in TensorBoard, and the progress lines' elapsed time and ETA, redrawn in place on
 a terminal and sparse elsewhere."""
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,20 @@ DASHBOARD = REPO / "cluster" / "grafana" / "stt_dashboard.json"
 
 # Every number train_loop_per_worker reports: the loss dict's keys (stt.losses / stt.recipes),
 # WindowMeter.summary's two rates, and the bookkeeping train_loop_per_worker adds itself.
-REPORTED = (*TERMS, "loss", "penalty", "nce", "pairs_per_s", "data_wait_fraction", "step", "lr", "start_step",
-            "skipped_frames", "accuracy", "J&F")
+REPORTED = (
+    *TERMS,
+    "loss",
+    "penalty",
+    "nce",
+    "pairs_per_s",
+    "data_wait_fraction",
+    "step",
+    "lr",
+    "start_step",
+    "skipped_frames",
+    "accuracy",
+    "J&F",
+)
 
 
 class RecordingGauge:
@@ -61,7 +74,9 @@ def test_gauges_are_tagged_with_run_stage_and_trial(gauges):
     logger.after_report(None, [{"step": 7, "loss": 1.25, "J&F": 0.5, "flag": True, "note": "x"}], None)
     assert set(gauges) == {"stt_train_step", "stt_train_loss", "stt_train_J_F"}  # no bools, no strings
     assert gauges["stt_train_loss"].values == [(1.25, {"run": "paper", "stage": "spatial", "trial": ""})]
-    MetricsLogger(None, run="sweep", stage="temporal", trial="abc_00001").after_report(None, [{"step": 2, "loss": 2.0}], None)
+    MetricsLogger(None, run="sweep", stage="temporal", trial="abc_00001").after_report(
+        None, [{"step": 2, "loss": 2.0}], None
+    )
     assert gauges["stt_train_loss"].values[-1] == (2.0, {"run": "sweep", "stage": "temporal", "trial": "abc_00001"})
 
 
@@ -74,14 +89,29 @@ def test_every_dashboard_panel_queries_an_exported_metric(gauges):
         for target in panel["targets"]:
             names = set(re.findall(r"\b(ray_stt_train_\w+)", target["expr"]))
             assert names, f"{DASHBOARD.name}: panel {panel['title']!r} queries no stt metric: {target['expr']}"
-            assert names <= exported, f"{DASHBOARD.name}: panel {panel['title']!r} queries {names - exported}, not exported"
+            assert names <= exported, (
+                f"{DASHBOARD.name}: panel {panel['title']!r} queries {names - exported}, not exported"
+            )
             assert re.search(r'run=~"\$run".*stage=~"\$stage".*trial=~"\$trial"', target["expr"])
             queried |= names
     for variable in dashboard["templating"]["list"][1:]:
         assert set(re.findall(r"ray_stt_train_\w+", variable["definition"])) <= exported
     # what the issue asks the dashboard to show
-    wanted = {"ray_stt_train_" + n for n in ("loss", "rec_res3", "rec_res4", "lc", "gc", "J_F", "pairs_per_s",
-                                             "data_wait_fraction", "kept_fraction", "lr")}
+    wanted = {
+        "ray_stt_train_" + n
+        for n in (
+            "loss",
+            "rec_res3",
+            "rec_res4",
+            "lc",
+            "gc",
+            "J_F",
+            "pairs_per_s",
+            "data_wait_fraction",
+            "kept_fraction",
+            "lr",
+        )
+    }
     assert wanted <= queried, wanted - queried
 
 
@@ -105,10 +135,33 @@ def test_the_train_state_api_lists_a_tiny_run(ray_local, tmp_path):
     from stt.train import main
 
     data = generate(tmp_path / "data", preset="tiny", kinds=("ytvos",))
-    main(["--workers", "1", "--cpu", "--stage", "spatial", "--max-steps", "1", "--storage", str(tmp_path / "runs"),
-          "--name", "watched", "--cpus-per-worker", "0.5", "model.arch=resnet18", "train.batch_size=4",
-          "train.warmup_steps=1", "train.checkpoint_every=1", "train.eval_every=0", "data.crop_size=64",
-          "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2", f"data.root={data['ytvos']}"])
+    main(
+        [
+            "--workers",
+            "1",
+            "--cpu",
+            "--stage",
+            "spatial",
+            "--max-steps",
+            "1",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "watched",
+            "--cpus-per-worker",
+            "0.5",
+            "model.arch=resnet18",
+            "train.batch_size=4",
+            "train.warmup_steps=1",
+            "train.checkpoint_every=1",
+            "train.eval_every=0",
+            "data.crop_size=64",
+            "spatial.image_size=64",
+            "spatial.queue_size=16",
+            "spatial.bn_splits=2",
+            f"data.root={data['ytvos']}",
+        ]
+    )
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
     url = f"http://{ray._private.worker.get_dashboard_url()}/api/train/v2/runs/v1"
@@ -141,8 +194,11 @@ def test_optuna_dashboard_serves_a_study(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([executable, storage, "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [executable, storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -185,12 +241,21 @@ def test_prometheus_scrapes_the_stt_gauges_of_a_tiny_run(ray_local, tmp_path):
     target = f"127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}"
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\n"
-        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{target}']}}]}}]\n")
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{target}']}}]}}]\n"
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def query(expr: str) -> list[dict]:
         url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
@@ -199,16 +264,41 @@ def test_prometheus_scrapes_the_stt_gauges_of_a_tiny_run(ray_local, tmp_path):
 
     try:
         data = generate(tmp_path / "data", preset="tiny", kinds=("ytvos",))
-        main(["--workers", "1", "--cpu", "--stage", "spatial", "--max-steps", "8", "--storage", str(tmp_path / "runs"),
-              "--name", "scraped", "--cpus-per-worker", "0.5", "model.arch=resnet18", "train.batch_size=4",
-              "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=8", "train.eval_every=0",
-              "data.crop_size=64", "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2",
-              f"data.root={data['ytvos']}"])
+        main(
+            [
+                "--workers",
+                "1",
+                "--cpu",
+                "--stage",
+                "spatial",
+                "--max-steps",
+                "8",
+                "--storage",
+                str(tmp_path / "runs"),
+                "--name",
+                "scraped",
+                "--cpus-per-worker",
+                "0.5",
+                "model.arch=resnet18",
+                "train.batch_size=4",
+                "train.warmup_steps=1",
+                "train.log_every=1",
+                "train.checkpoint_every=8",
+                "train.eval_every=0",
+                "data.crop_size=64",
+                "spatial.image_size=64",
+                "spatial.queue_size=16",
+                "spatial.bn_splits=2",
+                f"data.root={data['ytvos']}",
+            ]
+        )
         deadline = time.monotonic() + 30  # the last report reaches Prometheus within Ray's export interval
         while True:
             # last_over_time: the run is over and its series may have gone stale already
-            found = {name: query(f'last_over_time(ray_stt_train_{name}{{run="scraped"}}[1h])')
-                     for name in ("loss", "pairs_per_s", "step")}
+            found = {
+                name: query(f'last_over_time(ray_stt_train_{name}{{run="scraped"}}[1h])')
+                for name in ("loss", "pairs_per_s", "step")
+            }
             if all(found.values()) or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -279,9 +369,11 @@ def test_progress_on_a_terminal_redraws_one_line_in_place_within_its_width(monke
     for name in ("a", "b", "a-video-with-a-long-name"):
         clock.now += 2.0
         progress.advance(name)
-    lines = ["vip 1/3 video (33%)  2s/video  elapsed 2s  eta 4s  a",
-             "vip 2/3 video (66%)  2s/video  elapsed 4s  eta 2s  b",
-             "vip 3/3 video (100%)  2s/video  elapsed 6s  eta 0s  a-video-with-a-long-name"]
+    lines = [
+        "vip 1/3 video (33%)  2s/video  elapsed 2s  eta 4s  a",
+        "vip 2/3 video (66%)  2s/video  elapsed 4s  eta 2s  b",
+        "vip 3/3 video (100%)  2s/video  elapsed 6s  eta 0s  a-video-with-a-long-name",
+    ]
     # "\r" back to the line's start, the text cut to the terminal's width less one, "\x1b[K" clears what is left
     assert stream.getvalue() == "".join(f"\r{line[:49]}\x1b[K" for line in lines) + "\n"
 
@@ -307,8 +399,21 @@ def test_evaluate_and_prepare_print_no_bar_garbage_when_captured(tmp_path, capsy
 
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
     capsys.readouterr()
-    report = main(["davis", "--davis-root", str(data["davis"]), "--checkpoint", "lab:8", "--out", str(tmp_path / "out"),
-                   "--feature-cache", str(tmp_path / "cache"), "--device", "cpu"])
+    report = main(
+        [
+            "davis",
+            "--davis-root",
+            str(data["davis"]),
+            "--checkpoint",
+            "lab:8",
+            "--out",
+            str(tmp_path / "out"),
+            "--feature-cache",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ]
+    )
     captured = capsys.readouterr()
     assert not re.search(r"[\r\x1b]", captured.out + captured.err)
     table = captured.out.splitlines()
@@ -316,8 +421,9 @@ def test_evaluate_and_prepare_print_no_bar_garbage_when_captured(tmp_path, capsy
     sequences = DAVIS(data["davis"]).sequences
     count = len(sequences)
     rate = r"(\S+ seq/s|\S+/seq)"
-    assert re.fullmatch(rf"davis {count}/{count} seq \(100%\)  {rate}  elapsed \d+s  eta 0s  {sequences[-1]}\n",
-                        captured.err), captured.err
+    assert re.fullmatch(
+        rf"davis {count}/{count} seq \(100%\)  {rate}  elapsed \d+s  eta 0s  {sequences[-1]}\n", captured.err
+    ), captured.err
 
     settings = prepare.Settings("ytvos", frames_per_row_group=8, row_groups_per_shard=1)
     manifest = prepare.prepare("ytvos", data["ytvos"], str(tmp_path / "shards"), settings, workers=2)
@@ -326,8 +432,9 @@ def test_evaluate_and_prepare_print_no_bar_garbage_when_captured(tmp_path, capsy
     assert shards > 1 and not re.search(r"[\r\x1b]", captured.out + captured.err)
     assert captured.out.startswith(f"stt.prepare: {tmp_path / 'shards'}: {shards} shard(s) written")
     rate = r"(\S+ shard/s|\S+/shard)"
-    assert re.fullmatch(rf"stt.prepare {shards}/{shards} shard \(100%\)  {rate}  elapsed \d+s  eta 0s\n",
-                        captured.err), captured.err
+    assert re.fullmatch(
+        rf"stt.prepare {shards}/{shards} shard \(100%\)  {rate}  elapsed \d+s  eta 0s\n", captured.err
+    ), captured.err
 
 
 def test_the_mask_panel_shows_frame_prediction_and_truth_per_chosen_frame():
@@ -351,8 +458,8 @@ def tensorboard_events(folder: Path):
     for path in sorted(folder.rglob("events.out.tfevents.*")):
         data, offset = path.read_bytes(), 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            yield Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            yield Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
 
 
@@ -363,17 +470,42 @@ def test_tensorboard_shows_the_propagated_masks_of_each_evaluation(ray_local, tm
     from stt.train import main
 
     data = generate(tmp_path / "data", preset="tiny", kinds=("ytvos", "davis"))
-    main(["--workers", "1", "--cpu", "--stage", "spatial", "--max-steps", "2", "--storage", str(tmp_path / "runs"),
-          "--name", "pictured", "--cpus-per-worker", "0.5", "model.arch=resnet18", "train.batch_size=4",
-          "train.warmup_steps=1", "train.checkpoint_every=1", "train.eval_every=2", "data.crop_size=64",
-          "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2", f"data.root={data['ytvos']}",
-          f"train.eval_davis_root={data['davis']}"])
+    main(
+        [
+            "--workers",
+            "1",
+            "--cpu",
+            "--stage",
+            "spatial",
+            "--max-steps",
+            "2",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "pictured",
+            "--cpus-per-worker",
+            "0.5",
+            "model.arch=resnet18",
+            "train.batch_size=4",
+            "train.warmup_steps=1",
+            "train.checkpoint_every=1",
+            "train.eval_every=2",
+            "data.crop_size=64",
+            "spatial.image_size=64",
+            "spatial.queue_size=16",
+            "spatial.bn_splits=2",
+            f"data.root={data['ytvos']}",
+            f"train.eval_davis_root={data['davis']}",
+        ]
+    )
     events = list(tensorboard_events(tmp_path / "runs" / "pictured" / "tensorboard"))
     images = [(event.step, value) for event in events for value in event.summary.value if value.HasField("image")]
     assert [(step, value.tag) for step, value in images] == [(2, "spatial/davis_masks")]  # step 1 was not evaluated
     image = images[0][1].image
     panel = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
-    assert panel.shape == (image.height, image.width, 3) and image.width == 3 * (image.width // 3) and image.height >= 96
+    assert (
+        panel.shape == (image.height, image.width, 3) and image.width == 3 * (image.width // 3) and image.height >= 96
+    )
     scalars = {value.tag for event in events for value in event.summary.value if value.HasField("simple_value")}
     assert {"spatial/J_F", "spatial/loss"} <= scalars  # tensorboardX writes "&" as "_"
 
@@ -386,13 +518,18 @@ def test_trial_progress_counts_a_phases_finished_trials_with_an_eta(ray_local, t
     def trainable(config):
         tune.report({"x": config["x"]})
 
-    tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2, 3])},
-               tune_config=tune.TuneConfig(max_concurrent_trials=1),
-               run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[TrialProgress("training", 3)])).fit()
+    tune.Tuner(
+        trainable,
+        param_space={"x": tune.grid_search([1, 2, 3])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[TrialProgress("training", 3)]),
+    ).fit()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep: training trials")]
     assert len(lines) == 3, lines
     for done, line in enumerate(lines, 1):
-        assert re.fullmatch(rf"sweep: training trials {done}/3 done \(\w+ finished\)  elapsed \d+s  eta \d+(m\d\ds|s)", line), line
+        assert re.fullmatch(
+            rf"sweep: training trials {done}/3 done \(\w+ finished\)  elapsed \d+s  eta \d+(m\d\ds|s)", line
+        ), line
     assert lines[-1].endswith("eta 0s")
 
 
@@ -401,12 +538,16 @@ def test_trial_progress_counts_trials_a_resumed_phase_had_finished():
 
     from stt.observe import TrialProgress
 
-    trials = [SimpleNamespace(trial_id=f"t{i}", status=status)
-              for i, status in enumerate(("TERMINATED", "TERMINATED", "ERROR", "RUNNING", "PENDING"))]
+    trials = [
+        SimpleNamespace(trial_id=f"t{i}", status=status)
+        for i, status in enumerate(("TERMINATED", "TERMINATED", "ERROR", "RUNNING", "PENDING"))
+    ]
     progress = TrialProgress("propagation", 5)
     progress.setup()
-    assert re.fullmatch(r"sweep: propagation trials 4/5 done \(t3 finished\)  elapsed \d+s  eta \d+s",
-                        progress.line(trials, trials[3], "finished"))
+    assert re.fullmatch(
+        r"sweep: propagation trials 4/5 done \(t3 finished\)  elapsed \d+s  eta \d+s",
+        progress.line(trials, trials[3], "finished"),
+    )
     trials[3].status = "TERMINATED"
     assert progress.line(trials, trials[4], "failed").startswith("sweep: propagation trials 5/5 done (t4 failed)")
     assert progress.line(trials, trials[4], "failed").endswith("eta 0s")

@@ -4,6 +4,7 @@ The stream tests use frames whose pixels say where they came from: red is a ramp
 ramp over y, blue a code of (video, frame). Two crops of the same box and flip then have the same
 red and green maps, and the blue level names the frame each view was cut from.
 """
+
 from __future__ import annotations
 
 import io
@@ -139,6 +140,7 @@ def test_interleaved_pairs_cover_every_pair_decode_once_and_skip_corrupt():
         def decode(i):
             decodes.append((name, i))
             return None if i in bad else np.full((2, 2, 3), i, np.uint8)
+
         return Clip(name, [5 * i for i in range(count)], [f"{name}/{i}" for i in range(count)], decode)
 
     corrupt = []
@@ -237,12 +239,20 @@ def test_prepare_writes_resumes_and_hides_a_killed_shard(tmp_path, monkeypatch):
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".parquet"}
 
     with pytest.raises(ValueError, match="holds shards prepared with settings="):
-        prep.prepare("ytvos", src, str(out), prep.Settings("ytvos", short_side=32, frames_per_row_group=8,
-                                                            row_groups_per_shard=1))
+        prep.prepare(
+            "ytvos",
+            src,
+            str(out),
+            prep.Settings("ytvos", short_side=32, frames_per_row_group=8, row_groups_per_shard=1),
+        )
     (out / "_manifest.json").unlink()  # an unfinished folder: the shards themselves still refuse other settings
     with pytest.raises(ValueError, match="shard-00000.parquet: holds other videos or settings"):
-        prep.prepare("ytvos", src, str(out), prep.Settings("ytvos", short_side=32, frames_per_row_group=8,
-                                                            row_groups_per_shard=1))
+        prep.prepare(
+            "ytvos",
+            src,
+            str(out),
+            prep.Settings("ytvos", short_side=32, frames_per_row_group=8, row_groups_per_shard=1),
+        )
 
 
 def test_prepare_refuses_another_source_and_options_out_of_range(tmp_path):
@@ -359,8 +369,11 @@ def test_all_frames_layout_pairs_are_as_far_apart_as_configured():
         plan = raw_plan(source)
         assert raw_frame_step(plan) == 1 and plan.counts.sum() == 2079
     cfg = DataConfig(root=str(root), crop_size=16, frame_gap=4)
-    rows = [row for batch in unit_pairs(plan, 0, None, 0, cfg, lambda corrupt: corrupt.clear())
-            for row in batch["gap"].tolist()]
+    rows = [
+        row
+        for batch in unit_pairs(plan, 0, None, 0, cfg, lambda corrupt: corrupt.clear())
+        for row in batch["gap"].tolist()
+    ]
     unit = draw_unit(0, plan.num_units, 0)[0]  # the unit that stream row 0 stands for
     first, last = plan.unit_start[unit], plan.unit_start[unit + 1]
     assert rows == [4] * int((plan.counts[first:last] - 4).sum())  # every pair of the unit, 4 raw frames apart
@@ -372,14 +385,24 @@ def test_all_frames_layout_pairs_are_as_far_apart_as_configured():
 def test_local_stream_is_the_ray_data_stream_decoded_in_process(ray_local, coded_ytvos):
     """data.decode_in_worker: the same pairs, crops and order of units as Ray Data, endless, resumable."""
     cfg = DataConfig(root=str(coded_ytvos), crop_size=24, frame_gap=1, data_cpus=1.0)
-    by_ray = {(r["video"], r["target_frame"]): r["target"] for r in temporal_pair_dataset(cfg, seed=3).dataset.take_all()}
+    by_ray = {
+        (r["video"], r["target_frame"]): r["target"] for r in temporal_pair_dataset(cfg, seed=3).dataset.take_all()
+    }
     corrupt_seen = []
-    chunks = local_stream("temporal", cfg, SpatialConfig(), seed=3, skip_rows=0, report=lambda c: (corrupt_seen.extend(c), c.clear()))
-    local = [row for chunk in itertools.islice(chunks, 3) for row in zip(chunk["video"], chunk["target_frame"], chunk["target"])]
+    chunks = local_stream(
+        "temporal", cfg, SpatialConfig(), seed=3, skip_rows=0, report=lambda c: (corrupt_seen.extend(c), c.clear())
+    )
+    local = [
+        row
+        for chunk in itertools.islice(chunks, 3)
+        for row in zip(chunk["video"], chunk["target_frame"], chunk["target"])
+    ]
     first_epoch = {(video, frame): target for video, frame, target in local[: len(by_ray)]}
     assert first_epoch.keys() == by_ray.keys() == expected_pairs(1)
     assert all(np.array_equal(first_epoch[key], by_ray[key]) for key in by_ray)  # same crops: same randomness
     assert len(local) > len(by_ray) and corrupt_seen  # it runs on into the next epoch; the corrupt frame is reported
     # A resumed run past the first epoch (10 rows as counted before corrupt frames drop 2) starts with epoch 2's unit.
     resumed = next(local_stream("temporal", cfg, SpatialConfig(), seed=3, skip_rows=10, report=lambda c: c.clear()))
-    assert list(resumed["target_frame"]) == [frame for _, frame, _ in local[len(by_ray): len(by_ray) + len(resumed["target_frame"])]]
+    assert list(resumed["target_frame"]) == [
+        frame for _, frame, _ in local[len(by_ray) : len(by_ray) + len(resumed["target_frame"])]
+    ]

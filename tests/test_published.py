@@ -4,6 +4,7 @@ Every file is built from the real architecture (a torchvision ResNet state dict 
 names it, plus the heads, buffers and containers those checkpoints carry; see stt/published.py for the source
 files read), saved with torch.save and read back the way `--checkpoint` and `--init` read it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ from stt.config import EvalConfig, ModelConfig
 from stt.features import FeatureExtractor
 from stt.models import CRW_STRIDE, MAST_ARCH, VFS_STRIDE
 from stt.published import detect_format, load_published, read_checkpoint
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -98,14 +98,23 @@ def authors_release(trunk, *, pool: str | None = "mean", teacher: bool = True) -
     if pool is not None:
         strides = "(1, 1, 1, 4)" if pool == "mean" else "(1, 2, 2, 4)"  # d4 / d8 (configs/train/train.py: d8)
         meta["config"] = AUTHORS_TRAIN_CONFIG.format(pool=pool, strides=strides)
-    return {"meta": meta, "state_dict": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0]}]}}
+    return {
+        "meta": meta,
+        "state_dict": state_dict,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0]}]},
+    }
 
 
 def test_authors_stride4_release_maps_every_trunk_weight_and_runs_at_stride_4(tmp_path):
     trunk = torchvision_trunk()
     release = authors_release(trunk, pool="mean")
-    for real in ("backbone.conv1.conv.weight", "backbone.conv1.bn.num_batches_tracked", "backbone.layer1.0.conv2.bn.weight",
-                 "backbone.layer2.0.downsample.conv.weight", "backbone.layer2.0.downsample.bn.running_var"):
+    for real in (
+        "backbone.conv1.conv.weight",
+        "backbone.conv1.bn.num_batches_tracked",
+        "backbone.layer1.0.conv2.bn.weight",
+        "backbone.layer2.0.downsample.conv.weight",
+        "backbone.layer2.0.downsample.bn.running_var",
+    ):
         assert real in release["state_dict"]
     path = tmp_path / "checkpoint.pth"
     torch.save(release, path)
@@ -142,19 +151,37 @@ def test_authors_stride8_from_the_stored_config_or_the_file_name(tmp_path):
 def simsiam_head(channels: int, mid: int, out: int, pred_mid: int) -> nn.Module:
     """VFS heads/sim_siam_head.py with 3 projection fcs (Linear, BN, ReLU, ..., Linear, BN) and 2 predictor fcs."""
     head = nn.Module()
-    head.projection_fcs = nn.Sequential(nn.Linear(channels, mid), nn.BatchNorm1d(mid), nn.ReLU(), nn.Linear(mid, mid),
-                                        nn.BatchNorm1d(mid), nn.ReLU(), nn.Linear(mid, out), nn.BatchNorm1d(out))
-    head.predictor_fcs = nn.Sequential(nn.Linear(out, pred_mid), nn.BatchNorm1d(pred_mid), nn.ReLU(), nn.Linear(pred_mid, out))
+    head.projection_fcs = nn.Sequential(
+        nn.Linear(channels, mid),
+        nn.BatchNorm1d(mid),
+        nn.ReLU(),
+        nn.Linear(mid, mid),
+        nn.BatchNorm1d(mid),
+        nn.ReLU(),
+        nn.Linear(mid, out),
+        nn.BatchNorm1d(out),
+    )
+    head.predictor_fcs = nn.Sequential(
+        nn.Linear(out, pred_mid), nn.BatchNorm1d(pred_mid), nn.ReLU(), nn.Linear(pred_mid, out)
+    )
     return head
 
 
 def vfs_training_checkpoint(trunk, channels: int, mid: int, pred_mid: int) -> dict:
     """publish_model.py output of a SimSiamBaseTracker: meta, state_dict (backbone., img_head., iteration), no optimizer."""
     state_dict = mmcv_names(trunk)
-    state_dict.update({f"img_head.{k}": v for k, v in randomised(simsiam_head(channels, mid, mid, pred_mid), 3).items()})
+    state_dict.update(
+        {f"img_head.{k}": v for k, v in randomised(simsiam_head(channels, mid, mid, pred_mid), 3).items()}
+    )
     state_dict["iteration"] = torch.tensor(0.0)
-    meta = {"mmaction_version": "0.12.0", "config": "model = dict(type='SimSiamBaseTracker', backbone=dict(type='ResNet'))",
-            "exp_name": "r18_nc_sgd_cos_100e_r2_1xNx8_k400.py", "seed": None, "epoch": 100, "iter": 50000}
+    meta = {
+        "mmaction_version": "0.12.0",
+        "config": "model = dict(type='SimSiamBaseTracker', backbone=dict(type='ResNet'))",
+        "exp_name": "r18_nc_sgd_cos_100e_r2_1xNx8_k400.py",
+        "seed": None,
+        "epoch": 100,
+        "iter": 50000,
+    }
     return {"meta": meta, "state_dict": state_dict}
 
 
@@ -166,7 +193,7 @@ def convert_to_pretrained(checkpoint: dict) -> dict:
     for key, value in checkpoint["state_dict"].items():
         if not key.startswith("backbone."):
             continue
-        parts = key[len("backbone."):].split(".")
+        parts = key[len("backbone.") :].split(".")
         if parts[0] == "conv1":
             name = f"{'conv1' if parts[1] == 'conv' else 'bn1'}.{parts[-1]}"
         elif parts[2] == "downsample":
@@ -206,8 +233,10 @@ def test_vfs_training_checkpoints_of_both_archs():
     assert_same_trunk(mapped, trunk)
     trunk50 = torchvision_trunk("resnet50")
     name = "r50_nc_sgd_cos_100e_r5_1xNx2_k400-d7ce3ad0.pth"
-    for file in (vfs_training_checkpoint(trunk50, 2048, 2048, 512), convert_to_pretrained(
-            vfs_training_checkpoint(trunk50, 2048, 2048, 512))):
+    for file in (
+        vfs_training_checkpoint(trunk50, 2048, 2048, 512),
+        convert_to_pretrained(vfs_training_checkpoint(trunk50, 2048, 2048, 512)),
+    ):
         overrides, mapped = load_published(file, name=name)
         assert overrides == {"arch": "resnet50", "stride": VFS_STRIDE, "input_space": "rgb"}
         assert_same_trunk(mapped, trunk50)
@@ -224,9 +253,16 @@ def crw_checkpoint(trunk, legacy: bool = False) -> dict:
         model[f"encoder.model.{key}"] = value
     model["selfsim_fc.0.weight"] = torch.randn(128, 512)
     model["selfsim_fc.0.bias"] = torch.randn(128)
-    args = argparse.Namespace(model_type="scratch", remove_layers=[], head_depth=0, temp=0.05, dropout=0.1, device="cuda")
-    return {"model": model, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {"last_epoch": 3},
-            "epoch": 3, "args": args}
+    args = argparse.Namespace(
+        model_type="scratch", remove_layers=[], head_depth=0, temp=0.05, dropout=0.1, device="cuda"
+    )
+    return {
+        "model": model,
+        "optimizer": {"state": {}, "param_groups": []},
+        "lr_scheduler": {"last_epoch": 3},
+        "epoch": 3,
+        "args": args,
+    }
 
 
 def test_crw_pretrained_pth(tmp_path):
@@ -265,10 +301,16 @@ def mast_checkpoint(seed: int = 5) -> dict:
     """MAST main.py's checkpoint ({"epoch", "state_dict": model.module.state_dict(), "optimizer"}) of models/mast.py:
     feature_extraction = submodule.ResNet18(3) (conv1 Sequential, ResidualBlock left/shortcut Sequentials, layer3/
     layer4 at 256 channels, stride 1), post_convolution (256 -> 64, bias); the Colorizer has no weights."""
+
     def block(cin, cout, stride):
         module = nn.Module()
-        module.left = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                    nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        module.left = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         module.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             module.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -313,8 +355,10 @@ def test_mast_keys_that_do_not_fit_are_named_on_one_line(tmp_path):
     torch.save(release, path)
     with pytest.raises(ValueError) as excinfo:
         extract(path)
-    assert one_line_error(excinfo) == (f"{path}: cannot load as mast weights: mast-resnet18 trunk: missing keys "
-                                       "[post_convolution.bias]; unexpected keys [colorizer.memory.weight]")
+    assert one_line_error(excinfo) == (
+        f"{path}: cannot load as mast weights: mast-resnet18 trunk: missing keys "
+        "[post_convolution.bias]; unexpected keys [colorizer.memory.weight]"
+    )
 
 
 # ----------------------------------------------------------------------------------------- refusals
@@ -335,12 +379,20 @@ def test_missing_unexpected_and_mismatched_keys_are_named_on_one_line(tmp_path):
 
     bad_shape = authors_release(trunk)
     bad_shape["state_dict"]["backbone.layer1.0.conv1.conv.weight"] = torch.zeros(64, 64, 1, 1)
-    with pytest.raises(ValueError, match=r"shape mismatches \(file vs resnet18\) \[layer1.0.conv1.weight \(64, 64, 1, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches \(file vs resnet18\) \[layer1.0.conv1.weight \(64, 64, 1, 1\)"
+    ):
         load_published(bad_shape, name="x.pth")
 
     resnet34 = mmcv_names(torchvision_trunk("resnet34"))
     with pytest.raises(ValueError, match="neither a ResNet-18 nor a ResNet-50"):
-        load_published({"state_dict": resnet34, "meta": {"config": AUTHORS_TRAIN_CONFIG.format(pool="none", strides="(1, 2, 2, 4)")}}, name="r34.pth")
+        load_published(
+            {
+                "state_dict": resnet34,
+                "meta": {"config": AUTHORS_TRAIN_CONFIG.format(pool="none", strides="(1, 2, 2, 4)")},
+            },
+            name="r34.pth",
+        )
 
 
 def test_unknown_and_ambiguous_files_are_refused(tmp_path):
@@ -349,7 +401,9 @@ def test_unknown_and_ambiguous_files_are_refused(tmp_path):
     with pytest.raises(ValueError) as excinfo:
         extract(path)
     message = one_line_error(excinfo)
-    assert message.startswith(f"{path}: cannot load as unknown weights") and "epoch" in message and "state_dict" in message
+    assert (
+        message.startswith(f"{path}: cannot load as unknown weights") and "epoch" in message and "state_dict" in message
+    )
 
     ambiguous = authors_release(torchvision_trunk(), pool=None, teacher=False)
     with pytest.raises(ValueError, match="weights.pth: cannot load as mmcv-resnet weights"):

@@ -1,4 +1,5 @@
 """The spatial stage: InfoNCE, the MoCo queue and momentum encoder, DetCo terms, augmentation, EWC."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stt.config import ModelConfig, SpatialConfig
 from stt.color import IMAGENET_MEAN, IMAGENET_STD
+from stt.config import ModelConfig, SpatialConfig
 from stt.data.augment import TwoViews, blur_kernel_size
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.models import build_teacher, encoder_state_dict
@@ -210,7 +211,9 @@ def test_fisher_diagonal_hand_value():
     # loss(x, y) = (a x + b - y)^2 at a = 1, b = 0.5; batches (1, 0) and (2, 1): residual 1.5 both
     # d/da = 2 r x = 3 and 6, d/db = 2 r = 3 and 3 -> F_a = (9 + 36) / 2, F_b = (9 + 9) / 2
     params = toy_parameters()
-    fisher = fisher_diagonal(params, lambda xy: (params["a"] * xy[0] + params["b"] - xy[1]) ** 2, [(1.0, 0.0), (2.0, 1.0)])
+    fisher = fisher_diagonal(
+        params, lambda xy: (params["a"] * xy[0] + params["b"] - xy[1]) ** 2, [(1.0, 0.0), (2.0, 1.0)]
+    )
     assert fisher["a"].item() == pytest.approx(22.5) and fisher["b"].item() == pytest.approx(9.0)
     assert params["a"].grad is None
 

@@ -1,4 +1,5 @@
 """stt.sweep (tune/sweep.py): search space, the PRUNED bookkeeping, tiny end-to-end sweeps with ASHA and --resume."""
+
 import json
 import re
 import sys
@@ -28,27 +29,36 @@ ENTRY_POINT = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
 
 def test_default_space_covers_losses_and_propagation():
     space = load_space(SPACE_FILE)
-    assert {"temporal.alpha", "temporal.beta", "temporal.entropy_threshold",
-            "temporal.entropy"} <= set(space["training"])
-    assert {"propagation.topk", "propagation.temperature", "propagation.context", "propagation.radius",
-            "propagation.aggregation"} <= set(space["propagation"])
+    assert {"temporal.alpha", "temporal.beta", "temporal.entropy_threshold", "temporal.entropy"} <= set(
+        space["training"]
+    )
+    assert {
+        "propagation.topk",
+        "propagation.temperature",
+        "propagation.context",
+        "propagation.radius",
+        "propagation.aggregation",
+    } <= set(space["propagation"])
 
 
 TEMPORAL = {"temporal.alpha", "temporal.entropy_threshold", "temporal.entropy", "temporal.entropy_window"}
 VFS = {"vfs.lr", "vfs.weight_decay", "vfs.color_aug"}
 
 
-@pytest.mark.parametrize("overrides, keys", [
-    ([], TEMPORAL | {"temporal.beta"}),  # the default recipe distils the spatial stage's correlations
-    (["train.recipe=spatial-then-temporal-no-gc"], TEMPORAL),  # no teacher: beta would change nothing
-    (["temporal.beta=0"], TEMPORAL),  # beta 0 turns the teacher off in the default recipe too
-    (["train.recipe=temporal"], TEMPORAL),
-    (["train.recipe=spatial-then-temporal-lwf"], TEMPORAL | {"train.lwf_weight", "train.lwf_temperature"}),
-    (["train.recipe=spatial-then-temporal-ewc"], TEMPORAL | {"train.ewc_weight"}),
-    (["train.recipe=vfs"], VFS),
-    (["train.recipe=vfs", "vfs.negatives=true"], VFS | {"spatial.temperature"}),
-    (["train.recipe=vfs", "vfs.sampling=continuous"], VFS | {"vfs.interval"}),
-])
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        ([], TEMPORAL | {"temporal.beta"}),  # the default recipe distils the spatial stage's correlations
+        (["train.recipe=spatial-then-temporal-no-gc"], TEMPORAL),  # no teacher: beta would change nothing
+        (["temporal.beta=0"], TEMPORAL),  # beta 0 turns the teacher off in the default recipe too
+        (["train.recipe=temporal"], TEMPORAL),
+        (["train.recipe=spatial-then-temporal-lwf"], TEMPORAL | {"train.lwf_weight", "train.lwf_temperature"}),
+        (["train.recipe=spatial-then-temporal-ewc"], TEMPORAL | {"train.ewc_weight"}),
+        (["train.recipe=vfs"], VFS),
+        (["train.recipe=vfs", "vfs.negatives=true"], VFS | {"spatial.temperature"}),
+        (["train.recipe=vfs", "vfs.sampling=continuous"], VFS | {"vfs.interval"}),
+    ],
+)
 def test_training_trials_sample_the_groups_of_the_recipes_last_stage(overrides, keys):
     """Which entries of the default space a training trial samples, per recipe (no Ray: load_space only)."""
     base = load_config(None, overrides)
@@ -57,11 +67,16 @@ def test_training_trials_sample_the_groups_of_the_recipes_last_stage(overrides, 
     assert training_groups(stage_spec(base, tuned_stage(base)))[0] == ("vfs" if "vfs" in str(overrides) else "temporal")
 
 
-@pytest.mark.parametrize("recipe, last", [("spatial", "spatial"), ("temporal-then-spatial", "spatial"),
-                                          ("temporal-then-spatial-ewc", "spatial"),
-                                          ("spatiotemporal", "spatiotemporal")])
-def test_a_recipe_whose_last_stage_cannot_be_tuned_is_refused_in_one_line(recipe, last, tmp_path, capsys,
-                                                                           monkeypatch):
+@pytest.mark.parametrize(
+    "recipe, last",
+    [
+        ("spatial", "spatial"),
+        ("temporal-then-spatial", "spatial"),
+        ("temporal-then-spatial-ewc", "spatial"),
+        ("spatiotemporal", "spatiotemporal"),
+    ],
+)
+def test_a_recipe_whose_last_stage_cannot_be_tuned_is_refused_in_one_line(recipe, last, tmp_path, capsys, monkeypatch):
     def too_late(*args, **kwargs):
         raise AssertionError("the recipe was checked after the sweep started its work")
 
@@ -69,9 +84,11 @@ def test_a_recipe_whose_last_stage_cannot_be_tuned_is_refused_in_one_line(recipe
     monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", too_late)
     assert run(main, "sweep", ["--quick", "--storage", str(tmp_path), f"train.recipe={recipe}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"sweep: error: train.recipe={recipe}: the sweep tunes a recipe's last stage, which must be one of "
-                   "temporal, vfs (the stages its search space has groups for); "
-                   f"this recipe ends with the {last} stage")
+    assert err == (
+        f"sweep: error: train.recipe={recipe}: the sweep tunes a recipe's last stage, which must be one of "
+        "temporal, vfs (the stages its search space has groups for); "
+        f"this recipe ends with the {last} stage"
+    )
 
 
 IN_TEMPORAL = "training:\n  temporal:\n    "  # a space file's text up to an entry of the temporal group
@@ -80,51 +97,90 @@ IN_TEMPORAL = "training:\n  temporal:\n    "  # a space file's text up to an ent
 @pytest.mark.parametrize(
     "text, message",
     [
-        (IN_TEMPORAL + "temporal.alpah: {uniform: [1, 2]}\n",
-         r"training.temporal: temporal.alpah: uniform \[1, 2\]: unknown config key 'temporal.alpah'"),
-        (IN_TEMPORAL + "temporal.alpha: {normal: [1, 2]}\n",
-         r"training.temporal: temporal.alpha: expected one of \['choice', 'loguniform'"),
-        ("propagation:\n  propagation.topk: {choice: [2.5, 3]}\n",
-         r"propagation: propagation.topk: choice \[2.5, 3\]: expected an integer, got 2.5"),
+        (
+            IN_TEMPORAL + "temporal.alpah: {uniform: [1, 2]}\n",
+            r"training.temporal: temporal.alpah: uniform \[1, 2\]: unknown config key 'temporal.alpah'",
+        ),
+        (
+            IN_TEMPORAL + "temporal.alpha: {normal: [1, 2]}\n",
+            r"training.temporal: temporal.alpha: expected one of \['choice', 'loguniform'",
+        ),
+        (
+            "propagation:\n  propagation.topk: {choice: [2.5, 3]}\n",
+            r"propagation: propagation.topk: choice \[2.5, 3\]: expected an integer, got 2.5",
+        ),
         ("sampling:\n  temporal.alpha: {uniform: [1, 2]}\n", "expected sections"),
-        (IN_TEMPORAL + "temporal.alpha: {uniform: [10, 1]}\n",
-         r"training.temporal: temporal.alpha: uniform \[10, 1\]: expected low < high"),
-        (IN_TEMPORAL + "temporal.alpha: {loguniform: [0, 10]}\n",
-         r"temporal.alpha: loguniform \[0, 10\]: expected 0 < low < high"),
-        ("propagation:\n  propagation.topk: {randint: [5, 5]}\n",
-         r"propagation: propagation.topk: randint \[5, 5\]: expected low < high .*empty range"),
-        (IN_TEMPORAL + "temporal.entropy: {choice: []}\n",
-         r"temporal.entropy: choice \[\]: expected at least one value"),
-        (IN_TEMPORAL + "temporal.entropy: {choice: [neglog, bogus]}\n",
-         r"temporal.entropy: choice \['neglog', 'bogus'\]: expected one of \('neglog', 'shannon'.*\), got 'bogus'"),
-        ("propagation:\n  propagation.topk: {choice: [0, 5]}\n",
-         r"propagation: propagation.topk: choice \[0, 5\]: expected a positive value, got 0"),
-        (IN_TEMPORAL + "temporal.entropy_threshold: {uniform: [0.5, 1.5]}\n",
-         r"uniform \[0.5, 1.5\]: expected a kept fraction in \(0, 1\], got 1.5"),
-        ("propagation:\n  temporal.alpha: {uniform: [1, 2]}\n",
-         "propagation: temporal.alpha: the propagation section samples propagation.. keys only"),
-        (IN_TEMPORAL + "propagation.topk: {choice: [5, 10]}\n",
-         "training.temporal: propagation.topk: propagation.. keys belong under 'propagation'"),
+        (
+            IN_TEMPORAL + "temporal.alpha: {uniform: [10, 1]}\n",
+            r"training.temporal: temporal.alpha: uniform \[10, 1\]: expected low < high",
+        ),
+        (
+            IN_TEMPORAL + "temporal.alpha: {loguniform: [0, 10]}\n",
+            r"temporal.alpha: loguniform \[0, 10\]: expected 0 < low < high",
+        ),
+        (
+            "propagation:\n  propagation.topk: {randint: [5, 5]}\n",
+            r"propagation: propagation.topk: randint \[5, 5\]: expected low < high .*empty range",
+        ),
+        (
+            IN_TEMPORAL + "temporal.entropy: {choice: []}\n",
+            r"temporal.entropy: choice \[\]: expected at least one value",
+        ),
+        (
+            IN_TEMPORAL + "temporal.entropy: {choice: [neglog, bogus]}\n",
+            r"temporal.entropy: choice \['neglog', 'bogus'\]: expected one of \('neglog', 'shannon'.*\), got 'bogus'",
+        ),
+        (
+            "propagation:\n  propagation.topk: {choice: [0, 5]}\n",
+            r"propagation: propagation.topk: choice \[0, 5\]: expected a positive value, got 0",
+        ),
+        (
+            IN_TEMPORAL + "temporal.entropy_threshold: {uniform: [0.5, 1.5]}\n",
+            r"uniform \[0.5, 1.5\]: expected a kept fraction in \(0, 1\], got 1.5",
+        ),
+        (
+            "propagation:\n  temporal.alpha: {uniform: [1, 2]}\n",
+            "propagation: temporal.alpha: the propagation section samples propagation.. keys only",
+        ),
+        (
+            IN_TEMPORAL + "propagation.topk: {choice: [5, 10]}\n",
+            "training.temporal: propagation.topk: propagation.. keys belong under 'propagation'",
+        ),
         (IN_TEMPORAL + "temporal.alpha: {uniform: 5}\n", r"temporal.alpha: uniform 5: expected a list of arguments"),
-        (IN_TEMPORAL + "temporal.alpha: {uniform: [1, 2, 3]}\n",
-         r"uniform \[1, 2, 3\]: expected \[low, high\], two numbers"),
-        ("propagation:\n  propagation.topk: {uniform: [1, 20]}\n",
-         "propagation.topk is an integer: expected randint or choice"),
+        (
+            IN_TEMPORAL + "temporal.alpha: {uniform: [1, 2, 3]}\n",
+            r"uniform \[1, 2, 3\]: expected \[low, high\], two numbers",
+        ),
+        (
+            "propagation:\n  propagation.topk: {uniform: [1, 20]}\n",
+            "propagation.topk is an integer: expected randint or choice",
+        ),
         ("training:\n  temporal: {uniform: [1, 2]}\n", r"training.temporal: uniform: expected one of \['choice'"),
         ("training:\n  temporal: [temporal.alpha]\n", "training.temporal: expected a mapping of config keys"),
         ("training: [temporal.alpha]\n", "training: expected a mapping of stage groups to entries"),
         # the format before groups: a key where a group belongs
-        ("training:\n  temporal.alpha: {uniform: [1, 2]}\n",
-         ("training.temporal.alpha: expected groups of entries named after the stage they tune, one of temporal, "
-          r"temporal.teacher, temporal.lwf, temporal.ewc, vfs, vfs.negatives, vfs.continuous \(see the default space "
-          r"file, space.yaml\)")),
+        (
+            "training:\n  temporal.alpha: {uniform: [1, 2]}\n",
+            (
+                "training.temporal.alpha: expected groups of entries named after the stage they tune, one of temporal, "
+                r"temporal.teacher, temporal.lwf, temporal.ewc, vfs, vfs.negatives, vfs.continuous \(see the default space "
+                r"file, space.yaml\)"
+            ),
+        ),
         ("training:\n  spatial:\n    spatial.lr: {uniform: [0.01, 0.1]}\n", "training.spatial: expected groups"),
         # a group that does not apply is validated too
-        ("training:\n  vfs:\n    vfs.lr: {uniform: [0, 0.1]}\n",
-         r"training.vfs: vfs.lr: uniform \[0, 0.1\]: expected a positive value, got 0"),
-        (IN_TEMPORAL + "temporal.beta: {uniform: [1, 2]}\n  temporal+teacher:\n    temporal.beta: {uniform: [1, 2]}\n",
-         ("training.temporal.teacher: temporal.beta: also in another group that applies to "
-          "train.recipe=spatial-then-temporal; sample each key in one group")),
+        (
+            "training:\n  vfs:\n    vfs.lr: {uniform: [0, 0.1]}\n",
+            r"training.vfs: vfs.lr: uniform \[0, 0.1\]: expected a positive value, got 0",
+        ),
+        (
+            IN_TEMPORAL
+            + "temporal.beta: {uniform: [1, 2]}\n  temporal+teacher:\n    temporal.beta: {uniform: [1, 2]}\n",
+            (
+                "training.temporal.teacher: temporal.beta: also in another group that applies to "
+                "train.recipe=spatial-then-temporal; sample each key in one group"
+            ),
+        ),
     ],
 )
 def test_bad_space_files_name_the_file_and_entry(tmp_path, text, message):
@@ -162,8 +218,15 @@ def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, capsys, m
 def test_asha_stopped_trials_are_pruned_not_complete(tmp_path):
     """Ray's OptunaSearch would record an early-stopped trial's partial J&F as a final value."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
-    search = PrunedAwareOptunaSearch(space={"temporal.alpha": tune.loguniform(1, 10)}, metric="jf", mode="max",
-                                           seed=0, study_name="s", storage=storage, full_steps=12)
+    search = PrunedAwareOptunaSearch(
+        space={"temporal.alpha": tune.loguniform(1, 10)},
+        metric="jf",
+        mode="max",
+        seed=0,
+        study_name="s",
+        storage=storage,
+        full_steps=12,
+    )
     for trial_id, last_step in (("stopped", 6), ("finished", 12)):
         assert search.suggest(trial_id)["temporal.alpha"] > 0
         search.on_trial_result(trial_id, {"jf": 0.25, "step": 6, "training_iteration": 1})
@@ -186,18 +249,43 @@ def test_object_store_storage_is_refused_with_the_reason():
 
 
 # The tiny sweeps' runs: the smallest inputs every stage accepts.
-TINY = ("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
-        "vfs.image_size=32", "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true")
+TINY = (
+    "data.crop_size=32",
+    "train.batch_size=2",
+    "spatial.image_size=32",
+    "spatial.queue_size=16",
+    "vfs.image_size=32",
+    "train.warmup_steps=1",
+    "spatial.bn_splits=1",
+    "data.decode_in_worker=true",
+)
 
 
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
-    small = replace(PLANS["quick"], training_trials=3, propagation_trials=3, earlier_steps=2, trial_steps=4,
-                    eval_every=2, reduction_factor=2, overrides=TINY)
+    small = replace(
+        PLANS["quick"],
+        training_trials=3,
+        propagation_trials=3,
+        earlier_steps=2,
+        trial_steps=4,
+        eval_every=2,
+        reduction_factor=2,
+        overrides=TINY,
+    )
     monkeypatch.setitem(PLANS, "quick", small)
-    argv = ["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root", str(data["ytvos"]),
-            "--davis-root", str(data["davis"])]
+    argv = [
+        "--quick",
+        "--storage",
+        str(tmp_path / "sweeps"),
+        "--name",
+        "tiny",
+        "--data-root",
+        str(data["ytvos"]),
+        "--davis-root",
+        str(data["davis"]),
+    ]
     result = main(argv)
 
     experiment, table = result["experiment"], result["table"]
@@ -209,8 +297,13 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     # Yardsticks beside the result, on the reported split: the untuned defaults trained with a trial's budget,
     # the tuned training with default propagation, random init, Lab pixels, the copied first mask.
     yardsticks = stored[stored["kind"] == "yardstick"].set_index("yardstick")["reported_jf"]
-    assert set(yardsticks.index) == {"tuned training, default propagation", "untuned defaults", "random init",
-                                     "Lab pixels (stride 8)", "first mask copied"}
+    assert set(yardsticks.index) == {
+        "tuned training, default propagation",
+        "untuned defaults",
+        "random init",
+        "Lab pixels (stride 8)",
+        "first mask copied",
+    }
     assert yardsticks.between(0, 1).all() and (experiment / "untuned-temporal-final.pt").is_file()
     assert yardsticks["untuned defaults"] == result["state"]["yardsticks"]["untuned defaults"]["J&F"]
     summary_text = (experiment / "summary.md").read_text()
@@ -235,19 +328,47 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, stage, earlier, sampled", [
-    ("vfs", "vfs", (), VFS),
-    ("spatial-then-temporal-lwf", "temporal", ("spatial",), TEMPORAL | {"train.lwf_weight", "train.lwf_temperature"}),
-])
+@pytest.mark.parametrize(
+    "recipe, stage, earlier, sampled",
+    [
+        ("vfs", "vfs", (), VFS),
+        (
+            "spatial-then-temporal-lwf",
+            "temporal",
+            ("spatial",),
+            TEMPORAL | {"train.lwf_weight", "train.lwf_temperature"},
+        ),
+    ],
+)
 def test_tiny_sweep_of_another_recipe(ray_local, tmp_path, monkeypatch, recipe, stage, earlier, sampled):
     """The sweep follows train.recipe: phase 1 trains its stages before the last (none for vfs), the training
     trials and the untuned yardstick train its last stage with that stage's space groups, best.yaml keeps it."""
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
-    small = replace(PLANS["quick"], training_trials=1, propagation_trials=1, earlier_steps=2, trial_steps=2,
-                    eval_every=2, reduction_factor=2, overrides=TINY)  # one of each: ~70 s (vfs), ~95 s (LwF)
+    small = replace(
+        PLANS["quick"],
+        training_trials=1,
+        propagation_trials=1,
+        earlier_steps=2,
+        trial_steps=2,
+        eval_every=2,
+        reduction_factor=2,
+        overrides=TINY,
+    )  # one of each: ~70 s (vfs), ~95 s (LwF)
     monkeypatch.setitem(PLANS, "quick", small)
-    result = main(["--quick", "--storage", str(tmp_path / "sweeps"), "--name", "tiny", "--data-root",
-                   str(data["ytvos"]), "--davis-root", str(data["davis"]), f"train.recipe={recipe}"])
+    result = main(
+        [
+            "--quick",
+            "--storage",
+            str(tmp_path / "sweeps"),
+            "--name",
+            "tiny",
+            "--data-root",
+            str(data["ytvos"]),
+            "--davis-root",
+            str(data["davis"]),
+            f"train.recipe={recipe}",
+        ]
+    )
 
     experiment, table, state = result["experiment"], result["table"], result["state"]
     training = table[table["kind"] == "training"]
@@ -304,13 +425,29 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
 
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
     experiment = tmp_path / "sweeps" / "tiny"
-    argv = [sys.executable, "-c", DRIVER.format(entry_point=str(ENTRY_POINT)), "--quick", "--samples", "2",
-            "--propagation-samples", "2", "--storage", str(tmp_path / "sweeps"), "--name", "tiny",
-            "--data-root", str(data["ytvos"]), "--davis-root", str(data["davis"])]
+    argv = [
+        sys.executable,
+        "-c",
+        DRIVER.format(entry_point=str(ENTRY_POINT)),
+        "--quick",
+        "--samples",
+        "2",
+        "--propagation-samples",
+        "2",
+        "--storage",
+        str(tmp_path / "sweeps"),
+        "--name",
+        "tiny",
+        "--data-root",
+        str(data["ytvos"]),
+        "--davis-root",
+        str(data["davis"]),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out, err = (tmp_path / "first.out").open("w"), tmp_path / "first.err"  # files: a full pipe would stall the driver
-    driver = subprocess.Popen(argv, cwd=ENTRY_POINT.parents[1], env=env, stdout=out, stderr=err.open("w"),
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        argv, cwd=ENTRY_POINT.parents[1], env=env, stdout=out, stderr=err.open("w"), start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 900
         while not finished_training_trials(experiment):
@@ -324,8 +461,12 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
             driver.kill()
     stderr = err.read_text()
     assert driver.returncode == 130, stderr[-3000:]
-    assert re.search(r"^sweep: error: phase 2/4 interrupted after 1 of 2 training trials; "
-                     r"run the same command with --resume to continue$", stderr, re.MULTILINE), stderr[-3000:]
+    assert re.search(
+        r"^sweep: error: phase 2/4 interrupted after 1 of 2 training trials; "
+        r"run the same command with --resume to continue$",
+        stderr,
+        re.MULTILINE,
+    ), stderr[-3000:]
     assert not (experiment / "best.yaml").exists() and not (experiment / "summary.md").exists()
     assert set(json.loads((experiment / "state.json").read_text())) == {"init_checkpoint"}  # nothing final recorded
     before = tune_trials(experiment / "training")
@@ -336,8 +477,15 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
     checkpoints = {p: p.stat().st_mtime_ns for p in trial_files if p.is_file()}
     study_before = [(t.number, t.state, t.params) for t in finished_training_trials(experiment)]
 
-    resumed = subprocess.run([*argv, "--resume"], cwd=ENTRY_POINT.parents[1], env=env, capture_output=True, text=True,
-                             timeout=1200, check=False)
+    resumed = subprocess.run(
+        [*argv, "--resume"],
+        cwd=ENTRY_POINT.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = tune_trials(experiment / "training")
     assert set(after) == set(before) and {status for status, _ in after.values()} == {"TERMINATED"}  # no trial added
@@ -360,9 +508,11 @@ class FakeTrainer:
 
     def fit(self):
         import time
+
         time.sleep(self.seconds)
-        return ray.train.Result(metrics={"step": self.step}, checkpoint=ray.train.Checkpoint("/tmp"), error=None,
-                                path="/tmp")
+        return ray.train.Result(
+            metrics={"step": self.step}, checkpoint=ray.train.Checkpoint("/tmp"), error=None, path="/tmp"
+        )
 
 
 def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
@@ -373,12 +523,16 @@ def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
     import threading
 
     assert fit_in_driver(FakeTrainer(0.0, 4), "phase 1/4 (the spatial stage)", 4).metrics["step"] == 4
-    with pytest.raises(InterruptedRun, match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; "
-                                             "run the same command with --resume"):
+    with pytest.raises(
+        InterruptedRun,
+        match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; "
+        "run the same command with --resume",
+    ):
         fit_in_driver(FakeTrainer(0.0, 2), "phase 1/4 (the spatial stage)", 4)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(InterruptedRun,
-                       match=r"^the yardsticks interrupted; run the same command with --resume to continue$"):
+    with pytest.raises(
+        InterruptedRun, match=r"^the yardsticks interrupted; run the same command with --resume to continue$"
+    ):
         fit_in_driver(FakeTrainer(30.0, 4), "the yardsticks", 4)
     timer.join()

@@ -1,5 +1,6 @@
 """The synthetic datasets: exact official layouts, byte-for-byte determinism, the embedded-default cache,
 and the geometry and numerics they are built from, checked against hand-computed values."""
+
 import dataclasses
 import hashlib
 import json
@@ -132,10 +133,12 @@ def test_jhmdb_layout(tiny):
 def test_jhmdb_joints_are_the_rendered_puppet_plus_one(tiny):
     preset = PRESETS["tiny"]
     textures = synthetic.load_textures()
-    scene = synthetic.random_puppet_scene(video_rng(0, "jhmdb", 0), preset, preset.jhmdb_size,
-                                          preset.jhmdb_frames, 1, textures, "clap")
-    pos_img = scipy.io.loadmat(tiny["jhmdb"] / "joint_positions" / "clap" / "synthetic_clap_00" /
-                               "joint_positions.mat")["pos_img"]
+    scene = synthetic.random_puppet_scene(
+        video_rng(0, "jhmdb", 0), preset, preset.jhmdb_size, preset.jhmdb_frames, 1, textures, "clap"
+    )
+    pos_img = scipy.io.loadmat(
+        tiny["jhmdb"] / "joint_positions" / "clap" / "synthetic_clap_00" / "joint_positions.mat"
+    )["pos_img"]
     for t in range(scene.frames):
         expected = synthetic.puppet_joints(scene.puppets[0], t)
         for j, name in enumerate(synthetic.JHMDB_JOINTS):
@@ -297,8 +300,9 @@ def test_bilinear_matches_hand_values_and_clamps():
     photo = rng.uniform(0.0, 255.0, size=(20, 30, 3))
     columns, rows = np.linspace(-2.0, 33.0, 17), np.linspace(0.3, 19.0, 11)
     grid_x, grid_y = np.meshgrid(columns, rows)
-    np.testing.assert_allclose(synthetic.bilinear_grid(photo, columns, rows),
-                               synthetic.bilinear(photo, grid_x, grid_y), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        synthetic.bilinear_grid(photo, columns, rows), synthetic.bilinear(photo, grid_x, grid_y), rtol=0, atol=1e-9
+    )
 
 
 def test_to_uint8_rounds_half_up_and_clips():
@@ -308,8 +312,16 @@ def test_to_uint8_rounds_half_up_and_clips():
 
 def test_davis_palette_is_the_voc_colour_map():
     palette = np.array(layouts.davis_palette()).reshape(256, 3)
-    assert palette[:8].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128],
-                                    [128, 0, 128], [0, 128, 128], [128, 128, 128]]
+    assert palette[:8].tolist() == [
+        [0, 0, 0],
+        [128, 0, 0],
+        [0, 128, 0],
+        [128, 128, 0],
+        [0, 0, 128],
+        [128, 0, 128],
+        [0, 128, 128],
+        [128, 128, 128],
+    ]
     assert palette[255].tolist() == [224, 224, 192]  # the void colour of DAVIS and VOC
 
 
@@ -323,10 +335,24 @@ def test_relabel_by_appearance():
 
 def test_circle_sprite_labels_exactly_the_pixels_within_its_radius():
     sprite = synthetic.Sprite(
-        ellipses=((0.0, 0.0, 1.0, 1.0),), extent=1.0, texture="flat", tint=(1.0, 1.0, 1.0),
-        texture_centre=(5.0, 5.0), texture_scale=2.0, label=7, radius=6.0, centre=(10.3, 8.6),
-        amplitude=(0.0, 0.0), frequency=(0.0, 0.0), phase=(0.0, 0.0), angle=0.4, spin=0.0,
-        scale_wave=(0.0, 0.0, 0.0), bend_wave=(0.0, 0.0, 0.0), ripple_wave=(0.0, 0.0, 0.0))
+        ellipses=((0.0, 0.0, 1.0, 1.0),),
+        extent=1.0,
+        texture="flat",
+        tint=(1.0, 1.0, 1.0),
+        texture_centre=(5.0, 5.0),
+        texture_scale=2.0,
+        label=7,
+        radius=6.0,
+        centre=(10.3, 8.6),
+        amplitude=(0.0, 0.0),
+        frequency=(0.0, 0.0),
+        phase=(0.0, 0.0),
+        angle=0.4,
+        spin=0.0,
+        scale_wave=(0.0, 0.0, 0.0),
+        bend_wave=(0.0, 0.0, 0.0),
+        ripple_wave=(0.0, 0.0, 0.0),
+    )
     canvas, labels = np.zeros((20, 24, 3)), np.zeros((20, 24), dtype=np.uint8)
     draw_sprite(canvas, labels, sprite, 0, {"flat": np.full((11, 11, 3), 200.0)})
     rows, columns = np.mgrid[0:20, 0:24]
@@ -342,8 +368,9 @@ def test_circle_sprite_labels_exactly_the_pixels_within_its_radius():
 def test_puppet_kinematics_by_hand():
     rest = {name: (0.0, 0.0, 0.0, 0.0) for name in DEFAULT_ANGLES}
     rest["shoulder_l"] = (math.pi / 2, 0.0, 0.0, 0.0)  # left upper arm straight out to the image right
-    puppet = synthetic.Puppet(size=10.0, centre=(50.0, 60.0), path=((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
-                              waves=rest, looks={})
+    puppet = synthetic.Puppet(
+        size=10.0, centre=(50.0, 60.0), path=((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), waves=rest, looks={}
+    )
     joints = {name: point.tolist() for name, point in synthetic.puppet_joints(puppet, 3).items()}
     assert joints["belly"] == [50.0, 60.0] and joints["neck"] == [50.0, 50.0] and joints["face"] == [50.0, 45.5]
     np.testing.assert_allclose(joints["right_shoulder"], [46.2, 50.8])  # person's right is image left

@@ -1,5 +1,6 @@
 """stt.train: schedule and checkpoint format by hand, then real Ray Train runs on a local cluster:
 both stages with 2 workers, resuming by name, and a SIGKILLed worker restarted from its checkpoint."""
+
 from __future__ import annotations
 
 import math
@@ -12,19 +13,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from stt.config import Config, apply_overrides, from_dict, load_config
-from stt.models import build_encoder
 from stt import checkpoint
 from stt.checkpoint import CHECKPOINT_FILE
-from stt.models import encoder_state_dict
 from stt.cli import UsageError
+from stt.config import Config, apply_overrides, from_dict, load_config
+from stt.models import build_encoder, encoder_state_dict
 from stt.recipes import stage_spec
 from stt.stages import StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
 from stt.train import learning_rate, main, resumed_step
 
 TINY = [
-    "model.arch=resnet18", "train.batch_size=4", "train.warmup_steps=2", "train.checkpoint_every=2", "train.log_every=1",
-    "train.eval_every=0", "data.crop_size=64", "spatial.image_size=64", "spatial.queue_size=16", "spatial.bn_splits=2",
+    "model.arch=resnet18",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "data.crop_size=64",
+    "spatial.image_size=64",
+    "spatial.queue_size=16",
+    "spatial.bn_splits=2",
 ]
 
 
@@ -48,13 +56,16 @@ def test_default_learning_rates_are_the_papers_at_the_papers_global_batch():
     (8 x 16, ResNet-18), with no hand arithmetic; the authors' ResNet-50 run (16 x 4 GPUs) gets their 5e-5."""
     spatial = apply_overrides(Config(), ["train.batch_size=32"])
     assert stage_spec(spatial, "spatial").peak_lr(8) == pytest.approx(0.03)
-    assert stage_spec(spatial, "spatiotemporal").peak_lr(8) == pytest.approx(0.03)  # the joint stage trains with MoCo's SGD
+    assert stage_spec(spatial, "spatiotemporal").peak_lr(8) == pytest.approx(
+        0.03
+    )  # the joint stage trains with MoCo's SGD
     temporal = stage_spec(Config(), "temporal")
     assert temporal.peak_lr(8) == pytest.approx(1e-4)
     assert temporal.peak_lr(4) == pytest.approx(5e-5)
     assert temporal.peak_lr(1) == pytest.approx(1e-4 / 8)  # linear in the global batch
     assert temporal.describe_lr(8) == (
-        "stt.train: temporal stage: global batch 128 (16 x 8 workers), effective lr 0.0001 (temporal.lr 0.0001 x 128 / temporal.lr_batch 128)")
+        "stt.train: temporal stage: global batch 128 (16 x 8 workers), effective lr 0.0001 (temporal.lr 0.0001 x 128 / temporal.lr_batch 128)"
+    )
 
 
 def test_stage_spec_sets_the_input_space_and_leaves_the_original_alone():
@@ -81,7 +92,9 @@ def test_stage_spec_decides_every_fact_of_a_stage_once():
     no_gc = stage_spec(tiny_config("train.recipe=spatial-then-temporal-no-gc"), "temporal")
     assert no_gc.temporal.beta == 0 and not no_gc.teacher and no_gc.student_levels == ("res3", "res4")
     assert no_gc.find_unused_parameters  # res5 gets no gradient without L_gc
-    row1 = stage_spec(tiny_config("train.recipe=temporal", "temporal.rec_levels=[res4]", "temporal.alpha=0"), "temporal")
+    row1 = stage_spec(
+        tiny_config("train.recipe=temporal", "temporal.rec_levels=[res4]", "temporal.alpha=0"), "temporal"
+    )
     assert row1.student_levels == ("res4",)
     joint = stage_spec(tiny_config("train.recipe=spatiotemporal"), "spatiotemporal")
     assert (joint.optimiser, joint.streams, joint.teacher) == ("sgd", ("spatial", "temporal"), False)
@@ -91,7 +104,9 @@ def test_stage_spec_decides_every_fact_of_a_stage_once():
 
 
 def test_temporal_stage_without_teacher_is_refused_clearly():
-    with pytest.raises(ValueError, match=r"temporal.beta=50.0 \(train.recipe=spatial-then-temporal\) needs a frozen teacher"):
+    with pytest.raises(
+        ValueError, match=r"temporal.beta=50.0 \(train.recipe=spatial-then-temporal\) needs a frozen teacher"
+    ):
         build_temporal(stage_spec(tiny_config(), "temporal"), init=None)
     student, teacher, _ = build_temporal(stage_spec(tiny_config("temporal.beta=0"), "temporal"), init=None)
     assert teacher is None
@@ -128,8 +143,12 @@ def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
 def test_every_recipe_names_the_stage_its_ewc_stage_is_anchored_to():
     from stt.recipes import RECIPES
 
-    anchors = {(recipe, stage) for recipe in RECIPES for stage in ("spatial", "temporal", "spatiotemporal")
-               if stage_spec(tiny_config(f"train.recipe={recipe}"), stage).fisher_batches}
+    anchors = {
+        (recipe, stage)
+        for recipe in RECIPES
+        for stage in ("spatial", "temporal", "spatiotemporal")
+        if stage_spec(tiny_config(f"train.recipe={recipe}"), stage).fisher_batches
+    }
     assert anchors == {("spatial-then-temporal-ewc", "spatial"), ("temporal-then-spatial-ewc", "temporal")}
 
 
@@ -139,7 +158,9 @@ def test_spatial_fisher_then_ewc_penalty_on_the_temporal_student():
     spatial = StageModel(stage_spec(cfg, "spatial"), None, "", torch.device("cpu"))
     moco = spatial.moco
     queue_before = moco.global_queue.clone()
-    views = iter([{"spatial": {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}} for _ in range(2)])
+    views = iter(
+        [{"spatial": {"view_q": torch.randn(4, 3, 32, 32), "view_k": torch.randn(4, 3, 32, 32)}} for _ in range(2)]
+    )
     fisher = spatial.fisher(views, 2)
     assert set(fisher) == {name for name, _ in moco.encoder.named_parameters()}
     assert all((value >= 0).all() for value in fisher.values()) and any(value.sum() > 0 for value in fisher.values())
@@ -177,8 +198,10 @@ def test_skipped_corrupt_frames_are_named_once(ray_local, capfd):
     ray_local.get(skipped.add.remote(["b/00002.jpg", "c/00003.jpg"]))
     report_skipped(skipped, 3, named)
     assert capfd.readouterr().out.splitlines() == [
-        "stt.train: skipped a corrupt frame: a/00001.jpg", "stt.train: skipped a corrupt frame: b/00002.jpg",
-        "stt.train: 3 corrupt frames skipped so far (the first 2 named above)"]
+        "stt.train: skipped a corrupt frame: a/00001.jpg",
+        "stt.train: skipped a corrupt frame: b/00002.jpg",
+        "stt.train: 3 corrupt frames skipped so far (the first 2 named above)",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +216,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(storage: Path, name: str, stage: str, steps: int, data: dict, *extra: str) -> dict[str, str]:
-    return main(["--workers", "2", "--cpu", "--stage", stage, "--max-steps", str(steps), "--storage", str(storage),
-                 "--name", name, "--cpus-per-worker", "0.5", *TINY, f"data.root={data['ytvos']}",
-                 f"train.eval_davis_root={data['davis']}", *extra])
+    return main(
+        [
+            "--workers",
+            "2",
+            "--cpu",
+            "--stage",
+            stage,
+            "--max-steps",
+            str(steps),
+            "--storage",
+            str(storage),
+            "--name",
+            name,
+            "--cpus-per-worker",
+            "0.5",
+            *TINY,
+            f"data.root={data['ytvos']}",
+            f"train.eval_davis_root={data['davis']}",
+            *extra,
+        ]
+    )
 
 
 def reported(run_dir: Path) -> list[dict]:
@@ -225,13 +266,19 @@ def test_both_stages_on_two_workers_then_resume_by_name(ray_local, tiny_data, tm
 
 
 def test_temporal_then_spatial_with_ewc_on_two_workers(ray_local, tiny_data, tmp_path):
-    finals = run(tmp_path, "ts", "all", 2, tiny_data, "train.recipe=temporal-then-spatial-ewc", "train.ewc_fisher_batches=2")
+    finals = run(
+        tmp_path, "ts", "all", 2, tiny_data, "train.recipe=temporal-then-spatial-ewc", "train.ewc_fisher_batches=2"
+    )
     assert list(finals) == ["temporal", "spatial"]
     temporal = torch.load(finals["temporal"], map_location="cpu", weights_only=True)
-    assert temporal["fisher"].keys() == {name for name, _ in build_encoder(from_dict(temporal["config"]).model).named_parameters()}
+    assert temporal["fisher"].keys() == {
+        name for name, _ in build_encoder(from_dict(temporal["config"]).model).named_parameters()
+    }
     assert any(value.sum() > 0 for value in temporal["fisher"].values())
     spatial = torch.load(finals["spatial"], map_location="cpu", weights_only=True)
-    assert (spatial["stage"], spatial["step"]) == ("spatial", 2) and from_dict(spatial["config"]).model.input_space == "rgb"
+    assert (spatial["stage"], spatial["step"]) == ("spatial", 2) and from_dict(
+        spatial["config"]
+    ).model.input_space == "rgb"
     assert "fisher" not in spatial  # nothing is anchored to the last stage
     assert reported(tmp_path / "ts" / "spatial")[-1]["penalty"] > 0  # step 2 starts away from the anchor
 
@@ -242,8 +289,9 @@ def test_spatiotemporal_stage_on_two_workers(ray_local, tiny_data, tmp_path):
     assert (payload["stage"], payload["step"]) == ("spatiotemporal", 2) and "moco" in payload
     assert from_dict(payload["config"]).model.input_space == "lab"
     metrics = reported(tmp_path / "joint" / "spatiotemporal")[-1]
-    assert metrics["loss"] == pytest.approx(metrics["nce"] + 0.5 * (metrics["rec_res3"] + metrics["rec_res4"]
-                                                                     + 1000 * metrics["lc"]), rel=1e-4)
+    assert metrics["loss"] == pytest.approx(
+        metrics["nce"] + 0.5 * (metrics["rec_res3"] + metrics["rec_res4"] + 1000 * metrics["lc"]), rel=1e-4
+    )
 
 
 def ray_train_worker_pids() -> list[int]:

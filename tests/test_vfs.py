@@ -1,6 +1,7 @@
 """stt.vfs (paper 003, VFS as a recipe): the loss against Eq. 5 computed slowly, the contrastive variant
 against Eq. 4, the frame sampling of Table 1, the frame-pair stream, the stage's facts, and one real
 Ray Train run of 2 steps on the tiny synthetic data, evaluated by the same propagation as every model."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,7 +16,6 @@ from stt.recipes import stage_spec
 from stt.spatial import info_nce
 from stt.stages import StageModel
 from stt.vfs import VFS, sample_frame_pair, vfs_loss
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -64,7 +64,9 @@ def test_distant_sampling_draws_one_frame_in_each_half():
     for length in (2, 3, 5, 10, 61):
         draws = [sample_frame_pair(length, rng) for _ in range(300)]
         assert all(0 <= i < j < length for i, j in draws)
-        assert all(i < length / 2 <= j + 0.5 for i, j in draws)  # I_1 in [0, L/2), I_2 in [L/2, L) (odd L: the middle frame may be shared)
+        assert all(
+            i < length / 2 <= j + 0.5 for i, j in draws
+        )  # I_1 in [0, L/2), I_2 in [L/2, L) (odd L: the middle frame may be shared)
         if length >= 10:  # uniform within each half: every frame of it is drawn
             assert {i for i, _ in draws} == set(range(math.ceil(length / 2)))
             assert {j for _, j in draws} == set(range(length // 2, length))
@@ -86,8 +88,11 @@ def test_vfs_stream_pairs_two_frames_of_one_video_each_augmented_on_its_own(tiny
     from stt.data.pipeline import local_stream
 
     cfg = load_config(None, ["vfs.image_size=48", f"data.root={tiny_data['ytvos']}"])
-    chunks = list(itertools.islice(local_stream("vfs", cfg.data, cfg.spatial, seed=3, skip_rows=0, report=list.clear,
-                                                vfs_cfg=cfg.vfs), 4))
+    chunks = list(
+        itertools.islice(
+            local_stream("vfs", cfg.data, cfg.spatial, seed=3, skip_rows=0, report=list.clear, vfs_cfg=cfg.vfs), 4
+        )
+    )
     for chunk in chunks:
         assert chunk["view_q"].shape[1:] == (3, 48, 48) and chunk["view_k"].shape == chunk["view_q"].shape
         assert chunk["view_q"].dtype == np.float32
@@ -101,7 +106,12 @@ def test_vfs_stream_pairs_two_frames_of_one_video_each_augmented_on_its_own(tiny
 def test_vfs_stage_facts_and_one_step_of_each_objective():
     cfg = load_config(None, ["train.recipe=vfs", "train.batch_size=32"])
     spec = stage_spec(cfg, "vfs")
-    assert (spec.streams, spec.optimiser, spec.lr_section, spec.config.model.input_space) == (("vfs",), "sgd", "vfs", "rgb")
+    assert (spec.streams, spec.optimiser, spec.lr_section, spec.config.model.input_space) == (
+        ("vfs",),
+        "sgd",
+        "vfs",
+        "rgb",
+    )
     assert spec.peak_lr(8) == pytest.approx(0.05)  # paper 003 Sec. 4.1: 0.05 at a batch of 256
     assert spec.temporal is None and not spec.teacher and not spec.lwf
 
@@ -113,9 +123,20 @@ def test_vfs_stage_facts_and_one_step_of_each_objective():
     assert 0 <= losses["loss"].item() <= 4
     # its heads travel in the checkpoint, so a resumed run continues with them
     payload = stage.payload(1)
-    assert any(key.startswith("projector.") for key in payload["moco"]) and set(payload["model"]) == set(stage.encoder.state_dict())
-    contrastive = StageModel(stage_spec(load_config(None, ["train.recipe=vfs", "vfs.negatives=true", "spatial.queue_size=16",
-                                                          "spatial.bn_splits=2"]), "vfs"), None, "", torch.device("cpu"))
+    assert any(key.startswith("projector.") for key in payload["moco"]) and set(payload["model"]) == set(
+        stage.encoder.state_dict()
+    )
+    contrastive = StageModel(
+        stage_spec(
+            load_config(
+                None, ["train.recipe=vfs", "vfs.negatives=true", "spatial.queue_size=16", "spatial.bn_splits=2"]
+            ),
+            "vfs",
+        ),
+        None,
+        "",
+        torch.device("cpu"),
+    )
     assert "global_queue" in dict(contrastive.model.named_buffers())
     assert contrastive.step(batch, 0.05)["loss"].item() > 0
 
@@ -135,10 +156,32 @@ def test_vfs_recipe_two_steps_on_ray_train_then_evaluated(ray_local, tiny_data, 
     """One worker, Ray Data's VFS stream, 2 steps, J&F by the same propagation as every stt model."""
     from stt.train import main
 
-    finals = main(["--workers", "1", "--cpu", "--stage", "all", "--max-steps", "2", "--storage", str(tmp_path), "--name", "vfs",
-                   "--cpus-per-worker", "0.5", "train.recipe=vfs", "train.batch_size=2", "train.warmup_steps=1",
-                   "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=2", "vfs.image_size=64",
-                   f"data.root={tiny_data['ytvos']}", f"train.eval_davis_root={tiny_data['davis']}"])
+    finals = main(
+        [
+            "--workers",
+            "1",
+            "--cpu",
+            "--stage",
+            "all",
+            "--max-steps",
+            "2",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "vfs",
+            "--cpus-per-worker",
+            "0.5",
+            "train.recipe=vfs",
+            "train.batch_size=2",
+            "train.warmup_steps=1",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.eval_every=2",
+            "vfs.image_size=64",
+            f"data.root={tiny_data['ytvos']}",
+            f"train.eval_davis_root={tiny_data['davis']}",
+        ]
+    )
     assert list(finals) == ["vfs"]
     payload = torch.load(finals["vfs"], map_location="cpu", weights_only=True)
     assert (payload["stage"], payload["step"]) == ("vfs", 2)
@@ -150,5 +193,8 @@ def test_vfs_recipe_two_steps_on_ray_train_then_evaluated(ray_local, tiny_data, 
     build_encoder(cfg.model).load_state_dict(payload["model"])  # the stride-8 evaluation layout
     import ray.train
 
-    metrics = max((m for _, m in ray.train.Result.from_path(str(tmp_path / "vfs" / "vfs")).best_checkpoints), key=lambda m: m["step"])
+    metrics = max(
+        (m for _, m in ray.train.Result.from_path(str(tmp_path / "vfs" / "vfs")).best_checkpoints),
+        key=lambda m: m["step"],
+    )
     assert 0.0 <= metrics["J&F"] <= 1.0 and 0.0 <= metrics["loss"] <= 4.0

@@ -1,4 +1,5 @@
 """python tune/sweep.py: the sweep's entry point; the sweep is the package stt.sweep (its docstring, or --help)."""
+
 import sys
 
 from stt.cli import run

@@ -5,6 +5,7 @@ Recipe of MoCo v2 (Chen et al. 2020, `aug_plus`): RandomResizedCrop(scale 0.2-1)
 horizontal flip, ImageNet normalisation. Built from torchvision.transforms.v2, so PIL images and
 tensors (3 x H x W; uint8, or float in [0, 1]) are accepted alike.
 """
+
 from __future__ import annotations
 
 import torch
@@ -83,14 +84,16 @@ def vfs_transform(image_size: int, scale: tuple[float, float] = (0.2, 1.0), colo
     with `color` also MoCo v2's jitter, grayscale and blur; ImageNet-normalised float32 out."""
     if image_size <= 0:
         raise ValueError(f"vfs.image_size: expected a positive size, got {image_size!r}")
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
-        v2.RandomHorizontalFlip(),
-        *(moco_v2_colour(image_size) if color else []),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *(moco_v2_colour(image_size) if color else []),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class FramePairViews:
@@ -100,5 +103,7 @@ class FramePairViews:
     def __init__(self, image_size: int, scale: tuple[float, float] = (0.2, 1.0), color: bool = False):
         self.transform = vfs_transform(image_size, scale, color)
 
-    def __call__(self, first: Tensor, second: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, first: Tensor, second: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         return seeded(generator, lambda: (self.transform(first), self.transform(second)))

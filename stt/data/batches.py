@@ -3,6 +3,7 @@
 Every iterator here is endless: a stage draws exactly `train.max_steps` batches (plus the Fisher's),
 epoch after epoch, so no epoch ever runs short of a step.
 """
+
 from __future__ import annotations
 
 import threading

@@ -41,6 +41,7 @@ VIP (UVC / ContrastCorr `test_mask_vip.py`, VFS `vip_dataset.py`)::
     usually cover every listed frame; `label_paths` pairs by stem, so a denser frame folder works
     too. VFS scores mIoU over 20 classes with ignore_index=255, hence 255 is accepted.
 """
+
 from __future__ import annotations
 
 import json
@@ -243,8 +244,10 @@ class DAVIS:
             if self.num_objects(seq) == 0:
                 # The official tool scores such a sequence with no rows: it silently leaves the mean.
                 first = self.mask_paths(seq)[0]
-                raise DatasetError(f"{first}: the first annotation holds no object id (only 0 and 255 = void); expected "
-                                   "ids 1..N for the objects to propagate (masks saved as 0/255 mark the object void)")
+                raise DatasetError(
+                    f"{first}: the first annotation holds no object id (only 0 and 255 = void); expected "
+                    "ids 1..N for the objects to propagate (masks saved as 0/255 mark the object void)"
+                )
 
     def frame_paths(self, seq: str) -> list[Path]:
         return _sequence_files(self.frame_root / seq, ".jpg", f"the frames of DAVIS sequence {seq!r}")
@@ -263,9 +266,7 @@ class DAVIS:
             if mask.stem not in frame_stems:
                 raise DatasetError(f"{mask}: no frame {mask.stem}.jpg in {self.frame_root / seq}")
         if masks[0].stem != frames[0].stem:
-            raise DatasetError(
-                f"{self.mask_root / seq}: first mask is {masks[0].name}; expected {frames[0].stem}.png"
-            )
+            raise DatasetError(f"{self.mask_root / seq}: first mask is {masks[0].name}; expected {frames[0].stem}.png")
         return masks
 
     def read_frames(self, seq: str) -> np.ndarray:

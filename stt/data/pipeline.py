@@ -34,6 +34,7 @@ frame are yielded, so a count read after consuming the stream is complete.
 CPU budget: Ray Data stalls when Ray Train's workers hold every CPU. The decode tasks take
 `data_cpus` CPUs; `check_cpu_budget` refuses a layout that does not leave them free.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -171,13 +172,25 @@ class Plan:
         file, row_group = self.files[unit].decode(), int(self.row_groups[unit])
         table = prepare.read_row_group(shard_root, file, row_group, ["video", "frame", "source", "jpeg"])
         if table.column("video").to_pylist() != [n for name, count in zip(names, counts) for n in [name] * count]:
-            raise DatasetError(f"{shard_root}/{file}: row group {row_group} does not hold the videos "
-                               f"{prepare.MANIFEST} lists for it; expected an unmodified shard folder")
-        frames, sources, jpegs = table.column("frame").to_pylist(), table.column("source").to_pylist(), table.column("jpeg")
+            raise DatasetError(
+                f"{shard_root}/{file}: row group {row_group} does not hold the videos "
+                f"{prepare.MANIFEST} lists for it; expected an unmodified shard folder"
+            )
+        frames, sources, jpegs = (
+            table.column("frame").to_pylist(),
+            table.column("source").to_pylist(),
+            table.column("jpeg"),
+        )
         clips, start = [], 0
         for name, count in zip(names, counts):
-            clips.append(Clip(name, frames[start : start + count], sources[start : start + count],
-                              lambda i, start=start: decode_rgb_or_none(jpegs[start + i].as_py())))
+            clips.append(
+                Clip(
+                    name,
+                    frames[start : start + count],
+                    sources[start : start + count],
+                    lambda i, start=start: decode_rgb_or_none(jpegs[start + i].as_py()),
+                )
+            )
             start += count
         return clips
 
@@ -189,7 +202,9 @@ def _offsets(sizes: list[int]) -> np.ndarray:
 def shard_plan(uri: str) -> tuple[str, Plan]:
     """(kind of the prepared layout, plan) of a finished shard folder; a unit is a row group."""
     manifest = prepare.read_manifest(uri)
-    units = [(shard["file"], index, group) for shard in manifest["shards"] for index, group in enumerate(shard["row_groups"])]
+    units = [
+        (shard["file"], index, group) for shard in manifest["shards"] for index, group in enumerate(shard["row_groups"])
+    ]
     videos = [video for _, _, group in units for video in group]
     return manifest["kind"], Plan(
         names=_utf8([name for name, _ in videos]),
@@ -205,7 +220,11 @@ def raw_plan(source: Source, as_images: bool = False) -> Plan:
     every frame of a video layout becomes a one-frame video (the spatial stage)."""
     videos = prepare.list_videos(source.kind, source.root)
     if as_images and source.kind != "images":
-        videos = [prepare.Video(f"{v.name}/{frame}", (frame,), (path,)) for v in videos for frame, path in zip(v.frames, v.paths)]
+        videos = [
+            prepare.Video(f"{v.name}/{frame}", (frame,), (path,))
+            for v in videos
+            for frame, path in zip(v.frames, v.paths)
+        ]
     units = prepare.pack_videos(videos, FRAMES_PER_UNIT)
     videos = [video for unit in units for video in unit]
     return Plan(
@@ -220,8 +239,9 @@ def raw_plan(source: Source, as_images: bool = False) -> Plan:
 # --------------------------------------------------------------------------- the per-unit work
 
 
-def interleaved_pairs(clips: list[Clip], gap: int, rng: np.random.Generator,
-                      corrupt: list[str]) -> Iterator[tuple[Clip, int, np.ndarray, np.ndarray]]:
+def interleaved_pairs(
+    clips: list[Clip], gap: int, rng: np.random.Generator, corrupt: list[str]
+) -> Iterator[tuple[Clip, int, np.ndarray, np.ndarray]]:
     """(clip, reference position, target frame, reference frame) for every (i, i + gap) of every clip.
 
     Clips are interleaved in a random order while each clip's pairs run forward in time, so a clip
@@ -279,25 +299,38 @@ def report_corrupt(skipped, corrupt: list[str]) -> None:
         corrupt.clear()
 
 
-def unit_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, cfg: DataConfig,
-               report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
+def unit_pairs(
+    plan: Plan, unit_id: int, shard_root: str | None, seed: int, cfg: DataConfig, report: Callable[[list[str]], None]
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the temporal pairs of one unit (no Ray); `report(corrupt)` is called with the
     sources of corrupt frames met so far (and must empty the list) before each batch leaves."""
     unit, rng = draw_unit(unit_id, plan.num_units, seed)
     corrupt: list[str] = []
     pairs = interleaved_pairs(plan.clips(unit, shard_root), cfg.frame_gap, rng, corrupt)
     # Crop as pairs come, so a chunk holds crops, not full frames.
-    crops = ((clip, i, *pair_crops(t, r, rng, cfg.crop_size, cfg.crop_scale, cfg.crop_ratio)) for clip, i, t, r in pairs)
+    crops = (
+        (clip, i, *pair_crops(t, r, rng, cfg.crop_size, cfg.crop_scale, cfg.crop_ratio)) for clip, i, t, r in pairs
+    )
     for chunk in _chunks(crops, lambda: report(corrupt)):
         yield _pair_batch(chunk, cfg)
 
 
-def make_pairs(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
-               first_unit: int, data_cfg: DataConfig) -> Iterator[dict[str, np.ndarray]]:
+def make_pairs(
+    batch: dict[str, np.ndarray],
+    *,
+    plan_ref: list,
+    shard_root: str | None,
+    seed: int,
+    skipped,
+    first_unit: int,
+    data_cfg: DataConfig,
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of temporal pairs."""
     plan = ray.get(plan_ref[0])  # in a list, so Ray passes the reference and the array stays zero-copy
     for row_id in batch["id"]:
-        yield from unit_pairs(plan, first_unit + int(row_id), shard_root, seed, data_cfg, lambda c: report_corrupt(skipped, c))
+        yield from unit_pairs(
+            plan, first_unit + int(row_id), shard_root, seed, data_cfg, lambda c: report_corrupt(skipped, c)
+        )
 
 
 def _pair_batch(pairs: list, cfg: DataConfig) -> dict[str, np.ndarray]:
@@ -315,16 +348,27 @@ def _pair_batch(pairs: list, cfg: DataConfig) -> dict[str, np.ndarray]:
     return batch
 
 
-def make_views(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
-               first_unit: int, image_size: int) -> Iterator[dict[str, np.ndarray]]:
+def make_views(
+    batch: dict[str, np.ndarray],
+    *,
+    plan_ref: list,
+    shard_root: str | None,
+    seed: int,
+    skipped,
+    first_unit: int,
+    image_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2 views per image."""
     plan = ray.get(plan_ref[0])
     for row_id in batch["id"]:
-        yield from unit_views(plan, first_unit + int(row_id), shard_root, seed, image_size, lambda c: report_corrupt(skipped, c))
+        yield from unit_views(
+            plan, first_unit + int(row_id), shard_root, seed, image_size, lambda c: report_corrupt(skipped, c)
+        )
 
 
-def unit_views(plan: Plan, unit_id: int, shard_root: str | None, seed: int, image_size: int,
-               report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
+def unit_views(
+    plan: Plan, unit_id: int, shard_root: str | None, seed: int, image_size: int, report: Callable[[list[str]], None]
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of two MoCo v2 views of every image of one unit (no Ray); `report` as in `unit_pairs`."""
     unit, rng = draw_unit(unit_id, plan.num_units, seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -351,8 +395,9 @@ def _decode_all(images: Iterator[tuple[Clip, int]], corrupt: list[str]) -> Itera
             yield (clip.name if len(clip.frames) == 1 else f"{clip.name}/{clip.frames[i]}"), rgb
 
 
-def unit_vfs_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, vfs_cfg: VFSConfig,
-                   report: Callable[[list[str]], None]) -> Iterator[dict[str, np.ndarray]]:
+def unit_vfs_pairs(
+    plan: Plan, unit_id: int, shard_root: str | None, seed: int, vfs_cfg: VFSConfig, report: Callable[[list[str]], None]
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of VFS frame pairs of one unit (no Ray): one pair per video of at least 2 frames, the
     videos in a random order, the two frames drawn by `stt.vfs.sample_frame_pair` and each augmented
     on its own (`FramePairViews`); `report` as in `unit_pairs`. Columns: view_q, view_k 3 x S x S
@@ -372,7 +417,9 @@ def unit_vfs_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, 
             first, second = clip.decode(i), clip.decode(j)
             corrupt.extend(clip.sources[k] for k, rgb in ((i, first), (j, second)) if rgb is None)
             if first is not None and second is not None:
-                q, k = views(torch.from_numpy(first).permute(2, 0, 1), torch.from_numpy(second).permute(2, 0, 1), generator)
+                q, k = views(
+                    torch.from_numpy(first).permute(2, 0, 1), torch.from_numpy(second).permute(2, 0, 1), generator
+                )
                 yield clip.name, clip.frames[i], clip.frames[j], q, k
 
     for chunk in _chunks(pairs(), lambda: report(corrupt)):
@@ -385,18 +432,30 @@ def unit_vfs_pairs(plan: Plan, unit_id: int, shard_root: str | None, seed: int, 
         }
 
 
-def make_vfs_pairs(batch: dict[str, np.ndarray], *, plan_ref: list, shard_root: str | None, seed: int, skipped,
-                   first_unit: int, vfs_cfg: VFSConfig) -> Iterator[dict[str, np.ndarray]]:
+def make_vfs_pairs(
+    batch: dict[str, np.ndarray],
+    *,
+    plan_ref: list,
+    shard_root: str | None,
+    seed: int,
+    skipped,
+    first_unit: int,
+    vfs_cfg: VFSConfig,
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of VFS frame pairs."""
     plan = ray.get(plan_ref[0])
     for row_id in batch["id"]:
-        yield from unit_vfs_pairs(plan, first_unit + int(row_id), shard_root, seed, vfs_cfg, lambda c: report_corrupt(skipped, c))
+        yield from unit_vfs_pairs(
+            plan, first_unit + int(row_id), shard_root, seed, vfs_cfg, lambda c: report_corrupt(skipped, c)
+        )
 
 
 # --------------------------------------------------------------------------- the datasets
 
 
-def stream_units(unit_rows: np.ndarray, seed: int, epochs: int = 1, rows: int | None = None, skip_rows: int = 0) -> range:
+def stream_units(
+    unit_rows: np.ndarray, seed: int, epochs: int = 1, rows: int | None = None, skip_rows: int = 0
+) -> range:
     """The unit ids (rows of the range dataset, see `draw_unit`) a stream visits.
 
     unit_rows: U rows per unit (pairs or images, if no frame is corrupt). Without `rows`: `epochs`
@@ -447,14 +506,27 @@ def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: floa
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=data_cpus / tasks,
-        fn_kwargs={"plan_ref": [ray.put(plan)], "shard_root": shard_root, "skipped": skipped, "first_unit": units.start,
-                   **fn_kwargs},
+        fn_kwargs={
+            "plan_ref": [ray.put(plan)],
+            "shard_root": shard_root,
+            "skipped": skipped,
+            "first_unit": units.start,
+            **fn_kwargs,
+        },
     )
     return dataset, skipped
 
 
-def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *, seed: int = 0, epochs: int = 1,
-                          rows: int | None = None, skip_rows: int = 0, skipped=None) -> Stream:
+def temporal_pair_dataset(
+    data_cfg: DataConfig,
+    source: Source | None = None,
+    *,
+    seed: int = 0,
+    epochs: int = 1,
+    rows: int | None = None,
+    skip_rows: int = 0,
+    skipped=None,
+) -> Stream:
     """(target, reference) pairs of `frame_gap` list steps, same crop and flip on both.
 
     Columns: target, reference: 3 x S x S uint8 RGB (S = crop_size; the frozen teacher takes RGB,
@@ -466,8 +538,9 @@ def temporal_pair_dataset(data_cfg: DataConfig, source: Source | None = None, *,
     """
     plan, shard_root, unit_rows = pair_plan(data_cfg, source or resolve_source(data_cfg.root))
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
-                              data_cfg=data_cfg)
+    dataset, skipped = _build(
+        make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, data_cfg=data_cfg
+    )
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
 
 
@@ -501,13 +574,24 @@ def vfs_plan(source: Source) -> tuple[Plan, str | None, np.ndarray]:
     return plan, shard_root, _per_unit(plan, (plan.counts >= 2).astype(np.int64))
 
 
-def vfs_pair_dataset(data_cfg: DataConfig, vfs_cfg: VFSConfig, source: Source | None = None, *, seed: int = 0,
-                     epochs: int = 1, rows: int | None = None, skip_rows: int = 0, skipped=None) -> Stream:
+def vfs_pair_dataset(
+    data_cfg: DataConfig,
+    vfs_cfg: VFSConfig,
+    source: Source | None = None,
+    *,
+    seed: int = 0,
+    epochs: int = 1,
+    rows: int | None = None,
+    skip_rows: int = 0,
+    skipped=None,
+) -> Stream:
     """VFS's positives (paper 003): two frames of one video, each with its own augmentation (`unit_vfs_pairs`'s
     columns). `source`: None reads `data_cfg.root`. `epochs`, `rows`, `skip_rows`, `skipped`: as `temporal_pair_dataset`."""
     plan, shard_root, unit_rows = vfs_plan(source or resolve_source(data_cfg.root))
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(make_vfs_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, vfs_cfg=vfs_cfg)
+    dataset, skipped = _build(
+        make_vfs_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, vfs_cfg=vfs_cfg
+    )
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
 
 
@@ -519,8 +603,16 @@ def view_plan(data_cfg: DataConfig, source: Source | None = None) -> tuple[Plan,
     return plan, source.root if source.kind == "shards" else None, _per_unit(plan, plan.counts)
 
 
-def local_stream(stream: str, data_cfg: DataConfig, spatial_cfg: SpatialConfig, *, seed: int, skip_rows: int,
-                 report: Callable[[list[str]], None], vfs_cfg: VFSConfig | None = None) -> Iterator[dict[str, np.ndarray]]:
+def local_stream(
+    stream: str,
+    data_cfg: DataConfig,
+    spatial_cfg: SpatialConfig,
+    *,
+    seed: int,
+    skip_rows: int,
+    report: Callable[[list[str]], None],
+    vfs_cfg: VFSConfig | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """The same stream as `temporal_pair_dataset` ("temporal"), `spatial_view_dataset` ("spatial") or
     `vfs_pair_dataset` ("vfs"), endless and decoded in this process, without Ray Data: the same units in the
     same order with the same randomness, from the first unit not wholly inside the first `skip_rows` rows
@@ -530,7 +622,9 @@ def local_stream(stream: str, data_cfg: DataConfig, spatial_cfg: SpatialConfig, 
         vfs_cfg = vfs_cfg or VFSConfig()
         plan, shard_root, unit_rows = vfs_plan(resolve_source(data_cfg.root))
     else:
-        plan, shard_root, unit_rows = pair_plan(data_cfg, resolve_source(data_cfg.root)) if temporal else view_plan(data_cfg)
+        plan, shard_root, unit_rows = (
+            pair_plan(data_cfg, resolve_source(data_cfg.root)) if temporal else view_plan(data_cfg)
+        )
     first = stream_units(unit_rows, seed, rows=1, skip_rows=skip_rows).start
     for unit_id in itertools.count(first):  # unit ids name an endless sequence of epochs (`draw_unit`)
         if stream == "vfs":
@@ -541,17 +635,26 @@ def local_stream(stream: str, data_cfg: DataConfig, spatial_cfg: SpatialConfig, 
             yield from unit_views(plan, unit_id, shard_root, seed, spatial_cfg.image_size, report)
 
 
-def spatial_view_dataset(data_cfg: DataConfig, spatial_cfg: SpatialConfig, source: Source | None = None, *,
-                         seed: int = 0, epochs: int = 1, rows: int | None = None, skip_rows: int = 0,
-                         skipped=None) -> Stream:
+def spatial_view_dataset(
+    data_cfg: DataConfig,
+    spatial_cfg: SpatialConfig,
+    source: Source | None = None,
+    *,
+    seed: int = 0,
+    epochs: int = 1,
+    rows: int | None = None,
+    skip_rows: int = 0,
+    skipped=None,
+) -> Stream:
     """Two MoCo v2 views of every image (stt.data.augment): view_q, view_k 3 x S x S float32
     ImageNet-normalised (S = spatial.image_size), image (str). `source`: None reads `data_cfg.images`,
     or the frames of `data_cfg.root` when that is empty. `epochs`, `rows`, `skip_rows`, `skipped`: as
     `temporal_pair_dataset`."""
     plan, shard_root, unit_rows = view_plan(data_cfg, source)
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed,
-                              image_size=spatial_cfg.image_size)
+    dataset, skipped = _build(
+        make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, image_size=spatial_cfg.image_size
+    )
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
 
 
@@ -569,8 +672,10 @@ def frame_spacing_note(plan: Plan, frame_gap: int, root: str) -> str | None:
     """One line when a raw listing of every frame meets frame_gap 1 (pairs of adjacent raw frames), else None."""
     if plan.frames is None or frame_gap != 1 or raw_frame_step(plan) != 1:
         return None
-    return (f"stt.data: {root} lists every raw frame (e.g. YouTube-VOS train_all_frames), so data.frame_gap=1 pairs "
-            "adjacent raw frames; the paper's pairs are ~0.17 s apart: data.frame_gap=5 at 30 fps, 4 at 24 fps")
+    return (
+        f"stt.data: {root} lists every raw frame (e.g. YouTube-VOS train_all_frames), so data.frame_gap=1 pairs "
+        "adjacent raw frames; the paper's pairs are ~0.17 s apart: data.frame_gap=5 at 30 fps, 4 at 24 fps"
+    )
 
 
 def _per_unit(plan: Plan, video_rows: np.ndarray) -> np.ndarray:
@@ -578,7 +683,9 @@ def _per_unit(plan: Plan, video_rows: np.ndarray) -> np.ndarray:
     return np.add.reduceat(video_rows, plan.unit_start[:-1]) if plan.num_units else np.zeros(0, dtype=np.int64)
 
 
-def check_cpu_budget(num_workers: int, cpus_per_worker: float, data_cpus: float, cluster_cpus: float | None = None) -> None:
+def check_cpu_budget(
+    num_workers: int, cpus_per_worker: float, data_cpus: float, cluster_cpus: float | None = None
+) -> None:
     """Refuse a Train layout that leaves Ray Data less than `data_cpus` CPUs (it would wait forever)."""
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0) if cluster_cpus is None else cluster_cpus
     needed = num_workers * cpus_per_worker + data_cpus

@@ -25,6 +25,7 @@ every shard whose final file exists and holds what the plan says (and refuses on
 something else). SRC is a local folder (the layout readers are local); OUT is a local path or
 any URI `pyarrow.fs.FileSystem.from_uri` accepts (s3://bucket/prefix, file:///...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,10 +84,18 @@ class Settings:
 
     def __post_init__(self):
         # (name, value, lowest, highest): a short side of 0 wrote 1 x 1-pixel shards, quality 500 was accepted
-        for name, value, low, high in (("--short-side", self.short_side, 32, 8192), ("--quality", self.quality, 1, 100),
-                                       ("--frames-per-row-group", self.frames_per_row_group, 1, None),
-                                       ("--row-groups-per-shard", self.row_groups_per_shard, 1, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        for name, value, low, high in (
+            ("--short-side", self.short_side, 32, 8192),
+            ("--quality", self.quality, 1, 100),
+            ("--frames-per-row-group", self.frames_per_row_group, 1, None),
+            ("--row-groups-per-shard", self.row_groups_per_shard, 1, None),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < low
+                or (high is not None and value > high)
+            ):
                 expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
                 raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
@@ -238,8 +247,7 @@ def _corrupt_sources(fs: pafs.FileSystem, path: str) -> list[str]:
     return [table.column("source")[int(i)].as_py() for i in np.flatnonzero(heights == 0)]
 
 
-def prepare(kind: str, src, out: str, settings: Settings | None = None, split: str = "train",
-            workers: int = 1) -> dict:
+def prepare(kind: str, src, out: str, settings: Settings | None = None, split: str = "train", workers: int = 1) -> dict:
     """Convert the `kind` layout at `src` into shards under `out`; returns the manifest (also written)."""
     settings = settings or Settings(kind)
     if settings.kind != kind:
@@ -273,9 +281,11 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
     with fs.open_output_stream(manifest_tmp) as sink:
         sink.write(json.dumps(manifest, indent=1).encode())
     fs.move(manifest_tmp, f"{base}/{MANIFEST}")
-    print(f"stt.prepare: {out}: {sum(written)} shard(s) written, {len(shards) - sum(written)} already done, "
-          f"{manifest['frames']} frames of {manifest['videos']} {'images' if kind == 'images' else 'videos'}, "
-          f"{len(corrupt)} unreadable, {time.perf_counter() - started:.1f} s")
+    print(
+        f"stt.prepare: {out}: {sum(written)} shard(s) written, {len(shards) - sum(written)} already done, "
+        f"{manifest['frames']} frames of {manifest['videos']} {'images' if kind == 'images' else 'videos'}, "
+        f"{len(corrupt)} unreadable, {time.perf_counter() - started:.1f} s"
+    )
     return manifest
 
 
@@ -289,8 +299,10 @@ def check_same_preparation(out: str, kind: str, src: str, split: str, settings: 
     differing = [key for key, value in asked.items() if done.get(key) != value]
     if differing:
         was = ", ".join(f"{key}={done.get(key)!r}" for key in differing)
-        raise ValueError(f"{out}: holds shards prepared with {was}; expected the same {', '.join(differing)}, "
-                         "or an empty folder (give a new OUT, or delete this one to rebuild)")
+        raise ValueError(
+            f"{out}: holds shards prepared with {was}; expected the same {', '.join(differing)}, "
+            "or an empty folder (give a new OUT, or delete this one to rebuild)"
+        )
 
 
 def read_manifest(uri: str) -> dict:

@@ -11,6 +11,7 @@ centre crop clamped to `ratio`. With ratio (1.5, 2) the crops are landscape, abo
 16:9 video frame (1.78), and are squashed to a square `crop_size`, as MAST resizes whole frames to
 256 x 256. (A portrait reading, height / width in 1.5-2, could not even fit 60% of a 16:9 frame.)
 """
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,6 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 from PIL import Image, ImageFile
-
 
 
 class CropBox(NamedTuple):

@@ -47,6 +47,7 @@ The package, by job: plans.py (how much each phase runs), space.py (the search s
 before Ray starts), trials.py (the Tune trials and the Optuna glue), phases.py (the phases over one
 experiment folder, resumable), report.py (trials table, plots, summary), cli.py (the command line).
 """
+
 from stt.sweep.cli import get_args_parser, main
 from stt.sweep.phases import Sweep
 from stt.sweep.plans import PLANS, SweepPlan

@@ -1,4 +1,5 @@
 """python -m stt.sweep: the same command as `python tune/sweep.py`."""
+
 import sys
 
 from stt.cli import run

@@ -1,5 +1,6 @@
 """The sweep's command line: `get_args_parser` and `main`, which checks the inputs before Ray starts, runs
 the phases in order (stt.sweep.phases) and writes the outputs (stt.sweep.report)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,29 +23,45 @@ from stt.train import start_ray
 def get_args_parser() -> argparse.ArgumentParser:
     import stt.sweep  # the package's docstring (how the phases combine) is the command's description
 
-    parser = argparse.ArgumentParser(prog="python tune/sweep.py", description=stt.sweep.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a sweep that finishes in minutes on a laptop (same as --plan quick)")
-    parser.add_argument("--plan", choices=list(PLANS), default="local",
-                        help="how much to run: quick (minutes), laptop (~75 min on real video, 2 cores), local (hours)")
+    parser = argparse.ArgumentParser(
+        prog="python tune/sweep.py", description=stt.sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a sweep that finishes in minutes on a laptop (same as --plan quick)"
+    )
+    parser.add_argument(
+        "--plan",
+        choices=list(PLANS),
+        default="local",
+        help="how much to run: quick (minutes), laptop (~75 min on real video, 2 cores), local (hours)",
+    )
     parser.add_argument("--samples", type=int, help="training trials (default: the plan's)")
     parser.add_argument("--propagation-samples", type=int, help="propagation trials (default: the plan's)")
     parser.add_argument("--space", default=str(SPACE_FILE), help="search space YAML (default: stt/sweep/space.yaml)")
-    parser.add_argument("--storage", default="sweeps", help="experiment folder root, a file system path (on a "
-                        "cluster: a shared mount) (default: ./sweeps)")
+    parser.add_argument(
+        "--storage",
+        default="sweeps",
+        help="experiment folder root, a file system path (on a cluster: a shared mount) (default: ./sweeps)",
+    )
     parser.add_argument("--name", help="experiment name (default: the plan's name); with --resume, the one to continue")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep: finished trials are kept, not rerun")
-    parser.add_argument("--data-root", default="",
-                        help="YouTube-VOS root or Parquet shards (default: embedded synthetic)")
-    parser.add_argument("--davis-root", default="",
-                        help="DAVIS-2017 root for tuning and reporting (default: embedded synthetic)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept, not rerun"
+    )
+    parser.add_argument(
+        "--data-root", default="", help="YouTube-VOS root or Parquet shards (default: embedded synthetic)"
+    )
+    parser.add_argument(
+        "--davis-root", default="", help="DAVIS-2017 root for tuning and reporting (default: embedded synthetic)"
+    )
     parser.add_argument("--tune-set", default="train", help="DAVIS split tuned on (default: train)")
     parser.add_argument("--report-set", default="val", help="DAVIS split reported, evaluated once (default: val)")
-    parser.add_argument("--init", default="", help="a checkpoint to start the training trials from instead of training "
-                        "the recipe's earlier stages (e.g. a spatial-stage one); with a one-stage recipe (vfs, "
-                        "temporal), the trials' initial weights")
+    parser.add_argument(
+        "--init",
+        default="",
+        help="a checkpoint to start the training trials from instead of training "
+        "the recipe's earlier stages (e.g. a spatial-stage one); with a one-stage recipe (vfs, "
+        "temporal), the trials' initial weights",
+    )
     parser.add_argument("--workers", type=int, help="Ray Train workers per training trial (default: 1)")
     parser.add_argument("--cpu", action="store_true", help="train on CPUs even if the cluster has GPUs")
     parser.add_argument("--config", help="YAML with base config sections; the space's keys are sampled on top")
@@ -56,17 +73,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     args.plan = "quick" if args.quick else args.plan
     plan = PLANS[args.plan]
-    plan = replace(plan, training_trials=args.samples or plan.training_trials,
-                   propagation_trials=args.propagation_samples or plan.propagation_trials,
-                   workers_per_trial=args.workers or plan.workers_per_trial)
+    plan = replace(
+        plan,
+        training_trials=args.samples or plan.training_trials,
+        propagation_trials=args.propagation_samples or plan.propagation_trials,
+        workers_per_trial=args.workers or plan.workers_per_trial,
+    )
     args.name = args.name or args.plan
     if "://" in args.storage:
-        raise ValueError(f"--storage {args.storage}: the sweep keeps its Optuna study (SQLite), feature cache and "
-                         "trial runs in a folder; give a local path, or on a cluster a file system every node mounts "
-                         "(docs/cluster.md)")
+        raise ValueError(
+            f"--storage {args.storage}: the sweep keeps its Optuna study (SQLite), feature cache and "
+            "trial runs in a folder; give a local path, or on a cluster a file system every node mounts "
+            "(docs/cluster.md)"
+        )
     if args.tune_set == args.report_set:
-        raise ValueError(f"--tune-set and --report-set are both '{args.tune_set}': tuning on the reported split is "
-                         "what this tool exists to prevent")
+        raise ValueError(
+            f"--tune-set and --report-set are both '{args.tune_set}': tuning on the reported split is "
+            "what this tool exists to prevent"
+        )
     base = load_config(args.config, [*plan.overrides, *args.overrides])
     space = load_space(Path(args.space), base)
     args.data_root = args.data_root or str(ensure_dataset("ytvos"))
@@ -78,8 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     sweep = Sweep(args, plan, base, space)
     # Watching live: the studies' trials, intermediate J&F and pruning, while the sweep runs.
-    print(f"sweep: watch the studies live (pip install -e '.[dashboard]'): "
-          f"optuna-dashboard sqlite:///{(sweep.experiment / 'optuna.db').resolve()}")
+    print(
+        f"sweep: watch the studies live (pip install -e '.[dashboard]'): "
+        f"optuna-dashboard sqlite:///{(sweep.experiment / 'optuna.db').resolve()}"
+    )
     phase = sweep.first_phase
     try:  # Ctrl-C inside a phase's fit() is told by its checks; anywhere else, it lands here
         init_checkpoint = sweep.earlier_stages()
@@ -101,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summary_paragraph(args, sweep.state, table)
     (sweep.experiment / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
-    print(f"\nbest configuration: {sweep.experiment / 'best.yaml'}   trials: {sweep.experiment / 'trials.csv'}   "
-          f"({time.perf_counter() - started:.0f} s)")
+    print(
+        f"\nbest configuration: {sweep.experiment / 'best.yaml'}   trials: {sweep.experiment / 'trials.csv'}   "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     return {"state": sweep.state, "table": table, "experiment": sweep.experiment}

@@ -2,6 +2,7 @@
 trials of its last stage, the propagation trials, the report and the yardsticks; and how a phase knows it finished:
 `check_finished` for Tune's trials, `fit_in_driver` for a stage the driver trains itself. Ctrl-C in
 either is an InterruptedRun naming the phase; `state.json` records what finished, so `--resume` skips it."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
 from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
-from stt.recipes import recipe_of, stage_spec
 from stt.models import feature_stride
 from stt.observe import TrialProgress, with_progress
 from stt.propagation import for_task
+from stt.recipes import recipe_of, stage_spec
 from stt.sweep.plans import SweepPlan
 from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
 from stt.sweep.trials import (
@@ -68,35 +69,54 @@ class Sweep:
         self.state.update(entries)
         self.state_file.write_text(json.dumps(self.state, indent=1))
 
-    def tuner(self, name: str, trainable, param_space: dict, search: OptunaSearch, scheduler, concurrency: int,
-              samples: int):
+    def tuner(
+        self, name: str, trainable, param_space: dict, search: OptunaSearch, scheduler, concurrency: int, samples: int
+    ):
         path = self.experiment / name
         # A phase that crashed before Tune saved its first experiment state has nothing to restore.
         stored = any(path.glob("experiment_state-*.json"))
         if self.args.resume and stored:
             print(f"sweep: resuming the {name} trials from {path}")
-            return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                      param_space=param_space)
+            return tune.Tuner.restore(
+                str(path), trainable=trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
+            )
         if stored:
-            raise UsageError(f"{path}: the {name} trials of an unfinished sweep are stored there; run the same command "
-                             "with --resume to continue it, or give a new --name")
+            raise UsageError(
+                f"{path}: the {name} trials of an unfinished sweep are stored there; run the same command "
+                "with --resume to continue it, or give a new --name"
+            )
         fail_stale_trials(self.experiment, name)
         return tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
-                                        num_samples=samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=str(self.experiment),
-                                      callbacks=[TrialProgress(name, samples)],
-                                      # a failed trial is recorded, the sweep goes on
-                                      failure_config=tune.FailureConfig(fail_fast=False)),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                search_alg=search,
+                scheduler=scheduler,
+                num_samples=samples,
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(self.experiment),
+                callbacks=[TrialProgress(name, samples)],
+                # a failed trial is recorded, the sweep goes on
+                failure_config=tune.FailureConfig(fail_fast=False),
+            ),
         )
 
     def train_in_driver(self, cfg: Config, stage: str, run_dir: str, init: str, phase: str, destination: Path) -> str:
         """Train `stage` under `cfg` (for `cfg.train.max_steps`) as the driver's own Ray Train run, and export
         its final checkpoint to `destination`."""
-        trainer = build_stage_trainer(stage_spec(cfg, stage), run_dir, init, use_gpu=self.use_gpu,
-                                      workers=self.plan.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
+        trainer = build_stage_trainer(
+            stage_spec(cfg, stage),
+            run_dir,
+            init,
+            use_gpu=self.use_gpu,
+            workers=self.plan.workers_per_trial,
+            cpus_per_worker=self.cpus_per_worker,
+        )
         export_final(fit_in_driver(trainer, phase, cfg.train.max_steps).checkpoint, str(destination))
         return str(destination)
 
@@ -115,16 +135,24 @@ class Sweep:
             return self.state["init_checkpoint"]
         checkpoint, recipe = self.args.init, self.base.train.recipe
         if not self.earlier:
-            print(f"sweep: phase 1/4 skipped: train.recipe={recipe} has one stage, {self.stage}, which the training "
-                  f"trials tune{f' from --init {checkpoint}' if checkpoint else ''}")
+            print(
+                f"sweep: phase 1/4 skipped: train.recipe={recipe} has one stage, {self.stage}, which the training "
+                f"trials tune{f' from --init {checkpoint}' if checkpoint else ''}"
+            )
         elif checkpoint:
             print(f"sweep: phase 1/4 skipped: --init {checkpoint} stands for the {' and '.join(self.earlier)} stage")
         else:
             cfg = replace_train(self.base, max_steps=self.plan.earlier_steps, eval_every=0)
             for stage in self.earlier:
                 print(f"sweep: phase 1/4, {stage} stage ({self.plan.earlier_steps} steps)")
-                checkpoint = self.train_in_driver(cfg, stage, str(self.experiment / stage), checkpoint,
-                                                  self.first_phase, self.experiment / f"{stage}-final.pt")
+                checkpoint = self.train_in_driver(
+                    cfg,
+                    stage,
+                    str(self.experiment / stage),
+                    checkpoint,
+                    self.first_phase,
+                    self.experiment / f"{stage}-final.pt",
+                )
         self.save_state(init_checkpoint=checkpoint)
         return checkpoint
 
@@ -133,34 +161,59 @@ class Sweep:
             return self.state["best_training"]
         plan, data = self.plan, self.base.data
         groups = ", ".join(training_groups(stage_spec(self.base, self.stage)))
-        print(f"sweep: phase 2/4, {plan.training_trials} training trials of the {self.stage} stage "
-              f"(train.recipe={self.base.train.recipe}, space groups {groups}), {plan.trial_steps} steps each, "
-              f"J&F on DAVIS '{self.args.tune_set}' every {plan.eval_every}")
-        base = to_dict(replace_train(self.base, max_steps=plan.trial_steps, eval_every=plan.eval_every,
-                                     checkpoint_every=plan.eval_every, eval_davis_root=self.args.davis_root,
-                                     eval_davis_set=self.args.tune_set))
+        print(
+            f"sweep: phase 2/4, {plan.training_trials} training trials of the {self.stage} stage "
+            f"(train.recipe={self.base.train.recipe}, space groups {groups}), {plan.trial_steps} steps each, "
+            f"J&F on DAVIS '{self.args.tune_set}' every {plan.eval_every}"
+        )
+        base = to_dict(
+            replace_train(
+                self.base,
+                max_steps=plan.trial_steps,
+                eval_every=plan.eval_every,
+                checkpoint_every=plan.eval_every,
+                eval_davis_root=self.args.davis_root,
+                eval_davis_set=self.args.tune_set,
+            )
+        )
         trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
         trainable = tune.with_resources(
-            tune.with_parameters(training_trial, base=base, stage=self.stage, init=init_checkpoint,
-                                 runs=str(self.experiment / "training-runs"), workers=plan.workers_per_trial,
-                                 cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu),
+            tune.with_parameters(
+                training_trial,
+                base=base,
+                stage=self.stage,
+                init=init_checkpoint,
+                runs=str(self.experiment / "training-runs"),
+                workers=plan.workers_per_trial,
+                cpus_per_worker=self.cpus_per_worker,
+                use_gpu=self.use_gpu,
+            ),
             # the trial only drives its TorchTrainer, whose workers hold the real resources (Tune refuses 0)
             {"CPU": 0.01},
         )
-        search = PrunedAwareOptunaSearch(seed=plan.seed, study_name="training", storage=optuna_storage(self.experiment),
-                                         full_steps=plan.trial_steps)
-        asha = ASHAScheduler(time_attr="step", max_t=plan.trial_steps, grace_period=plan.eval_every,
-                             reduction_factor=plan.reduction_factor)
+        search = PrunedAwareOptunaSearch(
+            seed=plan.seed, study_name="training", storage=optuna_storage(self.experiment), full_steps=plan.trial_steps
+        )
+        asha = ASHAScheduler(
+            time_attr="step",
+            max_t=plan.trial_steps,
+            grace_period=plan.eval_every,
+            reduction_factor=plan.reduction_factor,
+        )
         concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
-        results = self.tuner("training", trainable, self.space["training"], search, asha, concurrency,
-                             plan.training_trials).fit()
+        results = self.tuner(
+            "training", trainable, self.space["training"], search, asha, concurrency, plan.training_trials
+        ).fit()
         check_finished(results, "phase 2/4", "training", plan.training_trials)
         # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
         # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
         best = best_result(results)
         run = self.experiment / "training-runs" / best.metrics["trial_id"] / self.stage
-        chosen = {"params": {k: best.config[k] for k in self.space["training"]}, "tuning_jf": best.metrics[METRIC],
-                  "checkpoint": str(latest_checkpoint(run, self.stage))}
+        chosen = {
+            "params": {k: best.config[k] for k in self.space["training"]},
+            "tuning_jf": best.metrics[METRIC],
+            "checkpoint": str(latest_checkpoint(run, self.stage)),
+        }
         self.save_state(best_training=chosen)
         return chosen
 
@@ -172,27 +225,51 @@ class Sweep:
         base, checkpoint, cache = to_dict(cfg), best_training["checkpoint"], self.experiment / "features"
         print(f"sweep: phase 3/4, {plan.propagation_trials} propagation trials on cached features of {checkpoint}")
         # Extract once here, so every trial is a cache hit (each asserts it ran no network).
-        default = evaluate_davis(Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache,
-                                 progress=False)
+        default = evaluate_davis(
+            Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache, progress=False
+        )
         graphs = self.graphs(cfg, checkpoint, cache)
-        trainable = tune.with_parameters(propagation_trial, base=base, checkpoint=checkpoint,
-                                         davis_root=args.davis_root, tune_set=args.tune_set, feature_cache=str(cache),
-                                         graphs=graphs)
+        trainable = tune.with_parameters(
+            propagation_trial,
+            base=base,
+            checkpoint=checkpoint,
+            davis_root=args.davis_root,
+            tune_set=args.tune_set,
+            feature_cache=str(cache),
+            graphs=graphs,
+        )
         defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in self.space["propagation"]}
         # The configured defaults are the first point, where the space contains them.
         start = [defaults] if all(in_domain(self.space["propagation"][k], v) for k, v in defaults.items()) else None
-        search = OptunaSearch(seed=plan.seed, study_name="propagation", storage=optuna_storage(self.experiment),
-                              points_to_evaluate=start)
-        results = self.tuner("propagation", trainable, self.space["propagation"], search, None,
-                             cluster_concurrency(1.0, 0), plan.propagation_trials).fit()
+        search = OptunaSearch(
+            seed=plan.seed, study_name="propagation", storage=optuna_storage(self.experiment), points_to_evaluate=start
+        )
+        results = self.tuner(
+            "propagation",
+            trainable,
+            self.space["propagation"],
+            search,
+            None,
+            cluster_concurrency(1.0, 0),
+            plan.propagation_trials,
+        ).fit()
         check_finished(results, "phase 3/4", "propagation", plan.propagation_trials)
         on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
-        print(f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
-              + (f", {sum(m['graph_fallback_fraction'] for m in on_graph) / len(on_graph):.2%} of their target "
-                 "locations computed the usual way" if on_graph else ""))
+        print(
+            f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
+            + (
+                f", {sum(m['graph_fallback_fraction'] for m in on_graph) / len(on_graph):.2%} of their target "
+                "locations computed the usual way"
+                if on_graph
+                else ""
+            )
+        )
         best = best_result(results)
-        chosen = {"params": {k: best.config[k] for k in self.space["propagation"]}, "tuning_jf": best.metrics[METRIC],
-                  "default_tuning_jf": default["summary"]["J&F-Mean"]}
+        chosen = {
+            "params": {k: best.config[k] for k in self.space["propagation"]},
+            "tuning_jf": best.metrics[METRIC],
+            "default_tuning_jf": default["summary"]["J&F-Mean"],
+        }
         self.save_state(best_propagation=chosen)
         return chosen
 
@@ -211,12 +288,16 @@ class Sweep:
             frame_paths = dataset.frame_paths(seq)
             path = graph_path(features_cache.path_for(extractor.cache_key, frame_paths), superset, graph_k)
             if not path.is_file():
-                features = features_cache.load_or_compute(extractor, frame_paths, lambda seq=seq: dataset.read_frames(seq))
+                features = features_cache.load_or_compute(
+                    extractor, frame_paths, lambda seq=seq: dataset.read_frames(seq)
+                )
                 save_graph(build_graph(features, superset, graph_k), path)
             graphs[seq] = str(path)
-        print(f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
-              f"{time.perf_counter() - started:.1f} s (context {superset.context}, radius {superset.radius}, "
-              f"first frame {'in' if superset.window_first_frame else 'without'} a window)")
+        print(
+            f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
+            f"{time.perf_counter() - started:.1f} s (context {superset.context}, radius {superset.radius}, "
+            f"first frame {'in' if superset.window_first_frame else 'without'} a window)"
+        )
         return graphs
 
     def report(self, best_training: dict, best_propagation: dict) -> dict:
@@ -225,12 +306,22 @@ class Sweep:
         args = self.args
         cfg = with_params(self.base, {**best_training["params"], **best_propagation["params"]})
         print(f"sweep: phase 4/4, the best configuration evaluated once on DAVIS '{args.report_set}'")
-        final = evaluate_davis(Path(args.davis_root), best_training["checkpoint"], cfg,
-                               self.experiment / "final-results", split=args.report_set,
-                               feature_cache=self.experiment / "features", progress=False)
+        final = evaluate_davis(
+            Path(args.davis_root),
+            best_training["checkpoint"],
+            cfg,
+            self.experiment / "final-results",
+            split=args.report_set,
+            feature_cache=self.experiment / "features",
+            progress=False,
+        )
         (self.experiment / "best.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        entry = {"reported_jf": final["summary"]["J&F-Mean"], "summary": final["summary"],
-                 "checkpoint": best_training["checkpoint"], "max_short_side": cfg.eval.max_short_side}
+        entry = {
+            "reported_jf": final["summary"]["J&F-Mean"],
+            "summary": final["summary"],
+            "checkpoint": best_training["checkpoint"],
+            "max_short_side": cfg.eval.max_short_side,
+        }
         self.save_state(final=entry)
         return entry
 
@@ -243,21 +334,38 @@ class Sweep:
             return self.state["yardsticks"]
         args, plan = self.args, self.plan
         stride = feature_stride(self.base.model, self.base.eval.layer)  # the trained model's grid, e.g. 8 for 8-maxpool
-        print(f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.trial_steps} "
-              "steps, random init, Lab pixels, the copied first mask)")
+        print(
+            f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.trial_steps} "
+            "steps, random init, Lab pixels, the copied first mask)"
+        )
         untuned = self.experiment / f"untuned-{self.stage}-final.pt"
         if not untuned.exists():  # trained once; a rerun of the sweep only re-reads it
-            cfg = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0,
-                                checkpoint_every=plan.trial_steps)
-            self.train_in_driver(cfg, self.stage, str(self.experiment / "untuned-run"), init_checkpoint,
-                                 "the yardsticks (training the untuned defaults)", untuned)
-        sources = {"tuned training, default propagation": best_training["checkpoint"],
-                   "untuned defaults": str(untuned), "random init": f"random:{plan.seed}",
-                   f"Lab pixels (stride {stride})": f"lab:{stride}"}
+            cfg = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0, checkpoint_every=plan.trial_steps)
+            self.train_in_driver(
+                cfg,
+                self.stage,
+                str(self.experiment / "untuned-run"),
+                init_checkpoint,
+                "the yardsticks (training the untuned defaults)",
+                untuned,
+            )
+        sources = {
+            "tuned training, default propagation": best_training["checkpoint"],
+            "untuned defaults": str(untuned),
+            "random init": f"random:{plan.seed}",
+            f"Lab pixels (stride {stride})": f"lab:{stride}",
+        }
         rows = {}
         for name, source in sources.items():  # cached features: a rerun costs propagation only
-            summary = evaluate_davis(Path(args.davis_root), source, self.base, None, split=args.report_set,
-                                     feature_cache=self.experiment / "features", progress=False)["summary"]
+            summary = evaluate_davis(
+                Path(args.davis_root),
+                source,
+                self.base,
+                None,
+                split=args.report_set,
+                feature_cache=self.experiment / "features",
+                progress=False,
+            )["summary"]
             rows[name] = {"source": source, **jf_row(summary)}
         copied = copy_first_mask(Path(args.davis_root), args.report_set)
         rows["first mask copied"] = {"source": "copy", **jf_row(copied)}

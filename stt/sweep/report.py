@@ -1,5 +1,6 @@
 """What a finished sweep writes: the trials table (trials.parquet, trials.csv), the plots, and summary.md
 with the result beside its yardsticks."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,20 @@ def trials_table(experiment: Path, state: dict) -> pd.DataFrame:
         for trial in study.get_trials(deepcopy=False, states=[s for s in TrialState if s != TrialState.WAITING]):
             steps = max(trial.intermediate_values) if trial.intermediate_values else None
             value = trial.value if trial.value is not None else trial.intermediate_values.get(steps)
-            seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete
-                       else None)
-            rows.append({"kind": summary.study_name, "number": trial.number, "state": trial.state.name,
-                         "tuning_jf": value, "steps": steps, "seconds": seconds, **trial.params})
+            seconds = (
+                (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else None
+            )
+            rows.append(
+                {
+                    "kind": summary.study_name,
+                    "number": trial.number,
+                    "state": trial.state.name,
+                    "tuning_jf": value,
+                    "steps": steps,
+                    "seconds": seconds,
+                    **trial.params,
+                }
+            )
     table = pd.DataFrame(rows)
     if "final" in state and len(table):
         # The reported split is evaluated once, for the chosen configuration only.
@@ -38,8 +49,10 @@ def trials_table(experiment: Path, state: dict) -> pd.DataFrame:
         for key, value in best.items():
             chosen &= table[key] == value
         table["reported_jf"] = table["tuning_jf"].where(~chosen, state["final"]["reported_jf"]).where(chosen)
-    yardsticks = [{"kind": "yardstick", "yardstick": name, "state": "COMPLETE", "reported_jf": row["J&F"]}
-                  for name, row in state.get("yardsticks", {}).items()]
+    yardsticks = [
+        {"kind": "yardstick", "yardstick": name, "state": "COMPLETE", "reported_jf": row["J&F"]}
+        for name, row in state.get("yardsticks", {}).items()
+    ]
     return pd.concat([table, pd.DataFrame(yardsticks)], ignore_index=True) if yardsticks else table
 
 
@@ -57,7 +70,8 @@ def write_plots(experiment: Path, table: pd.DataFrame) -> list[Path]:
         if len(finished) >= 2 and len({tuple(sorted(t.params.items())) for t in finished}) >= 2:
             # PED-ANOVA needs no scikit-learn (fANOVA does).
             optuna.visualization.matplotlib.plot_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+            )
             written.append(save_figure(out / f"{kind}-importance.png"))
         rows = table[table["kind"] == kind]
         params = [c for c in rows.columns if "." in c and rows[c].notna().any()]
@@ -85,8 +99,10 @@ def save_figure(path: Path) -> Path:
 
 def describe(params: dict) -> str:
     """{"temporal.alpha": 123.456} -> "alpha=123.5": parameters as a summary names them."""
-    return ", ".join(f"{key.split('.', 1)[1]}={value:.4g}" if isinstance(value, float)
-                     else f"{key.split('.', 1)[1]}={value}" for key, value in params.items())
+    return ", ".join(
+        f"{key.split('.', 1)[1]}={value:.4g}" if isinstance(value, float) else f"{key.split('.', 1)[1]}={value}"
+        for key, value in params.items()
+    )
 
 
 def summary_paragraph(args: argparse.Namespace, state: dict, table: pd.DataFrame) -> str:
@@ -114,14 +130,20 @@ def yardstick_table(args: argparse.Namespace, state: dict) -> str:
     if not yardsticks:
         return ""
     summary = final["summary"]
-    lines = [f"\n\n| on DAVIS '{args.report_set}', short side <= {final['max_short_side']} | J&F | J | F |",
-             "|---|---|---|---|",
-             (f"| **tuned** (training + propagation search) | **{final['reported_jf']:.3f}** "
-              f"| {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} |")]
+    lines = [
+        f"\n\n| on DAVIS '{args.report_set}', short side <= {final['max_short_side']} | J&F | J | F |",
+        "|---|---|---|---|",
+        (
+            f"| **tuned** (training + propagation search) | **{final['reported_jf']:.3f}** "
+            f"| {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} |"
+        ),
+    ]
     lines += [f"| {name} | {row['J&F']:.3f} | {row['J']:.3f} | {row['F']:.3f} |" for name, row in yardsticks.items()]
     margin = final["reported_jf"] - yardsticks["untuned defaults"]["J&F"]
     verdict = "beats" if margin > 0 else "does not beat"
-    lines.append(f"\nThe tuned configuration {verdict} the untuned defaults trained with the same budget by "
-                 f"{margin:+.3f} J&F on DAVIS '{args.report_set}' (yardsticks: default propagation, same split and "
-                 "resolution).")
+    lines.append(
+        f"\nThe tuned configuration {verdict} the untuned defaults trained with the same budget by "
+        f"{margin:+.3f} J&F on DAVIS '{args.report_set}' (yardsticks: default propagation, same split and "
+        "resolution)."
+    )
     return "\n".join(lines)

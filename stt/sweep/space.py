@@ -1,6 +1,7 @@
 """The search space: the YAML file (default: space.yaml beside this module) read into Ray Tune domains for
 the stage the sweep tunes (the last of `train.recipe`), every entry validated against the sweep's base config
 before Ray starts."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,10 @@ EXAMPLES = {"loguniform": "[0.01, 1]", "uniform": "[0.1, 1]", "choice": "[a, b]"
 # entries, `STAGE+FEATURE`, when the stage's spec has them. A group's entries should not change the feature itself.
 FEATURES: dict[str, dict[str, Callable[[StageSpec], bool]]] = {
     "temporal": {"teacher": lambda spec: spec.teacher, "lwf": lambda spec: spec.lwf, "ewc": lambda spec: spec.ewc},
-    "vfs": {"negatives": lambda spec: spec.config.vfs.negatives,
-            "continuous": lambda spec: spec.config.vfs.sampling == "continuous"},
+    "vfs": {
+        "negatives": lambda spec: spec.config.vfs.negatives,
+        "continuous": lambda spec: spec.config.vfs.sampling == "continuous",
+    },
 }
 GROUPS = tuple(group for stage, features in FEATURES.items() for group in (stage, *(f"{stage}+{f}" for f in features)))
 
@@ -33,9 +36,11 @@ def tuned_stage(cfg: Config) -> str:
     """The stage the training trials tune: the last of `cfg.train.recipe`, or a UsageError saying why it cannot be."""
     stages = recipe_of(cfg).stages
     if stages[-1] not in FEATURES:
-        raise UsageError(f"train.recipe={cfg.train.recipe}: the sweep tunes a recipe's last stage, which must be "
-                         f"one of {', '.join(FEATURES)} (the stages its search space has groups for); this recipe "
-                         f"ends with the {stages[-1]} stage")
+        raise UsageError(
+            f"train.recipe={cfg.train.recipe}: the sweep tunes a recipe's last stage, which must be "
+            f"one of {', '.join(FEATURES)} (the stages its search space has groups for); this recipe "
+            f"ends with the {stages[-1]} stage"
+        )
     return stages[-1]
 
 
@@ -65,18 +70,26 @@ def load_space(path: Path, base: Config | None = None) -> dict[str, dict[str, ob
     groups = {f"training.{group}": entries for group, entries in stage_groups.items()}
     for group in groups:
         if group.removeprefix("training.") not in GROUPS:
-            raise UsageError(f"{path}: {group}: expected groups of entries named after the stage they tune, one of "
-                             f"{', '.join(GROUPS)} (see the default space file, {SPACE_FILE.name})")
-    domains = {group: {str(key): space_entry(path, group, str(key), distribution, base)
-                       for key, distribution in mapping(path, group, entries).items()}
-               for group, entries in {**groups, "propagation": spec.get("propagation")}.items()}
+            raise UsageError(
+                f"{path}: {group}: expected groups of entries named after the stage they tune, one of "
+                f"{', '.join(GROUPS)} (see the default space file, {SPACE_FILE.name})"
+            )
+    domains = {
+        group: {
+            str(key): space_entry(path, group, str(key), distribution, base)
+            for key, distribution in mapping(path, group, entries).items()
+        }
+        for group, entries in {**groups, "propagation": spec.get("propagation")}.items()
+    }
     applied = [f"training.{group}" for group in training_groups(stage_spec(base, tuned_stage(base)))]
     training: dict[str, object] = {}
     for group in applied:
         for key, domain in domains.get(group, {}).items():
             if key in training:
-                raise UsageError(f"{path}: {group}: {key}: also in another group that applies to "
-                                 f"train.recipe={base.train.recipe}; sample each key in one group")
+                raise UsageError(
+                    f"{path}: {group}: {key}: also in another group that applies to "
+                    f"train.recipe={base.train.recipe}; sample each key in one group"
+                )
             training[key] = domain
     return {"training": training, "propagation": domains["propagation"]}
 
@@ -93,14 +106,18 @@ def space_entry(path: Path, group: str, key: str, distribution, base: Config):
     UsageError naming `path`, the entry and what was expected."""
     where = f"{path}: {group}: {key}"
     if group == "propagation" and not key.startswith("propagation."):
-        raise UsageError(f"{where}: the propagation section samples propagation.* keys only (propagation trials reuse "
-                         "one checkpoint's features); move it under 'training'")
+        raise UsageError(
+            f"{where}: the propagation section samples propagation.* keys only (propagation trials reuse "
+            "one checkpoint's features); move it under 'training'"
+        )
     if group != "propagation" and key.startswith("propagation."):
         raise UsageError(f"{where}: propagation.* keys belong under 'propagation' (searched on the cached features)")
     if not isinstance(distribution, dict) or len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
-        raise UsageError(f"{where}: expected one of {sorted(DISTRIBUTIONS)} with its arguments, e.g. "
-                         f"{{uniform: [0.1, 1]}}, got {distribution!r}")
-    (kind, arguments), = distribution.items()
+        raise UsageError(
+            f"{where}: expected one of {sorted(DISTRIBUTIONS)} with its arguments, e.g. "
+            f"{{uniform: [0.1, 1]}}, got {distribution!r}"
+        )
+    ((kind, arguments),) = distribution.items()
     described = f"{kind} {arguments!r}"
     values = produced_values(where, described, kind, arguments, field_type(base, key), key)
     for value in values:  # each value the entry can produce (a range by its ends), applied as a trial would
@@ -127,8 +144,10 @@ def produced_values(where: str, described: str, kind: str, arguments, declared: 
         if not all(isinstance(a, int) for a in arguments):
             raise UsageError(f"{where}: {described}: expected two integers [low, high_exclusive]")
         if low >= high:
-            raise UsageError(f"{where}: {described}: expected low < high (high is exclusive: [{low}, {low + 1}] "
-                             f"samples {low} only), got an empty range")
+            raise UsageError(
+                f"{where}: {described}: expected low < high (high is exclusive: [{low}, {low + 1}] "
+                f"samples {low} only), got an empty range"
+            )
         return [low, high - 1]
     if low >= high:
         raise UsageError(f"{where}: {described}: expected low < high")

@@ -3,6 +3,7 @@ the searcher that records ASHA-stopped trials as PRUNED, the study storage, and 
 
 Everything here runs in Ray: the trial functions in Tune's trial actors, the callback in the Train controller.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 from stt.checkpoint import join
 from stt.evaluate import evaluate_davis
 from stt.graph import load_graph, propagate_with_graph, serves
-from stt.recipes import stage_spec
 from stt.propagation import propagate
+from stt.recipes import stage_spec
 from stt.sweep.space import with_params
 from stt.train import build_stage_trainer
 
@@ -92,8 +93,9 @@ class TuningJFCallback(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def training_trial(params: dict, *, base: dict, stage: str, init: str, runs: str, workers: int,
-                   cpus_per_worker: float, use_gpu: bool) -> None:
+def training_trial(
+    params: dict, *, base: dict, stage: str, init: str, runs: str, workers: int, cpus_per_worker: float, use_gpu: bool
+) -> None:
     """One Tune trial: `stage` (the recipe's last) with `params`, from the checkpoint `init` ("" for none),
     a TorchTrainer inside the trial.
 
@@ -102,14 +104,30 @@ def training_trial(params: dict, *, base: dict, stage: str, init: str, runs: str
     """
     cfg = with_params(base, params)
     trial_id = tune.get_context().get_trial_id()  # Ray: this Tune trial
-    trainer = build_stage_trainer(stage_spec(cfg, stage), join(runs, trial_id), init,
-                                  use_gpu=use_gpu, workers=workers, cpus_per_worker=cpus_per_worker,
-                                  callbacks=[TuningJFCallback()], run_name="sweep", trial=trial_id)
+    trainer = build_stage_trainer(
+        stage_spec(cfg, stage),
+        join(runs, trial_id),
+        init,
+        use_gpu=use_gpu,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        callbacks=[TuningJFCallback()],
+        run_name="sweep",
+        trial=trial_id,
+    )
     trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
 
 
-def propagation_trial(params: dict, *, base: dict, checkpoint: str, davis_root: str, tune_set: str,
-                      feature_cache: str, graphs: dict[str, str] | None = None) -> None:
+def propagation_trial(
+    params: dict,
+    *,
+    base: dict,
+    checkpoint: str,
+    davis_root: str,
+    tune_set: str,
+    feature_cache: str,
+    graphs: dict[str, str] | None = None,
+) -> None:
     """One Tune trial: propagation with `params` on cached features of the tuning split (seconds).
 
     graphs: {sequence: file of its top-K affinity graph} (stt/graph.py, built once by `Sweep.propagation`).
@@ -118,9 +136,13 @@ def propagation_trial(params: dict, *, base: dict, checkpoint: str, davis_root: 
     """
     stats = {"targets": 0, "fallbacks": 0}
     features_changed = sorted(key for key in params if not key.startswith("propagation."))
-    reason = ("no graphs" if not graphs else
-              f"the trial sets {', '.join(features_changed)}: the graphs hold other features" if features_changed
-              else None)
+    reason = (
+        "no graphs"
+        if not graphs
+        else f"the trial sets {', '.join(features_changed)}: the graphs hold other features"
+        if features_changed
+        else None
+    )
 
     def on_graph(sequence: str, features, labels, cfg):
         nonlocal reason
@@ -130,11 +152,26 @@ def propagation_trial(params: dict, *, base: dict, checkpoint: str, davis_root: 
             return propagate(features, labels, cfg)
         return propagate_with_graph(graph, labels, cfg, stats)
 
-    report = evaluate_davis(Path(davis_root), checkpoint, with_params(base, params), None, split=tune_set,
-                            device="cpu", feature_cache=Path(feature_cache), progress=False,
-                            propagator=on_graph if reason is None else None)
+    report = evaluate_davis(
+        Path(davis_root),
+        checkpoint,
+        with_params(base, params),
+        None,
+        split=tune_set,
+        device="cpu",
+        feature_cache=Path(feature_cache),
+        progress=False,
+        propagator=on_graph if reason is None else None,
+    )
     if report["network_calls"]:
-        raise RuntimeError(f"a propagation trial ran the network {report['network_calls']} times: "
-                           "the feature cache missed")
-    tune.report({METRIC: report["summary"]["J&F-Mean"], "seconds": report["seconds"], "graph": reason or "served",
-                 "graph_fallback_fraction": stats["fallbacks"] / max(1, stats["targets"])})
+        raise RuntimeError(
+            f"a propagation trial ran the network {report['network_calls']} times: the feature cache missed"
+        )
+    tune.report(
+        {
+            METRIC: report["summary"]["J&F-Mean"],
+            "seconds": report["seconds"],
+            "graph": reason or "served",
+            "graph_fallback_fraction": stats["fallbacks"] / max(1, stats["targets"]),
+        }
+    )

@@ -22,20 +22,50 @@ The modules, in the order a frame is made:
   cache.py     generate (a folder) and ensure_dataset (the embedded default, generated once)
   cli.py       python -m stt.data.synthetic
 """
+
 from stt.data.synthetic.cache import GENERATOR_VERSION, ensure_dataset, generate, remove_stale_scratch
 from stt.data.synthetic.cli import main
 from stt.data.synthetic.layers import Sprite
 from stt.data.synthetic.numerics import bilinear, bilinear_grid, load_textures
 from stt.data.synthetic.presets import PRESETS, SyntheticPreset
 from stt.data.synthetic.puppet import (
-    JHMDB_ACTIONS, JHMDB_JOINTS, VIP_CLASSES, Puppet, puppet_joints, random_puppet_scene, render_puppet_frame,
+    JHMDB_ACTIONS,
+    JHMDB_JOINTS,
+    VIP_CLASSES,
+    Puppet,
+    puppet_joints,
+    random_puppet_scene,
+    render_puppet_frame,
 )
 from stt.data.synthetic.scenes import random_object_scene, relabel_by_appearance, render_object_frame
 from stt.data.synthetic.writers import KIND_DIRS, KINDS, write_davis, write_jhmdb, write_vip, write_ytvos
 
 __all__ = [
-    "GENERATOR_VERSION", "JHMDB_ACTIONS", "JHMDB_JOINTS", "KINDS", "KIND_DIRS", "PRESETS", "VIP_CLASSES", "Puppet",
-    "Sprite", "SyntheticPreset", "bilinear", "bilinear_grid", "ensure_dataset", "generate", "load_textures", "main",
-    "puppet_joints", "random_object_scene", "random_puppet_scene", "relabel_by_appearance", "remove_stale_scratch",
-    "render_object_frame", "render_puppet_frame", "write_davis", "write_jhmdb", "write_vip", "write_ytvos",
+    "GENERATOR_VERSION",
+    "JHMDB_ACTIONS",
+    "JHMDB_JOINTS",
+    "KINDS",
+    "KIND_DIRS",
+    "PRESETS",
+    "VIP_CLASSES",
+    "Puppet",
+    "Sprite",
+    "SyntheticPreset",
+    "bilinear",
+    "bilinear_grid",
+    "ensure_dataset",
+    "generate",
+    "load_textures",
+    "main",
+    "puppet_joints",
+    "random_object_scene",
+    "random_puppet_scene",
+    "relabel_by_appearance",
+    "remove_stale_scratch",
+    "render_object_frame",
+    "render_puppet_frame",
+    "write_davis",
+    "write_jhmdb",
+    "write_vip",
+    "write_ytvos",
 ]

@@ -1,4 +1,5 @@
 """`python -m stt.data.synthetic`: see stt.data.synthetic.cli."""
+
 from stt.data.synthetic.cli import main
 
 main()

@@ -1,6 +1,7 @@
 """Generating a synthetic set (`generate`: every kind of a preset and seed into a folder) and the embedded
 default behind every command run without data (`ensure_dataset`: generated once into the cache folder,
 reused afterwards, scratch folders of killed generations cleaned up)."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from stt.cache import cache_dir as default_cache_dir, current_umask
+from stt.cache import cache_dir as default_cache_dir
+from stt.cache import current_umask
 from stt.data.synthetic.numerics import load_textures
 from stt.data.synthetic.presets import PRESETS
 from stt.data.synthetic.writers import KIND_DIRS, KINDS, WRITERS
@@ -29,8 +31,9 @@ def _check(preset: str, seed: int, kinds: tuple[str, ...]) -> None:
         raise ValueError(f"unknown synthetic dataset kind(s) {unknown}; expected some of {', '.join(KINDS)}")
 
 
-def generate(out_dir: str | Path, preset: str = "default", seed: int = 0,
-             kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+def generate(
+    out_dir: str | Path, preset: str = "default", seed: int = 0, kinds: tuple[str, ...] = KINDS
+) -> dict[str, Path]:
     """Render the `kinds` of `preset` for `seed` into out_dir/<davis|youtube-vos|jhmdb|vip>; returns
     kind -> dataset root. The same arguments write the same bytes."""
     _check(preset, seed, kinds)
@@ -75,6 +78,8 @@ def ensure_dataset(kind: str, preset: str = "default", seed: int = 0, cache_dir:
                 raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        print(f"stt: no dataset given, generated the embedded synthetic {preset!r} set in {final} "
-              f"({time.perf_counter() - started:.0f} s)")
+        print(
+            f"stt: no dataset given, generated the embedded synthetic {preset!r} set in {final} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
     return final / KIND_DIRS[kind]

@@ -1,4 +1,5 @@
 """The command line: `python -m stt.data.synthetic --out DIR [--preset P] [--seed S] [--kinds K,...]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ from stt.data.synthetic.writers import KINDS
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stt.data.synthetic",
-        description="Write deterministic synthetic videos in the DAVIS-2017, YouTube-VOS, JHMDB and VIP layouts.")
+        description="Write deterministic synthetic videos in the DAVIS-2017, YouTube-VOS, JHMDB and VIP layouts.",
+    )
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="sizes and difficulty")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="output folder; one sub-folder per kind")

@@ -6,6 +6,7 @@ Each layer computes, inside its bounding box, a signed distance to its outline (
 and where in its photograph each pixel samples; `paint` composites it. Labels go to pixels whose centre
 is inside.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,13 +31,23 @@ def box_around(x: float, y: float, reach: float, shape: tuple[int, int]) -> tupl
 def box_grid(box: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates of the box: X (1 x w) and Y (h x 1), float64."""
     rows, columns = box
-    return (np.arange(columns.start, columns.stop, dtype=np.float64)[None, :],
-            np.arange(rows.start, rows.stop, dtype=np.float64)[:, None])
+    return (
+        np.arange(columns.start, columns.stop, dtype=np.float64)[None, :],
+        np.arange(rows.start, rows.stop, dtype=np.float64)[:, None],
+    )
 
 
-def paint(canvas: np.ndarray, labels: np.ndarray, box: tuple[slice, slice], distance: np.ndarray,
-          texture: np.ndarray, tint: tuple[float, float, float], source_x: np.ndarray, source_y: np.ndarray,
-          label: int) -> None:
+def paint(
+    canvas: np.ndarray,
+    labels: np.ndarray,
+    box: tuple[slice, slice],
+    distance: np.ndarray,
+    texture: np.ndarray,
+    tint: tuple[float, float, float],
+    source_x: np.ndarray,
+    source_y: np.ndarray,
+    label: int,
+) -> None:
     """Composite a layer into canvas[box] (in place): coverage clip(distance + 0.5, 0, 1) (one pixel of
     anti-aliasing), colour `texture` sampled at (source_x, source_y) times `tint`; all h x w like the box.
     Writes `label` where distance >= 0. Only covered pixels are sampled, the costly part."""
@@ -64,8 +75,9 @@ class Background:
     end: tuple[float, float]  # ... last frame; the photograph pans linearly in between
 
 
-def render_background(background: Background, t: float, frames: int, shape: tuple[int, int],
-                      textures: dict[str, np.ndarray]) -> np.ndarray:
+def render_background(
+    background: Background, t: float, frames: int, shape: tuple[int, int], textures: dict[str, np.ndarray]
+) -> np.ndarray:
     """The panning photograph at time t: H x W x 3 float64."""
     progress = t / max(frames - 1, 1)
     left = background.start[0] + (background.end[0] - background.start[0]) * progress
@@ -98,8 +110,9 @@ class Sprite:
     ripple_wave: tuple[float, float, float]
 
 
-def draw_sprite(canvas: np.ndarray, labels: np.ndarray, sprite: Sprite, t: float,
-                textures: dict[str, np.ndarray]) -> None:
+def draw_sprite(
+    canvas: np.ndarray, labels: np.ndarray, sprite: Sprite, t: float, textures: dict[str, np.ndarray]
+) -> None:
     """Paint the sprite at time t into canvas (H x W x 3 float64) and labels (H x W uint8), in place."""
     x = sprite.centre[0] + wave(sprite.amplitude[0], sprite.frequency[0], sprite.phase[0], t)
     y = sprite.centre[1] + wave(sprite.amplitude[1], sprite.frequency[1], sprite.phase[1], t)
@@ -144,8 +157,9 @@ class Occluder:
     leftwards: bool
 
 
-def draw_occluder(canvas: np.ndarray, labels: np.ndarray, bar: Occluder, t: float,
-                  textures: dict[str, np.ndarray]) -> None:
+def draw_occluder(
+    canvas: np.ndarray, labels: np.ndarray, bar: Occluder, t: float, textures: dict[str, np.ndarray]
+) -> None:
     """Paint the bar at time t (label 0: it hides what is behind it), in place; nothing outside its sweep."""
     if not bar.start <= t <= bar.end:
         return
@@ -164,8 +178,9 @@ def draw_occluder(canvas: np.ndarray, labels: np.ndarray, bar: Occluder, t: floa
     across = (column - x) * cos + (row - y) * sin
     along = (row - y) * cos - (column - x) * sin
     distance = bar.half_width - np.abs(across)
-    paint(canvas, labels, box, distance, textures[bar.texture], bar.tint, bar.origin[0] + across,
-          bar.origin[1] + along, 0)
+    paint(
+        canvas, labels, box, distance, textures[bar.texture], bar.tint, bar.origin[0] + across, bar.origin[1] + along, 0
+    )
 
 
 @dataclass(frozen=True)
@@ -195,8 +210,9 @@ def random_tint(rng: np.random.Generator, texture: str) -> tuple[float, float, f
     return tuple(float(c) for c in rng.uniform(0.85, 1.15, size=3))
 
 
-def random_background(rng: np.random.Generator, preset: SyntheticPreset, shape: tuple[int, int],
-                      textures: dict[str, np.ndarray]) -> Background:
+def random_background(
+    rng: np.random.Generator, preset: SyntheticPreset, shape: tuple[int, int], textures: dict[str, np.ndarray]
+) -> Background:
     """A random photograph, zoomed so that it can pan by up to `preset.pan` of its spare room."""
     texture = str(rng.choice(PHOTOGRAPHS))
     source_height, source_width = textures[texture].shape[:2]
@@ -206,9 +222,13 @@ def random_background(rng: np.random.Generator, preset: SyntheticPreset, shape: 
     start_x, start_y = rng.uniform(0.0, 1.0, size=2)
     end_x = np.clip(start_x + preset.pan * rng.uniform(-1.0, 1.0), 0.0, 1.0)
     end_y = np.clip(start_y + preset.pan * rng.uniform(-0.5, 0.5), 0.0, 1.0)
-    return Background(texture, random_tint(rng, texture), float(zoom),
-                      (float(start_x * room_x), float(start_y * room_y)),
-                      (float(end_x * room_x), float(end_y * room_y)))
+    return Background(
+        texture,
+        random_tint(rng, texture),
+        float(zoom),
+        (float(start_x * room_x), float(start_y * room_y)),
+        (float(end_x * room_x), float(end_y * room_y)),
+    )
 
 
 def _blob(rng: np.random.Generator) -> tuple[tuple[tuple[float, float, float, float], ...], float]:
@@ -223,9 +243,17 @@ def _blob(rng: np.random.Generator) -> tuple[tuple[tuple[float, float, float, fl
     return tuple(ellipses), extent
 
 
-def random_sprite(rng: np.random.Generator, preset: SyntheticPreset, shape: tuple[int, int], frames: int,
-                  textures: dict[str, np.ndarray], label: int, texture: str, tint: tuple[float, float, float],
-                  entrance: str) -> Sprite:
+def random_sprite(
+    rng: np.random.Generator,
+    preset: SyntheticPreset,
+    shape: tuple[int, int],
+    frames: int,
+    textures: dict[str, np.ndarray],
+    label: int,
+    texture: str,
+    tint: tuple[float, float, float],
+    entrance: str,
+) -> Sprite:
     """A sprite whose path is visible at frame 0 (entrance 'start'), enters later ('late'), or may
     wander anywhere ('any', for distractors)."""
     height, width = shape
@@ -235,8 +263,10 @@ def random_sprite(rng: np.random.Generator, preset: SyntheticPreset, shape: tupl
     # the warps reach about 1.6 extents out; keep that inside the photograph
     scale = min(rng.uniform(0.5, 1.2) * radius, (min(source_height, source_width) / 2 - 2) / (1.6 * extent))
     margin = 1.6 * extent * scale
-    texture_centre = (float(rng.uniform(margin, source_width - 1 - margin)),
-                      float(rng.uniform(margin, source_height - 1 - margin)))
+    texture_centre = (
+        float(rng.uniform(margin, source_width - 1 - margin)),
+        float(rng.uniform(margin, source_height - 1 - margin)),
+    )
     cycles = rng.uniform(0.4, 1.0, size=2)
     frequency = 2.0 * math.pi * cycles / frames
     amplitude = preset.motion * np.array([width, height]) * rng.uniform(0.5, 1.0, size=2)
@@ -262,23 +292,41 @@ def random_sprite(rng: np.random.Generator, preset: SyntheticPreset, shape: tupl
         shift = np.clip(first, lo, hi) - first
         centre = centre + shift
     return Sprite(
-        ellipses=ellipses, extent=extent, texture=texture, tint=tint, texture_centre=texture_centre,
-        texture_scale=float(scale), label=label, radius=float(radius),
+        ellipses=ellipses,
+        extent=extent,
+        texture=texture,
+        tint=tint,
+        texture_centre=texture_centre,
+        texture_scale=float(scale),
+        label=label,
+        radius=float(radius),
         centre=(float(centre[0]), float(centre[1])),
         amplitude=(float(amplitude[0]), float(amplitude[1])),
-        frequency=(float(frequency[0]), float(frequency[1])), phase=(float(phase[0]), float(phase[1])),
-        angle=float(rng.uniform(0.0, 2.0 * math.pi)), spin=float(preset.spin * rng.uniform(-1.0, 1.0)),
-        scale_wave=(preset.scale_change * float(rng.uniform(0.5, 1.0)), 2.0 * math.pi / frames,
-                    float(rng.uniform(0.0, 2.0 * math.pi))),
-        bend_wave=(preset.deform * float(rng.uniform(0.5, 1.0)), 4.0 * math.pi / frames,
-                   float(rng.uniform(0.0, 2.0 * math.pi))),
-        ripple_wave=(preset.deform * float(rng.uniform(0.5, 1.0)), 6.0 * math.pi / frames,
-                     float(rng.uniform(0.0, 2.0 * math.pi))),
+        frequency=(float(frequency[0]), float(frequency[1])),
+        phase=(float(phase[0]), float(phase[1])),
+        angle=float(rng.uniform(0.0, 2.0 * math.pi)),
+        spin=float(preset.spin * rng.uniform(-1.0, 1.0)),
+        scale_wave=(
+            preset.scale_change * float(rng.uniform(0.5, 1.0)),
+            2.0 * math.pi / frames,
+            float(rng.uniform(0.0, 2.0 * math.pi)),
+        ),
+        bend_wave=(
+            preset.deform * float(rng.uniform(0.5, 1.0)),
+            4.0 * math.pi / frames,
+            float(rng.uniform(0.0, 2.0 * math.pi)),
+        ),
+        ripple_wave=(
+            preset.deform * float(rng.uniform(0.5, 1.0)),
+            6.0 * math.pi / frames,
+            float(rng.uniform(0.0, 2.0 * math.pi)),
+        ),
     )
 
 
-def random_occluder(rng: np.random.Generator, shape: tuple[int, int], frames: int,
-                    textures: dict[str, np.ndarray]) -> Occluder:
+def random_occluder(
+    rng: np.random.Generator, shape: tuple[int, int], frames: int, textures: dict[str, np.ndarray]
+) -> Occluder:
     """A bar of a random photograph that sweeps across once, entering after frame 0."""
     height, width = shape
     texture = str(rng.choice(PHOTOGRAPHS))
@@ -286,17 +334,24 @@ def random_occluder(rng: np.random.Generator, shape: tuple[int, int], frames: in
     half_width = width * rng.uniform(0.05, 0.1)
     start = rng.uniform(0.1, 0.5) * frames  # never in frame 0: the first mask shows the objects whole
     return Occluder(
-        texture=texture, tint=random_tint(rng, texture),
-        origin=((source_width - 1) / 2.0, (source_height - 1) / 2.0), half_width=float(half_width),
-        tilt=float(rng.uniform(-0.3, 0.3)), start=float(start),
-        end=float(start + rng.uniform(0.3, 0.5) * frames), leftwards=bool(rng.uniform() < 0.5),
+        texture=texture,
+        tint=random_tint(rng, texture),
+        origin=((source_width - 1) / 2.0, (source_height - 1) / 2.0),
+        half_width=float(half_width),
+        tilt=float(rng.uniform(-0.3, 0.3)),
+        start=float(start),
+        end=float(start + rng.uniform(0.3, 0.5) * frames),
+        leftwards=bool(rng.uniform() < 0.5),
     )
 
 
 def _light_wave(rng: np.random.Generator, amplitude: float, frames: int) -> tuple[float, float, float]:
     """(amplitude, frequency, phase) for `wave`: half to all of `amplitude`, 0.5-1.5 cycles per video."""
-    return (float(amplitude * rng.uniform(0.5, 1.0)), 2.0 * math.pi * float(rng.uniform(0.5, 1.5)) / frames,
-            float(rng.uniform(0.0, 2.0 * math.pi)))
+    return (
+        float(amplitude * rng.uniform(0.5, 1.0)),
+        2.0 * math.pi * float(rng.uniform(0.5, 1.5)) / frames,
+        float(rng.uniform(0.0, 2.0 * math.pi)),
+    )
 
 
 def random_light(rng: np.random.Generator, preset: SyntheticPreset, frames: int) -> Light:

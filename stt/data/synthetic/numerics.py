@@ -6,6 +6,7 @@ Same seed, same bytes on every machine: every video draws from its own
 generation order; per-pixel arithmetic is float64 + - * / and sqrt only (IEEE-exact); the few sin/cos of
 a frame are rounded to 1e-9 before use; colours are rounded to uint8 explicitly; no cv2 warps.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """Person videos (JHMDB, VIP): an articulated, textured 2-D puppet with the 15 JHMDB joints and the VIP
 part classes, its actions, forward kinematics and drawing, and a scene of puppets over a panning
 photograph."""
+
 from __future__ import annotations
 
 import math
@@ -9,20 +10,61 @@ from dataclasses import dataclass
 import numpy as np
 
 from stt.data.synthetic.layers import (
-    Background, Light, Sprite, apply_light, box_around, box_grid, draw_sprite, paint, random_background,
-    random_light, random_sprite, random_tint, render_background,
+    Background,
+    Light,
+    Sprite,
+    apply_light,
+    box_around,
+    box_grid,
+    draw_sprite,
+    paint,
+    random_background,
+    random_light,
+    random_sprite,
+    random_tint,
+    render_background,
 )
 from stt.data.synthetic.numerics import PHOTOGRAPHS, cos_sin, to_uint8, wave
 from stt.data.synthetic.presets import SyntheticPreset
 
 JHMDB_JOINTS = (
-    "neck", "belly", "face", "right_shoulder", "left_shoulder", "right_hip", "left_hip", "right_elbow",
-    "left_elbow", "right_knee", "left_knee", "right_wrist", "left_wrist", "right_ankle", "left_ankle",
+    "neck",
+    "belly",
+    "face",
+    "right_shoulder",
+    "left_shoulder",
+    "right_hip",
+    "left_hip",
+    "right_elbow",
+    "left_elbow",
+    "right_knee",
+    "left_knee",
+    "right_wrist",
+    "left_wrist",
+    "right_ankle",
+    "left_ankle",
 )
 JHMDB_ACTIONS = ("clap", "jump", "walk", "wave")
 VIP_CLASSES = (
-    "background", "hat", "hair", "glove", "sunglasses", "upper-clothes", "dress", "coat", "socks", "pants",
-    "torso-skin", "scarf", "skirt", "face", "left-arm", "right-arm", "left-leg", "right-leg", "left-shoe",
+    "background",
+    "hat",
+    "hair",
+    "glove",
+    "sunglasses",
+    "upper-clothes",
+    "dress",
+    "coat",
+    "socks",
+    "pants",
+    "torso-skin",
+    "scarf",
+    "skirt",
+    "face",
+    "left-arm",
+    "right-arm",
+    "left-leg",
+    "right-leg",
+    "left-shoe",
     "right-shoe",
 )
 
@@ -60,24 +102,61 @@ _PARTS = (
 # Joint-angle waves per action: (base, amplitude, cycles per video, phase); "root_x" and "root_y" move the
 # belly (amplitude in torso lengths).
 _ACTIONS = {
-    "clap": {"shoulder_r": (0.5, 0.25, 3, 0), "shoulder_l": (0.5, 0.25, 3, 0),
-             "elbow_r": (-1.9, 0.6, 3, 0), "elbow_l": (-1.9, 0.6, 3, 0), "root_x": (0, 0.3, 0.5, 0)},
-    "jump": {"shoulder_r": (1.5, 1.1, 2, 0), "shoulder_l": (1.5, 1.1, 2, 0), "knee_r": (-0.4, 0.4, 2, 0),
-             "knee_l": (-0.4, 0.4, 2, 0), "hip_r": (0.2, 0.15, 2, 0), "hip_l": (0.2, 0.15, 2, 0),
-             "root_y": (0, 0.35, 1, 0)},
-    "walk": {"hip_r": (0.05, 0.4, 2, 0), "hip_l": (0.05, 0.4, 2, 3.14), "knee_r": (-0.2, 0.2, 2, 1),
-             "knee_l": (-0.2, 0.2, 2, 4.1), "shoulder_r": (0.15, 0.3, 2, 3.14),
-             "shoulder_l": (0.15, 0.3, 2, 0), "root_x": (0, 1.2, 0.5, 0)},
-    "wave": {"shoulder_r": (2.4, 0.25, 2, 0), "elbow_r": (0.5, 0.6, 4, 0), "shoulder_l": (0.2, 0.1, 1, 0),
-             "root_x": (0, 0.3, 0.5, 0)},
+    "clap": {
+        "shoulder_r": (0.5, 0.25, 3, 0),
+        "shoulder_l": (0.5, 0.25, 3, 0),
+        "elbow_r": (-1.9, 0.6, 3, 0),
+        "elbow_l": (-1.9, 0.6, 3, 0),
+        "root_x": (0, 0.3, 0.5, 0),
+    },
+    "jump": {
+        "shoulder_r": (1.5, 1.1, 2, 0),
+        "shoulder_l": (1.5, 1.1, 2, 0),
+        "knee_r": (-0.4, 0.4, 2, 0),
+        "knee_l": (-0.4, 0.4, 2, 0),
+        "hip_r": (0.2, 0.15, 2, 0),
+        "hip_l": (0.2, 0.15, 2, 0),
+        "root_y": (0, 0.35, 1, 0),
+    },
+    "walk": {
+        "hip_r": (0.05, 0.4, 2, 0),
+        "hip_l": (0.05, 0.4, 2, 3.14),
+        "knee_r": (-0.2, 0.2, 2, 1),
+        "knee_l": (-0.2, 0.2, 2, 4.1),
+        "shoulder_r": (0.15, 0.3, 2, 3.14),
+        "shoulder_l": (0.15, 0.3, 2, 0),
+        "root_x": (0, 1.2, 0.5, 0),
+    },
+    "wave": {
+        "shoulder_r": (2.4, 0.25, 2, 0),
+        "elbow_r": (0.5, 0.6, 4, 0),
+        "shoulder_l": (0.2, 0.1, 1, 0),
+        "root_x": (0, 0.3, 0.5, 0),
+    },
 }
 # The resting angle of every joint an action leaves alone.
-DEFAULT_ANGLES = {"tilt": 0.0, "shoulder_r": 0.2, "shoulder_l": 0.2, "elbow_r": 0.1, "elbow_l": 0.1,
-                  "hip_r": 0.12, "hip_l": 0.12, "knee_r": 0.0, "knee_l": 0.0}
+DEFAULT_ANGLES = {
+    "tilt": 0.0,
+    "shoulder_r": 0.2,
+    "shoulder_l": 0.2,
+    "elbow_r": 0.1,
+    "elbow_l": 0.1,
+    "hip_r": 0.12,
+    "hip_l": 0.12,
+    "knee_r": 0.0,
+    "knee_l": 0.0,
+}
 
 
-def random_puppet(rng: np.random.Generator, action: str, shape: tuple[int, int], frames: int,
-                  textures: dict[str, np.ndarray], size: float, slot: tuple[float, float]) -> Puppet:
+def random_puppet(
+    rng: np.random.Generator,
+    action: str,
+    shape: tuple[int, int],
+    frames: int,
+    textures: dict[str, np.ndarray],
+    size: float,
+    slot: tuple[float, float],
+) -> Puppet:
     """A puppet doing `action` (one of JHMDB_ACTIONS), its belly at a random x within `slot` (fractions
     of the width), with random clothes."""
     height, width = shape
@@ -98,19 +177,26 @@ def random_puppet(rng: np.random.Generator, action: str, shape: tuple[int, int],
             tint = tuple(c * s for c, s in zip(tint, (1.1, 0.85, 0.7)))
         if group == "hair":
             tint = tuple(c * 0.45 for c in tint)
-        looks[group] = (texture, tint, float(rng.uniform(0.3, 0.7) * source_width),
-                        float(rng.uniform(0.3, 0.7) * source_height))
+        looks[group] = (
+            texture,
+            tint,
+            float(rng.uniform(0.3, 0.7) * source_width),
+            float(rng.uniform(0.3, 0.7) * source_height),
+        )
     return Puppet(size=size, centre=centre, path=path, waves=waves, looks=looks)
 
 
 def puppet_joints(puppet: Puppet, t: float) -> dict[str, np.ndarray]:
     """Forward kinematics at time t: joint name -> (x, y) pixels; the 15 JHMDB joints plus the helper
     points 'hair', 'chin', 'right_toe', 'left_toe' used for drawing."""
-    angle = {name: base + wave(amplitude, frequency, phase, t)
-             for name, (base, amplitude, frequency, phase) in puppet.waves.items()}
+    angle = {
+        name: base + wave(amplitude, frequency, phase, t)
+        for name, (base, amplitude, frequency, phase) in puppet.waves.items()
+    }
     size = puppet.size
-    belly = np.array([puppet.centre[0] + wave(*puppet.path[0], t),
-                      puppet.centre[1] - abs(wave(*puppet.path[1], t))])  # jumps go up
+    belly = np.array(
+        [puppet.centre[0] + wave(*puppet.path[0], t), puppet.centre[1] - abs(wave(*puppet.path[1], t))]
+    )  # jumps go up
     cos, sin = cos_sin(angle["tilt"])
     up, side = np.array([sin, -cos]), np.array([cos, sin])  # side points to the person's left
 
@@ -131,14 +217,30 @@ def puppet_joints(puppet: Puppet, t: float) -> dict[str, np.ndarray]:
         hip = pelvis + outward * (size * 0.2)
         knee = limb(hip, outward, angle[f"hip_{key}"], size * 0.6)
         ankle = limb(knee, outward, angle[f"hip_{key}"] + angle[f"knee_{key}"], size * 0.55)
-        joints.update({f"{name}_shoulder": shoulder, f"{name}_elbow": elbow, f"{name}_wrist": wrist,
-                       f"{name}_hip": hip, f"{name}_knee": knee, f"{name}_ankle": ankle,
-                       f"{name}_toe": ankle + outward * (size * 0.15) - up * (size * 0.04)})
+        joints.update(
+            {
+                f"{name}_shoulder": shoulder,
+                f"{name}_elbow": elbow,
+                f"{name}_wrist": wrist,
+                f"{name}_hip": hip,
+                f"{name}_knee": knee,
+                f"{name}_ankle": ankle,
+                f"{name}_toe": ankle + outward * (size * 0.15) - up * (size * 0.04),
+            }
+        )
     return joints
 
 
-def _draw_capsule(canvas: np.ndarray, labels: np.ndarray, start: np.ndarray, end: np.ndarray,
-                  radius: float, look: tuple, label: int, textures: dict[str, np.ndarray]) -> None:
+def _draw_capsule(
+    canvas: np.ndarray,
+    labels: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    radius: float,
+    look: tuple,
+    label: int,
+    textures: dict[str, np.ndarray],
+) -> None:
     """A segment with round caps, its texture fixed to the segment (moves and turns with it)."""
     axis = end - start
     length = math.sqrt(float(axis @ axis))
@@ -160,13 +262,22 @@ def _draw_capsule(canvas: np.ndarray, labels: np.ndarray, start: np.ndarray, end
     paint(canvas, labels, box, distance, textures[texture], tint, origin_x + across, origin_y + along, label)
 
 
-def draw_puppet(canvas: np.ndarray, labels: np.ndarray, puppet: Puppet, t: float,
-                textures: dict[str, np.ndarray]) -> np.ndarray:
+def draw_puppet(
+    canvas: np.ndarray, labels: np.ndarray, puppet: Puppet, t: float, textures: dict[str, np.ndarray]
+) -> np.ndarray:
     """Draw the puppet at time t with VIP class labels (in place); returns its 15 x 2 JHMDB joints (x, y)."""
     joints = puppet_joints(puppet, t)
     for part, start, end, radius, look in _PARTS:
-        _draw_capsule(canvas, labels, joints[start], joints[end], radius * puppet.size, puppet.looks[look],
-                      VIP_CLASSES.index(part), textures)
+        _draw_capsule(
+            canvas,
+            labels,
+            joints[start],
+            joints[end],
+            radius * puppet.size,
+            puppet.looks[look],
+            VIP_CLASSES.index(part),
+            textures,
+        )
     return np.stack([joints[name] for name in JHMDB_JOINTS])
 
 
@@ -183,9 +294,15 @@ class PuppetScene:
     jpeg_quality: int
 
 
-def random_puppet_scene(rng: np.random.Generator, preset: SyntheticPreset, shape: tuple[int, int],
-                        frames: int, people: int, textures: dict[str, np.ndarray],
-                        action: str | None = None) -> PuppetScene:
+def random_puppet_scene(
+    rng: np.random.Generator,
+    preset: SyntheticPreset,
+    shape: tuple[int, int],
+    frames: int,
+    people: int,
+    textures: dict[str, np.ndarray],
+    action: str | None = None,
+) -> PuppetScene:
     """`people` puppets (the first doing `action`, others random) over a panning photograph, behind them
     background blobs."""
     size = shape[0] * 0.24 / math.sqrt(people)
@@ -197,17 +314,23 @@ def random_puppet_scene(rng: np.random.Generator, preset: SyntheticPreset, shape
     distractors = []
     for _ in range(int(rng.integers(0, preset.distractors + 1))):
         texture = str(rng.choice(PHOTOGRAPHS))
-        distractors.append(random_sprite(rng, preset, shape, frames, textures, 0, texture,
-                                         random_tint(rng, texture), "any"))
+        distractors.append(
+            random_sprite(rng, preset, shape, frames, textures, 0, texture, random_tint(rng, texture), "any")
+        )
     return PuppetScene(
-        shape=shape, frames=frames, background=random_background(rng, preset, shape, textures),
-        distractors=tuple(distractors), puppets=tuple(puppets), light=random_light(rng, preset, frames),
+        shape=shape,
+        frames=frames,
+        background=random_background(rng, preset, shape, textures),
+        distractors=tuple(distractors),
+        puppets=tuple(puppets),
+        light=random_light(rng, preset, frames),
         jpeg_quality=int(rng.integers(preset.jpeg_quality[0], preset.jpeg_quality[1] + 1)),
     )
 
 
-def render_puppet_frame(scene: PuppetScene, t: int, textures: dict[str, np.ndarray]
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_puppet_frame(
+    scene: PuppetScene, t: int, textures: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Frame t: (H x W x 3 uint8 image, H x W uint8 VIP classes, people x 15 x 2 joints (x, y), 0-based)."""
     canvas = render_background(scene.background, t, scene.frames, scene.shape, textures)
     labels = np.zeros(scene.shape, dtype=np.uint8)

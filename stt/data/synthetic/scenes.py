@@ -1,6 +1,7 @@
 """Object videos (DAVIS, YouTube-VOS): a random scene of textured objects, look-alike distractors, an
 occluder and a light over a panning photograph; its frames and object masks; ids renumbered by
 appearance."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from stt.data.synthetic.layers import (
-    Background, Light, Occluder, Sprite, apply_light, draw_occluder, draw_sprite, random_background,
-    random_light, random_occluder, random_sprite, random_tint, render_background,
+    Background,
+    Light,
+    Occluder,
+    Sprite,
+    apply_light,
+    draw_occluder,
+    draw_sprite,
+    random_background,
+    random_light,
+    random_occluder,
+    random_sprite,
+    random_tint,
+    render_background,
 )
 from stt.data.synthetic.numerics import PHOTOGRAPHS, to_uint8
 from stt.data.synthetic.presets import SyntheticPreset
@@ -28,8 +40,14 @@ class ObjectScene:
     jpeg_quality: int
 
 
-def random_object_scene(rng: np.random.Generator, preset: SyntheticPreset, shape: tuple[int, int],
-                        frames: int, late_object: bool, textures: dict[str, np.ndarray]) -> ObjectScene:
+def random_object_scene(
+    rng: np.random.Generator,
+    preset: SyntheticPreset,
+    shape: tuple[int, int],
+    frames: int,
+    late_object: bool,
+    textures: dict[str, np.ndarray],
+) -> ObjectScene:
     """Objects 1..k visible in frame 0 (k <= preset.max_objects) and, with `late_object`, one more
     entering later; look-alike distractors share an object's texture and colour."""
     initial = int(rng.integers(1, preset.max_objects + 1))
@@ -37,8 +55,7 @@ def random_object_scene(rng: np.random.Generator, preset: SyntheticPreset, shape
         initial = max(1, initial - 1)  # 1-3 objects in all
     sources = rng.permutation(np.array(PHOTOGRAPHS))
     looks = [(str(source), random_tint(rng, str(source))) for source in sources[: initial + late_object]]
-    objects = [random_sprite(rng, preset, shape, frames, textures, k + 1, *looks[k], "start")
-               for k in range(initial)]
+    objects = [random_sprite(rng, preset, shape, frames, textures, k + 1, *looks[k], "start") for k in range(initial)]
     if late_object:
         objects.append(random_sprite(rng, preset, shape, frames, textures, initial + 1, *looks[initial], "late"))
     distractors = [
@@ -47,14 +64,17 @@ def random_object_scene(rng: np.random.Generator, preset: SyntheticPreset, shape
     ]
     occluder = random_occluder(rng, shape, frames, textures) if rng.uniform() < preset.occluder else None
     return ObjectScene(
-        shape=shape, frames=frames, background=random_background(rng, preset, shape, textures),
-        sprites=tuple(distractors + objects), occluder=occluder, light=random_light(rng, preset, frames),
+        shape=shape,
+        frames=frames,
+        background=random_background(rng, preset, shape, textures),
+        sprites=tuple(distractors + objects),
+        occluder=occluder,
+        light=random_light(rng, preset, frames),
         jpeg_quality=int(rng.integers(preset.jpeg_quality[0], preset.jpeg_quality[1] + 1)),
     )
 
 
-def render_object_frame(scene: ObjectScene, t: int, textures: dict[str, np.ndarray]
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def render_object_frame(scene: ObjectScene, t: int, textures: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Frame t of an object video: (H x W x 3 uint8 image, H x W uint8 object ids, 0 = background)."""
     canvas = render_background(scene.background, t, scene.frames, scene.shape, textures)
     labels = np.zeros(scene.shape, dtype=np.uint8)

@@ -1,6 +1,7 @@
 """Files: the four official layouts (DAVIS-2017, YouTube-VOS, JHMDB, VIP) written from the scenes, and
 the encoders behind them (JPEG, PNG, MAT, text lists) with fixed settings and no timestamps, so the
 bytes depend on the seed alone (and the pinned pillow and scikit-image versions)."""
+
 from __future__ import annotations
 
 import io
@@ -21,9 +22,17 @@ KINDS = ("davis", "ytvos", "jhmdb", "vip")
 KIND_DIRS = {"davis": "davis", "ytvos": "youtube-vos", "jhmdb": "jhmdb", "vip": "vip"}
 # YouTube-VOS-style category of an object, by the photograph its texture is cut from.
 _CATEGORIES = {
-    "astronaut": "person", "chelsea": "cat", "coffee": "others", "immunohistochemistry": "others",
-    "motorcycle": "motorbike", "brick": "others", "camera": "person", "coins": "others", "grass": "others",
-    "gravel": "others", "moon": "others",
+    "astronaut": "person",
+    "chelsea": "cat",
+    "coffee": "others",
+    "immunohistochemistry": "others",
+    "motorcycle": "motorbike",
+    "brick": "others",
+    "camera": "person",
+    "coins": "others",
+    "grass": "others",
+    "gravel": "others",
+    "moon": "others",
 }
 
 
@@ -33,15 +42,13 @@ _CATEGORIES = {
 
 def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, "JPEG", quality=quality, subsampling="4:2:0", optimize=False,
-                                progressive=False)
+    Image.fromarray(image).save(path, "JPEG", quality=quality, subsampling="4:2:0", optimize=False, progressive=False)
 
 
 def _jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
     """The H x W x 3 uint8 image after one JPEG encoding at `quality` and decoding."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG", quality=quality, subsampling="4:2:0", optimize=False,
-                                progressive=False)
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality, subsampling="4:2:0", optimize=False, progressive=False)
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
@@ -82,8 +89,9 @@ def write_davis(root: Path, preset: SyntheticPreset, seed: int, textures: dict[s
         for index in range(count):
             name = f"{split}-{index:02d}"
             shape = (preset.davis_height, preset.davis_widths[index % len(preset.davis_widths)])
-            scene = random_object_scene(video_rng(seed, f"davis-{split}", index), preset, shape,
-                                        preset.davis_frames, index % 2 == 1, textures)
+            scene = random_object_scene(
+                video_rng(seed, f"davis-{split}", index), preset, shape, preset.davis_frames, index % 2 == 1, textures
+            )
             masks = []
             for t in range(scene.frames):
                 image, mask = render_object_frame(scene, t, textures)
@@ -119,10 +127,12 @@ def write_ytvos(root: Path, preset: SyntheticPreset, seed: int, textures: dict[s
             _write_png(train / "Annotations" / video / f"{stem}.png", mask, palette)
             for object_id in np.unique(mask)[1:]:
                 objects.setdefault(int(object_id), []).append(stem)
-        videos[video] = {"objects": {
-            str(object_id): {"category": _CATEGORIES[texture_of[old_ids[object_id - 1]]], "frames": frames}
-            for object_id, frames in sorted(objects.items())
-        }}
+        videos[video] = {
+            "objects": {
+                str(object_id): {"category": _CATEGORIES[texture_of[old_ids[object_id - 1]]], "frames": frames}
+                for object_id, frames in sorted(objects.items())
+            }
+        }
     train.mkdir(parents=True, exist_ok=True)
     (train / "meta.json").write_text(json.dumps({"videos": videos}, indent=1, sort_keys=True) + "\n")
 
@@ -136,8 +146,9 @@ def write_jhmdb(root: Path, preset: SyntheticPreset, seed: int, textures: dict[s
         split_lines = []
         for number in range(preset.jhmdb_videos):
             video = f"synthetic_{action}_{number:02d}"
-            scene = random_puppet_scene(video_rng(seed, "jhmdb", index), preset, preset.jhmdb_size,
-                                        preset.jhmdb_frames, 1, textures, action)
+            scene = random_puppet_scene(
+                video_rng(seed, "jhmdb", index), preset, preset.jhmdb_size, preset.jhmdb_frames, 1, textures, action
+            )
             index += 1
             positions = []
             for t in range(scene.frames):
@@ -162,8 +173,9 @@ def write_vip(root: Path, preset: SyntheticPreset, seed: int, textures: dict[str
             name = f"videos{number}"
             number += 1
             rng = video_rng(seed, f"vip-{split}", index)
-            scene = random_puppet_scene(rng, preset, preset.vip_size, preset.vip_frames,
-                                        1 + int(rng.integers(0, 2)), textures)
+            scene = random_puppet_scene(
+                rng, preset, preset.vip_size, preset.vip_frames, 1 + int(rng.integers(0, 2)), textures
+            )
             for t in range(scene.frames):
                 image, classes, _ = render_puppet_frame(scene, t, textures)
                 stem = f"{t + 1:012d}"
