@@ -204,7 +204,7 @@ def evaluate_davis(
     run = EvaluationRun.open("davis", checkpoint, cfg, device, feature_cache)
     rows = []
     for seq in with_progress(dataset.sequences, "davis", "seq", name=str, enabled=progress):
-        features = run.features(dataset.frame_paths(seq), lambda: dataset.read_frames(seq))
+        features = run.features(dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq))
         gt = dataset.read_masks(seq)  # T x H x W, 255 = void
         first = np.where(gt[0] == 255, 0, gt[0])
         per_sequence = None if propagator is None else functools.partial(propagator, seq)

@@ -316,7 +316,7 @@ def _authors_stride(state: Any, name: str | None) -> int | None:
     start = config.find("backbone=dict(")
     if start >= 0:
         depth, end = 0, start + len("backbone=dict")
-        for end in range(end, len(config)):  # the matching parenthesis of dict(
+        for end in range(start + len("backbone=dict"), len(config)):  # the matching parenthesis of dict(
             depth += {"(": 1, ")": -1}.get(config[end], 0)
             if depth == 0:
                 break

@@ -303,7 +303,7 @@ def test_prometheus_scrapes_the_stt_gauges_of_a_tiny_run(ray_local, tmp_path):
                 break
             time.sleep(1)
         assert all(found.values()), f"Prometheus holds no stt_train series for the run: {found}"
-        for name, series in found.items():
+        for series in found.values():
             # Prometheus stores an empty label as no label: a run outside a sweep has no `trial`
             assert series[0]["metric"]["stage"] == "spatial" and series[0]["metric"].get("trial", "") == "", series
         assert float(found["loss"][0]["value"][1]) > 0 and float(found["pairs_per_s"][0]["value"][1]) > 0

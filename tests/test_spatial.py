@@ -89,7 +89,7 @@ def test_moco_steps_train_the_query_and_move_the_key_encoder():
     start_query = [p.detach().clone() for p in moco.query_net.parameters()]
     start_queue = moco.global_queue.clone()
     losses = []
-    for step in range(3):
+    for _ in range(3):
         key_before = [p.clone() for p in moco.key_net.parameters()]
         query_before = [p.detach().clone() for p in moco.query_net.parameters()]
         out = moco(images + 0.1 * torch.randn_like(images), images + 0.1 * torch.randn_like(images))

@@ -135,7 +135,7 @@ def test_spatial_checkpoint_opens_weights_only_and_resumes_exactly(tmp_path):
     restored_optimizer.load_state_dict(payload["optimizer"])
     for model, opt in ((moco, optimizer), (restored, restored_optimizer)):
         torch.manual_seed(1)  # the key shuffle of shuffle-BN is random
-        train_one_step(lambda: model(views[1], views[0]), opt, 0.1, torch.device("cpu"))
+        train_one_step(lambda model=model: model(views[1], views[0]), opt, 0.1, torch.device("cpu"))
     for (name, a), b in zip(moco.state_dict().items(), restored.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
