@@ -12,6 +12,7 @@ graph is built for the superset of stt/sweep/space.yaml's propagation section (a
 K = stt.graph.default_k unless --k. Times are wall seconds on this machine, `torch.get_num_threads()` threads:
 "graph s" is propagate_with_graph, "masks s" the upsampling and argmax of its labels at the masks' size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,16 +60,32 @@ def main() -> None:
     parser.add_argument("--davis-root", default=str(ROOT.parent / "shared" / "data" / "davis-real"))
     parser.add_argument("--set", default="train", help="the tuning split (default: train)")
     parser.add_argument("--sequences", type=int, default=2, help="the first N sequences of the split")
-    parser.add_argument("--checkpoint", default="random", help="feature source: checkpoint, random[:SEED] or lab[:STRIDE]")
+    parser.add_argument(
+        "--checkpoint", default="random", help="feature source: checkpoint, random[:SEED] or lab[:STRIDE]"
+    )
     parser.add_argument("--short-side", type=int, default=240, help="eval.max_short_side (the laptop sweep plan's 240)")
     parser.add_argument("--space", default=str(SPACE_FILE))
-    parser.add_argument("--k", type=int, nargs="+", help="cached candidates per target, one graph each (default: "
-                        "stt.graph.default_k of the superset); the windowed path is timed once for all")
+    parser.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        help="cached candidates per target, one graph each (default: "
+        "stt.graph.default_k of the superset); the windowed path is timed once for all",
+    )
     parser.add_argument("--cache", default=str(cache_dir() / "features"), help="feature cache folder")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a sweep's propagation trial "
-                        "holds one CPU, and Ray gives a one-CPU task one OpenMP thread)")
-    parser.add_argument("--dense", action="store_true", help="also run the dense implementation: how far windowed and "
-                        "dense differ themselves (fp32 rounding of near-tied affinities)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: a sweep's propagation trial "
+        "holds one CPU, and Ray gives a one-CPU task one OpenMP thread)",
+    )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="also run the dense implementation: how far windowed and "
+        "dense differ themselves (fp32 rounding of near-tied affinities)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -80,19 +97,27 @@ def main() -> None:
     base = for_task(cfg.propagation, "davis", extractor.stride)
     superset = superset_config(load_space(Path(args.space))["propagation"], base)
     ks = args.k or [default_k(superset)]
-    print(f"features: {args.checkpoint}, layer {cfg.eval.layer}, short side {args.short_side}; torch threads {torch.get_num_threads()}")
-    print(f"superset of {Path(args.space).name}: context {superset.context}, radius {superset.radius} {superset.window}, "
-          f"window_first_frame {superset.window_first_frame}; K {ks}")
+    print(
+        f"features: {args.checkpoint}, layer {cfg.eval.layer}, short side {args.short_side}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"superset of {Path(args.space).name}: context {superset.context}, radius {superset.radius} {superset.window}, "
+        f"window_first_frame {superset.window_first_frame}; K {ks}"
+    )
 
     windowed_seconds, dense_diff = dict.fromkeys(SETTINGS, 0.0), {}
     reasons = {}
-    totals = {(k, name): {"graph": 0.0, "masks": 0.0, "fallbacks": 0, "targets": 0, "pixels": 0, "differing": 0, "diff": 0.0}
-              for k in ks for name in SETTINGS}
+    totals = {
+        (k, name): {"graph": 0.0, "masks": 0.0, "fallbacks": 0, "targets": 0, "pixels": 0, "differing": 0, "diff": 0.0}
+        for k in ks
+        for name in SETTINGS
+    }
     build_seconds, graph_bytes, frames_total = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0), 0
     for seq in dataset.sequences[: args.sequences]:
         frame_paths = dataset.frame_paths(seq)
         started = time.perf_counter()
-        features = cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
+        features = cache.load_or_compute(extractor, frame_paths, lambda seq=seq: dataset.read_frames(seq))
         loaded = time.perf_counter() - started
         frames_total += len(features)
         masks = dataset.read_masks(seq)
@@ -106,8 +131,11 @@ def main() -> None:
             size = sum(t.numel() * t.element_size() for t in (graphs[k].value, graphs[k].frame, graphs[k].location))
             build_seconds[k] += seconds
             graph_bytes[k] += size
-            print(f"{seq}: {tuple(features.shape)} features (loaded in {loaded:.1f} s), K={k} graph built in {seconds:.1f} s, "
-                  f"{size / 2**20:.1f} MiB")
+            print(
+                f"{seq}: {tuple(features.shape)} features (loaded in {loaded:.1f} s), "
+                f"K={k} graph built in {seconds:.1f} s, "
+                f"{size / 2**20:.1f} MiB"
+            )
         for name, changes in SETTINGS.items():
             trial = replace(base, **changes)
             started = time.perf_counter()
@@ -139,19 +167,29 @@ def main() -> None:
 
     sequences = min(args.sequences, len(dataset.sequences))
     for k in ks:
-        print(f"\nK={k}: build {build_seconds[k]:.1f} s for {sequences} sequences ({frames_total} frames, "
-              f"{1000 * build_seconds[k] / frames_total:.0f} ms/frame), graphs {graph_bytes[k] / 2**20:.1f} MiB in all")
-        print(f"{'setting':<28}{'windowed s':>11}{'graph s':>9}{'masks s':>9}{'speed-up':>9}{'fallback':>10}{'max |diff|':>12}{'mask px differ':>16}"
-              + ("  graph-dense  windowed-dense" if args.dense else ""))
+        print(
+            f"\nK={k}: build {build_seconds[k]:.1f} s for {sequences} sequences ({frames_total} frames, "
+            f"{1000 * build_seconds[k] / frames_total:.0f} ms/frame), graphs {graph_bytes[k] / 2**20:.1f} MiB in all"
+        )
+        print(
+            f"{'setting':<28}{'windowed s':>11}{'graph s':>9}{'masks s':>9}{'speed-up':>9}{'fallback':>10}"
+            f"{'max |diff|':>12}{'mask px differ':>16}" + ("  graph-dense  windowed-dense" if args.dense else "")
+        )
         for name in SETTINGS:
             row = totals[k, name]
             if name in reasons:
-                print(f"{name:<28}{windowed_seconds[name]:>11.2f}{'-':>9}{'-':>9}{'-':>9}{'-':>10}{'-':>12}{'-':>16}   refused: {reasons[name]}")
+                print(
+                    f"{name:<28}{windowed_seconds[name]:>11.2f}{'-':>9}{'-':>9}{'-':>9}{'-':>10}{'-':>12}{'-':>16}"
+                    f"   refused: {reasons[name]}"
+                )
                 continue
-            print(f"{name:<28}{windowed_seconds[name]:>11.2f}{row['graph']:>9.2f}{row['masks']:>9.2f}"
-                  f"{windowed_seconds[name] / row['graph']:>8.0f}x"
-                  f"{row['fallbacks'] / row['targets']:>10.2%}{row['diff']:>12.1e}{row['differing']:>9} of {row['pixels'] / 1e6:.0f}M"
-              + (f"{row['vs_dense']:>13.1e}{dense_diff[name]:>15.1e}" if args.dense else ""))
+            print(
+                f"{name:<28}{windowed_seconds[name]:>11.2f}{row['graph']:>9.2f}{row['masks']:>9.2f}"
+                f"{windowed_seconds[name] / row['graph']:>8.0f}x"
+                f"{row['fallbacks'] / row['targets']:>10.2%}{row['diff']:>12.1e}"
+                f"{row['differing']:>9} of {row['pixels'] / 1e6:.0f}M"
+                + (f"{row['vs_dense']:>13.1e}{dense_diff[name]:>15.1e}" if args.dense else "")
+            )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ graphs' size, and the per-trial cost outside propagation (building the feature e
 evaluate_davis does once per trial). Wall seconds, `torch.get_num_threads()` threads (1 by default, as a
 one-CPU Tune trial).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,11 @@ def main() -> None:
     parser.add_argument("--set", default="train", help="the tuning split")
     parser.add_argument("--sequences", type=int, help="only the first N sequences of the split (default: all)")
     parser.add_argument("--space", default=str(SPACE_FILE), help="the search space whose superset the graphs hold")
-    parser.add_argument("--cache", help="feature cache folder for the warm runs and the graphs (default: the cold "
-                        "run's temporary one); give one to reuse features and graphs of an earlier run")
+    parser.add_argument(
+        "--cache",
+        help="feature cache folder for the warm runs and the graphs (default: the cold "
+        "run's temporary one); give one to reuse features and graphs of an earlier run",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="warm trials of each kind; the fastest is printed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a one-CPU Tune trial)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (the trial's configuration)")
@@ -94,8 +98,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         cold_cache = FeatureCache(Path(scratch) / "features")
-        read = lambda cache: lambda seq: cache.load_or_compute(extractor, dataset.frame_paths(seq),
-                                                               lambda: dataset.read_frames(seq))
+
+        def read(cache):
+            return lambda seq: cache.load_or_compute(
+                extractor, dataset.frame_paths(seq), lambda: dataset.read_frames(seq)
+            )
+
         cold_s, cold = run_trial(dataset, sequences, cfg, read(cold_cache))
         assert extractor.network_calls > 0, "the cold run found its features cached"
         cache = FeatureCache(args.cache) if args.cache else cold_cache
@@ -119,33 +127,47 @@ def main() -> None:
             graph_bytes += paths[seq].stat().st_size
         reason = serves(load_graph(paths[seq], features), cfg.propagation)  # one superset: the same for every graph
         stats = {"targets": 0, "fallbacks": 0}
-        on_graph = lambda seq, features: lambda f, labels, c: propagate_with_graph(load_graph(paths[seq], f), labels, c,
-                                                                                     stats)
-        graph_runs = [run_trial(dataset, sequences, cfg, read(cache), None if reason else on_graph)
-                      for _ in range(args.repeats)]
+
+        def on_graph(seq, features):
+            return lambda f, labels, c: propagate_with_graph(load_graph(paths[seq], f), labels, c, stats)
+
+        graph_runs = [
+            run_trial(dataset, sequences, cfg, read(cache), None if reason else on_graph) for _ in range(args.repeats)
+        ]
         graph_s, graph = min(graph_runs, key=lambda run: run[0])
         assert extractor.network_calls == calls, "a graph run ran the network: the feature cache missed"
 
     frames = sum(len(dataset.frame_paths(seq)) for seq in sequences)
-    print(f"# {args.checkpoint} features on {root} ({args.set}, {len(sequences)} sequences, {frames} frames), "
-          f"grid {grid} for {sequences[0]}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"overrides: {' '.join(args.overrides) or 'none'}")
-    print(f"# graphs: superset of {Path(args.space).name} (context {superset.context}, radius {superset.radius} "
-          f"{superset.window}), K = {k}, {graph_bytes / 2**20:.1f} MiB on disk; "
-          + (f"built {built} in {build_s:.1f} s ({build_s / max(1, built):.1f} s per sequence)" if built else
-             "all found on disk (built by an earlier run)"))
+    print(
+        f"# {args.checkpoint} features on {root} ({args.set}, {len(sequences)} sequences, {frames} frames), "
+        f"grid {grid} for {sequences[0]}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"overrides: {' '.join(args.overrides) or 'none'}"
+    )
+    print(
+        f"# graphs: superset of {Path(args.space).name} (context {superset.context}, radius {superset.radius} "
+        f"{superset.window}), K = {k}, {graph_bytes / 2**20:.1f} MiB on disk; "
+        + (
+            f"built {built} in {build_s:.1f} s ({build_s / max(1, built):.1f} s per sequence)"
+            if built
+            else "all found on disk (built by an earlier run)"
+        )
+    )
     print("| trial | seconds | vs cold | J&F |")
     print("|---|---|---|---|")
-    for name, seconds, summary in [("cold: extract + propagate + score", cold_s, cold),
-                                   ("warm features: cached features, windowed propagation", warm_s, warm),
-                                   ("warm graph: cached features and graph, gather", graph_s, graph)]:
+    for name, seconds, summary in [
+        ("cold: extract + propagate + score", cold_s, cold),
+        ("warm features: cached features, windowed propagation", warm_s, warm),
+        ("warm graph: cached features and graph, gather", graph_s, graph),
+    ]:
         print(f"| {name} | {seconds:.2f} | {cold_s / seconds:.1f}x | {summary['J&F-Mean']:.6f} |")
     if reason:
         print(f"\nthe graph cannot serve this trial ({reason}): the warm graph row ran stt.propagation")
     else:
-        print(f"\nfallbacks: {stats['fallbacks'] / max(1, stats['targets']):.2%} of {stats['targets'] // args.repeats} "
-              f"target locations per trial computed the usual way; J&F graph - windowed: "
-              f"{graph['J&F-Mean'] - warm['J&F-Mean']:+.2e}, cold - warm: {cold['J&F-Mean'] - warm['J&F-Mean']:+.2e}")
+        print(
+            f"\nfallbacks: {stats['fallbacks'] / max(1, stats['targets']):.2%} of {stats['targets'] // args.repeats} "
+            f"target locations per trial computed the usual way; J&F graph - windowed: "
+            f"{graph['J&F-Mean'] - warm['J&F-Mean']:+.2e}, cold - warm: {cold['J&F-Mean'] - warm['J&F-Mean']:+.2e}"
+        )
     print(f"per-trial work outside propagation not in these rows: building the feature extractor {extractor_s:.2f} s")
 
 

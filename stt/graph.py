@@ -35,14 +35,15 @@ any choice is as right as another, and dense and windowed already disagree with 
 as the graph does (bench/propagation_graph.py --dense; random-init features, whose affinities crowd
 near 1, reach soft-label differences of 1e-2 that way, with identical masks). In fp64 the tests
 find the graph, dense and windowed equal to 1e-10 on real DAVIS. fp16 storage would be 2**-11
-relative: at T = 0.01 a logit error of ~0.05, a 5 % change of a softmax weight, so it is not used. Frames are int16 (T < 32768),
-locations int16 when the grid has under 32768 cells (60 x 107 DAVIS at stride 8, 120 x 214 at
-stride 4), else int32. Memory: (T-1) x N x K x (4 + 2 + 2) bytes; a 70-frame 480p sequence at stride 8
-with K = 64 (default_k for top-k up to 32) is ~230 MB, at short side 240 ~55 MB.
+relative: at T = 0.01 a logit error of ~0.05, a 5 % change of a softmax weight, so it is not used.
+Frames are int16 (T < 32768), locations int16 when the grid has under 32768 cells (60 x 107 DAVIS at
+stride 8, 120 x 214 at stride 4), else int32. Memory: (T-1) x N x K x (4 + 2 + 2) bytes; a 70-frame
+480p sequence at stride 8 with K = 64 (default_k for top-k up to 32) is ~230 MB, at short side 240 ~55 MB.
 
 Shapes: T frames, C channels, h x w grid (N = h*w cells), L labels, K cached candidates per target,
 k the trial's top-k. Row t - 1 of the graph's tensors belongs to target frame t (frame 0 is given).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,15 @@ MIN_K = 64
 
 # How each PropagationConfig field meets a graph. A field missing from all three (one added later) is
 # served only when it equals the superset's value: unknown means it may change the affinities.
-LABEL_ONLY = ("temperature", "soft_labels", "repeat_first_frame", "label_sampling", "minmax_normalise",
-              "chunk_size", "per_frame_norm")  # per_frame_norm: unused by "overall" aggregation
+LABEL_ONLY = (
+    "temperature",
+    "soft_labels",
+    "repeat_first_frame",
+    "label_sampling",
+    "minmax_normalise",
+    "chunk_size",
+    "per_frame_norm",
+)  # per_frame_norm: unused by "overall" aggregation
 BOUNDED = ("topk", "context", "radius", "window", "window_first_frame")  # a trial may use less than the superset
 AFFINITY = ("aggregation", "normalize")  # must equal the superset's (aggregation: "overall")
 
@@ -144,7 +152,9 @@ def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
     are refused by `serves`); normalize and any unknown field stay base's.
     """
     if base.radius is None:
-        raise ValueError("base.radius: None stands for the task's default; resolve it with stt.propagation.for_task first")
+        raise ValueError(
+            "base.radius: None stands for the task's default; resolve it with stt.propagation.for_task first"
+        )
     values = {field.name: [getattr(base, field.name)] for field in dataclasses.fields(PropagationConfig)}
     for key, domain in space.items():
         section, _, name = key.partition(".")
@@ -167,7 +177,9 @@ def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
     else the reason it cannot (the caller then runs the existing path)."""
     sup = graph.superset
     if cfg.aggregation != "overall":
-        return f"aggregation={cfg.aggregation!r}: per-frame softmaxes over whole frames, which a top-K graph does not hold"
+        return (
+            f"aggregation={cfg.aggregation!r}: per-frame softmaxes over whole frames, which a top-K graph does not hold"
+        )
     if cfg.normalize != sup.normalize:
         return f"normalize={cfg.normalize}: the graph's affinities are of normalize={sup.normalize} features"
     if cfg.topk > graph.k:
@@ -189,7 +201,10 @@ def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
     known = set(LABEL_ONLY) | set(BOUNDED) | set(AFFINITY)
     for field in dataclasses.fields(PropagationConfig):
         if field.name not in known and getattr(cfg, field.name) != getattr(sup, field.name):
-            return f"{field.name}={getattr(cfg, field.name)!r} differs from the graph's and stt.graph does not know what it changes"
+            return (
+                f"{field.name}={getattr(cfg, field.name)!r} differs from the graph's "
+                "and stt.graph does not know what it changes"
+            )
     return None
 
 
@@ -206,7 +221,10 @@ def build_graph(features: torch.Tensor, superset: PropagationConfig, k: int, til
     superset.chunk_size locations and CHUNK_LOGITS logits.
     """
     if features.dim() != 4 or features.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"features: expected a float32 (or float64) T x C x h x w tensor, got {features.dtype} of shape {tuple(features.shape)}")
+        raise ValueError(
+            f"features: expected a float32 (or float64) T x C x h x w tensor, "
+            f"got {features.dtype} of shape {tuple(features.shape)}"
+        )
     if superset.aggregation != "overall":
         raise ValueError(f"superset.aggregation: a graph holds the 'overall' top-K, got {superset.aggregation!r}")
     if superset.radius is None or superset.radius < 0:
@@ -272,8 +290,12 @@ def _top_candidates(features, t, whole, windowed, cfg, k, tile):
         chunk_values, chunk_frames, chunk_locations = [], [], []
         if dense_window and windowed:
             target_cells = cells[y0 * w : y1 * w]
-            outside = ~inside_window(cells[None, :] // w - target_cells[:, None] // w,
-                                     cells[None, :] % w - target_cells[:, None] % w, cfg.radius, cfg.window)  # B x N
+            outside = ~inside_window(
+                cells[None, :] // w - target_cells[:, None] // w,
+                cells[None, :] % w - target_cells[:, None] % w,
+                cfg.radius,
+                cfg.window,
+            )  # B x N
         for f in dense_frames:
             logits = targets.T @ features[f].flatten(1)  # B x N
             if f in windowed:
@@ -301,7 +323,9 @@ def _top_candidates(features, t, whole, windowed, cfg, k, tile):
 # ---------------------------------------------------------------- one trial
 
 
-def propagate_with_graph(graph: Graph, first_labels: torch.Tensor, cfg: PropagationConfig, stats: dict | None = None) -> torch.Tensor:
+def propagate_with_graph(
+    graph: Graph, first_labels: torch.Tensor, cfg: PropagationConfig, stats: dict | None = None
+) -> torch.Tensor:
     """What stt.propagation.propagate(graph.features, first_labels, cfg) returns: T x L x h x w soft
     labels (frame 0 = first_labels), from the graph's candidates.
 
@@ -368,15 +392,22 @@ def _select(graph: Graph, t: int, cfg: PropagationConfig, ys: torch.Tensor, xs: 
     if start > 0:  # frame 0 is in the first slot only: each candidate enters once
         top, pick = logits.masked_fill_(~(first_slot | queue_slots), float("-inf")).topk(cfg.topk, dim=1)
     else:
-        both = torch.cat([logits.masked_fill(~first_slot, float("-inf")),
-                          logits.masked_fill_(~queue_slots, float("-inf"))], dim=1)
+        both = torch.cat(
+            [logits.masked_fill(~first_slot, float("-inf")), logits.masked_fill_(~queue_slots, float("-inf"))], dim=1
+        )
         top, pick = both.topk(cfg.topk, dim=1)  # N x k; serves() guarantees k <= K
         pick = pick % graph.k  # the slot copies of one candidate share its frame and location
     return top.softmax(dim=1), frame.gather(1, pick), location.gather(1, pick), served
 
 
-def _exact_rows(features: torch.Tensor, carried: torch.Tensor, t: int, rows: torch.Tensor, cfg: PropagationConfig,
-                grid: tuple[int, int]) -> torch.Tensor:
+def _exact_rows(
+    features: torch.Tensor,
+    carried: torch.Tensor,
+    t: int,
+    rows: torch.Tensor,
+    cfg: PropagationConfig,
+    grid: tuple[int, int],
+) -> torch.Tensor:
     """Soft labels (B x L) of target frame t's locations `rows` (B, sorted), computed the usual way: every
     allowed cell of every context slot, top-k, softmax, copy (stt.propagation.predict_dense's overall
     branch, restricted to these rows).
@@ -392,7 +423,9 @@ def _exact_rows(features: torch.Tensor, carried: torch.Tensor, t: int, rows: tor
     h, w = grid
     num = h * w
     context = context_indices(t, cfg.context, cfg.repeat_first_frame)
-    first_windowed = len(context) if cfg.radius == 0 else (0 if cfg.window_first_frame else 1)  # as _first_windowed_frame
+    first_windowed = (
+        len(context) if cfg.radius == 0 else (0 if cfg.window_first_frame else 1)
+    )  # as _first_windowed_frame
     whole, windowed = context[:first_windowed], context[first_windowed:]
     reach = math.floor(cfg.radius) if windowed else h  # a group's rows may span reach + 1
     flat = features.flatten(2)  # T x C x N
@@ -408,8 +441,9 @@ def _exact_rows(features: torch.Tensor, carried: torch.Tensor, t: int, rows: tor
         while end < len(rows) and ys[end] - ys[start] <= reach and (end - start + 1) * width <= CHUNK_LOGITS:
             end += 1
         band_bottom = min(ys[end - 1] + reach + 1, h)
-        out[start:end] = _rows_on_band(flat, labels, query[:, start:end], rows[start:end], whole, windowed,
-                                       (band_top, band_bottom), cfg, grid)
+        out[start:end] = _rows_on_band(
+            flat, labels, query[:, start:end], rows[start:end], whole, windowed, (band_top, band_bottom), cfg, grid
+        )
         start = end
     return out
 
@@ -432,9 +466,15 @@ def _rows_on_band(flat, labels, query, rows, whole, windowed, band, cfg, grid):
         label_rows.append(frame * num + band_cells)
         at += len(band_cells)
     if windowed:
-        outside = ~inside_window(band_cells[None, :] // w - (rows // w)[:, None],
-                                 band_cells[None, :] % w - (rows % w)[:, None], cfg.radius, cfg.window)  # m x band
-        logits[:, num * len(whole):].view(len(rows), len(windowed), -1).masked_fill_(outside[:, None, :], float("-inf"))
+        outside = ~inside_window(
+            band_cells[None, :] // w - (rows // w)[:, None],
+            band_cells[None, :] % w - (rows % w)[:, None],
+            cfg.radius,
+            cfg.window,
+        )  # m x band
+        logits[:, num * len(whole) :].view(len(rows), len(windowed), -1).masked_fill_(
+            outside[:, None, :], float("-inf")
+        )
     top_logits, index = logits.topk(min(cfg.topk, logits.shape[1]), dim=1)  # m x k
     return torch.einsum("bk,bkl->bl", top_logits.softmax(dim=1), labels[torch.cat(label_rows)[index]])
 
@@ -444,8 +484,10 @@ def _rows_on_band(flat, labels, query, rows, whole, windowed, band, cfg, grid):
 
 def _superset_key(superset: PropagationConfig, k: int) -> str:
     """What a graph depends on besides the features: the superset fields that shape it, K, the format."""
-    fields = {name: getattr(superset, name) for name in ("aggregation", "normalize", "context", "radius", "window",
-                                                          "window_first_frame")}
+    fields = {
+        name: getattr(superset, name)
+        for name in ("aggregation", "normalize", "context", "radius", "window", "window_first_frame")
+    }
     return hashlib.sha256(json.dumps([GRAPH_VERSION, k, fields], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -461,9 +503,17 @@ def save_graph(graph: Graph, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"version": GRAPH_VERSION, "value": graph.value.cpu(), "frame": graph.frame.cpu(),
-                "location": graph.location.cpu(), "grid": list(graph.grid),
-                "superset": dataclasses.asdict(graph.superset)}, tmp)
+    torch.save(
+        {
+            "version": GRAPH_VERSION,
+            "value": graph.value.cpu(),
+            "frame": graph.frame.cpu(),
+            "location": graph.location.cpu(),
+            "grid": list(graph.grid),
+            "superset": dataclasses.asdict(graph.superset),
+        },
+        tmp,
+    )
     tmp.replace(path)  # atomic: a killed build never leaves a half-written graph
 
 
@@ -474,12 +524,18 @@ def load_graph(path: Path, features: torch.Tensor) -> Graph:
         raise ValueError(f"{path}: graph format {state.get('version')}, expected {GRAPH_VERSION}")
     grid = tuple(state["grid"])
     if tuple(features.shape[2:]) != grid or features.shape[0] != state["value"].shape[0] + 1:
-        raise ValueError(f"{path}: a graph of {state['value'].shape[0] + 1} frames on a {grid} grid, "
-                         f"features of shape {tuple(features.shape)}")
-    return Graph(state["value"], state["frame"], state["location"], grid, PropagationConfig(**state["superset"]), features)
+        raise ValueError(
+            f"{path}: a graph of {state['value'].shape[0] + 1} frames on a {grid} grid, "
+            f"features of shape {tuple(features.shape)}"
+        )
+    return Graph(
+        state["value"], state["frame"], state["location"], grid, PropagationConfig(**state["superset"]), features
+    )
 
 
-def load_or_build(feature_file: Path, features: torch.Tensor, superset: PropagationConfig, k: int) -> tuple[Graph, Path]:
+def load_or_build(
+    feature_file: Path, features: torch.Tensor, superset: PropagationConfig, k: int
+) -> tuple[Graph, Path]:
     """The graph of these features under (superset, k) from beside `feature_file`, built and saved on a miss."""
     path = graph_path(feature_file, superset, k)
     if path.is_file():

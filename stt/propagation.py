@@ -24,6 +24,7 @@ in chunks of target rows, so memory stays bounded at full DAVIS resolution. Shap
 C channels, h x w feature grid (N = h*w), L labels (background included), n context frames,
 B target locations in a chunk (r rows of the grid).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,7 +87,9 @@ def downsample_labels(mask: torch.Tensor, num_labels: int, grid: tuple[int, int]
     mask: H x W integer ids in [0, num_labels). Returns L x h x w float32 (sums to 1 per cell).
     """
     if mask.dim() != 2 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
-        raise ValueError(f"mask: expected an H x W tensor of integer label ids, got {mask.dtype} of shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask: expected an H x W tensor of integer label ids, got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
     if num_labels < 1:
         raise ValueError(f"num_labels: expected at least 1, got {num_labels}")
     check_choice("propagation.label_sampling", mode, LABEL_SAMPLINGS)
@@ -276,7 +279,13 @@ def _context_band(context: torch.Tensor, y0: int, y1: int, reach: int, width: in
 
 
 def window_logits_by_shift(
-    context: torch.Tensor, query: torch.Tensor, y0: int, y1: int, radius: float, window: str, out: torch.Tensor | None = None
+    context: torch.Tensor,
+    query: torch.Tensor,
+    y0: int,
+    y1: int,
+    radius: float,
+    window: str,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Window logits as C multiply-adds over shifted views (few channels: far fewer operations than a matmul).
 
@@ -291,12 +300,17 @@ def window_logits_by_shift(
     offsets = torch.arange(-reach, reach + 1, device=context.device)
     target_y = torch.arange(y0, y1, device=context.device)[:, None]  # r x 1
     target_x = torch.arange(w, device=context.device)  # w
-    context_y, context_x = offsets[:, None, None, None] + target_y, offsets[:, None, None] + target_x  # D x 1 x r x 1, D x 1 x w
+    context_y, context_x = (
+        offsets[:, None, None, None] + target_y,
+        offsets[:, None, None] + target_x,
+    )  # D x 1 x r x 1, D x 1 x w
     bias = window_bias(target_y, target_x, context_y, context_x, (h, w), radius, window).permute(2, 3, 0, 1).flatten(2)
     locations = _flat_location(context_y, context_x, (h, w)).permute(2, 3, 0, 1).reshape(rows, w, size * size)
 
     band = _context_band(context, y0, y1, reach, w)  # n x C x (r + 2R) x (w + 2R)
-    shifted = band.unfold(2, size, 1).unfold(3, size, 1)  # n x C x r x w x D x D: [.., y, x, i, j] = band[.., y + i, x + j]
+    shifted = band.unfold(2, size, 1).unfold(
+        3, size, 1
+    )  # n x C x r x w x D x D: [.., y, x, i, j] = band[.., y + i, x + j]
     target = query[:, y0:y1, :, None, None]  # C x r x w x 1 x 1
     logits = _buffer(out, (n, size, size, rows, w), context).permute(0, 3, 4, 1, 2)  # n x r x w x D x D
     torch.mul(shifted[:, 0], target[0], out=logits)
@@ -333,7 +347,9 @@ def window_logits_by_tile(
     context_x = (tile_x[:, None] + in_patch - reach)[:, None, None, None, :]  # b x 1 x 1 x 1 x patch
     target_y = (tile_y[:, None] + in_tile)[:, None, :, None, None, None]  # a x 1 x t x 1 x 1 x 1
     target_x = (tile_x[:, None] + in_tile)[:, None, :, None, None]  # b x t x 1 x 1
-    bias = window_bias(target_y, target_x, context_y, context_x, (h, w), radius, window)  # a x b x t x t x patch x patch
+    bias = window_bias(
+        target_y, target_x, context_y, context_x, (h, w), radius, window
+    )  # a x b x t x t x patch x patch
     locations = _flat_location(context_y, context_x, (h, w)).reshape(a, 1, b, 1, patch * patch)
 
     target = F.pad(query[:, y0:y1], (0, b * tile - w, 0, a * tile - rows))  # C x a*t x b*t
@@ -346,7 +362,9 @@ def window_logits_by_tile(
     patches = context.new_empty(a * b, channels, patch, patch)
     for f in range(n):
         on_grid.copy_(context[f, :, top:bottom])
-        patches.view(a, b, channels, patch, patch).copy_(band.unfold(1, patch, tile).unfold(2, patch, tile).permute(1, 2, 0, 3, 4))
+        patches.view(a, b, channels, patch, patch).copy_(
+            band.unfold(1, patch, tile).unfold(2, patch, tile).permute(1, 2, 0, 3, 4)
+        )
         torch.bmm(tiles, patches.view(a * b, channels, -1), out=logits[f].view(a * b, tile * tile, -1))
     bias = bias.reshape(a, b, tile, tile, patch * patch).permute(0, 2, 1, 3, 4)
     return logits.permute(0, 1, 3, 2, 4, 5), bias, locations.expand(a, tile, b, tile, -1)
@@ -428,9 +446,13 @@ def predict_windowed(
             label_rows.append(index + f * num)
         if windowed.shape[0]:
             if by_shift:
-                logits, bias, locations = window_logits_by_shift(windowed, query, y0, y1, cfg.radius, cfg.window, buffer)
+                logits, bias, locations = window_logits_by_shift(
+                    windowed, query, y0, y1, cfg.radius, cfg.window, buffer
+                )
             else:
-                logits, bias, locations = window_logits_by_tile(windowed, query, y0, y1, cfg.radius, cfg.window, tile, buffer)
+                logits, bias, locations = window_logits_by_tile(
+                    windowed, query, y0, y1, cfg.radius, cfg.window, tile, buffer
+                )
             if cfg.aggregation == "overall":
                 top, frame, cell = _top_overall(logits, bias, cfg.topk)  # each (target dims) x k
             else:
@@ -443,7 +465,9 @@ def predict_windowed(
             top, rows = _chunk_targets(top, scored, y1 - y0, w), _chunk_targets(rows, scored, y1 - y0, w)
             if cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask":
                 whole_frames = [(targets.T @ context.flatten(1)).logsumexp(dim=-1) for context in windowed]
-                top = (top.view(num_targets, len(windowed), -1) - torch.stack(whole_frames, dim=1)[..., None]).flatten(1)
+                top = (top.view(num_targets, len(windowed), -1) - torch.stack(whole_frames, dim=1)[..., None]).flatten(
+                    1
+                )
             values.append(top)
             label_rows.append(rows)
         values, label_rows = torch.cat(values, dim=1), torch.cat(label_rows, dim=1)
@@ -462,11 +486,19 @@ def predict_windowed(
 
 def _check(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig) -> None:
     if features.dim() != 4 or not features.dtype.is_floating_point:
-        raise ValueError(f"features: expected a float T x C x h x w tensor, got {features.dtype} of shape {tuple(features.shape)}")
+        raise ValueError(
+            f"features: expected a float T x C x h x w tensor, got {features.dtype} of shape {tuple(features.shape)}"
+        )
     if first_labels.dim() != 3 or not first_labels.dtype.is_floating_point:
-        raise ValueError(f"first_labels: expected a float L x h x w tensor, got {first_labels.dtype} of shape {tuple(first_labels.shape)}")
+        raise ValueError(
+            f"first_labels: expected a float L x h x w tensor, "
+            f"got {first_labels.dtype} of shape {tuple(first_labels.shape)}"
+        )
     if first_labels.shape[1:] != features.shape[2:]:
-        raise ValueError(f"first_labels: grid {tuple(first_labels.shape[1:])} differs from the features' grid {tuple(features.shape[2:])}")
+        raise ValueError(
+            f"first_labels: grid {tuple(first_labels.shape[1:])} "
+            f"differs from the features' grid {tuple(features.shape[2:])}"
+        )
     if first_labels.device != features.device:
         raise ValueError(f"first_labels on {first_labels.device} but features on {features.device}")
     if features.shape[0] < 1:
@@ -478,10 +510,14 @@ def _check(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationC
     if not cfg.temperature > 0:
         raise ValueError(f"propagation.temperature: expected a positive number, got {cfg.temperature!r}")
     if cfg.radius is None:
-        raise ValueError("propagation.radius: None stands for the task's default; resolve it with "
-                         "stt.propagation.for_task(cfg, task, stride) before propagating")
+        raise ValueError(
+            "propagation.radius: None stands for the task's default; resolve it with "
+            "stt.propagation.for_task(cfg, task, stride) before propagating"
+        )
     if not cfg.radius >= 0:
-        raise ValueError(f"propagation.radius: expected a non-negative number of cells (0: no window), got {cfg.radius!r}")
+        raise ValueError(
+            f"propagation.radius: expected a non-negative number of cells (0: no window), got {cfg.radius!r}"
+        )
     for name, value, low in [("topk", cfg.topk, 1), ("context", cfg.context, 0), ("chunk_size", cfg.chunk_size, 1)]:
         if value < low:
             raise ValueError(f"propagation.{name}: expected an integer >= {low}, got {value!r}")
@@ -499,7 +535,9 @@ def context_indices(t: int, context: int, repeat_first: bool = False) -> list[in
     return [0, *range(max(0 if repeat_first else 1, t - context), t)]
 
 
-def _propagate_video(features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, predict) -> torch.Tensor:
+def _propagate_video(
+    features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, predict
+) -> torch.Tensor:
     """The recurrence shared by both implementations; `predict` maps one frame's context to labels."""
     if cfg.normalize:
         features = F.normalize(features, dim=1)

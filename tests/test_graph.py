@@ -2,6 +2,7 @@
 (dense and windowed), on random features and on a real DAVIS sequence, for a grid of settings across
 the search space; per-location fallbacks stay exact; settings the graph cannot serve are refused
 with a reason; the superset of a Ray Tune space; graphs saved beside the feature cache."""
+
 import itertools
 import math
 from dataclasses import replace
@@ -27,7 +28,9 @@ from stt.propagation import labels_to_mask, minmax_normalise, propagate, soft_la
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The widest setting of the tests' small space, and the trial factors it serves.
-SUPERSET = replace(PropagationConfig(), context=4, radius=4.0, topk=20, window="square", window_first_frame=False, chunk_size=40)
+SUPERSET = replace(
+    PropagationConfig(), context=4, radius=4.0, topk=20, window="square", window_first_frame=False, chunk_size=40
+)
 FACTORS = {
     "topk": [1, 5, 20],
     "temperature": [0.01, 0.07, 0.2],
@@ -75,7 +78,11 @@ def assert_same(graph, first, cfg, atol, stats=None, image_size=(24, 30)):
     for implementation in ("dense", "windowed"):
         theirs = propagate(graph.features, first, cfg, implementation)
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
-        assert torch.allclose(ours, theirs, atol=atol, rtol=0), (implementation, (ours - theirs).abs().max().item(), cfg)
+        assert torch.allclose(ours, theirs, atol=atol, rtol=0), (
+            implementation,
+            (ours - theirs).abs().max().item(),
+            cfg,
+        )
         masks, clear = decided(theirs, image_size, cfg.minmax_normalise)
         assert clear.float().mean() > 0.9 and torch.equal(ours_masks[clear], masks[clear]), (implementation, cfg)
 
@@ -109,7 +116,10 @@ def test_tile_kernel_superset_and_unwindowed_superset():
     # radius 0 in the space: no window at all in the superset, and the trial may have none either
     whole = replace(SUPERSET, radius=0.0)
     graph = build_graph(features, whole, k=30)
-    for cfg in [replace(SUPERSET, radius=0.0, topk=5), replace(SUPERSET, radius=3.0, window="circle", topk=20, context=2)]:
+    for cfg in [
+        replace(SUPERSET, radius=0.0, topk=5),
+        replace(SUPERSET, radius=3.0, window="circle", topk=20, context=2),
+    ]:
         assert serves(graph, cfg) is None
         assert_same(graph, first, cfg, atol=1e-5)
 
@@ -144,9 +154,14 @@ def test_fallback_rows_equal_dense_prediction(channels, monkeypatch):
     generator = torch.Generator().manual_seed(6)
     carried = torch.softmax(3 * torch.randn(9, 143, 4, generator=generator, dtype=torch.float64), dim=2)  # T x N x L
     scattered = torch.randperm(11 * 13, generator=generator)[:40].sort().values
-    settings = [{"radius": 0.0}, {"radius": 1.0}, {"radius": 2.5, "window": "circle"},
-                {"radius": 4.0, "window_first_frame": False}, {"radius": 3.0, "repeat_first_frame": True, "topk": 7},
-                {"radius": 20.0, "topk": 1, "temperature": 0.2}]
+    settings = [
+        {"radius": 0.0},
+        {"radius": 1.0},
+        {"radius": 2.5, "window": "circle"},
+        {"radius": 4.0, "window_first_frame": False},
+        {"radius": 3.0, "repeat_first_frame": True, "topk": 7},
+        {"radius": 20.0, "topk": 1, "temperature": 0.2},
+    ]
     for budget in (2 * 11 * 13 * 9, stt.graph.CHUNK_LOGITS):
         monkeypatch.setattr(stt.graph, "CHUNK_LOGITS", budget)
         for changes, t in itertools.product(settings, [1, 3, 8]):
@@ -205,8 +220,10 @@ def test_graph_equals_propagate_on_real_davis(davis_lab, k):
         ours = soft_labels_to_mask(propagate_with_graph(graph32, first, cfg), image_size, cfg.minmax_normalise)
         theirs = soft_labels_to_mask(propagate(features, first, cfg, "windowed"), image_size, cfg.minmax_normalise)
         differing, pixels = differing + (ours != theirs).sum().item(), pixels + ours.numel()
-    print(f"real DAVIS, K={k}: {stats['fallbacks']} of {stats['targets']} target locations fell back; "
-          f"float32 masks differ from windowed at {differing} of {pixels} pixels")
+    print(
+        f"real DAVIS, K={k}: {stats['fallbacks']} of {stats['targets']} target locations fell back; "
+        f"float32 masks differ from windowed at {differing} of {pixels} pixels"
+    )
     assert differing <= 1e-4 * pixels
     if k == 6:
         assert stats["fallbacks"] > 0  # top-5 trials in small windows find fewer than 5 of 6 cached
@@ -244,16 +261,27 @@ def test_superset_of_a_ray_tune_space():
     from ray import tune
 
     base = replace(PropagationConfig(), radius=12.0)
-    space = {"propagation.aggregation": tune.choice(["overall", "per-frame"]), "propagation.topk": tune.choice([5, 10, 20]),
-             "propagation.temperature": tune.loguniform(0.01, 0.2), "propagation.context": tune.randint(3, 9),
-             "propagation.radius": tune.choice([6, 9, 12, 16, 24, 35]), "propagation.window": tune.choice(["circle"]),
-             "temporal.alpha": tune.uniform(1, 2)}
+    space = {
+        "propagation.aggregation": tune.choice(["overall", "per-frame"]),
+        "propagation.topk": tune.choice([5, 10, 20]),
+        "propagation.temperature": tune.loguniform(0.01, 0.2),
+        "propagation.context": tune.randint(3, 9),
+        "propagation.radius": tune.choice([6, 9, 12, 16, 24, 35]),
+        "propagation.window": tune.choice(["circle"]),
+        "temporal.alpha": tune.uniform(1, 2),
+    }
     superset = superset_config(space, base)
     assert (superset.aggregation, superset.topk, superset.context, superset.radius) == ("overall", 20, 8, 35.0)
     assert superset.window == "square" and superset.window_first_frame  # square contains the circle
     assert default_k(superset) == 64 and default_k(replace(superset, topk=40)) == 80
-    wider = superset_config({**space, "propagation.radius": tune.choice([0, 12]),
-                             "propagation.window_first_frame": tune.choice([True, False])}, base)
+    wider = superset_config(
+        {
+            **space,
+            "propagation.radius": tune.choice([0, 12]),
+            "propagation.window_first_frame": tune.choice([True, False]),
+        },
+        base,
+    )
     assert wider.radius == 0.0 and not wider.window_first_frame
     assert superset_config({}, base) == replace(base, window="square")  # the base alone
     with pytest.raises(ValueError, match="for_task"):
@@ -269,8 +297,17 @@ def test_saved_graph_is_keyed_by_superset_and_k_and_round_trips(tmp_path):
     graph, path = load_or_build(feature_file, features, SUPERSET, 12)
     assert path.parent == feature_file.parent and path.name.startswith("abcdef.graph-") and path.is_file()
     assert graph_path(feature_file, replace(SUPERSET, temperature=0.5, topk=3), 12) == path  # label-only fields
-    assert len({graph_path(feature_file, SUPERSET, 13), graph_path(feature_file, replace(SUPERSET, radius=3.0), 12),
-                graph_path(feature_file, replace(SUPERSET, context=3), 12), path}) == 4
+    assert (
+        len(
+            {
+                graph_path(feature_file, SUPERSET, 13),
+                graph_path(feature_file, replace(SUPERSET, radius=3.0), 12),
+                graph_path(feature_file, replace(SUPERSET, context=3), 12),
+                path,
+            }
+        )
+        == 4
+    )
     loaded, _ = load_or_build(feature_file, features, SUPERSET, 12)  # a hit: torch.load(weights_only=True)
     assert loaded.location.dtype == torch.int16 and loaded.value.dtype == torch.float32 and loaded.superset == SUPERSET
     cfg = replace(SUPERSET, topk=5, context=2)

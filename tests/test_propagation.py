@@ -1,5 +1,6 @@
 """Label propagation (paper 004, Algorithm 1): hand-computed weights, window semantics, and the
 windowed implementation agreeing with the dense reference across every factor."""
+
 import itertools
 import math
 from dataclasses import replace
@@ -259,7 +260,9 @@ def test_overall_top_k_may_take_one_offset_from_several_frames(channels):
     context[:, 0, 0] = products  # the target is (1, 0, ...) at location 1: channel 0 holds the products
     target = torch.zeros(channels, 1, 3)
     target[0, 0, 1] = 1.0
-    labels = torch.eye(9).reshape(9, 3, 3).permute(1, 0, 2).reshape(3, 9, 1, 3)  # label f*3 + i marks frame f's location i
+    labels = (
+        torch.eye(9).reshape(9, 3, 3).permute(1, 0, 2).reshape(3, 9, 1, 3)
+    )  # label f*3 + i marks frame f's location i
     cfg = replace(PropagationConfig(), normalize=False, temperature=1.0, radius=1.0, topk=2)
     weights = predict_windowed(context, labels, target, cfg)[:, 0, 1]
     expected = torch.zeros(9)
@@ -311,7 +314,9 @@ def test_repeated_first_frame_counts_twice_in_the_top_k(propagate_fn):
     labels = torch.eye(2).reshape(2, 1, 2)
     cfg = plain(topk=2, context=20)
     once = propagate_fn(video, labels, cfg)[1, :, 0, 0]
-    assert torch.allclose(once, torch.tensor([math.e / (math.e + math.exp(0.5)), math.exp(0.5) / (math.e + math.exp(0.5))]))
+    assert torch.allclose(
+        once, torch.tensor([math.e / (math.e + math.exp(0.5)), math.exp(0.5) / (math.e + math.exp(0.5))])
+    )
     twice = propagate_fn(video, labels, replace(cfg, repeat_first_frame=True))[1, :, 0, 0]
     assert torch.allclose(twice, torch.tensor([1.0, 0.0]))
 
@@ -353,9 +358,11 @@ def test_authors_preset_and_config_file_agree():
     shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "authors.yaml")
     preset = load_config(None, list(PRESETS["authors"]))
     assert shipped == preset
-    assert (preset.propagation.repeat_first_frame, preset.propagation.label_sampling, preset.propagation.minmax_normalise) == (
-        True, "nearest", True
-    )
+    assert (
+        preset.propagation.repeat_first_frame,
+        preset.propagation.label_sampling,
+        preset.propagation.minmax_normalise,
+    ) == (True, "nearest", True)
     defaults = PropagationConfig()  # stt's own protocol stays the default (DESIGN.md says why)
     assert (defaults.repeat_first_frame, defaults.label_sampling, defaults.minmax_normalise) == (False, "area", False)
 
@@ -422,7 +429,14 @@ def test_authors_preset_equals_a_port_of_their_propagation_on_real_davis(davis_r
     assert (theirs[1:] > 0).mean() > 0.01  # the object is tracked, not lost
     assert np.array_equal(ours, theirs)
     # ... and stt's own protocol differs from it on the same frames
-    own = propagate_video(features, first, int(first.max()) + 1, gt.shape[1:], load_config(None, ["propagation.context=3", "propagation.radius=4"]), "windowed")
+    own = propagate_video(
+        features,
+        first,
+        int(first.max()) + 1,
+        gt.shape[1:],
+        load_config(None, ["propagation.context=3", "propagation.radius=4"]),
+        "windowed",
+    )
     assert not np.array_equal(own, theirs)
 
 
@@ -468,5 +482,5 @@ def test_labels_to_mask_is_argmax_with_its_tie_and_nan_rules():
     generator = torch.Generator().manual_seed(0)
     for shape in [(3, 2, 5, 7), (2, 4, 6, 9), (6, 11, 13)]:
         labels = torch.rand(shape, generator=generator).mul(4).round()  # few distinct values: many ties
-        labels.flatten()[:: 17] = float("nan")
+        labels.flatten()[::17] = float("nan")
         assert torch.equal(labels_to_mask(labels), labels.argmax(dim=-3))
