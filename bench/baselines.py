@@ -68,7 +68,8 @@ def main() -> None:
                 summary = report["summary"]
             seconds = time.perf_counter() - started
             print(
-                f"| {source} | {summary['J&F-Mean']:.3f} | {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} | {seconds:.1f} |",
+                f"| {source} | {summary['J&F-Mean']:.3f} | {summary['J-Mean']:.3f} | {summary['F-Mean']:.3f} "
+                f"| {seconds:.1f} |",
                 flush=True,
             )
 

@@ -326,7 +326,8 @@ def validate(config: Config) -> Config:
     low, high = config.vfs.crop_scale
     if not 0 < low <= high <= 1:
         raise UsageError(
-            f"vfs.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(config.vfs.crop_scale)}"
+            "vfs.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), "
+            f"got {list(config.vfs.crop_scale)}"
         )
     low, high = d.crop_ratio
     if not 0 < low <= high:

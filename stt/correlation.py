@@ -107,7 +107,8 @@ def aggregate_local(weights: Tensor, values: Tensor) -> Tensor:
         or weights.shape[2:] != values.shape[2:]
     ):
         raise ValueError(
-            f"weights and values: expected B x (2r+1)^2 x h x w and B x D x h x w, got {tuple(weights.shape)} and {tuple(values.shape)}"
+            "weights and values: expected B x (2r+1)^2 x h x w and B x D x h x w, "
+            f"got {tuple(weights.shape)} and {tuple(values.shape)}"
         )
     side = math.isqrt(weights.shape[1])
     if side * side != weights.shape[1] or side % 2 == 0:

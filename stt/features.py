@@ -187,7 +187,8 @@ class FeatureCache:
                 return torch.from_numpy(np.load(path)).to(extractor.device).float()
             except (ValueError, OSError, EOFError) as error:  # damaged on disk: the entry is only a cache
                 print(
-                    f"stt: feature cache entry {path} is unreadable ({' '.join(str(error).split())[:120]}); recomputing it"
+                    f"stt: feature cache entry {path} is unreadable ({' '.join(str(error).split())[:120]}); "
+                    "recomputing it"
                 )
         features = extractor(read_frames()).to(torch.float16)
         path.parent.mkdir(parents=True, exist_ok=True)

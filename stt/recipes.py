@@ -105,7 +105,8 @@ class StageSpec:
         section, train = getattr(self.config, self.lr_section), self.config.train
         batch = train.batch_size * workers
         return (
-            f"stt.train: {self.name} stage: global batch {batch} ({train.batch_size} x {workers} workers), effective lr "
+            f"stt.train: {self.name} stage: global batch {batch} ({train.batch_size} x {workers} workers), "
+            "effective lr "
             f"{self.peak_lr(workers):.3g} ({self.lr_section}.lr {section.lr:g} x {batch} / {self.lr_section}.lr_batch "
             f"{section.lr_batch})"
         )

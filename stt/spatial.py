@@ -156,7 +156,8 @@ class MoCo(nn.Module):
     def forward(self, view_q: Tensor, view_k: Tensor) -> dict[str, Tensor]:
         if view_q.shape != view_k.shape or view_q.ndim != 4:
             raise ValueError(
-                f"views: expected two B x 3 x H x W batches of one shape, got {tuple(view_q.shape)} and {tuple(view_k.shape)}"
+                "views: expected two B x 3 x H x W batches of one shape, "
+                f"got {tuple(view_q.shape)} and {tuple(view_k.shape)}"
             )
         if view_q.shape[0] < self.bn_splits:
             raise ValueError(

@@ -72,7 +72,8 @@ def build_temporal(
     if spec.teacher:
         if init is None and cfg.model.weights == "random":
             raise ValueError(
-                f"temporal.beta={spec.temporal.beta} (train.recipe={cfg.train.recipe}) needs a frozen teacher: pass --init "
+                f"temporal.beta={spec.temporal.beta} (train.recipe={cfg.train.recipe}) needs a frozen teacher: "
+                "pass --init "
                 "SPATIAL_CHECKPOINT, run --stage all, set model.weights to a local state dict, or set temporal.beta=0"
             )
         teacher = build_teacher(cfg.model, init if init is not None else student.state_dict())
@@ -85,7 +86,8 @@ def ewc_regulariser(encoder: Encoder, init: dict[str, Any] | None, cfg: Config, 
     Fisher), as a closure over `encoder`'s parameters (stt.ewc.ewc_penalty)."""
     if init is None or "fisher" not in init:
         raise ValueError(
-            f"train.recipe={cfg.train.recipe} regularises this stage with EWC, which needs the earlier stage's checkpoint "
+            f"train.recipe={cfg.train.recipe} regularises this stage with EWC, which needs the earlier stage's "
+            "checkpoint "
             f"with its Fisher information; {init_path or 'no --init'} has none (run --stage all, or the earlier stage "
             "with this recipe)"
         )

@@ -25,10 +25,10 @@ marked `# Ray:`.
 Learning rate: `train.batch_size` is per worker, so the global batch is batch_size x workers. Each
 optimiser's rate is given for a reference global batch (`spatial.lr` for `spatial.lr_batch` images
 with MoCo's SGD, used by the spatial and the joint stage; `temporal.lr` for `temporal.lr_batch` pairs
-with Adam, the temporal stage; `vfs.lr` for `vfs.lr_batch` pairs with VFS's SGD) and scaled linearly to the actual global batch, so the defaults give the
-paper's rates at the paper's batches (0.03 at 256 images; 1e-4 at 128 pairs) with no hand
-arithmetic. The effective rate is printed at the start of each stage; it is warmed up linearly
-over `train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
+with Adam, the temporal stage; `vfs.lr` for `vfs.lr_batch` pairs with VFS's SGD) and scaled linearly to
+the actual global batch, so the defaults give the paper's rates at the paper's batches (0.03 at 256
+images; 1e-4 at 128 pairs) with no hand arithmetic. The effective rate is printed at the start of each
+stage; it is warmed up linearly over `train.warmup_steps` and decayed to zero by a cosine at `train.max_steps`.
 
 Metrics (loss terms, lr, pairs/s, the fraction of wall time spent waiting for data, DAVIS J&F
 every `train.eval_every` steps) go to `ray.train.report`, to TensorBoard under
@@ -603,7 +603,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--init",
         default="",
-        help="the earlier stage's checkpoint to start from (temporal stage: and to distil), or a published release (stt.published: STT authors', VFS, CRW, torchvision); with --stage all, each stage starts from the one before",
+        help="the earlier stage's checkpoint to start from (temporal stage: and to distil), or a published release "
+        "(stt.published: STT authors', VFS, CRW, torchvision); with --stage all, each stage starts from the one before",
     )
     parser.add_argument(
         "--max-failures", type=int, default=3, help="restarts of a crashed worker group from its last checkpoint"

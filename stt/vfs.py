@@ -136,7 +136,8 @@ class VFS(nn.Module):
     def forward(self, view_q: Tensor, view_k: Tensor) -> dict[str, Tensor]:
         if view_q.shape != view_k.shape or view_q.ndim != 4:
             raise ValueError(
-                f"views: expected two B x 3 x H x W batches of one shape, got {tuple(view_q.shape)} and {tuple(view_k.shape)}"
+                "views: expected two B x 3 x H x W batches of one shape, "
+                f"got {tuple(view_q.shape)} and {tuple(view_k.shape)}"
             )
         z1, p1 = self.embed(view_q)  # each frame set through the trunk on its own, as the authors' forward_train
         z2, p2 = self.embed(view_k)

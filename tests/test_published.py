@@ -86,7 +86,7 @@ model = dict(
     loss=dict(type='MSELoss',reduction='mean'),
 )
 img_norm_cfg_lab = dict(mean=[50, 0, 0], std=[50, 127, 127], to_bgr=False)
-"""
+"""  # noqa: E501 (the authors' config lines, verbatim)
 
 
 def authors_release(trunk, *, pool: str | None = "mean", teacher: bool = True) -> dict:
@@ -169,7 +169,8 @@ def simsiam_head(channels: int, mid: int, out: int, pred_mid: int) -> nn.Module:
 
 
 def vfs_training_checkpoint(trunk, channels: int, mid: int, pred_mid: int) -> dict:
-    """publish_model.py output of a SimSiamBaseTracker: meta, state_dict (backbone., img_head., iteration), no optimizer."""
+    """publish_model.py output of a SimSiamBaseTracker: meta, state_dict (backbone., img_head., iteration),
+    no optimizer."""
     state_dict = mmcv_names(trunk)
     state_dict.update(
         {f"img_head.{k}": v for k, v in randomised(simsiam_head(channels, mid, mid, pred_mid), 3).items()}

@@ -162,9 +162,9 @@ IN_TEMPORAL = "training:\n  temporal:\n    "  # a space file's text up to an ent
         (
             "training:\n  temporal.alpha: {uniform: [1, 2]}\n",
             (
-                "training.temporal.alpha: expected groups of entries named after the stage they tune, one of temporal, "
-                r"temporal.teacher, temporal.lwf, temporal.ewc, vfs, vfs.negatives, vfs.continuous \(see the default space "
-                r"file, space.yaml\)"
+                "training.temporal.alpha: expected groups of entries named after the stage they tune, one of "
+                r"temporal, temporal.teacher, temporal.lwf, temporal.ewc, vfs, vfs.negatives, vfs.continuous "
+                r"\(see the default space file, space.yaml\)"
             ),
         ),
         ("training:\n  spatial:\n    spatial.lr: {uniform: [0.01, 0.1]}\n", "training.spatial: expected groups"),

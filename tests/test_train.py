@@ -64,7 +64,8 @@ def test_default_learning_rates_are_the_papers_at_the_papers_global_batch():
     assert temporal.peak_lr(4) == pytest.approx(5e-5)
     assert temporal.peak_lr(1) == pytest.approx(1e-4 / 8)  # linear in the global batch
     assert temporal.describe_lr(8) == (
-        "stt.train: temporal stage: global batch 128 (16 x 8 workers), effective lr 0.0001 (temporal.lr 0.0001 x 128 / temporal.lr_batch 128)"
+        "stt.train: temporal stage: global batch 128 (16 x 8 workers), effective lr 0.0001 "
+        "(temporal.lr 0.0001 x 128 / temporal.lr_batch 128)"
     )
 
 

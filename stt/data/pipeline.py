@@ -358,7 +358,8 @@ def make_views(
     first_unit: int,
     image_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2 views per image."""
+    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2
+    views per image."""
     plan = ray.get(plan_ref[0])
     for row_id in batch["id"]:
         yield from unit_views(
@@ -586,7 +587,8 @@ def vfs_pair_dataset(
     skipped=None,
 ) -> Stream:
     """VFS's positives (paper 003): two frames of one video, each with its own augmentation (`unit_vfs_pairs`'s
-    columns). `source`: None reads `data_cfg.root`. `epochs`, `rows`, `skip_rows`, `skipped`: as `temporal_pair_dataset`."""
+    columns). `source`: None reads `data_cfg.root`. `epochs`, `rows`, `skip_rows`, `skipped`: as
+    `temporal_pair_dataset`."""
     plan, shard_root, unit_rows = vfs_plan(source or resolve_source(data_cfg.root))
     units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
     dataset, skipped = _build(
@@ -596,7 +598,8 @@ def vfs_pair_dataset(
 
 
 def view_plan(data_cfg: DataConfig, source: Source | None = None) -> tuple[Plan, str | None, np.ndarray]:
-    """(plan, shard root or None, images per unit) of the spatial stream: `data.images`, else the frames of `data.root`."""
+    """(plan, shard root or None, images per unit) of the spatial stream: `data.images`, else the frames of
+    `data.root`."""
     if source is None:
         source = resolve_source(data_cfg.images, images=True) if data_cfg.images else resolve_source(data_cfg.root)
     plan = shard_plan(source.root)[1] if source.kind == "shards" else raw_plan(source, as_images=True)
