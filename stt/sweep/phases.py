@@ -70,7 +70,15 @@ class Sweep:
         self.state_file.write_text(json.dumps(self.state, indent=1))
 
     def tuner(
-        self, name: str, trainable, param_space: dict, search: OptunaSearch, scheduler, concurrency: int, samples: int
+        self,
+        name: str,
+        trainable,
+        param_space: dict,
+        search: OptunaSearch,
+        scheduler,
+        concurrency: int,
+        samples: int,
+        reuse_actors: bool = False,
     ):
         path = self.experiment / name
         # A phase that crashed before Tune saved its first experiment state has nothing to restore.
@@ -96,6 +104,7 @@ class Sweep:
                 scheduler=scheduler,
                 num_samples=samples,
                 max_concurrent_trials=concurrency,
+                reuse_actors=reuse_actors,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -252,6 +261,9 @@ class Sweep:
             None,
             cluster_concurrency(1.0, 0),
             plan.propagation_trials,
+            # a graph trial's own work is under a second; a fresh trial actor costs ~6.6 s, a reused one ~2 s
+            # (BENCHMARKS.md, graph section)
+            reuse_actors=True,
         ).fit()
         check_finished(results, "phase 3/4", "propagation", plan.propagation_trials)
         on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
