@@ -32,16 +32,17 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
+from ray.tune.search.optuna import OptunaSearch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stt.config import PRESETS, Config, from_dict, load_config, to_dict  # noqa: E402
-from stt.data.layouts import DAVIS  # noqa: E402
-from stt.evaluate import evaluate_davis  # noqa: E402
-from stt.features import FeatureCache, FeatureExtractor, resolve_device  # noqa: E402
-from stt.graph import default_k, load_or_build, propagate_with_graph, serves, superset_config  # noqa: E402
-from stt.propagation import for_task, propagate  # noqa: E402
+from stt.config import PRESETS, Config, load_config
+from stt.data.layouts import DAVIS
+from stt.evaluate import evaluate_davis
+from stt.features import FeatureCache, FeatureExtractor, resolve_device
+from stt.graph import default_k, load_or_build, propagate_with_graph, serves, superset_config
+from stt.propagation import for_task, propagate
+from stt.sweep.space import in_domain, load_space, with_params
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "stt" / "sweep" / "space.yaml"
 
@@ -52,64 +53,21 @@ def parse_checkpoint(argument: str) -> tuple[str, str]:
     return (name, source) if sep and name and "/" not in name else (argument, argument)
 
 
-def propagation_space(path: Path) -> dict[str, dict]:
-    """The `propagation` section of a sweep space file: {"propagation.KEY": {kind: args}}."""
-    space = (yaml.safe_load(path.read_text()) or {}).get("propagation") or {}
-    if not space:
-        raise ValueError(f"{path}: no 'propagation' section to tune")
-    for key, entry in space.items():
-        if not key.startswith("propagation.") or not isinstance(entry, dict) or len(entry) != 1:
-            raise ValueError(f"{path}: propagation entry {key!r}: expected propagation.KEY: {{kind: [...]}}")
-    return space
-
-
-def suggest(trial: optuna.Trial, key: str, entry: dict):
-    ((kind, values),) = entry.items()
-    if kind == "choice":
-        return trial.suggest_categorical(key, list(values))
-    if kind == "loguniform":
-        return trial.suggest_float(key, float(values[0]), float(values[1]), log=True)
-    if kind == "uniform":
-        return trial.suggest_float(key, float(values[0]), float(values[1]))
-    if kind == "randint":
-        return trial.suggest_int(key, int(values[0]), int(values[1]) - 1)
-    raise ValueError(f"{key}: unknown distribution {kind!r}")
-
-
-def tune_domains(space: dict[str, dict]) -> dict:
-    """The space as Ray Tune domains, which stt.graph.superset_config reads for the widest setting."""
-    from ray import tune
-
-    makers = {
-        "choice": lambda v: tune.choice(list(v)),
-        "loguniform": lambda v: tune.loguniform(*v),
-        "uniform": lambda v: tune.uniform(*v),
-        "randint": lambda v: tune.randint(*v),
-    }
-    return {key: makers[kind](values) for key, entry in space.items() for kind, values in entry.items()}
-
-
-def with_propagation(cfg: Config, params: dict) -> Config:
-    tuned = from_dict(to_dict(cfg))
-    for key, value in params.items():
-        setattr(tuned.propagation, key.split(".", 1)[1], value)
-    return tuned
-
-
 def tune_propagation(
     root: Path,
     source: str,
     cfg: Config,
-    space: dict[str, dict],
+    space: dict,
     trials: int,
     split: str,
     cache: Path,
     device: str,
     seed: int,
 ) -> tuple[dict, float, float]:
-    """(best params, its J&F on `split`, the default's J&F on `split`) after `trials` TPE trials."""
+    """(best params, its J&F on `split`, the default's J&F on `split`) after `trials` TPE trials over `space`
+    ({"propagation.KEY": Ray Tune domain}, stt.sweep.space.load_space's, as the sweep's propagation phase)."""
     extractor = FeatureExtractor(source, cfg.model, cfg.eval, resolve_device(device))
-    superset = superset_config(tune_domains(space), for_task(cfg.propagation, "davis", extractor.stride))
+    superset = superset_config(space, for_task(cfg.propagation, "davis", extractor.stride))
     k, dataset, features_cache, graphs = default_k(superset), DAVIS(root, split=split), FeatureCache(cache), {}
 
     def on_graph(sequence, features, labels, pcfg):
@@ -124,7 +82,7 @@ def tune_propagation(
         report = evaluate_davis(
             root,
             source,
-            with_propagation(cfg, params),
+            with_params(cfg, params),
             None,
             split=split,
             device=device,
@@ -138,21 +96,14 @@ def tune_propagation(
     defaults = {key: getattr(resolved, key.split(".", 1)[1]) for key in space}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    start = all(in_space(space[key], value) for key, value in defaults.items())
+    start = all(in_domain(space[key], value) for key, value in defaults.items())
     if start:  # the configured defaults are the first trial, where the space holds them (as the sweep)
         study.enqueue_trial(defaults)
-    study.optimize(
-        lambda trial: score({key: suggest(trial, key, entry) for key, entry in space.items()}), n_trials=trials
-    )
+    distributions = OptunaSearch.convert_search_space(space)  # the Tune domains as Optuna's, as the sweep's search
+    for _ in range(trials):
+        trial = study.ask(distributions)
+        study.tell(trial, score(trial.params))
     return study.best_params, study.best_value, study.trials[0].value if start else float("nan")
-
-
-def in_space(entry: dict, value) -> bool:
-    ((kind, values),) = entry.items()
-    if kind == "choice":
-        return value in values
-    high = values[1] - 1 if kind == "randint" else values[1]
-    return value is not None and values[0] <= value <= high
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -181,7 +132,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*(PRESETS[args.preset] if args.preset else ()), *args.overrides])
     root = Path(args.davis_root)
-    space = propagation_space(args.space) if args.tune_trials else {}
+    space = load_space(args.space, cfg)["propagation"] if args.tune_trials else {}
+    if args.tune_trials and not space:
+        raise SystemExit(f"compare_models: {args.space}: no 'propagation' section to tune")
 
     print(
         f"# DAVIS {root} '{args.set}', short side <= {cfg.eval.max_short_side}, propagation "
@@ -210,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tuned = evaluate_davis(
                 root,
                 source,
-                with_propagation(cfg, params),
+                with_params(cfg, params),
                 None,
                 split=args.set,
                 device=args.device,
