@@ -164,12 +164,14 @@ def to_jsonable(value):
     return value
 
 
-def print_davis_table(summary: dict, rows: list[dict], file=sys.stdout) -> None:
-    print("  ".join(f"{k:>9}" for k in DAVIS_SUMMARY_KEYS), file=file)
-    print("  ".join(f"{summary[k]:9.3f}" for k in DAVIS_SUMMARY_KEYS), file=file)
-    print(f"{'sequence':<28}{'J-Mean':>8}{'F-Mean':>8}", file=file)
+def print_davis_table(summary: dict, rows: list[dict]) -> None:
+    """The summary and per-object table on stdout (the sys.stdout of the moment: a default argument would
+    keep the one of import time, which a caller redirecting stdout, or pytest's capsys, would not see)."""
+    print("  ".join(f"{k:>9}" for k in DAVIS_SUMMARY_KEYS))
+    print("  ".join(f"{summary[k]:9.3f}" for k in DAVIS_SUMMARY_KEYS))
+    print(f"{'sequence':<28}{'J-Mean':>8}{'F-Mean':>8}")
     for row in rows:
-        print(f"{row['sequence'] + '_' + str(row['object']):<28}{row['J-Mean']:8.3f}{row['F-Mean']:8.3f}", file=file)
+        print(f"{row['sequence'] + '_' + str(row['object']):<28}{row['J-Mean']:8.3f}{row['F-Mean']:8.3f}")
 
 
 def public_rows(rows: list[dict]) -> list[dict]:
