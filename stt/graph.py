@@ -74,8 +74,8 @@ from stt.propagation import (
 
 GRAPH_VERSION = 1  # part of the file key: a change of the format or of its meaning makes new files
 # K of the sweep's graphs: at least twice the largest top-k searched, at least 64. bench/propagation_graph.py
-# (random-init R18 on real DAVIS at short side 240, tune/space.yaml): K 40 left 3-22 % of target locations to
-# the fallback depending on the trial, K 64 0.4-6 %, for the same build time and 1.6x the memory.
+# (random-init R18 on real DAVIS at short side 240, stt/sweep/space.yaml): K 40 left 3-22 % of target locations
+# to the fallback depending on the trial, K 64 0.4-6 %, for the same build time and 1.6x the memory.
 MIN_K = 64
 
 # How each PropagationConfig field meets a graph. A field missing from all three (one added later) is
