@@ -98,6 +98,11 @@ class Layout:
     def res4_stride(self) -> int:
         return self.res3_stride * (2 if self.layer3_downsamples else 1)
 
+    @property
+    def strides(self) -> dict[str, int]:
+        """{level: output stride}; res5 is at 1/32 in every layout (the pool before layer4 sees to it)."""
+        return {"res3": self.res3_stride, "res4": self.res4_stride, "res5": 32}
+
 
 LAYOUTS = {
     8: Layout("none", True, True),
@@ -151,7 +156,7 @@ class Encoder(nn.Module):
 
         res3_channels = _RES3_CHANNELS[arch]
         self.out_channels = {"res3": res3_channels, "res4": 2 * res3_channels, "res5": 4 * res3_channels}
-        self.strides = {"res3": layout.res3_stride, "res4": layout.res4_stride, "res5": 32}
+        self.strides = layout.strides
 
     def forward(self, x: Tensor, layers: Sequence[str] = LEVELS) -> dict[str, Tensor]:
         deepest = _deepest(layers, LEVELS, self.arch)
@@ -231,6 +236,7 @@ class MastEncoder(nn.Module):
     """
 
     levels = ("res3", "res4")
+    STRIDES = {"res3": MAST_STRIDE, "res4": MAST_STRIDE}
 
     def __init__(self):
         super().__init__()
@@ -238,7 +244,7 @@ class MastEncoder(nn.Module):
         self.feature_extraction = MastTrunk()
         self.post_convolution = nn.Conv2d(256, 64, 3, 1, 1)
         self.out_channels = {"res3": 128, "res4": 64}
-        self.strides = {"res3": MAST_STRIDE, "res4": MAST_STRIDE}
+        self.strides = dict(self.STRIDES)
 
     def forward(self, x: Tensor, layers: Sequence[str] = levels) -> dict[str, Tensor]:
         if "res5" in layers:
@@ -259,11 +265,10 @@ def feature_stride(cfg: ModelConfig, layer: str) -> int:
     """The output stride of `layer` under `cfg`'s arch and preset, without building the network (the grid the
     evaluator propagates on, e.g. the Lab-pixel yardstick's pooling beside a trained model)."""
     if cfg.arch == MAST_ARCH:
-        if layer not in MastEncoder.levels:
+        if layer not in MastEncoder.STRIDES:
             raise ValueError(f"eval.layer: {MAST_ARCH} has no {layer} (MAST never downsamples past 1/4)")
-        return MAST_STRIDE
-    layout = LAYOUTS[cfg.stride]
-    return {"res3": layout.res3_stride, "res4": layout.res4_stride, "res5": 32}[layer]
+        return MastEncoder.STRIDES[layer]
+    return LAYOUTS[cfg.stride].strides[layer]
 
 
 def build_encoder(cfg: ModelConfig) -> Encoder | MastEncoder:
