@@ -60,6 +60,13 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     return torch.stack((116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)), dim=1)
 
 
+def imagenet_normalize(rgb: Tensor) -> Tensor:
+    """B x 3 x H x W RGB in [0, 1] -> the spatial stage's (and so the teacher's) input."""
+    mean = rgb.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = rgb.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (rgb - mean) / std
+
+
 def normalize_lab(lab: Tensor) -> Tensor:
     """Lab (B x 3 x H x W) -> (Lab - (50, 0, 0)) / (50, 127, 127): L and a/b roughly in [-1, 1]."""
     _check_image(lab, "lab")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from stt import checkpoint
 from stt.cache import current_umask
 from stt.cli import UsageError
-from stt.color import IMAGENET_MEAN, IMAGENET_STD, normalize_lab, rgb_to_lab
+from stt.color import imagenet_normalize, normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published
@@ -44,9 +44,7 @@ def frames_to_input(frames: np.ndarray, input_space: str, device: torch.device) 
     """uint8 frames `T x H x W x 3` (RGB) -> the network's input `T x 3 x H x W` (float32)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 255.0
     if input_space == "rgb":
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return imagenet_normalize(x)
     if input_space == "lab":
         return normalize_lab(rgb_to_lab(x))
     raise ValueError(f"model.input_space: expected 'rgb' or 'lab', got {input_space!r}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from stt import checkpoint
-from stt.color import IMAGENET_MEAN, IMAGENET_STD, drop_color_channel, normalize_lab, rgb_to_lab, take_channel
+from stt.color import drop_color_channel, imagenet_normalize, normalize_lab, rgb_to_lab, take_channel
 from stt.config import Config, ModelConfig, TemporalConfig
 from stt.ewc import ewc_penalty, fisher_diagonal
 from stt.losses import temporal_losses
@@ -111,13 +111,6 @@ def add_penalty(losses: dict[str, Tensor], penalty: Callable[[], Tensor] | None)
         return losses
     extra = penalty()
     return {**losses, "loss": losses["loss"] + extra, "penalty": extra.detach()}
-
-
-def imagenet_normalize(rgb: Tensor) -> Tensor:
-    """B x 3 x H x W RGB in [0, 1] -> the spatial stage's (and so the teacher's) input."""
-    mean = rgb.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = rgb.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (rgb - mean) / std
 
 
 def _rgb01(frames: Tensor, name: str) -> Tensor:

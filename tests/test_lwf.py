@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
+from stt.color import imagenet_normalize
 from stt.config import load_config
 from stt.lwf import LwF, lwf_loss
 from stt.models import build_teacher
 from stt.recipes import stage_spec
-from stt.stages import StageModel, imagenet_normalize, temporal_loss
+from stt.stages import StageModel, temporal_loss
 
 TINY = [
     "train.recipe=spatial-then-temporal-lwf",
