@@ -3,7 +3,9 @@
     cold           extract the features (into an empty cache), propagate (stt.propagation, windowed), score
     warm features  the features read from the cache, the same propagation, score (the sweep before graphs)
     warm graph     the features and each sequence's top-K graph read from disk, stt.graph.propagate_with_graph,
-                   score (the sweep's propagation trial today; the graphs are built once per checkpoint)
+                   score (the graphs are built once per checkpoint)
+    held graph     the same with the features, ground truth and graphs already in memory: the sweep's
+                   propagation trial (stt.sweep.trials.PropagationTrial loads them once per Tune actor)
 
     python bench/sweep_costs.py                                   # random-init ResNet-18, the embedded synthetic DAVIS
     python bench/sweep_costs.py --davis-root ../shared/data/davis-real eval.max_short_side=128 propagation.context=7
@@ -14,8 +16,8 @@ One trial is the base configuration (the dotted overrides) over every sequence o
 stt.evaluate.evaluate_davis does. The graphs are built for the superset of the sweep's search space with
 K = stt.graph.default_k, saved beside the cached features (a graph already there is loaded, and its build is
 not timed). Also printed: the fraction of target locations the graph computed the usual way (fallbacks), the
-graphs' size, and the per-trial cost outside propagation (building the feature extractor, which
-evaluate_davis does once per trial). Wall seconds, `torch.get_num_threads()` threads (1 by default, as a
+graphs' size, and the cost of building the feature extractor (reading and hashing the checkpoint), which
+stt.evaluate.evaluate_davis pays per call and the sweep once per Tune actor. Wall seconds, `torch.get_num_threads()` threads (1 by default, as a
 one-CPU Tune trial).
 """
 
@@ -27,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ if str(ROOT) not in sys.path:
 from stt.config import load_config
 from stt.data.layouts import DAVIS
 from stt.data.synthetic import ensure_dataset
-from stt.evaluate import propagate_video, task_config
+from stt.evaluate import predict_davis_sequence, task_config
 from stt.features import FeatureCache, FeatureExtractor
 from stt.graph import (
     build_graph,
@@ -53,16 +54,18 @@ from stt.metrics import evaluate_davis_sequence, summarize_davis
 from stt.sweep import SPACE_FILE, load_space
 
 
-def run_trial(dataset: DAVIS, sequences: list[str], cfg, features_of, propagator_of=None) -> tuple[float, dict]:
-    """Wall seconds and J&F summary of one trial: features_of(seq) -> features, propagator_of(seq) -> a
-    propagator for stt.evaluate.propagate_video (None: stt.propagation.propagate)."""
+def run_trial(
+    dataset: DAVIS, sequences: list[str], cfg, features_of, propagator_of=None, masks_of=None
+) -> tuple[float, dict]:
+    """Wall seconds and J&F summary of one trial: features_of(seq) -> features, propagator_of(seq, features) -> a
+    propagator for stt.evaluate.predict_davis_sequence (None: stt.propagation.propagate), masks_of(seq) -> the
+    ground truth (None: read from disk)."""
     started, rows = time.perf_counter(), []
     for seq in sequences:
         features = features_of(seq)
-        gt = dataset.read_masks(seq)  # T x H x W, 255 = void
-        first = np.where(gt[0] == 255, 0, gt[0])
+        gt = dataset.read_masks(seq) if masks_of is None else masks_of(seq)  # T x H x W, 255 = void
         propagator = None if propagator_of is None else propagator_of(seq, features)
-        pred = propagate_video(features, first, dataset.num_objects(seq) + 1, gt.shape[1:], cfg, "windowed", propagator)
+        pred = predict_davis_sequence(features, gt, dataset.num_objects(seq), cfg, "windowed", propagator)
         rows.extend(evaluate_davis_sequence(gt, pred, seq))
     return time.perf_counter() - started, summarize_davis(rows)
 
@@ -135,6 +138,18 @@ def main() -> None:
             run_trial(dataset, sequences, cfg, read(cache), None if reason else on_graph) for _ in range(args.repeats)
         ]
         graph_s, graph = min(graph_runs, key=lambda run: run[0])
+        held_features = {seq: read(cache)(seq) for seq in sequences}
+        held_masks = {seq: dataset.read_masks(seq) for seq in sequences}
+        held_graphs = {seq: load_graph(paths[seq], held_features[seq]) for seq in sequences}
+
+        def on_held_graph(seq, features):
+            return lambda f, labels, c: propagate_with_graph(held_graphs[seq], labels, c)
+
+        held_runs = [
+            run_trial(dataset, sequences, cfg, held_features.get, None if reason else on_held_graph, held_masks.get)
+            for _ in range(args.repeats)
+        ]
+        held_s, held = min(held_runs, key=lambda run: run[0])
         assert extractor.network_calls == calls, "a graph run ran the network: the feature cache missed"
 
     frames = sum(len(dataset.frame_paths(seq)) for seq in sequences)
@@ -157,7 +172,8 @@ def main() -> None:
     for name, seconds, summary in [
         ("cold: extract + propagate + score", cold_s, cold),
         ("warm features: cached features, windowed propagation", warm_s, warm),
-        ("warm graph: cached features and graph, gather", graph_s, graph),
+        ("warm graph: cached features and graph read from disk, gather", graph_s, graph),
+        ("held graph: features, masks and graph in memory (the sweep's trial)", held_s, held),
     ]:
         print(f"| {name} | {seconds:.2f} | {cold_s / seconds:.1f}x | {summary['J&F-Mean']:.6f} |")
     if reason:
@@ -168,7 +184,7 @@ def main() -> None:
             f"target locations per trial computed the usual way; J&F graph - windowed: "
             f"{graph['J&F-Mean'] - warm['J&F-Mean']:+.2e}, cold - warm: {cold['J&F-Mean'] - warm['J&F-Mean']:+.2e}"
         )
-    print(f"per-trial work outside propagation not in these rows: building the feature extractor {extractor_s:.2f} s")
+    print(f"not in these rows: building the feature extractor {extractor_s:.2f} s (per evaluate_davis call)")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,20 @@ def propagate_video(
     return masks
 
 
+def predict_davis_sequence(
+    features: torch.Tensor,
+    gt: np.ndarray,
+    num_objects: int,
+    cfg: Config,
+    implementation: str = "windowed",
+    propagator=None,
+) -> np.ndarray:
+    """T x H x W predicted ids of a DAVIS sequence: its first annotation (void read as background)
+    propagated through its features (T x C x h x w); gt: T x H x W, 255 = void. As `propagate_video`."""
+    first = np.where(gt[0] == 255, 0, gt[0])
+    return propagate_video(features, first, num_objects + 1, gt.shape[1:], cfg, implementation, propagator)
+
+
 def save_indexed_png(mask: np.ndarray, palette: list[int], path: Path) -> None:
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(palette)
@@ -208,11 +222,8 @@ def evaluate_davis(
     for seq in with_progress(dataset.sequences, "davis", "seq", name=str, enabled=progress):
         features = run.features(dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq))
         gt = dataset.read_masks(seq)  # T x H x W, 255 = void
-        first = np.where(gt[0] == 255, 0, gt[0])
         per_sequence = None if propagator is None else functools.partial(propagator, seq)
-        pred = propagate_video(
-            features, first, dataset.num_objects(seq) + 1, gt.shape[1:], run.cfg, implementation, per_sequence
-        )
+        pred = predict_davis_sequence(features, gt, dataset.num_objects(seq), run.cfg, implementation, per_sequence)
         if out is not None:
             palette = dataset.palette(seq)
             (out / seq).mkdir(parents=True, exist_ok=True)

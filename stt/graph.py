@@ -62,12 +62,13 @@ from stt.config import PropagationConfig
 # kernels a trial of stt.propagation runs, so its affinities and its top-K are those of the existing path.
 from stt.propagation import (
     CHUNK_LOGITS,
-    SHIFT_MAX_CHANNELS,
     _check,
     _chunk_targets,
     _top_overall,
+    choose_window_kernel,
     context_indices,
     inside_window,
+    window_logits_by_band,
     window_logits_by_shift,
     window_logits_by_tile,
 )
@@ -256,63 +257,41 @@ def _top_candidates(features, t, whole, windowed, cfg, k, tile):
 
     `whole` frames are scored against every cell, `windowed` ones inside the window only, at
     temperature 1 (raw affinities), in chunks of target rows as stt.propagation.predict_windowed
-    (whose overall branch this follows, minus the label copy) with its window kernels. Departure:
-    where the window's span covers at least a whole grid (the widest radius of a space on a small
-    grid, e.g. 35 cells at 30 x 54) the windowed frames are scored densely, one frame at a time, with
-    the window as a -inf mask: the kernels would score more cells per target than the frame has.
+    (whose overall branch this follows, minus the label copy) with the window kernel it would choose
+    (`choose_window_kernel`: on small grids a band of whole rows, not a square wider than the frame).
     The top-k of all candidates is the top-k of the frames' top-k's, so the merge is exact.
     """
     _, channels, h, w = features.shape
     num = h * w
     query = features[t]  # C x h x w: temperature 1
-    by_shift = channels <= SHIFT_MAX_CHANNELS
-    span = 2 * math.floor(cfg.radius) + 1 + (0 if by_shift else tile - 1)
-    dense_window = span**2 >= num
-    dense_frames = whole + windowed if dense_window else whole
-    kernel_frames = [] if dense_window else windowed
-    context = features[kernel_frames]  # n x C x h x w
-    kernel_slots = torch.tensor(kernel_frames, dtype=torch.long, device=features.device)
-    if kernel_frames:
-        targets_per_chunk = min(cfg.chunk_size, max(1, CHUNK_LOGITS // (len(kernel_frames) * span**2)))
-    else:  # one B x N product at a time
-        targets_per_chunk = min(cfg.chunk_size, max(1, CHUNK_LOGITS // num))
-    rows_per_chunk, scored_width = max(1, targets_per_chunk // w), w
-    if kernel_frames and not by_shift:
-        rows_per_chunk = tile * max(1, rows_per_chunk // tile)
-        scored_width = math.ceil(w / tile) * tile
-    buffer = query.new_empty(len(kernel_frames) * rows_per_chunk * scored_width * span**2) if kernel_frames else None
-    cells = torch.arange(num, device=features.device)
+    context = features[windowed]  # n x C x h x w
+    kernel_slots = torch.tensor(windowed, dtype=torch.long, device=features.device)
+    plan = choose_window_kernel((h, w), max(1, len(windowed)), channels, cfg.radius, cfg.chunk_size, tile)
+    buffer = query.new_empty(len(windowed) * plan.rows_per_chunk * plan.scored_width * plan.cells_per_target)
+    kernels = {"band": window_logits_by_band, "shift": window_logits_by_shift}
 
     values, frames, locations = [], [], []  # per chunk of rows: B x k'
-    for y0 in range(0, h, rows_per_chunk):
-        y1 = min(y0 + rows_per_chunk, h)
+    for y0 in range(0, h, plan.rows_per_chunk):
+        y1 = min(y0 + plan.rows_per_chunk, h)
         targets = query[:, y0:y1].flatten(1)  # C x B
         chunk_values, chunk_frames, chunk_locations = [], [], []
-        if dense_window and windowed:
-            target_cells = cells[y0 * w : y1 * w]
-            outside = ~inside_window(
-                cells[None, :] // w - target_cells[:, None] // w,
-                cells[None, :] % w - target_cells[:, None] % w,
-                cfg.radius,
-                cfg.window,
-            )  # B x N
-        for f in dense_frames:
-            logits = targets.T @ features[f].flatten(1)  # B x N
-            if f in windowed:
-                logits.masked_fill_(outside, float("-inf"))
-            top, index = logits.topk(min(k, num), dim=-1)
+        for f in whole:
+            top, index = (targets.T @ features[f].flatten(1)).topk(min(k, num), dim=-1)  # B x N -> B x k'
             chunk_values.append(top)
             chunk_frames.append(torch.full_like(index, f))
             chunk_locations.append(index)
-        if kernel_frames:
-            kernel = window_logits_by_shift if by_shift else window_logits_by_tile
-            extra = () if by_shift else (tile,)
-            logits, bias, window_cells = kernel(context, query, y0, y1, cfg.radius, cfg.window, *extra, buffer)
+        if windowed:
+            if plan.name == "tile":
+                logits, bias, cells = window_logits_by_tile(
+                    context, query, y0, y1, cfg.radius, cfg.window, tile, buffer
+                )
+            else:
+                logits, bias, cells = kernels[plan.name](context, query, y0, y1, cfg.radius, cfg.window, buffer)
             top, slot, cell = _top_overall(logits, bias, k)  # each (target dims) x k'
-            scored = (y1 - y0 if by_shift else math.ceil((y1 - y0) / tile) * tile, scored_width)
+            scored = (y1 - y0 if plan.name != "tile" else math.ceil((y1 - y0) / tile) * tile, plan.scored_width)
             chunk_values.append(_chunk_targets(top, scored, y1 - y0, w))
             chunk_frames.append(_chunk_targets(kernel_slots[slot], scored, y1 - y0, w))
-            chunk_locations.append(_chunk_targets(window_cells.gather(-1, cell), scored, y1 - y0, w))
+            chunk_locations.append(_chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))
         top, pick = torch.cat(chunk_values, dim=1).topk(min(k, sum(v.shape[1] for v in chunk_values)), dim=-1)
         values.append(top)
         frames.append(torch.cat(chunk_frames, dim=1).gather(1, pick))

@@ -19,8 +19,10 @@ every real negative affinity and copy labels from outside the window.
 
 Two implementations give the same numbers: `propagate_dense` builds the whole
 N x (n*N) affinity of each frame (the reference); `propagate_windowed` computes affinities only
-inside the window (the D x D square of offsets around each target, D = 2R + 1, R = floor(radius)),
-in chunks of target rows, so memory stays bounded at full DAVIS resolution. Shapes: T frames,
+near the window, in chunks of target rows, so memory stays bounded at full DAVIS resolution: the
+D x D square of offsets around each target (D = 2R + 1, R = floor(radius)), or, where that square is
+wider than the grid (a wide radius at a small input), the band of whole grid rows the chunk's windows
+reach (`choose_window_kernel`). Shapes: T frames,
 C channels, h x w feature grid (N = h*w), L labels (background included), n context frames,
 B target locations in a chunk (r rows of the grid).
 """
@@ -28,7 +30,7 @@ B target locations in a chunk (r rows of the grid).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -370,6 +372,86 @@ def window_logits_by_tile(
     return logits.permute(0, 1, 3, 2, 4, 5), bias, locations.expand(a, tile, b, tile, -1)
 
 
+def window_logits_by_band(
+    context: torch.Tensor,
+    query: torch.Tensor,
+    y0: int,
+    y1: int,
+    radius: float,
+    window: str,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window logits as one matmul per context frame against the band of whole grid rows the chunk's
+    windows reach (wide windows on small grids: fewer cells per target than a D x D square).
+
+    Every target of rows y0 <= y < y1 is scored against all M = b*w cells of rows
+    max(0, y0 - R) <= y' < min(h, y1 + R) (b rows, R = floor(radius)); those outside its window get
+    bias -inf. Arguments as `window_logits_by_shift`; returns logits n x B x M (B = r*w targets),
+    bias B x M and locations B x M (flat cells of the frame; a view of one row).
+    """
+    n, channels, h, w = context.shape
+    reach = math.floor(radius)
+    top, bottom = max(y0 - reach, 0), min(y1 + reach, h)
+    targets = query[:, y0:y1].flatten(1)  # C x B
+    logits = _buffer(out, (n, targets.shape[1], (bottom - top) * w), context)
+    torch.matmul(targets.T, context[:, :, top:bottom].flatten(2), out=logits)  # n x B x M
+    cells = torch.arange(top * w, bottom * w, device=context.device)  # M
+    target_y = torch.arange(y0, y1, device=context.device)[:, None, None]  # r x 1 x 1
+    target_x = torch.arange(w, device=context.device)[:, None]  # w x 1
+    bias = window_bias(target_y, target_x, cells // w, cells % w, (h, w), radius, window).flatten(0, 1)  # B x M
+    return logits, bias, cells.expand(bias.shape)
+
+
+@dataclass(frozen=True)
+class WindowKernel:
+    """How `predict_windowed` scores a windowed chunk: `name` (shift, tile or band), target rows per
+    chunk, the width its targets are laid out at (tile: padded to whole tiles) and logits per target
+    and frame at most (the buffer's size)."""
+
+    name: str
+    rows_per_chunk: int
+    scored_width: int
+    cells_per_target: int
+
+
+def choose_window_kernel(
+    grid: tuple[int, int], frames: int, channels: int, radius: float, chunk_size: int, tile: int, kernel: str = "auto"
+) -> WindowKernel:
+    """The kernel that scores the fewest cells per target (kernel="auto"), or the one named.
+
+    shift / tile score a D x D square ((t + 2R)^2 for t x t tiles) around every target, wasted where it
+    leaves the grid; band scores whole rows, min(h, r + 2R) of them. On DAVIS at short side 128 (16 x 29
+    cells) any radius of the space is cheaper as a band (<= 464 cells vs >= 400 for a tile at R = 6 and
+    6,084 at R = 35); at 480p (60 x 107) radius 12 is 1,024 cells as tiles vs >= 2,675 as a band.
+    Chunks hold at most chunk_size targets and CHUNK_LOGITS logits (frames x targets x cells).
+    """
+    h, w = grid
+    reach = math.floor(radius)
+
+    def rows_fitting(cells_for_rows) -> int:  # the most rows a chunk may hold (at least one)
+        fits = [
+            r for r in range(1, h + 1) if r * w <= chunk_size and frames * r * w * cells_for_rows(r) <= CHUNK_LOGITS
+        ]
+        return max(fits, default=1)
+
+    band_rows = rows_fitting(lambda r: min(h, r + 2 * reach) * w)
+    band = WindowKernel("band", band_rows, w, min(h, band_rows + 2 * reach) * w)
+    if channels <= SHIFT_MAX_CHANNELS:
+        span = 2 * reach + 1
+        square = WindowKernel("shift", rows_fitting(lambda r: span**2), w, span**2)
+    else:
+        span = tile + 2 * reach
+        rows = tile * max(1, rows_fitting(lambda r: span**2) // tile)
+        square = WindowKernel("tile", rows, math.ceil(w / tile) * tile, span**2)
+    if kernel == "auto":
+        return band if band.cells_per_target < square.cells_per_target else square
+    if kernel == "band":
+        return band
+    if kernel == "square":
+        return square
+    raise ValueError(f"kernel: expected one of ('auto', 'band', 'square'), got {kernel!r}")
+
+
 def _top_overall(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k largest of each target's n*M biased logits (n x ... x M, bias ... x M): values,
     frames and cells, each ... x k.
@@ -403,15 +485,17 @@ def predict_windowed(
     target_features: torch.Tensor,
     cfg: PropagationConfig,
     tile: int = 8,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Same result as `predict_dense`, computing affinities only inside the window.
 
     Targets go in chunks of whole rows (at most cfg.chunk_size locations, and CHUNK_LOGITS
     logits), so memory stays bounded, never O(n * N^2). The windowed context frames are scored
-    all at once, by `window_logits_by_shift` up to SHIFT_MAX_CHANNELS channels, else by
-    `window_logits_by_tile` with `tile` x `tile` target tiles. Frames without a window (radius 0,
-    or the first frame unless window_first_frame) and the before-mask softmax normaliser use the
-    whole frame. Shapes as `predict_dense`.
+    all at once by the kernel `choose_window_kernel` picks (`kernel`="auto": the fewest cells per
+    target): `window_logits_by_shift` up to SHIFT_MAX_CHANNELS channels, else `window_logits_by_tile`
+    with `tile` x `tile` target tiles ("square"), or `window_logits_by_band` ("band"). Frames without
+    a window (radius 0, or the first frame unless window_first_frame) and the before-mask softmax
+    normaliser use the whole frame. Shapes as `predict_dense`.
     """
     n, channels, h, w = context_features.shape
     num = h * w
@@ -421,19 +505,12 @@ def predict_windowed(
     first_windowed = _first_windowed_frame(cfg, n)
     windowed = context_features[first_windowed:]
     query = target_features / cfg.temperature  # logits are query . context
-    by_shift = channels <= SHIFT_MAX_CHANNELS
-    span = 2 * math.floor(cfg.radius) + 1 + (0 if by_shift else tile - 1)  # cells per target: span^2
-    targets_per_chunk = min(cfg.chunk_size, max(1, CHUNK_LOGITS // (max(1, len(windowed)) * span**2)))
-    rows_per_chunk = max(1, targets_per_chunk // w)
-    scored_width = w
-    if not by_shift:  # whole tiles: a chunk is padded up to multiples of the tile
-        rows_per_chunk = tile * max(1, rows_per_chunk // tile)
-        scored_width = math.ceil(w / tile) * tile
-    buffer = query.new_empty(len(windowed) * rows_per_chunk * scored_width * span**2)  # every chunk's logits
+    plan = choose_window_kernel((h, w), max(1, len(windowed)), channels, cfg.radius, cfg.chunk_size, tile, kernel)
+    buffer = query.new_empty(len(windowed) * plan.rows_per_chunk * plan.scored_width * plan.cells_per_target)
 
     prediction = labels.new_empty(num, labels.shape[1])  # N x L
-    for y0 in range(0, h, rows_per_chunk):
-        y1 = min(y0 + rows_per_chunk, h)
+    for y0 in range(0, h, plan.rows_per_chunk):
+        y1 = min(y0 + plan.rows_per_chunk, h)
         targets = query[:, y0:y1].flatten(1)  # C x B
         num_targets = targets.shape[1]
         values, label_rows = [], []  # B x m: logits (overall) or log-probabilities (per-frame), label rows
@@ -445,7 +522,9 @@ def predict_windowed(
             values.append(top)
             label_rows.append(index + f * num)
         if windowed.shape[0]:
-            if by_shift:
+            if plan.name == "band":
+                logits, bias, locations = window_logits_by_band(windowed, query, y0, y1, cfg.radius, cfg.window, buffer)
+            elif plan.name == "shift":
                 logits, bias, locations = window_logits_by_shift(
                     windowed, query, y0, y1, cfg.radius, cfg.window, buffer
                 )
@@ -453,6 +532,12 @@ def predict_windowed(
                 logits, bias, locations = window_logits_by_tile(
                     windowed, query, y0, y1, cfg.radius, cfg.window, tile, buffer
                 )
+            whole_frames = None  # the before-mask normaliser, B x n': from the band when it holds whole frames
+            if cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask":
+                if plan.name == "band" and logits.shape[-1] == num:
+                    whole_frames = logits.logsumexp(dim=-1).T
+                else:
+                    whole_frames = torch.stack([(targets.T @ c.flatten(1)).logsumexp(dim=-1) for c in windowed], 1)
             if cfg.aggregation == "overall":
                 top, frame, cell = _top_overall(logits, bias, cfg.topk)  # each (target dims) x k
             else:
@@ -461,13 +546,10 @@ def predict_windowed(
                     top = top - logits.logsumexp(dim=-1).movedim(0, -1)[..., None]
                 top, frame, cell = top.flatten(-2), frame.flatten(-2), cell.flatten(-2)
             rows = (frame + first_windowed) * num + locations.gather(-1, cell)
-            scored = (y1 - y0 if by_shift else math.ceil((y1 - y0) / tile) * tile, scored_width)
+            scored = (y1 - y0 if plan.name != "tile" else math.ceil((y1 - y0) / tile) * tile, plan.scored_width)
             top, rows = _chunk_targets(top, scored, y1 - y0, w), _chunk_targets(rows, scored, y1 - y0, w)
-            if cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask":
-                whole_frames = [(targets.T @ context.flatten(1)).logsumexp(dim=-1) for context in windowed]
-                top = (top.view(num_targets, len(windowed), -1) - torch.stack(whole_frames, dim=1)[..., None]).flatten(
-                    1
-                )
+            if whole_frames is not None:
+                top = (top.view(num_targets, len(windowed), -1) - whole_frames[..., None]).flatten(1)
             values.append(top)
             label_rows.append(rows)
         values, label_rows = torch.cat(values, dim=1), torch.cat(label_rows, dim=1)
@@ -562,13 +644,13 @@ def propagate_dense(features: torch.Tensor, first_labels: torch.Tensor, cfg: Pro
 
 
 def propagate_windowed(
-    features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, tile: int = 8
+    features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, tile: int = 8, kernel: str = "auto"
 ) -> torch.Tensor:
     """Same as `propagate_dense`, with affinities only inside the window and memory bounded by
     cfg.chunk_size; `tile` (cells, many channels only) trades wasted window work ((t + 2R)^2 per
-    target instead of (2R + 1)^2) against matmul efficiency."""
+    target instead of (2R + 1)^2) against matmul efficiency; `kernel` as `predict_windowed`."""
     _check(features, first_labels, cfg)
-    return _propagate_video(features, first_labels, cfg, lambda c, y, g: predict_windowed(c, y, g, cfg, tile))
+    return _propagate_video(features, first_labels, cfg, lambda c, y, g: predict_windowed(c, y, g, cfg, tile, kernel))
 
 
 IMPLEMENTATIONS = {"dense": propagate_dense, "windowed": propagate_windowed}

@@ -23,7 +23,14 @@ from stt.graph import (
     serves,
     superset_config,
 )
-from stt.propagation import labels_to_mask, minmax_normalise, propagate, soft_labels_to_mask, upsample_labels
+from stt.propagation import (
+    choose_window_kernel,
+    labels_to_mask,
+    minmax_normalise,
+    propagate,
+    soft_labels_to_mask,
+    upsample_labels,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,8 +113,9 @@ def test_graph_equals_propagate_on_random_features(channels):
 
 
 def test_tile_kernel_superset_and_unwindowed_superset():
-    features, first = random_video(8, grid=(14, 17), frames=6, seed=4)
-    # radius 2 at tile 8: 12 x 12 cells per target < 238, the build uses window_logits_by_tile
+    features, first = random_video(8, grid=(10, 40), frames=6, seed=4)
+    # radius 2 at tile 8: 12 x 12 cells per target, fewer than a band's 5 x 40 (choose_window_kernel): tiles
+    assert choose_window_kernel((10, 40), 5, 8, 2.0, SUPERSET.chunk_size, 8).name == "tile"
     narrow = replace(SUPERSET, radius=2.0, window_first_frame=True)
     graph = build_graph(features, narrow, k=30)
     for cfg in trial_grid(12, superset=narrow):

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from stt.config import PRESETS, PropagationConfig, load_config
 from stt.propagation import (
+    CHUNK_LOGITS,
     SHIFT_MAX_CHANNELS,
+    choose_window_kernel,
     context_indices,
     downsample_labels,
     inside_window,
@@ -211,10 +213,11 @@ NORMALISATIONS = [("overall", "before-mask"), ("per-frame", "before-mask"), ("pe
 CHANNELS = [SHIFT_MAX_CHANNELS, SHIFT_MAX_CHANNELS + 1]
 
 
+@pytest.mark.parametrize("kernel", ["square", "band"])
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("aggregation,per_frame_norm", NORMALISATIONS)
 @pytest.mark.parametrize("radius,window,window_first_frame", WINDOWS)
-def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, window_first_frame, channels):
+def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, window_first_frame, channels, kernel):
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(6, channels, 9, 11, generator=generator)
     labels = torch.softmax(3 * torch.randn(4, 9, 11, generator=generator), dim=0)
@@ -234,19 +237,44 @@ def test_windowed_equals_dense(aggregation, per_frame_norm, radius, window, wind
         cfg = replace(base, topk=topk, context=context, soft_labels=soft_labels, normalize=normalize)
         cfg = replace(cfg, temperature=0.07 if normalize else 1.0)
         dense = propagate_dense(features, labels, cfg)
-        windowed = propagate_windowed(features, labels, cfg, tile=4)  # 9 x 11 is not a multiple of 4
+        windowed = propagate_windowed(features, labels, cfg, tile=4, kernel=kernel)  # 9 x 11: not a multiple of 4
         assert torch.allclose(windowed, dense, atol=1e-5), cfg
 
 
+@pytest.mark.parametrize("kernel", ["square", "band"])
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("tile,chunk_size", [(1, 1), (3, 50), (8, 4096)])
-def test_windowed_tiles_and_chunks_do_not_change_the_result(tile, chunk_size, channels):
+def test_windowed_tiles_and_chunks_do_not_change_the_result(tile, chunk_size, channels, kernel):
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(4, channels, 10, 7, generator=generator)
     labels = torch.softmax(torch.randn(3, 10, 7, generator=generator), dim=0)
-    cfg = replace(PropagationConfig(), radius=3.0, topk=7, chunk_size=chunk_size)
-    windowed = propagate_windowed(features, labels, cfg, tile=tile)
-    assert torch.allclose(windowed, propagate_dense(features, labels, cfg), atol=1e-5)
+    for aggregation, per_frame_norm in NORMALISATIONS:
+        cfg = replace(
+            PropagationConfig(),
+            radius=3.0,
+            topk=7,
+            chunk_size=chunk_size,
+            aggregation=aggregation,
+            per_frame_norm=per_frame_norm,
+        )
+        windowed = propagate_windowed(features, labels, cfg, tile=tile, kernel=kernel)
+        assert torch.allclose(windowed, propagate_dense(features, labels, cfg), atol=1e-5), cfg
+
+
+def test_the_kernel_scoring_fewer_cells_per_target_is_chosen():
+    """By hand: at 16 x 29 cells (DAVIS at short side 128, stride 8), radius 12, 256 channels, 21 frames,
+    a band of whole rows is the whole frame, 464 cells per target, against (8 + 24)^2 = 1,024 of a tile's
+    square; at 60 x 107 (480p) a band is at least 25 rows, 2,675 cells, and the tile's square wins."""
+    small = choose_window_kernel((16, 29), 21, 256, 12.0, 2048, 8)
+    assert (small.name, small.cells_per_target) == ("band", 464)
+    assert 21 * small.rows_per_chunk * 29 * 464 <= CHUNK_LOGITS
+    native = choose_window_kernel((60, 107), 21, 256, 12.0, 2048, 8)
+    assert (native.name, native.cells_per_target, native.scored_width) == ("tile", 1024, 112)
+    few_channels = choose_window_kernel((60, 107), 21, 3, 12.0, 2048, 8)
+    assert (few_channels.name, few_channels.cells_per_target) == ("shift", 625)
+    assert choose_window_kernel((60, 107), 21, 256, 12.0, 2048, 8, kernel="band").cells_per_target == 25 * 107
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        choose_window_kernel((16, 29), 21, 256, 12.0, 2048, 8, kernel="dense")
 
 
 @pytest.mark.parametrize("channels", CHANNELS)

@@ -33,11 +33,12 @@ from stt.sweep.plans import SweepPlan
 from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
 from stt.sweep.trials import (
     METRIC,
+    PropagationSearch,
+    PropagationTrial,
     PrunedAwareOptunaSearch,
     cluster_concurrency,
     fail_stale_trials,
     optuna_storage,
-    propagation_trial,
     training_trial,
 )
 from stt.train import build_stage_trainer, export_final
@@ -110,6 +111,9 @@ class Sweep:
                 name=name,
                 storage_path=str(self.experiment),
                 callbacks=[TrialProgress(name, samples)],
+                # a propagation trial (a class Trainable) is one result, nothing to resume from; Tune's default
+                # for classes would save each one's state at its end
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
                 # a failed trial is recorded, the sweep goes on
                 failure_config=tune.FailureConfig(fail_fast=False),
             ),
@@ -229,7 +233,7 @@ class Sweep:
     def propagation(self, best_training: dict) -> dict:
         if "best_propagation" in self.state:
             return self.state["best_propagation"]
-        plan, args = self.plan, self.args
+        plan, args, started = self.plan, self.args, time.perf_counter()
         cfg = with_params(self.base, best_training["params"])
         base, checkpoint, cache = to_dict(cfg), best_training["checkpoint"], self.experiment / "features"
         print(f"sweep: phase 3/4, {plan.propagation_trials} propagation trials on cached features of {checkpoint}")
@@ -238,8 +242,8 @@ class Sweep:
             Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache, progress=False
         )
         graphs = self.graphs(cfg, checkpoint, cache)
-        trainable = tune.with_parameters(
-            propagation_trial,
+        trainable = tune.with_parameters(  # Ray: the trial actors get these once, through the object store
+            PropagationTrial,
             base=base,
             checkpoint=checkpoint,
             davis_root=args.davis_root,
@@ -250,7 +254,7 @@ class Sweep:
         defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in self.space["propagation"]}
         # The configured defaults are the first point, where the space contains them.
         start = [defaults] if all(in_domain(self.space["propagation"][k], v) for k, v in defaults.items()) else None
-        search = OptunaSearch(
+        search = PropagationSearch(
             seed=plan.seed, study_name="propagation", storage=optuna_storage(self.experiment), points_to_evaluate=start
         )
         results = self.tuner(
@@ -261,8 +265,7 @@ class Sweep:
             None,
             cluster_concurrency(1.0, 0),
             plan.propagation_trials,
-            # a graph trial's own work is under a second; a fresh trial actor costs ~6.6 s, a reused one ~2 s
-            # (BENCHMARKS.md, graph section)
+            # a trial's own work is seconds: a fresh actor would load the split again for every one
             reuse_actors=True,
         ).fit()
         check_finished(results, "phase 3/4", "propagation", plan.propagation_trials)
@@ -275,6 +278,7 @@ class Sweep:
                 if on_graph
                 else ""
             )
+            + f"; phase 3 took {time.perf_counter() - started:.0f} s"
         )
         best = best_result(results)
         chosen = {

@@ -39,7 +39,8 @@ PLANS = {
     # Minutes on a 2-core laptop: small crops and batches, few steps, few trials.
     "quick": SweepPlan(
         training_trials=3,
-        propagation_trials=8,
+        # 10x the 8 of the sweep before graph trials, in the same phase-3 wall time (BENCHMARKS.md, issue 12)
+        propagation_trials=80,
         earlier_steps=10,
         trial_steps=12,
         eval_every=6,

@@ -39,6 +39,7 @@ def trials_table(experiment: Path, state: dict) -> pd.DataFrame:
                     "steps": steps,
                     "seconds": seconds,
                     **trial.params,
+                    **trial.user_attrs,  # propagation trials: graph (served, or why not), graph_fallback_fraction
                 }
             )
     table = pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""The two kinds of Tune trial (`training_trial`, `propagation_trial`) and the Optuna/Tune glue around them:
+"""The two kinds of Tune trial (`training_trial`, `PropagationTrial`) and the Optuna/Tune glue around them:
 the searcher that records ASHA-stopped trials as PRUNED, the study storage, and how many trials fit at once.
 
 Everything here runs in Ray: the trial functions in Tune's trial actors, the callback in the Train controller.
@@ -6,7 +6,9 @@ Everything here runs in Ray: the trial functions in Tune's trial actors, the cal
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from pathlib import Path
 
 import optuna
@@ -17,9 +19,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from stt.checkpoint import join
-from stt.evaluate import evaluate_davis
+from stt.config import from_dict
+from stt.data.layouts import DAVIS
+from stt.evaluate import EvaluationRun, predict_davis_sequence, task_config
 from stt.graph import load_graph, propagate_with_graph, serves
-from stt.propagation import propagate
+from stt.metrics import evaluate_davis_sequence, summarize_davis
 from stt.recipes import stage_spec
 from stt.sweep.space import with_params
 from stt.train import build_stage_trainer
@@ -118,60 +122,84 @@ def training_trial(
     trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
 
 
-def propagation_trial(
-    params: dict,
-    *,
-    base: dict,
-    checkpoint: str,
-    davis_root: str,
-    tune_set: str,
-    feature_cache: str,
-    graphs: dict[str, str] | None = None,
-) -> None:
-    """One Tune trial: propagation with `params` on cached features of the tuning split (seconds).
+class PropagationTrial(tune.Trainable):
+    """Tune trials of propagation settings on the tuning split, held in memory: seconds each.
 
-    graphs: {sequence: file of its top-K affinity graph} (stt/graph.py, built once by `Sweep.propagation`).
-    A trial the graphs serve filters and gathers from them (the same labels as stt.propagation, exactly);
-    one they cannot serve runs stt.propagation as usual and reports why in "graph".
+    Ray: under TuneConfig(reuse_actors=True) one actor runs trial after trial. `setup` loads the split once
+    (cached features, ground truth, top-K graphs) and `reset_config` swaps only the setting, so a trial
+    costs its propagation and scoring, not a checkpoint read and every feature, mask and graph file again.
+    A setting the graphs serve filters and gathers from them (the same labels as stt.propagation,
+    exactly: stt/graph.py); one they cannot serve runs stt.propagation and says why in "graph".
     """
-    stats = {"targets": 0, "fallbacks": 0}
-    features_changed = sorted(key for key in params if not key.startswith("propagation."))
-    reason = (
-        "no graphs"
-        if not graphs
-        else f"the trial sets {', '.join(features_changed)}: the graphs hold other features"
-        if features_changed
-        else None
-    )
 
-    def on_graph(sequence: str, features, labels, cfg):
-        nonlocal reason
-        graph = load_graph(Path(graphs[sequence]), features)
-        reason = serves(graph, cfg)  # the same for every sequence: the graphs share one superset
-        if reason is not None:
-            return propagate(features, labels, cfg)
-        return propagate_with_graph(graph, labels, cfg, stats)
+    def setup(
+        self,
+        config: dict,
+        *,
+        base: dict,
+        checkpoint: str,
+        davis_root: str,
+        tune_set: str,
+        feature_cache: str,
+        graphs: dict[str, str] | None = None,
+    ) -> None:
+        self.params, self.base = config, from_dict(base)
+        run = EvaluationRun.open("davis", checkpoint, self.base, "cpu", Path(feature_cache))
+        self.stride = run.extractor.stride
+        dataset = DAVIS(Path(davis_root), split=tune_set)
+        self.videos = []  # (sequence, features, ground truth, objects, graph or None)
+        for seq in dataset.sequences:
+            features = run.features(dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq))
+            graph = load_graph(Path(graphs[seq]), features) if graphs else None
+            self.videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), graph))
+        if run.extractor.network_calls:
+            raise RuntimeError(
+                f"propagation trials ran the network {run.extractor.network_calls} times: the feature cache missed"
+            )
 
-    report = evaluate_davis(
-        Path(davis_root),
-        checkpoint,
-        with_params(base, params),
-        None,
-        split=tune_set,
-        device="cpu",
-        feature_cache=Path(feature_cache),
-        progress=False,
-        propagator=on_graph if reason is None else None,
-    )
-    if report["network_calls"]:
-        raise RuntimeError(
-            f"a propagation trial ran the network {report['network_calls']} times: the feature cache missed"
-        )
-    tune.report(
-        {
-            METRIC: report["summary"]["J&F-Mean"],
-            "seconds": report["seconds"],
+    def reset_config(self, new_config: dict) -> bool:
+        self.params = new_config
+        return True
+
+    def step(self) -> dict:
+        started = time.perf_counter()
+        cfg = task_config(with_params(self.base, self.params), "davis", self.stride)
+        stats = {"targets": 0, "fallbacks": 0}
+        reason, rows = "no graphs", []
+        for seq, features, gt, num_objects, graph in self.videos:
+            propagator = None
+            if graph is not None:
+                reason = serves(graph, cfg.propagation)  # the same for every sequence: one superset
+                if reason is None:
+                    propagator = functools.partial(_on_graph, graph, stats)
+            rows.extend(
+                evaluate_davis_sequence(
+                    gt, predict_davis_sequence(features, gt, num_objects, cfg, "windowed", propagator), seq
+                )
+            )
+        result = {
+            METRIC: summarize_davis(rows)["J&F-Mean"],
+            "seconds": time.perf_counter() - started,
             "graph": reason or "served",
-            "graph_fallback_fraction": stats["fallbacks"] / max(1, stats["targets"]),
+            "done": True,  # one result per setting
         }
-    )
+        if reason is None:
+            result["graph_fallback_fraction"] = stats["fallbacks"] / max(1, stats["targets"])
+        return result
+
+
+def _on_graph(graph, stats: dict, features, labels, cfg):
+    """`predict_davis_sequence`'s propagator on a graph (features: the ones the graph was loaded with)."""
+    return propagate_with_graph(graph, labels, cfg, stats)
+
+
+class PropagationSearch(OptunaSearch):
+    """OptunaSearch that keeps, per propagation trial, whether the graphs served it, the fraction of target
+    locations computed the usual way, and its seconds, as Optuna user attributes: the trials table's columns."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            for key in ("graph", "graph_fallback_fraction"):
+                if key in result:
+                    self._ot_trials[trial_id].set_user_attr(key, result[key])
+        super().on_trial_complete(trial_id, result=result, error=error)
