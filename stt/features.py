@@ -194,5 +194,6 @@ class FeatureCache:
             np.save(tmp, features.cpu().numpy())
         os.chmod(tmp.name, 0o666 & ~current_umask())  # tempfile makes 0600: a team's shared cache must stay readable
         os.replace(tmp.name, path)  # atomic: a killed run never leaves a half-written entry
-        # Rounded through fp16 either way, so a cached rerun reproduces the first run exactly.
-        return features.float()
+        # Rounded through fp16 either way, and laid out as np.load gives them (the network's output may be
+        # channels-last, which changes a matmul's summation order), so a cached rerun reproduces the first run exactly.
+        return features.float().contiguous()

@@ -24,8 +24,11 @@ context (`_exact_rows`: `predict_dense`'s top-k over the band of grid rows its w
 and counted as a fallback. A location whose superset has at most K candidates at all (tiny grids,
 early frames) is held whole: never a fallback.
 
-Settings that change the affinities themselves cannot be served (per-frame aggregation, another
-`normalize`, other features); `serves` names the reason and the caller runs stt.propagation.
+Settings the graph cannot serve exactly: per-frame aggregation (its softmax normaliser sums exp(a / T)
+over every cell of a frame or of its window at the trial's temperature: it needs every affinity, and a
+per-frame top-K would give the top-k but not that sum), another `normalize`, other features. `serves`
+names the reason and the caller runs stt.propagation (on small grids as a band of whole rows: the same
+matrix products as dense, `choose_window_kernel`).
 
 Precision. Affinities are kept in fp32, the dtype of the existing path's logits (fp64 features give
 fp64). The trial divides them by T; the windowed implementation divides the query by T before the
@@ -179,7 +182,8 @@ def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
     sup = graph.superset
     if cfg.aggregation != "overall":
         return (
-            f"aggregation={cfg.aggregation!r}: per-frame softmaxes over whole frames, which a top-K graph does not hold"
+            f"aggregation={cfg.aggregation!r}: a per-frame softmax sums over every cell of a frame (or of its window) "
+            "at the trial's temperature, which a top-K graph does not hold"
         )
     if cfg.normalize != sup.normalize:
         return f"normalize={cfg.normalize}: the graph's affinities are of normalize={sup.normalize} features"

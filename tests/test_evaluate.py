@@ -200,3 +200,32 @@ def test_a_checkpoints_stored_trunk_wins_over_the_config_and_says_so(tmp_path, c
     )
     FeatureExtractor(str(path), trained.model, EvalConfig())
     assert capsys.readouterr().out == ""
+
+
+def test_feature_cache_miss_and_hit_return_the_same_tensor(tmp_path):
+    """The first (extracting) run and a cached rerun must propagate identical inputs: the same fp16-rounded
+    values and the same contiguous layout (a channels-last network output changes a matmul's summation order)."""
+    from stt.features import FeatureCache
+
+    frames = [tmp_path / f"{i:05d}.jpg" for i in range(3)]
+    for path in frames:
+        path.write_bytes(b"frame")
+    output = torch.randn(3, 8, 4, 5).to(memory_format=torch.channels_last)
+    cache = FeatureCache(tmp_path / "cache")
+    miss = cache.load_or_compute(_Fake(output), frames, lambda: None)
+    hit = cache.load_or_compute(_Fake(None), frames, lambda: None)
+    assert miss.is_contiguous() and hit.is_contiguous()
+    assert torch.equal(miss, hit) and torch.equal(miss, output.half().float())
+
+
+class _Fake:
+    """A feature extractor returning fixed features (None: must not be called)."""
+
+    cache_key, device = "test", torch.device("cpu")
+
+    def __init__(self, output):
+        self.output = output
+
+    def __call__(self, frames):
+        assert self.output is not None, "a cache hit ran the extractor"
+        return self.output

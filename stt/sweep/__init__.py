@@ -25,8 +25,11 @@ How the two kinds of trial combine: nested, in four phases, each resumable. The 
     J&F on the tuning split, scored with the default propagation settings so trials compare on
     features alone; ASHA stops weak trials early; OptunaSearch (TPE, seeded) proposes the next.
  3. Propagation trials: on the best training trial's final checkpoint, features of the tuning
-    split are extracted once and cached; Optuna then searches the propagation factors. Each
-    trial costs seconds and never runs the network (asserted).
+    split are extracted once and cached, and a top-K affinity graph is built per sequence for the
+    widest setting of the space (stt/graph.py); Optuna then searches the propagation factors. Each
+    Tune actor holds the split in memory and runs trial after trial (reuse_actors): a trial the
+    graphs serve is a filter and gather, a per-frame one propagates anew; it costs seconds and never
+    runs the network (asserted).
  4. Report: the best training x propagation configuration is evaluated ONCE on the reported
     split. Tuning and reported numbers are both printed, labelled; only the reported one is the
     result (paper 004, Sec. 4.1 and 8: never report the split you tuned on).
