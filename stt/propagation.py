@@ -421,8 +421,9 @@ def choose_window_kernel(
 
     shift / tile score a D x D square ((t + 2R)^2 for t x t tiles) around every target, wasted where it
     leaves the grid; band scores whole rows, min(h, r + 2R) of them. On DAVIS at short side 128 (16 x 29
-    cells) any radius of the space is cheaper as a band (<= 464 cells vs >= 400 for a tile at R = 6 and
-    6,084 at R = 35); at 480p (60 x 107) radius 12 is 1,024 cells as tiles vs >= 2,675 as a band.
+    cells, 256 channels) a band is the whole frame, 464 cells per target: tiles win at R = 6 (400), the
+    band from R = 9 (676 as tiles) to R = 35 (6,084); at 480p (60 x 107) radius 12 is 1,024 cells as
+    tiles against >= 2,675 as a band.
     Chunks hold at most chunk_size targets and CHUNK_LOGITS logits (frames x targets x cells).
     """
     h, w = grid
