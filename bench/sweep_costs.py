@@ -17,8 +17,8 @@ stt.evaluate.evaluate_davis does. The graphs are built for the superset of the s
 K = stt.graph.default_k, saved beside the cached features (a graph already there is loaded, and its build is
 not timed). Also printed: the fraction of target locations the graph computed the usual way (fallbacks), the
 graphs' size, and the cost of building the feature extractor (reading and hashing the checkpoint), which
-stt.evaluate.evaluate_davis pays per call and the sweep once per Tune actor. Wall seconds, `torch.get_num_threads()` threads (1 by default, as a
-one-CPU Tune trial).
+stt.evaluate.evaluate_davis pays per call and the sweep once per Tune actor. Wall seconds,
+`torch.get_num_threads()` threads (1 by default, as a one-CPU Tune trial).
 """
 
 from __future__ import annotations
