@@ -71,9 +71,6 @@ from stt.propagation import (
     choose_window_kernel,
     context_indices,
     inside_window,
-    window_logits_by_band,
-    window_logits_by_shift,
-    window_logits_by_tile,
 )
 
 GRAPH_VERSION = 1  # part of the file key: a change of the format or of its meaning makes new files
@@ -271,8 +268,7 @@ def _top_candidates(features, t, whole, windowed, cfg, k, tile):
     context = features[windowed]  # n x C x h x w
     kernel_slots = torch.tensor(windowed, dtype=torch.long, device=features.device)
     plan = choose_window_kernel((h, w), max(1, len(windowed)), channels, cfg.radius, cfg.chunk_size, tile)
-    buffer = query.new_empty(len(windowed) * plan.rows_per_chunk * plan.scored_width * plan.cells_per_target)
-    kernels = {"band": window_logits_by_band, "shift": window_logits_by_shift}
+    buffer = plan.buffer(len(windowed), query)
 
     values, frames, locations = [], [], []  # per chunk of rows: B x k'
     for y0 in range(0, h, plan.rows_per_chunk):
@@ -285,14 +281,8 @@ def _top_candidates(features, t, whole, windowed, cfg, k, tile):
             chunk_frames.append(torch.full_like(index, f))
             chunk_locations.append(index)
         if windowed:
-            if plan.name == "tile":
-                logits, bias, cells = window_logits_by_tile(
-                    context, query, y0, y1, cfg.radius, cfg.window, tile, buffer
-                )
-            else:
-                logits, bias, cells = kernels[plan.name](context, query, y0, y1, cfg.radius, cfg.window, buffer)
+            logits, bias, cells, scored = plan.logits(context, query, y0, y1, cfg.radius, cfg.window, buffer)
             top, slot, cell = _top_overall(logits, bias, k)  # each (target dims) x k'
-            scored = (y1 - y0 if plan.name != "tile" else math.ceil((y1 - y0) / tile) * tile, plan.scored_width)
             chunk_values.append(_chunk_targets(top, scored, y1 - y0, w))
             chunk_frames.append(_chunk_targets(kernel_slots[slot], scored, y1 - y0, w))
             chunk_locations.append(_chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))

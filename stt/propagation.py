@@ -404,14 +404,40 @@ def window_logits_by_band(
 
 @dataclass(frozen=True)
 class WindowKernel:
-    """How `predict_windowed` scores a windowed chunk: `name` (shift, tile or band), target rows per
-    chunk, the width its targets are laid out at (tile: padded to whole tiles) and logits per target
-    and frame at most (the buffer's size)."""
+    """How `predict_windowed` (and the graph builder) score a windowed chunk: `name` (shift, tile or band),
+    target rows per chunk, the width its targets are laid out at (tile: padded to whole tiles), logits per
+    target and frame at most (the buffer's size) and the tile side (tile only)."""
 
     name: str
     rows_per_chunk: int
     scored_width: int
     cells_per_target: int
+    tile: int
+
+    def buffer(self, frames: int, like: torch.Tensor) -> torch.Tensor:
+        """One flat buffer for every chunk's logits of `frames` context frames."""
+        return like.new_empty(frames * self.rows_per_chunk * self.scored_width * self.cells_per_target)
+
+    def logits(
+        self,
+        context: torch.Tensor,
+        query: torch.Tensor,
+        y0: int,
+        y1: int,
+        radius: float,
+        window: str,
+        out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """This kernel's logits, bias and locations for target rows y0 <= y < y1 (as `window_logits_by_shift`),
+        and the grid their target dims flatten to (`_chunk_targets`'s `scored`)."""
+        if self.name == "band":
+            logits, bias, locations = window_logits_by_band(context, query, y0, y1, radius, window, out)
+        elif self.name == "shift":
+            logits, bias, locations = window_logits_by_shift(context, query, y0, y1, radius, window, out)
+        else:
+            logits, bias, locations = window_logits_by_tile(context, query, y0, y1, radius, window, self.tile, out)
+        rows = math.ceil((y1 - y0) / self.tile) * self.tile if self.name == "tile" else y1 - y0
+        return logits, bias, locations, (rows, self.scored_width)
 
 
 def choose_window_kernel(
@@ -436,14 +462,14 @@ def choose_window_kernel(
         return max(fits, default=1)
 
     band_rows = rows_fitting(lambda r: min(h, r + 2 * reach) * w)
-    band = WindowKernel("band", band_rows, w, min(h, band_rows + 2 * reach) * w)
+    band = WindowKernel("band", band_rows, w, min(h, band_rows + 2 * reach) * w, tile)
     if channels <= SHIFT_MAX_CHANNELS:
         span = 2 * reach + 1
-        square = WindowKernel("shift", rows_fitting(lambda r: span**2), w, span**2)
+        square = WindowKernel("shift", rows_fitting(lambda r: span**2), w, span**2, tile)
     else:
         span = tile + 2 * reach
         rows = tile * max(1, rows_fitting(lambda r: span**2) // tile)
-        square = WindowKernel("tile", rows, math.ceil(w / tile) * tile, span**2)
+        square = WindowKernel("tile", rows, math.ceil(w / tile) * tile, span**2, tile)
     if kernel == "auto":
         return band if band.cells_per_target < square.cells_per_target else square
     if kernel == "band":
@@ -507,7 +533,7 @@ def predict_windowed(
     windowed = context_features[first_windowed:]
     query = target_features / cfg.temperature  # logits are query . context
     plan = choose_window_kernel((h, w), max(1, len(windowed)), channels, cfg.radius, cfg.chunk_size, tile, kernel)
-    buffer = query.new_empty(len(windowed) * plan.rows_per_chunk * plan.scored_width * plan.cells_per_target)
+    buffer = plan.buffer(len(windowed), query)
 
     prediction = labels.new_empty(num, labels.shape[1])  # N x L
     for y0 in range(0, h, plan.rows_per_chunk):
@@ -523,16 +549,7 @@ def predict_windowed(
             values.append(top)
             label_rows.append(index + f * num)
         if windowed.shape[0]:
-            if plan.name == "band":
-                logits, bias, locations = window_logits_by_band(windowed, query, y0, y1, cfg.radius, cfg.window, buffer)
-            elif plan.name == "shift":
-                logits, bias, locations = window_logits_by_shift(
-                    windowed, query, y0, y1, cfg.radius, cfg.window, buffer
-                )
-            else:
-                logits, bias, locations = window_logits_by_tile(
-                    windowed, query, y0, y1, cfg.radius, cfg.window, tile, buffer
-                )
+            logits, bias, locations, scored = plan.logits(windowed, query, y0, y1, cfg.radius, cfg.window, buffer)
             whole_frames = None  # the before-mask normaliser, B x n': from the band when it holds whole frames
             if cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask":
                 if plan.name == "band" and logits.shape[-1] == num:
@@ -547,7 +564,6 @@ def predict_windowed(
                     top = top - logits.logsumexp(dim=-1).movedim(0, -1)[..., None]
                 top, frame, cell = top.flatten(-2), frame.flatten(-2), cell.flatten(-2)
             rows = (frame + first_windowed) * num + locations.gather(-1, cell)
-            scored = (y1 - y0 if plan.name != "tile" else math.ceil((y1 - y0) / tile) * tile, plan.scored_width)
             top, rows = _chunk_targets(top, scored, y1 - y0, w), _chunk_targets(rows, scored, y1 - y0, w)
             if whole_frames is not None:
                 top = (top.view(num_targets, len(windowed), -1) - whole_frames[..., None]).flatten(1)
