@@ -191,6 +191,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
     eval_every: int = 500  # steps between DAVIS J&F evaluations on rank 0 (at a checkpoint); 0 disables them
+    # More steps to evaluate (and checkpoint) at, whatever eval_every says: the sweep's rungs (stt.sweep.plans)
+    eval_steps: tuple[int, ...] = ()
     eval_davis_root: str = ""  # the small held-out DAVIS-layout set for those; empty: the embedded synthetic set
     eval_davis_set: str = "val"  # its split (ImageSets/2017/<set>.txt); the sweep tunes on "train"
 
@@ -311,6 +313,8 @@ def validate(config: Config) -> Config:
     for name, value in non_negative.items():
         if not value >= 0:
             raise UsageError(f"{name}: expected zero or more, got {value!r}")
+    if any(step < 1 for step in r.eval_steps):
+        raise UsageError(f"train.eval_steps: expected steps >= 1, got {list(r.eval_steps)}")
     if not 0 <= s.momentum < 1:
         raise UsageError(f"spatial.momentum: expected a value in [0, 1), got {s.momentum!r}")
     if t.threshold_mode == "keep_fraction" and not 0 < t.entropy_threshold <= 1:

@@ -239,7 +239,8 @@ def train_loop_per_worker(config: dict) -> None:
         if first_step_s is None:
             first_step_s = time.perf_counter() - started  # the stream's start and warm-up: left out of the ETA
 
-        checkpoint_due = step % train.checkpoint_every == 0 or step == train.max_steps
+        evaluation_due = step in train.eval_steps or (train.eval_every and step % train.eval_every == 0)
+        checkpoint_due = step % train.checkpoint_every == 0 or step == train.max_steps or evaluation_due
         if not (checkpoint_due or step % train.log_every == 0):
             continue
         metrics = {**meter.summary(pairs_per_step), "step": step, "lr": lr, "start_step": start_step}
@@ -258,7 +259,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:  # one writer: every worker holds the same weights under DDP
                     path = Path(folder) / checkpoint.CHECKPOINT_FILE
                     torch.save(stage.payload(step, fisher), path)
-                    if train.eval_every and step % train.eval_every == 0:
+                    if evaluation_due:
                         metrics["J&F"] = davis_jf(path, cfg, device, panel=Path(folder) / MASKS_PNG)
                     saved = ray.train.Checkpoint.from_directory(folder)
                 # Ray: stored under the run's storage, the latest `--keep-checkpoints` kept
@@ -446,6 +447,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.eval_every",
+    "train.eval_steps",
     "train.eval_davis_root",
     "train.eval_davis_set",
     "data.data_cpus",

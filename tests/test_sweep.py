@@ -270,8 +270,9 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
         propagation_trials=3,
         earlier_steps=2,
         trial_steps=4,
-        eval_every=2,
+        rungs=(2,),
         reduction_factor=2,
+        confirm_seeds=2,
         overrides=TINY,
     )
     monkeypatch.setitem(PLANS, "quick", small)
@@ -299,22 +300,33 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     assert fallback[served].between(0, 1).all() and fallback[~served].isna().all()
     assert (propagation.loc[~served, "propagation.aggregation"] == "per-frame").all()
     stored = pd.read_parquet(experiment / "trials.parquet")
-    assert stored.loc[stored["kind"] != "yardstick", "tuning_jf"].notna().all()
-    # Yardsticks beside the result, on the reported split: the untuned defaults trained with a trial's budget,
-    # the tuned training with default propagation, random init, Lab pixels, the copied first mask.
+    assert stored.loc[stored["kind"].isin(["training", "propagation"]), "tuning_jf"].notna().all()
+    # Yardsticks beside the result, on the reported split: the tuned training with default propagation,
+    # random init, Lab pixels, the copied first mask.
     yardsticks = stored[stored["kind"] == "yardstick"].set_index("yardstick")["reported_jf"]
     assert set(yardsticks.index) == {
         "tuned training, default propagation",
-        "untuned defaults",
         "random init",
         "Lab pixels (stride 8)",
         "first mask copied",
     }
-    assert yardsticks.between(0, 1).all() and (experiment / "untuned-temporal-final.pt").is_file()
-    assert yardsticks["untuned defaults"] == result["state"]["yardsticks"]["untuned defaults"]["J&F"]
+    assert yardsticks.between(0, 1).all()
+    # The confirmation: both arms retrained with 2 new seeds, each evaluated under both propagations.
+    confirmation = stored[stored["kind"] == "confirmation"]
+    assert len(confirmation) == 8 and set(confirmation["seed"]) == {1, 2}
+    assert set(zip(confirmation["arm"], confirmation["propagation"])) == {
+        (arm, propagation) for arm in ("defaults", "tuned") for propagation in ("default", "tuned")
+    }
+    assert confirmation["reported_jf"].between(0, 1).all()
+    differences = result["state"]["confirmation"]["differences"]
+    for difference in differences.values():
+        assert difference["low"] <= difference["difference"] <= difference["high"]
     summary_text = (experiment / "summary.md").read_text()
-    assert "| untuned defaults |" in summary_text
-    assert "the untuned defaults trained with the same budget by" in summary_text
+    assert "**Confirmation** (2 new seeds per arm: 1, 2;" in summary_text
+    assert (
+        f"the tuned configuration (training and propagation) is **{differences['tuned configuration vs defaults']['verdict']}**"
+        in summary_text
+    )
     assert (experiment / "trials.csv").is_file() and summary_text.count("reported split") == 1
     assert any((experiment / "plots").glob("*-history.png"))
     best = load_config(experiment / "best.yaml")  # what `stt.train --config` and `stt.evaluate --config` accept
@@ -348,7 +360,7 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
 )
 def test_tiny_sweep_of_another_recipe(ray_local, tmp_path, monkeypatch, recipe, stage, earlier, sampled):
     """The sweep follows train.recipe: phase 1 trains its stages before the last (none for vfs), the training
-    trials and the untuned yardstick train its last stage with that stage's space groups, best.yaml keeps it."""
+    trials and the confirmation's runs train its last stage with that stage's space groups, best.yaml keeps it."""
     data = generate(tmp_path / "data", preset="tiny", kinds=("davis", "ytvos"))
     small = replace(
         PLANS["quick"],
@@ -356,8 +368,9 @@ def test_tiny_sweep_of_another_recipe(ray_local, tmp_path, monkeypatch, recipe, 
         propagation_trials=1,
         earlier_steps=2,
         trial_steps=2,
-        eval_every=2,
+        rungs=(),
         reduction_factor=2,
+        confirm_seeds=1,
         overrides=TINY,
     )  # one of each: ~70 s (vfs), ~95 s (LwF)
     monkeypatch.setitem(PLANS, "quick", small)
@@ -384,9 +397,10 @@ def test_tiny_sweep_of_another_recipe(ray_local, tmp_path, monkeypatch, recipe, 
     assert load_checkpoint(state["best_training"]["checkpoint"])["stage"] == stage
     assert [p.name for p in experiment.iterdir() if p.name in ("spatial", "temporal", "vfs")] == list(earlier)
     assert state["init_checkpoint"] == (str(experiment / f"{earlier[-1]}-final.pt") if earlier else "")
-    assert load_checkpoint(experiment / f"untuned-{stage}-final.pt")["stage"] == stage
+    for run in state["confirmation"]["runs"]:
+        assert load_checkpoint(run["checkpoint"])["stage"] == stage
     assert load_config(experiment / "best.yaml").train.recipe == recipe
-    assert set(state["yardsticks"]) >= {"untuned defaults", "random init"}
+    assert set(state["yardsticks"]) >= {"tuned training, default propagation", "random init"}
 
 
 # A tiny sweep run through the real entry point, tune/sweep.py, in its own process (its own Ray), so that it can
@@ -395,7 +409,7 @@ DRIVER = """
 import runpy, sys
 from dataclasses import replace
 from stt.sweep import PLANS
-PLANS["quick"] = replace(PLANS["quick"], earlier_steps=2, trial_steps=4, eval_every=2, reduction_factor=2,
+PLANS["quick"] = replace(PLANS["quick"], earlier_steps=2, trial_steps=4, rungs=(2,), reduction_factor=2, confirm_seeds=1,
     overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
                "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
 from stt.train import start_ray
@@ -468,7 +482,7 @@ def test_ctrl_c_during_training_trials_stops_the_sweep_and_resume_finishes_it(tm
     stderr = err.read_text()
     assert driver.returncode == 130, stderr[-3000:]
     assert re.search(
-        r"^sweep: error: phase 2/4 interrupted after 1 of 2 training trials; "
+        r"^sweep: error: phase 2/5 interrupted after 1 of 2 training trials; "
         r"run the same command with --resume to continue$",
         stderr,
         re.MULTILINE,
@@ -528,13 +542,13 @@ def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
     import signal
     import threading
 
-    assert fit_in_driver(FakeTrainer(0.0, 4), "phase 1/4 (the spatial stage)", 4).metrics["step"] == 4
+    assert fit_in_driver(FakeTrainer(0.0, 4), "phase 1/5 (the spatial stage)", 4).metrics["step"] == 4
     with pytest.raises(
         InterruptedRun,
-        match=r"^phase 1/4 \(the spatial stage\) stopped at step 2 of 4; "
+        match=r"^phase 1/5 \(the spatial stage\) stopped at step 2 of 4; "
         "run the same command with --resume",
     ):
-        fit_in_driver(FakeTrainer(0.0, 2), "phase 1/4 (the spatial stage)", 4)
+        fit_in_driver(FakeTrainer(0.0, 2), "phase 1/5 (the spatial stage)", 4)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     with pytest.raises(

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import ray
 
-from stt.cli import InterruptedRun
-from stt.config import load_config
+from stt.cli import InterruptedRun, UsageError
+from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
 from stt.sweep.phases import RESUME, Sweep
-from stt.sweep.plans import PLANS
+from stt.sweep.plans import PLANS, SweepPlan
 from stt.sweep.report import summary_paragraph, trials_table, write_plots
 from stt.sweep.space import SPACE_FILE, load_space
 from stt.train import start_ray
@@ -37,6 +37,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--samples", type=int, help="training trials (default: the plan's)")
     parser.add_argument("--propagation-samples", type=int, help="propagation trials (default: the plan's)")
+    parser.add_argument(
+        "--trial-steps", type=int, help="steps of a training trial run to the end (default: the plan's)"
+    )
+    parser.add_argument(
+        "--rungs",
+        help="ASHA's rungs, comma-separated steps below --trial-steps, geometric with the plan's reduction factor, "
+        "e.g. 25,50 (default: the plan's; 'none': no early stopping)",
+    )
+    parser.add_argument(
+        "--confirm-seeds",
+        type=int,
+        help="new seeds with which the tuned training and the untuned defaults are each retrained and compared on "
+        "the reported split (default: the plan's: 2 quick, 3 laptop and local)",
+    )
     parser.add_argument("--space", default=str(SPACE_FILE), help="search space YAML (default: stt/sweep/space.yaml)")
     parser.add_argument(
         "--storage",
@@ -69,16 +83,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+def plan_from_options(plan: SweepPlan, args: argparse.Namespace) -> SweepPlan:
+    """The plan with the command line's changes; a bad value is one line naming the option."""
+    options = {
+        "--samples": ("training_trials", args.samples),
+        "--propagation-samples": ("propagation_trials", args.propagation_samples),
+        "--trial-steps": ("trial_steps", args.trial_steps),
+        "--confirm-seeds": ("confirm_seeds", args.confirm_seeds),
+        "--workers": ("workers_per_trial", args.workers),
+    }
+    changes = {}
+    for option, (field, value) in options.items():
+        if value is not None:
+            if value < 1:
+                raise UsageError(f"{option} {value}: expected an integer >= 1")
+            changes[field] = value
+    if args.rungs is not None:
+        try:
+            changes["rungs"] = () if args.rungs == "none" else tuple(int(step) for step in args.rungs.split(","))
+        except ValueError:
+            raise UsageError(f"--rungs {args.rungs}: expected comma-separated steps such as 25,50, or none") from None
+    given = " ".join(f"{option} {value}" for option, (_, value) in options.items() if value is not None)
+    given += f" --rungs {args.rungs}" if args.rungs is not None else ""
+    return replace(plan, **changes, name=f"{plan.name} {given}".strip())
+
+
+def prepare(args: argparse.Namespace) -> tuple[SweepPlan, Config, dict]:
+    """The plan, the base configuration and the search space of a parsed command line, every value checked
+    (before Ray starts); the data roots made absolute (Ray's workers run in folders of their own) or the embedded
+    default's."""
     args.plan = "quick" if args.quick else args.plan
-    plan = PLANS[args.plan]
-    plan = replace(
-        plan,
-        training_trials=args.samples or plan.training_trials,
-        propagation_trials=args.propagation_samples or plan.propagation_trials,
-        workers_per_trial=args.workers or plan.workers_per_trial,
-    )
+    plan = plan_from_options(PLANS[args.plan], args)
     args.name = args.name or args.plan
     if "://" in args.storage:
         raise ValueError(
@@ -93,9 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
     base = load_config(args.config, [*plan.overrides, *args.overrides])
     space = load_space(Path(args.space), base)
-    args.data_root = args.data_root or str(ensure_dataset("ytvos"))
-    args.davis_root = args.davis_root or str(ensure_dataset("davis"))
+    args.data_root = str(Path(args.data_root).absolute()) if args.data_root else str(ensure_dataset("ytvos"))
+    args.davis_root = str(Path(args.davis_root).absolute()) if args.davis_root else str(ensure_dataset("davis"))
     base.data.root = args.data_root
+    return plan, base, space
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    plan, base, space = prepare(args)
     if not ray.is_initialized():
         # The dashboard must run: without it, ASHA-stopped trials leak their Train workers' resources.
         start_ray(include_dashboard=True)
@@ -109,14 +150,16 @@ def main(argv: list[str] | None = None) -> dict:
     phase = sweep.first_phase
     try:  # Ctrl-C inside a phase's fit() is told by its checks; anywhere else, it lands here
         init_checkpoint = sweep.earlier_stages()
-        phase = "phase 2/4 (training trials)"
+        phase = "phase 2/5 (training trials)"
         best_training = sweep.training(init_checkpoint)
-        phase = "phase 3/4 (propagation trials)"
+        phase = "phase 3/5 (propagation trials)"
         best_propagation = sweep.propagation(best_training)
-        phase = "phase 4/4 (the report)"
+        phase = "phase 4/5 (the report)"
         sweep.report(best_training, best_propagation)
+        phase = "phase 5/5 (the confirmation)"
+        sweep.confirmation(init_checkpoint, best_training, best_propagation)
         phase = "the yardsticks"
-        sweep.yardsticks(init_checkpoint, best_training)
+        sweep.yardsticks(best_training)
     except KeyboardInterrupt:
         raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
 

@@ -29,6 +29,7 @@ from stt.models import feature_stride
 from stt.observe import TrialProgress, with_progress
 from stt.propagation import for_task
 from stt.recipes import recipe_of, stage_spec
+from stt.sweep.confirmation import ARMS, compare, confirmation_trial, read_runs
 from stt.sweep.plans import SweepPlan
 from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
 from stt.sweep.trials import (
@@ -47,7 +48,7 @@ RESUME = "run the same command with --resume to continue"
 
 
 class Sweep:
-    """The four phases over one experiment folder; `state.json` records what is finished."""
+    """The five phases over one experiment folder; `state.json` records what is finished."""
 
     def __init__(self, args: argparse.Namespace, plan: SweepPlan, base: Config, space: dict):
         self.args, self.plan, self.space = args, plan, space
@@ -80,6 +81,7 @@ class Sweep:
         concurrency: int,
         samples: int,
         reuse_actors: bool = False,
+        metric: str | None = METRIC,
     ):
         path = self.experiment / name
         # A phase that crashed before Tune saved its first experiment state has nothing to restore.
@@ -99,8 +101,8 @@ class Sweep:
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
+                metric=metric,
+                mode="max" if metric else None,
                 search_alg=search,
                 scheduler=scheduler,
                 num_samples=samples,
@@ -137,8 +139,8 @@ class Sweep:
     def first_phase(self) -> str:
         """Phase 1 as its messages name it."""
         if not self.earlier:
-            return "phase 1/4 (no earlier stage)"
-        return f"phase 1/4 (the {' and '.join(self.earlier)} stage{'s' if len(self.earlier) > 1 else ''})"
+            return "phase 1/5 (no earlier stage)"
+        return f"phase 1/5 (the {' and '.join(self.earlier)} stage{'s' if len(self.earlier) > 1 else ''})"
 
     def earlier_stages(self) -> str:
         """Phase 1: the recipe's stages before the one the trials tune, each from the one before; returns the
@@ -149,15 +151,15 @@ class Sweep:
         checkpoint, recipe = self.args.init, self.base.train.recipe
         if not self.earlier:
             print(
-                f"sweep: phase 1/4 skipped: train.recipe={recipe} has one stage, {self.stage}, which the training "
+                f"sweep: phase 1/5 skipped: train.recipe={recipe} has one stage, {self.stage}, which the training "
                 f"trials tune{f' from --init {checkpoint}' if checkpoint else ''}"
             )
         elif checkpoint:
-            print(f"sweep: phase 1/4 skipped: --init {checkpoint} stands for the {' and '.join(self.earlier)} stage")
+            print(f"sweep: phase 1/5 skipped: --init {checkpoint} stands for the {' and '.join(self.earlier)} stage")
         else:
             cfg = replace_train(self.base, max_steps=self.plan.earlier_steps, eval_every=0)
             for stage in self.earlier:
-                print(f"sweep: phase 1/4, {stage} stage ({self.plan.earlier_steps} steps)")
+                print(f"sweep: phase 1/5, {stage} stage ({self.plan.earlier_steps} steps)")
                 checkpoint = self.train_in_driver(
                     cfg,
                     stage,
@@ -174,17 +176,23 @@ class Sweep:
             return self.state["best_training"]
         plan, data = self.plan, self.base.data
         groups = ", ".join(training_groups(stage_spec(self.base, self.stage)))
+        rungs = (
+            f"ASHA keeps 1/{plan.reduction_factor} of the trials at each rung: step {', '.join(map(str, plan.rungs))}"
+            if plan.rungs
+            else "no early stopping"
+        )
         print(
-            f"sweep: phase 2/4, {plan.training_trials} training trials of the {self.stage} stage "
-            f"(train.recipe={self.base.train.recipe}, space groups {groups}), {plan.trial_steps} steps each, "
-            f"J&F on DAVIS '{self.args.tune_set}' every {plan.eval_every}"
+            f"sweep: phase 2/5, {plan.training_trials} training trials of the {self.stage} stage "
+            f"(train.recipe={self.base.train.recipe}, space groups {groups}), up to {plan.trial_steps} steps each, "
+            f"J&F on DAVIS '{self.args.tune_set}' at steps {', '.join(map(str, plan.evaluations))} ({rungs})"
         )
         base = to_dict(
             replace_train(
                 self.base,
                 max_steps=plan.trial_steps,
-                eval_every=plan.eval_every,
-                checkpoint_every=plan.eval_every,
+                eval_every=0,
+                eval_steps=plan.evaluations,
+                checkpoint_every=plan.trial_steps,
                 eval_davis_root=self.args.davis_root,
                 eval_davis_set=self.args.tune_set,
             )
@@ -207,17 +215,21 @@ class Sweep:
         search = PrunedAwareOptunaSearch(
             seed=plan.seed, study_name="training", storage=optuna_storage(self.experiment), full_steps=plan.trial_steps
         )
-        asha = ASHAScheduler(
-            time_attr="step",
-            max_t=plan.trial_steps,
-            grace_period=plan.eval_every,
-            reduction_factor=plan.reduction_factor,
+        asha = (
+            ASHAScheduler(
+                time_attr="step",
+                max_t=plan.trial_steps,
+                grace_period=plan.rungs[0],
+                reduction_factor=plan.reduction_factor,
+            )
+            if plan.rungs
+            else None
         )
         concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
         results = self.tuner(
             "training", trainable, self.space["training"], search, asha, concurrency, plan.training_trials
         ).fit()
-        check_finished(results, "phase 2/4", "training", plan.training_trials)
+        check_finished(results, "phase 2/5", "training", plan.training_trials)
         # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
         # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
         best = best_result(results)
@@ -236,7 +248,7 @@ class Sweep:
         plan, args, started = self.plan, self.args, time.perf_counter()
         cfg = with_params(self.base, best_training["params"])
         base, checkpoint, cache = to_dict(cfg), best_training["checkpoint"], self.experiment / "features"
-        print(f"sweep: phase 3/4, {plan.propagation_trials} propagation trials on cached features of {checkpoint}")
+        print(f"sweep: phase 3/5, {plan.propagation_trials} propagation trials on cached features of {checkpoint}")
         # Extract once here, so every trial is a cache hit (each asserts it ran no network).
         default = evaluate_davis(
             Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache, progress=False
@@ -268,7 +280,7 @@ class Sweep:
             # a trial's own work is seconds: a fresh actor would load the split again for every one
             reuse_actors=True,
         ).fit()
-        check_finished(results, "phase 3/4", "propagation", plan.propagation_trials)
+        check_finished(results, "phase 3/5", "propagation", plan.propagation_trials)
         on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
         print(
             f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
@@ -321,7 +333,7 @@ class Sweep:
             return self.state["final"]
         args = self.args
         cfg = with_params(self.base, {**best_training["params"], **best_propagation["params"]})
-        print(f"sweep: phase 4/4, the best configuration evaluated once on DAVIS '{args.report_set}'")
+        print(f"sweep: phase 4/5, the best configuration evaluated once on DAVIS '{args.report_set}'")
         final = evaluate_davis(
             Path(args.davis_root),
             best_training["checkpoint"],
@@ -341,33 +353,65 @@ class Sweep:
         self.save_state(final=entry)
         return entry
 
-    def yardsticks(self, init_checkpoint: str, best_training: dict) -> dict:
+    def confirmation(self, init_checkpoint: str, best_training: dict, best_propagation: dict) -> dict:
+        """Phase 5: the chosen training configuration and the untuned defaults, each retrained with `confirm_seeds`
+        new seeds and evaluated on the reported split under the default and the tuned propagation, compared
+        pairwise with bootstrap intervals (stt/sweep/confirmation.py). Two runs at a time where the CPUs allow;
+        a resumed sweep keeps the finished runs."""
+        if "confirmation" in self.state:
+            return self.state["confirmation"]
+        plan, args = self.plan, self.args
+        seeds = [self.base.train.seed + 1 + i for i in range(plan.confirm_seeds)]
+        print(
+            f"sweep: phase 5/5, the confirmation: the tuned training and the untuned defaults, {len(seeds)} new "
+            f"seed{'s' if len(seeds) > 1 else ''} each ({', '.join(map(str, seeds))}), {plan.trial_steps} steps, "
+            f"each evaluated on DAVIS '{args.report_set}' with the default and the tuned propagation"
+        )
+        runs = self.experiment / "confirmation-runs"
+        base = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0, checkpoint_every=plan.trial_steps)
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                confirmation_trial,
+                base=to_dict(base),
+                training_params=best_training["params"],
+                propagation_params=best_propagation["params"],
+                stage=self.stage,
+                init=init_checkpoint,
+                runs=str(runs),
+                workers=plan.workers_per_trial,
+                cpus_per_worker=self.cpus_per_worker,
+                use_gpu=self.use_gpu,
+                davis_root=args.davis_root,
+                report_set=args.report_set,
+                feature_cache=str(self.experiment / "features"),
+            ),
+            {"CPU": 0.01},  # as the training trials: the Train workers hold the resources
+        )
+        data = self.base.data
+        trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
+        grid = {"arm": tune.grid_search(list(ARMS)), "seed": tune.grid_search(seeds)}
+        concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
+        results = self.tuner("confirmation", trainable, grid, None, None, concurrency, 1, metric=None).fit()
+        check_finished(results, "phase 5/5", "confirmation", len(ARMS) * len(seeds))
+        failed = [result for result in results if result.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} confirmation runs failed; the first: {failed[0].error}")
+        confirmation = {**compare(read_runs(runs, seeds), seeds), "runs": read_runs(runs, seeds)}
+        self.save_state(confirmation=confirmation)
+        return confirmation
+
+    def yardsticks(self, best_training: dict) -> dict:
         """What the reported J&F is read against, each evaluated once on the reported split at the result's
         resolution with the default propagation: the tuned training with default propagation (what the
-        propagation search added), the untuned default configuration trained with one training trial's
-        budget (what the training search added), random init, Lab pixels and the first mask copied."""
+        propagation search added), random init, Lab pixels and the first mask copied. (The untuned defaults are
+        the confirmation's, several seeds of them.)"""
         if "yardsticks" in self.state:
             return self.state["yardsticks"]
         args, plan = self.args, self.plan
         stride = feature_stride(self.base.model, self.base.eval.layer)  # the trained model's grid, e.g. 8 for 8-maxpool
-        print(
-            f"sweep: yardsticks on DAVIS '{args.report_set}' (the untuned defaults trained {plan.trial_steps} "
-            "steps, random init, Lab pixels, the copied first mask)"
-        )
-        untuned = self.experiment / f"untuned-{self.stage}-final.pt"
-        if not untuned.exists():  # trained once; a rerun of the sweep only re-reads it
-            cfg = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0, checkpoint_every=plan.trial_steps)
-            self.train_in_driver(
-                cfg,
-                self.stage,
-                str(self.experiment / "untuned-run"),
-                init_checkpoint,
-                "the yardsticks (training the untuned defaults)",
-                untuned,
-            )
+        print(f"sweep: yardsticks on DAVIS '{args.report_set}' (random init, Lab pixels, the copied first mask)")
         sources = {
             "tuned training, default propagation": best_training["checkpoint"],
-            "untuned defaults": str(untuned),
             "random init": f"random:{plan.seed}",
             f"Lab pixels (stride {stride})": f"lab:{stride}",
         }

@@ -4,20 +4,71 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stt.cli import UsageError
+
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """How much of each phase to run."""
+    """How much of each phase to run. Checked when made: a bad plan is one line, before Ray starts."""
 
     training_trials: int
     propagation_trials: int
     earlier_steps: int  # steps of each stage phase 1 trains (the recipe's stages before its last)
-    trial_steps: int  # steps of each training trial (the recipe's last stage), and of the untuned yardstick
-    eval_every: int  # steps between tuning J&F reports of a training trial (ASHA's rungs)
+    trial_steps: int  # steps of a training trial that is never stopped early (the recipe's last stage)
+    # ASHA's rungs: the steps at which a training trial reports J&F on the tuning split and the weaker trials
+    # stop; geometric, rungs[i] = rungs[0] * reduction_factor**i, each below trial_steps (ASHA's milestones)
+    rungs: tuple[int, ...]
     reduction_factor: int  # ASHA keeps 1/reduction_factor of the trials at each rung
+    # the confirmation: the tuned and the untuned default training, each retrained with this many new seeds
+    confirm_seeds: int
     workers_per_trial: int = 1
     seed: int = 0
     overrides: tuple[str, ...] = ()  # config overrides that size the runs (model input, batch)
+    extra_evaluations: tuple[int, ...] = ()  # more steps to report J&F at (bench/rung_correlation.py)
+    name: str = "sweep plan"  # how messages name it
+
+    def __post_init__(self) -> None:
+        for name in ("training_trials", "propagation_trials", "trial_steps", "confirm_seeds", "workers_per_trial"):
+            if not getattr(self, name) >= 1:
+                raise UsageError(f"{self.name}: {name} expected an integer >= 1, got {getattr(self, name)!r}")
+        if self.earlier_steps < 1:
+            raise UsageError(f"{self.name}: earlier_steps expected an integer >= 1, got {self.earlier_steps!r}")
+        if self.reduction_factor < 2:
+            raise UsageError(f"{self.name}: reduction_factor expected an integer >= 2, got {self.reduction_factor!r}")
+        if any(rung >= self.trial_steps for rung in self.rungs):
+            raise UsageError(
+                f"{self.name}: rungs {list(self.rungs)} exceed its trial_steps {self.trial_steps}: "
+                "every rung must lie below the full trial"
+            )
+        if any(step > self.trial_steps for step in self.extra_evaluations):
+            raise UsageError(
+                f"{self.name}: extra evaluations {list(self.extra_evaluations)} exceed its trial_steps {self.trial_steps}"
+            )
+        if self.rungs and list(self.rungs) != asha_milestones(self.rungs[0], self.reduction_factor, self.trial_steps):
+            raise UsageError(
+                f"{self.name}: rungs {list(self.rungs)} are not ASHA's for a first rung of {self.rungs[0]}, "
+                f"reduction factor {self.reduction_factor} and {self.trial_steps} steps: expected "
+                f"{asha_milestones(self.rungs[0], self.reduction_factor, self.trial_steps)}"
+            )
+        if any(step < 1 for step in self.extra_evaluations):
+            raise UsageError(f"{self.name}: extra evaluations expected steps >= 1, got {list(self.extra_evaluations)}")
+
+    @property
+    def evaluations(self) -> tuple[int, ...]:
+        """The steps at which a training trial reports J&F on the tuning split: the rungs, then its end."""
+        return tuple(sorted({*self.rungs, *self.extra_evaluations, self.trial_steps}))
+
+
+def asha_milestones(first: int, reduction_factor: int, steps: int) -> list[int]:
+    """The steps below `steps` at which Ray Tune's ASHAScheduler(grace_period=first, reduction_factor,
+    max_t=steps) compares trials: first * reduction_factor**i."""
+    if first < 1:
+        raise UsageError(f"rungs: expected steps >= 1, got a first rung of {first}")
+    milestones, step = [], first
+    while step < steps:
+        milestones.append(step)
+        step *= reduction_factor
+    return milestones
 
 
 # Real-video plans: configs/laptop.yaml's crops, batch and rates (its comments say why each).
@@ -38,13 +89,15 @@ REAL_VIDEO = (
 PLANS = {
     # Minutes on a 2-core laptop: small crops and batches, few steps, few trials.
     "quick": SweepPlan(
+        name="--plan quick",
         training_trials=3,
         # 10x the 8 of the sweep before graph trials, in the same phase-3 wall time (BENCHMARKS.md, issue 12)
         propagation_trials=80,
         earlier_steps=10,
         trial_steps=12,
-        eval_every=6,
+        rungs=(6,),
         reduction_factor=2,
+        confirm_seeds=2,
         overrides=(
             "data.crop_size=96",
             "train.batch_size=4",
@@ -69,22 +122,33 @@ PLANS = {
     # over random init by step 100), J&F at short side 240 (at 128 a random-init network collapses to J&F 0.03
     # on real DAVIS, below the copied first mask). Estimated from measured step and evaluation costs: ~75 min.
     "laptop": SweepPlan(
+        name="--plan laptop",
         training_trials=3,
         propagation_trials=12,
         earlier_steps=100,
         trial_steps=100,
-        eval_every=50,
+        rungs=(25, 50),
         reduction_factor=2,
-        overrides=(*REAL_VIDEO, "eval.max_short_side=240", "data.decode_in_worker=true"),
+        confirm_seeds=3,
+        overrides=(
+            *REAL_VIDEO,
+            "eval.max_short_side=240",
+            "data.decode_in_worker=true",
+            # n = 7, paper 004's fixed comparison setting (phase 3 searches it): an evaluation on real DAVIS train at
+            # 240 costs ~70 s of features and ~80 s of propagation at n = 20 on one core, ~30 s at n = 7
+            "propagation.context=7",
+        ),
     ),
     # A longer local sweep on the same data (an hour or two on a laptop CPU).
     "local": SweepPlan(
+        name="--plan local",
         training_trials=8,
         propagation_trials=30,
         earlier_steps=200,
         trial_steps=300,
-        eval_every=100,
+        rungs=(100,),
         reduction_factor=3,
+        confirm_seeds=3,
         overrides=REAL_VIDEO,
     ),
 }
