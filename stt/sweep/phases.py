@@ -25,6 +25,7 @@ from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
 from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
+from stt.per_frame_graph import PerFrameSpace, build_store, fits, per_frame_space, save_store, store_path
 from stt.models import feature_stride
 from stt.observe import TrialProgress, with_progress
 from stt.propagation import for_task
@@ -254,6 +255,7 @@ class Sweep:
             Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache, progress=False
         )
         graphs = self.graphs(cfg, checkpoint, cache)
+        stores = self.per_frame_stores(cfg, checkpoint, cache)
         trainable = tune.with_parameters(  # Ray: the trial actors get these once, through the object store
             PropagationTrial,
             base=base,
@@ -262,6 +264,7 @@ class Sweep:
             tune_set=args.tune_set,
             feature_cache=str(cache),
             graphs=graphs,
+            stores=stores,
         )
         defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in self.space["propagation"]}
         # The configured defaults are the first point, where the space contains them.
@@ -327,6 +330,40 @@ class Sweep:
             f"first frame {'in' if superset.window_first_frame else 'without'} a window)"
         )
         return graphs
+
+    def per_frame_stores(self, cfg: Config, checkpoint: str, cache: Path) -> dict[str, str]:
+        """{sequence: file of its per-frame store} (stt/per_frame_graph.py) for the space's per-frame trials, built
+        once per checkpoint beside its cached features; {} (said in one line) when the space has none or the
+        stores would not fit in memory: those trials then run stt.propagation."""
+        started = time.perf_counter()
+        extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
+        space = per_frame_space(self.space["propagation"], for_task(cfg.propagation, "davis", extractor.stride))
+        features_cache = FeatureCache(str(cache))
+        dataset = DAVIS(Path(self.args.davis_root), split=self.args.tune_set)
+        if isinstance(space, PerFrameSpace):
+            held, sizes = {}, []
+            for seq in dataset.sequences:
+                features = features_cache.load_or_compute(
+                    extractor, dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq)
+                )
+                held[seq] = features
+                sizes.append((features.shape[0], tuple(features.shape[2:])))
+            space = fits(space, sizes) or space
+        if not isinstance(space, PerFrameSpace):
+            print(f"sweep: per-frame propagation trials run stt.propagation: {space}")
+            return {}
+        stores = {}
+        for seq in with_progress(dataset.sequences, "sweep: per-frame stores", "seq", name=str):
+            path = store_path(features_cache.path_for(extractor.cache_key, dataset.frame_paths(seq)), space)
+            if not path.is_file():
+                save_store(build_store(held[seq], space), path)
+            stores[seq] = str(path)
+        print(
+            f"sweep: per-frame stores of {len(stores)} sequences ready in {time.perf_counter() - started:.1f} s "
+            f"(radii {list(space.radii)}, {len(space.temperatures)} temperatures, top-{space.k}, "
+            f"context {space.context})"
+        )
+        return stores
 
     def report(self, best_training: dict, best_propagation: dict) -> dict:
         if "final" in self.state:

@@ -25,6 +25,8 @@ from stt.data.layouts import DAVIS
 from stt.evaluate import EvaluationRun, predict_davis_sequence, task_config
 from stt.graph import load_graph, propagate_with_graph, serves
 from stt.metrics import evaluate_davis_sequence, summarize_davis
+from stt.per_frame_graph import load_store, propagate_per_frame
+from stt.per_frame_graph import serves as serves_per_frame
 from stt.recipes import stage_spec
 from stt.sweep.space import with_params
 from stt.train import build_stage_trainer
@@ -145,16 +147,18 @@ class PropagationTrial(tune.Trainable):
         tune_set: str,
         feature_cache: str,
         graphs: dict[str, str] | None = None,
+        stores: dict[str, str] | None = None,
     ) -> None:
         self.params, self.base = config, from_dict(base)
         run = EvaluationRun.open("davis", checkpoint, self.base, "cpu", Path(feature_cache))
         self.stride = run.extractor.stride
         dataset = DAVIS(Path(davis_root), split=tune_set)
-        self.videos = []  # (sequence, features, ground truth, objects, graph or None)
+        self.videos = []  # (sequence, features, ground truth, objects, graph or None, per-frame store or None)
         for seq in dataset.sequences:
             features = run.features(dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq)).half()
             graph = load_graph(Path(graphs[seq]), features) if graphs else None
-            self.videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), graph))
+            store = load_store(Path(stores[seq])) if stores else None  # memory-mapped: the actors share its pages
+            self.videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), graph, store))
         if run.extractor.network_calls:
             raise RuntimeError(
                 f"propagation trials ran the network {run.extractor.network_calls} times: the feature cache missed"
@@ -168,10 +172,15 @@ class PropagationTrial(tune.Trainable):
         started = time.perf_counter()
         cfg = task_config(with_params(self.base, self.params), "davis", self.stride)
         stats = {"targets": 0, "fallbacks": 0}
-        reason, rows = "no graphs", []
-        for seq, held, gt, num_objects, graph in self.videos:
+        per_frame = cfg.propagation.aggregation == "per-frame"
+        reason, rows = "no per-frame stores" if per_frame else "no graphs", []
+        for seq, held, gt, num_objects, graph, store in self.videos:
             features, propagator = held.float(), None  # as FeatureCache.load_or_compute returns them
-            if graph is not None:
+            if per_frame and store is not None:
+                reason = serves_per_frame(store, cfg.propagation)  # the same for every sequence: one space
+                if reason is None:
+                    propagator = functools.partial(_on_store, store)
+            elif not per_frame and graph is not None:
                 reason = serves(graph, cfg.propagation)  # the same for every sequence: one superset
                 if reason is None:
                     propagator = functools.partial(_on_graph, dataclasses.replace(graph, features=features), stats)
@@ -194,6 +203,11 @@ class PropagationTrial(tune.Trainable):
 def _on_graph(graph, stats: dict, features, labels, cfg):
     """`predict_davis_sequence`'s propagator on a graph (features: the ones the graph was loaded with)."""
     return propagate_with_graph(graph, labels, cfg, stats)
+
+
+def _on_store(store, features, labels, cfg):
+    """`predict_davis_sequence`'s propagator on a per-frame store (exact: it never falls back)."""
+    return propagate_per_frame(store, labels, cfg)
 
 
 class PropagationSearch(OptunaSearch):

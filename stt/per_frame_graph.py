@@ -1,0 +1,298 @@
+"""Per-frame propagation trials at gather speed: a per-frame candidate store (issue #24).
+
+Per-frame aggregation (stt.propagation, paper 004 Alg. 1 line 36) takes, per target location and context frame,
+the top-k of that frame's affinities a inside the window (the whole frame where there is none), weights each by
+exp(a / T - log Z), Z the frame's softmax normaliser at the trial's temperature (sum of exp(a / T) over the whole
+frame: before-mask; over the window: after-mask), and averages the context frames' soft copies. The overall top-K
+graph (stt/graph.py) cannot serve it: it holds the best K over all frames, not each frame's top-k, and no
+normaliser. This store holds exactly what per-frame trials read, for a whole search space:
+
+    values, locations   per target location (t, j), context slot s and radius r of the space's list: the k_max
+                        largest raw affinities inside frame (t - s)'s window of radius r (slot 0: the first frame),
+                        best first, -inf where the window has fewer cells; and their flat cells
+    log_z_frame         per (t, j, s) and listed temperature T: log sum exp(a / T) over the whole frame
+    log_z_window        per (t, j, s, r, T): the same over the window (only when after-mask trials can occur)
+
+A trial is then a gather: for each context frame its stratum's first k values, exp(v / T - log Z) from the stored
+normaliser of its T, the labels at the stored cells. Exact by construction (never a fallback): the stratum of the
+trial's radius holds that window's top k_max, so its first k are the trial's top-k, in the same order. The ranking
+of a / T is the ranking of a for every T > 0, so one store serves every listed temperature; a temperature outside
+the list has no stored normaliser, which is why the sweep searches temperature over a list (stt/sweep/space.yaml).
+Precision: as the windowed path, fp32; it divides the query by T before the products, the store a after: the
+logits differ by a few ulps (float tolerance in the tests).
+
+Memory: (T-1) x N x S x (R x k_max x 6 + n_T x 4 [+ R x n_T x 4]) bytes, S = context + 1 slots, R radii, n_T
+temperatures: on the quick plan's synthetic train split at short side 128 (174 target frames of 16 x 29 cells, 21
+slots, 6 radii, k_max 20, 10 temperatures) ~1.3 GB; on real DAVIS train at 240 ~10 GB, which `fits` refuses
+(the sweep then runs those trials the usual way and says so).
+
+Shapes: T frames, C channels, h x w grid (N = h*w), S slots, R radii, K = k_max, n_T temperatures, L labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stt.config import PropagationConfig
+from stt.propagation import _check, inside_window
+
+STORE_VERSION = 1
+MAX_BYTES = 4 * 2**30  # per split: above it the sweep runs per-frame trials the usual way
+
+
+@dataclass(frozen=True)
+class PerFrameSpace:
+    """What a search space's per-frame trials can ask for: the store is built for exactly this."""
+
+    radii: tuple[float, ...]  # the windows, ascending; 0 = no window (the whole frame)
+    temperatures: tuple[float, ...]
+    k: int  # the largest top-k
+    context: int  # the most context frames
+    window: str  # square | circle
+    normalize: bool
+    after_mask: bool  # whether the window normalisers are needed
+
+    def bytes_per_target(self) -> int:
+        slots, radii, temps = self.context + 1, len(self.radii), len(self.temperatures)
+        return slots * (radii * self.k * 6 + temps * 4 + (radii * temps * 4 if self.after_mask else 0))
+
+
+@dataclass
+class PerFrameStore:
+    """The per-frame candidates of one video (module docstring). Row t - 1 belongs to target frame t."""
+
+    values: torch.Tensor  # (T-1) x N x S x R x K float32
+    locations: torch.Tensor  # (T-1) x N x S x R x K int16 | int32
+    log_z_frame: torch.Tensor  # (T-1) x N x S x n_T float32
+    log_z_window: torch.Tensor | None  # (T-1) x N x S x R x n_T float32
+    grid: tuple[int, int]
+    space: PerFrameSpace
+
+
+# ---------------------------------------------------------------- the space's per-frame settings
+
+
+def per_frame_space(space: dict, base: PropagationConfig) -> PerFrameSpace | str:
+    """The per-frame settings a Ray Tune space's trials can take, or why a store cannot serve them.
+
+    space: {"propagation.KEY": Ray Tune domain or constant}; base: the trials' base configuration, radius resolved.
+    Radius and temperature must be constants or choices (a store holds one stratum per radius and one normaliser
+    per temperature); top-k and context are bounded by their largest value.
+    """
+    from ray.tune.search import sample  # here: the store itself needs no Ray
+
+    def values(name: str) -> list | None:
+        domain = space.get(f"propagation.{name}", getattr(base, name))
+        if isinstance(domain, sample.Categorical):
+            return list(domain.categories)
+        if isinstance(domain, sample.Integer):
+            return [domain.lower, domain.upper - 1]
+        if isinstance(domain, sample.Domain):
+            return None  # continuous
+        return [domain]
+
+    aggregations = values("aggregation") or []
+    if "per-frame" not in aggregations:
+        return "no per-frame trial in the space"
+    radii, temperatures = values("radius"), values("temperature")
+    if radii is None or temperatures is None:
+        return "radius and temperature must be searched over lists (a stratum per radius, a normaliser per T)"
+    if base.radius is None:
+        raise ValueError("base.radius: resolve it with stt.propagation.for_task first")
+    for name in ("window", "normalize"):
+        if len(values(name) or [0, 1]) != 1:
+            return f"{name} is searched: the store holds one"
+    first = values("window_first_frame") or [True, False]
+    strata = {float(r) for r in radii} | ({0.0} if False in first else set())
+    return PerFrameSpace(
+        radii=tuple(sorted(strata)),
+        temperatures=tuple(sorted(float(t) for t in temperatures)),
+        k=int(max(values("topk") or [base.topk])),
+        context=int(max(values("context") or [base.context])),
+        window=base.window,
+        normalize=base.normalize,
+        after_mask="after-mask" in (values("per_frame_norm") or ["after-mask"]),
+    )
+
+
+def fits(space: PerFrameSpace, videos: list[tuple[int, tuple[int, int]]]) -> str | None:
+    """None when the stores of `videos` ((frames, grid) each) stay under MAX_BYTES, else why not."""
+    total = sum((frames - 1) * grid[0] * grid[1] for frames, grid in videos) * space.bytes_per_target()
+    if total > MAX_BYTES:
+        return f"the per-frame store would take {total / 2**30:.1f} GiB (> {MAX_BYTES / 2**30:.0f} GiB)"
+    return None
+
+
+def serves(store: PerFrameStore, cfg: PropagationConfig) -> str | None:
+    """None when `store` gives exactly what stt.propagation.propagate gives under cfg, else the reason."""
+    space = store.space
+    if cfg.aggregation != "per-frame":
+        return f"aggregation={cfg.aggregation!r}: the per-frame store serves per-frame trials"
+    if cfg.normalize != space.normalize or cfg.window != space.window:
+        return f"normalize={cfg.normalize}, window={cfg.window!r} differ from the store's"
+    if cfg.topk > space.k or cfg.context > space.context:
+        return f"topk={cfg.topk}, context={cfg.context} exceed the store's {space.k}, {space.context}"
+    if cfg.temperature not in space.temperatures:
+        return f"temperature={cfg.temperature} is not one of the store's {list(space.temperatures)}"
+    if _stratum(space, cfg.radius) is None:
+        return f"radius={cfg.radius} is not one of the store's {list(space.radii)}"
+    if cfg.radius > 0 and not cfg.window_first_frame and _stratum(space, 0.0) is None:
+        return "window_first_frame=False: the store holds no whole-frame stratum"
+    if cfg.per_frame_norm == "after-mask" and store.log_z_window is None:
+        return "per_frame_norm='after-mask': the store holds no window normalisers"
+    checked = {"aggregation", "normalize", "window", "topk", "context", "temperature", "radius"}
+    label_only = {"window_first_frame", "per_frame_norm", "soft_labels", "repeat_first_frame", "label_sampling"}
+    label_only |= {"minmax_normalise", "chunk_size"}
+    for field in dataclasses.fields(PropagationConfig):
+        if field.name not in checked | label_only:
+            return f"{field.name}: stt.per_frame_graph does not know what it changes"
+    return None
+
+
+def _stratum(space: PerFrameSpace, radius: float | None) -> int | None:
+    """The stratum holding the window of `radius` (integer offsets: a square of radius r is that of floor(r))."""
+    if radius is None:
+        return None
+    for index, r in enumerate(space.radii):
+        if r == radius or (space.window == "square" and r > 0 and radius > 0 and math.floor(r) == math.floor(radius)):
+            return index
+    return None
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_store(features: torch.Tensor, space: PerFrameSpace, chunk_size: int = 256) -> PerFrameStore:
+    """The per-frame store of a video (features T x C x h x w, float32 or float64, as propagate takes them).
+
+    Per chunk of target locations and per slot: the affinities with the whole context frame (one matrix product),
+    their log-sum-exp at each listed temperature, and per radius the window's top k_max. Whole-frame products:
+    this is for grids where a wide window is most of the frame (the quick plan's); `fits` bounds the memory.
+    """
+    if features.dim() != 4 or features.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"features: expected a float T x C x h x w tensor, got {features.dtype} {tuple(features.shape)}"
+        )
+    num_frames, _, h, w = features.shape
+    num, slots = h * w, space.context + 1
+    used = F.normalize(features, dim=1) if space.normalize else features
+    flat = used.flatten(2)  # T x C x N
+    rows, radii, temps = max(num_frames - 1, 0), len(space.radii), len(space.temperatures)
+    k = min(space.k, num)
+    values = features.new_full((rows, num, slots, radii, space.k), float("-inf"))
+    locations = torch.zeros(values.shape, dtype=torch.int16 if num < 2**15 else torch.int32)
+    log_z_frame = features.new_full((rows, num, slots, temps), float("-inf"))
+    log_z_window = features.new_full((rows, num, slots, radii, temps), float("-inf")) if space.after_mask else None
+    cells = torch.arange(num)
+    ys, xs = cells // w, cells % w
+    for t in range(1, num_frames):
+        frames = [0, *[t - s for s in range(1, slots) if t - s >= 1]]  # slot s: frame t - s (slot 0: frame 0)
+        context = flat[frames]  # S' x C x N
+        for start in range(0, num, chunk_size):
+            targets = slice(start, min(start + chunk_size, num))
+            logits = torch.einsum("cb,scn->bsn", flat[t, :, targets], context)  # B x S' x N, raw affinities
+            for i, temperature in enumerate(space.temperatures):
+                log_z_frame[t - 1, targets, : len(frames), i] = (logits / temperature).logsumexp(dim=-1)
+            for r, radius in enumerate(space.radii):
+                windowed = logits
+                if radius > 0:
+                    outside = ~inside_window(
+                        ys[None, :] - ys[targets, None], xs[None, :] - xs[targets, None], radius, space.window
+                    )  # B x N
+                    windowed = logits.masked_fill(outside[:, None, :], float("-inf"))
+                top, cell = windowed.topk(k, dim=-1)  # B x S' x k
+                values[t - 1, targets, : len(frames), r, :k] = top
+                locations[t - 1, targets, : len(frames), r, :k] = cell.to(locations.dtype)
+                if log_z_window is not None:
+                    for i, temperature in enumerate(space.temperatures):
+                        log_z = (windowed / temperature).logsumexp(dim=-1)
+                        log_z_window[t - 1, targets, : len(frames), r, i] = log_z
+    return PerFrameStore(values, locations, log_z_frame, log_z_window, (h, w), space)
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def propagate_per_frame(store: PerFrameStore, first_labels: torch.Tensor, cfg: PropagationConfig) -> torch.Tensor:
+    """What stt.propagation.propagate(features, first_labels, cfg) returns for a per-frame cfg the store serves:
+    T x L x h x w soft labels (frame 0 = first_labels). ValueError with `serves`'s reason otherwise."""
+    reason = serves(store, cfg)
+    if reason is not None:
+        raise ValueError(f"this per-frame store cannot serve the setting: {reason}")
+    h, w = store.grid
+    num, num_labels = h * w, first_labels.shape[0]
+    num_frames = store.values.shape[0] + 1
+    _check(torch.empty(num_frames, 1, h, w, dtype=store.values.dtype), first_labels.to(store.values.dtype), cfg)
+    space = store.space
+    stratum, whole = _stratum(space, cfg.radius), _stratum(space, 0.0)
+    first_stratum = stratum if cfg.radius == 0 or cfg.window_first_frame else whole
+    temp = space.temperatures.index(cfg.temperature)
+    predicted = store.values.new_empty((num_frames, num, num_labels))  # T x N x L while propagating
+    predicted[0] = first_labels.to(predicted.dtype).flatten(1).T
+    carried = predicted if cfg.soft_labels else predicted.clone()
+    for t in range(1, num_frames):
+        # (slot, stratum) per context entry, in stt.propagation.context_indices' order: the first frame (its
+        # window iff window_first_frame), then frames max(1 | 0, t - n) .. t - 1 (frame 0 again when repeated)
+        queue = range(max(0 if cfg.repeat_first_frame else 1, t - cfg.context), t)
+        entries = [(0, first_stratum), *[(t - f if f > 0 else 0, stratum) for f in queue]]
+        slot = torch.tensor([s for s, _ in entries])
+        strata = torch.tensor([r for _, r in entries])
+        top = store.values[t - 1][:, slot, strata, : cfg.topk]  # N x n x k
+        cell = store.locations[t - 1][:, slot, strata, : cfg.topk].long()
+        if cfg.per_frame_norm == "after-mask":
+            log_z = store.log_z_window[t - 1][:, slot, strata, temp]  # N x n
+        else:
+            log_z = store.log_z_frame[t - 1][:, slot, temp]
+        weights = (top / cfg.temperature - log_z[..., None]).exp()  # -inf (no such cell) -> 0
+        frame = torch.tensor([t - s if s > 0 else 0 for s, _ in entries])  # n
+        labels = carried[frame[None, :, None], cell]  # N x n x k x L
+        predicted[t] = torch.einsum("bnk,bnkl->bl", weights, labels) / len(entries)
+        if not cfg.soft_labels:
+            carried[t] = F.one_hot(predicted[t].argmax(dim=1), num_labels)
+    return predicted.transpose(1, 2).reshape(num_frames, num_labels, h, w).contiguous()
+
+
+# ---------------------------------------------------------------- on disk, beside the feature cache
+
+
+def store_path(feature_file: Path, space: PerFrameSpace) -> Path:
+    """Beside the features cached at `feature_file`, keyed by the space it serves and the format."""
+    key = hashlib.sha256(json.dumps([STORE_VERSION, dataclasses.asdict(space)]).encode()).hexdigest()[:16]
+    feature_file = Path(feature_file)
+    return feature_file.with_name(f"{feature_file.stem}.per-frame-{key}.pt")
+
+
+def save_store(store: PerFrameStore, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {f.name: getattr(store, f.name) for f in dataclasses.fields(store) if f.name not in ("grid", "space")}
+    torch.save(
+        {"version": STORE_VERSION, **state, "grid": list(store.grid), "space": dataclasses.asdict(store.space)}, tmp
+    )
+    tmp.replace(path)  # atomic: a killed build never leaves a half-written store
+
+
+def load_store(path: Path) -> PerFrameStore:
+    """A saved store, memory-mapped (torch.load mmap=True): the sweep's trial actors share its pages."""
+    state = torch.load(path, weights_only=True, mmap=True)
+    if state.get("version") != STORE_VERSION:
+        raise ValueError(f"{path}: per-frame store format {state.get('version')}, expected {STORE_VERSION}")
+    space = state["space"]
+    space = PerFrameSpace(**{**space, "radii": tuple(space["radii"]), "temperatures": tuple(space["temperatures"])})
+    return PerFrameStore(
+        state["values"],
+        state["locations"],
+        state["log_z_frame"],
+        state["log_z_window"],
+        tuple(state["grid"]),
+        space,
+    )
