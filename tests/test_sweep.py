@@ -323,10 +323,8 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
         assert difference["low"] <= difference["difference"] <= difference["high"]
     summary_text = (experiment / "summary.md").read_text()
     assert "**Confirmation** (2 new seeds per arm: 1, 2;" in summary_text
-    assert (
-        f"the tuned configuration (training and propagation) is **{differences['tuned configuration vs defaults']['verdict']}**"
-        in summary_text
-    )
+    verdict = differences["tuned configuration vs defaults"]["verdict"]
+    assert f"the tuned configuration (training and propagation) is **{verdict}**" in summary_text
     assert (experiment / "trials.csv").is_file() and summary_text.count("reported split") == 1
     assert any((experiment / "plots").glob("*-history.png"))
     best = load_config(experiment / "best.yaml")  # what `stt.train --config` and `stt.evaluate --config` accept
@@ -397,8 +395,8 @@ def test_tiny_sweep_of_another_recipe(ray_local, tmp_path, monkeypatch, recipe, 
     assert load_checkpoint(state["best_training"]["checkpoint"])["stage"] == stage
     assert [p.name for p in experiment.iterdir() if p.name in ("spatial", "temporal", "vfs")] == list(earlier)
     assert state["init_checkpoint"] == (str(experiment / f"{earlier[-1]}-final.pt") if earlier else "")
-    for run in state["confirmation"]["runs"]:
-        assert load_checkpoint(run["checkpoint"])["stage"] == stage
+    for confirmation_run in state["confirmation"]["runs"]:
+        assert load_checkpoint(confirmation_run["checkpoint"])["stage"] == stage
     assert load_config(experiment / "best.yaml").train.recipe == recipe
     assert set(state["yardsticks"]) >= {"tuned training, default propagation", "random init"}
 
@@ -409,7 +407,8 @@ DRIVER = """
 import runpy, sys
 from dataclasses import replace
 from stt.sweep import PLANS
-PLANS["quick"] = replace(PLANS["quick"], earlier_steps=2, trial_steps=4, rungs=(2,), reduction_factor=2, confirm_seeds=1,
+PLANS["quick"] = replace(PLANS["quick"], earlier_steps=2, trial_steps=4, rungs=(2,), reduction_factor=2,
+    confirm_seeds=1,
     overrides=("data.crop_size=32", "train.batch_size=2", "spatial.image_size=32", "spatial.queue_size=16",
                "train.warmup_steps=1", "spatial.bn_splits=1", "data.decode_in_worker=true"))
 from stt.train import start_ray

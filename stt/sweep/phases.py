@@ -25,9 +25,9 @@ from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
 from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
-from stt.per_frame_graph import PerFrameSpace, build_store, fits, per_frame_space, save_store, store_path
 from stt.models import feature_stride
 from stt.observe import TrialProgress, with_progress
+from stt.per_frame_graph import PerFrameSpace, build_store, fits, per_frame_space, save_store, store_path
 from stt.propagation import for_task
 from stt.recipes import recipe_of, stage_spec
 from stt.sweep.confirmation import ARMS, compare, confirmation_trial, read_runs

@@ -42,7 +42,8 @@ class SweepPlan:
             )
         if any(step > self.trial_steps for step in self.extra_evaluations):
             raise UsageError(
-                f"{self.name}: extra evaluations {list(self.extra_evaluations)} exceed its trial_steps {self.trial_steps}"
+                f"{self.name}: extra evaluations {list(self.extra_evaluations)} exceed its "
+                f"trial_steps {self.trial_steps}"
             )
         if self.rungs and list(self.rungs) != asha_milestones(self.rungs[0], self.reduction_factor, self.trial_steps):
             raise UsageError(
