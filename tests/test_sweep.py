@@ -248,6 +248,80 @@ def test_object_store_storage_is_refused_with_the_reason():
         main(["--storage", "s3://bucket/sweeps"])
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--confirm-seeds", "0"], "--confirm-seeds 0: expected an integer >= 1"),
+        (["--confirm-seeds", "-3"], "--confirm-seeds -3: expected an integer >= 1"),
+        (["--samples", "0"], "--samples 0: expected an integer >= 1"),
+        (["--samples", "-1"], "--samples -1: expected an integer >= 1"),
+        (
+            ["--plan", "laptop", "--trial-steps", "40"],
+            "--plan laptop --trial-steps 40: rungs [25, 50] exceed its trial_steps 40",
+        ),
+        (
+            ["--plan", "laptop", "--rungs", "25,50,200"],
+            "--plan laptop --rungs 25,50,200: rungs [25, 50, 200] exceed its trial_steps 100",
+        ),
+        (
+            ["--plan", "laptop", "--rungs", "20,30"],
+            "--plan laptop --rungs 20,30: rungs [20, 30] are not ASHA's for a first rung of 20, reduction",
+        ),
+        (["--rungs", "a,b"], "--rungs a,b: expected comma-separated steps"),
+    ],
+)
+def test_bad_plan_options_are_one_line_before_anything_starts(argv, message, capsys):
+    """A plan's counts, rungs and seeds are checked when the plan is made, before Ray or any data."""
+    assert run(main, "sweep", argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep: error: {message}") and err.count("\n") == 1, err
+
+
+def test_plans_rungs_are_ashas_milestones():
+    from stt.sweep.plans import asha_milestones
+
+    assert asha_milestones(25, 2, 100) == [25, 50] and asha_milestones(6, 2, 12) == [6]
+    assert asha_milestones(100, 3, 300) == [100] and asha_milestones(10, 3, 100) == [10, 30, 90]
+    for plan in PLANS.values():  # every named plan is valid (made at import) and evaluates at its rungs and end
+        assert plan.evaluations == (*plan.rungs, plan.trial_steps)
+    assert PLANS["laptop"].confirm_seeds == 3 and PLANS["quick"].confirm_seeds == 2
+
+
+def test_paired_bootstrap_by_hand():
+    """The observed difference is the official J&F's (object means of J and F, averaged) difference, averaged
+    over seeds; resampling never leaves the range the seeds' and sequences' differences span."""
+    from stt.sweep.confirmation import paired_bootstrap, verdict
+
+    def rows(values):  # {sequence: [(J, F) per object]}
+        return [
+            {"sequence": seq, "object": i + 1, "J-Mean": j, "F-Mean": f}
+            for seq, objects in values.items()
+            for i, (j, f) in enumerate(objects)
+        ]
+
+    tuned = [
+        rows({"a": [(0.6, 0.4)], "b": [(0.8, 0.6), (0.2, 0.0)]}),
+        rows({"a": [(0.7, 0.5)], "b": [(0.8, 0.6), (0.2, 0.2)]}),
+    ]
+    base = [
+        rows({"a": [(0.5, 0.3)], "b": [(0.7, 0.5), (0.2, 0.0)]}),
+        rows({"a": [(0.5, 0.5)], "b": [(0.8, 0.6), (0.2, 0.2)]}),
+    ]
+    # seed 1: tuned J&F = ((0.6+0.8+0.2)/3 + (0.4+0.6+0.0)/3)/2 = 0.4333; base = ((1.4/3) + (0.8/3))/2 = 0.3667
+    # seed 2: tuned = ((1.7/3) + (1.3/3))/2 = 0.5; base = ((1.5/3) + (1.3/3))/2 = 0.4667; mean difference 0.05
+    difference, low, high = paired_bootstrap(tuned, base, draws=2000)
+    assert difference == pytest.approx(0.05)
+    # per resample the difference lies between the smallest and largest per-(seed, sequence-set) difference:
+    # sequence a alone: 0.1 (seed 1), 0.1 (seed 2); b alone: 0.05, 0.0
+    assert 0.0 <= low <= difference <= high <= 0.1 + 1e-12
+    same, low_same, high_same = paired_bootstrap(base, base, draws=100)
+    assert same == low_same == high_same == 0.0
+    assert verdict(0.01, 0.2) == "better" and verdict(-0.2, -0.01) == "worse"
+    assert verdict(-0.01, 0.2) == "not distinguishable from the defaults"
+    with pytest.raises(ValueError, match="same number"):
+        paired_bootstrap(tuned, base[:1])
+
+
 # The tiny sweeps' runs: the smallest inputs every stage accepts.
 TINY = (
     "data.crop_size=32",
@@ -335,12 +409,16 @@ def test_tiny_sweep_end_to_end_then_resume(ray_local, tmp_path, monkeypatch):
     # An interrupted sweep: phases 3-4 unfinished, their Tune experiment on disk. --resume must not
     # rerun any finished trial: the Optuna studies keep exactly the trials they had.
     state = json.loads((experiment / "state.json").read_text())
-    for phase in ("best_propagation", "final"):
+    for phase in ("best_propagation", "final", "confirmation"):
         state.pop(phase)
     (experiment / "state.json").write_text(json.dumps(state))
+    confirmation_files = {p: p.stat().st_mtime_ns for p in (experiment / "confirmation-runs").rglob("*") if p.is_file()}
     resumed = main(argv + ["--resume"])
     assert len(resumed["table"]) == len(table)
     assert resumed["state"]["best_propagation"]["params"] == chosen
+    # the finished confirmation runs are read back, not retrained or re-evaluated
+    assert {p: p.stat().st_mtime_ns for p in confirmation_files} == confirmation_files
+    assert resumed["state"]["confirmation"]["differences"] == result["state"]["confirmation"]["differences"]
 
 
 @pytest.mark.slow
