@@ -45,6 +45,7 @@ from stt.metrics import (
     summarize_davis,
 )
 from stt.observe import with_progress
+from stt.paths import check_apart
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask, upsample_labels
 
 
@@ -246,8 +247,13 @@ def copy_first_mask(root: Path, split: str = "val", resolution: str = "480p") ->
     return summarize_davis(rows)
 
 
-def check_out(out: str) -> None:
-    """Before any work: --out must be a folder we can write, or a path where one can be made."""
+def check_out(out: str, root: Path, root_option: str, feature_cache: str | None) -> None:
+    """Before any work: --out must be a folder we can write, or a path where one can be made, apart from the
+    dataset it is evaluated on (`root`, given as `root_option`: --out inside DAVIS's Annotations/ overwrote the
+    ground truth); --feature-cache must be apart from the dataset too."""
+    check_apart("--out", out, {root_option: root})
+    if feature_cache:
+        check_apart("--feature-cache", feature_cache, {root_option: root})
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
@@ -259,8 +265,8 @@ def check_out(out: str) -> None:
 
 
 def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
-    check_out(args.out)
     root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
+    check_out(args.out, root, "--davis-root", args.feature_cache)
     report = evaluate_davis(
         root,
         args.checkpoint,
@@ -311,6 +317,10 @@ def score_davis(
 
 def run_score(args: argparse.Namespace, cfg: Config) -> dict:
     root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
+    if args.json:  # written after the scoring: checked before it
+        check_apart("--json", args.json, {"--davis-root": root, "--results": args.results})
+        if Path(args.json).is_dir():
+            raise IsADirectoryError(f"--json {args.json}: a folder is there; expected a file name for the scores")
     summary, rows = score_davis(root, Path(args.results), args.set, args.resolution)
     print_davis_table(summary, rows)
     report = {"summary": summary, "rows": public_rows(rows)}
@@ -411,8 +421,8 @@ def evaluate_jhmdb(
 
 
 def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
-    check_out(args.out)
     root = Path(args.vip_root) if args.vip_root else ensure_dataset("vip")
+    check_out(args.out, root, "--vip-root", args.feature_cache)
     report = evaluate_vip(
         root,
         args.checkpoint,
@@ -427,8 +437,8 @@ def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
 
 
 def run_jhmdb(args: argparse.Namespace, cfg: Config) -> dict:
-    check_out(args.out)
     root = Path(args.jhmdb_root) if args.jhmdb_root else ensure_dataset("jhmdb")
+    check_out(args.out, root, "--jhmdb-root", args.feature_cache)
     report = evaluate_jhmdb(
         root,
         args.checkpoint,

@@ -65,6 +65,7 @@ from stt.config import Config, load_config, to_dict
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
 from stt.observe import MASKS_PNG, progress_text
+from stt.paths import check_apart
 from stt.recipes import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
 from stt.stages import StageModel
 
@@ -658,7 +659,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     run_dir = checkpoint.join(
         args.storage if checkpoint.is_uri(args.storage) else os.path.abspath(args.storage), args.name
     )
-    check_inputs(cfg, specs, args.init, run_dir)  # before Ray starts: a typo costs a second, not a cluster start
+    check_inputs(
+        cfg, specs, args.init, run_dir, args.tensorboard
+    )  # before Ray starts: a typo costs a second, not a cluster start
 
     if not ray.is_initialized():
         start_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
@@ -670,11 +673,26 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     return finals
 
 
-def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str) -> None:
-    """The data roots, the --init file and the storage, checked before anything starts."""
+def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, tensorboard: str | None) -> None:
+    """The data roots, the evaluation set, the --init file and the storage, checked before anything starts;
+    the run folder and TensorBoard's kept apart from every input folder."""
+    from stt.data.layouts import DAVIS, DatasetError
+
     resolve_source(cfg.data.root)
     if cfg.data.images and any("spatial" in spec.streams for spec in specs):
         resolve_source(cfg.data.images, images=True)
+    if cfg.train.eval_every and cfg.train.eval_davis_root:
+        try:  # else found by the first evaluation, after Ray started and the first steps ran
+            DAVIS(cfg.train.eval_davis_root, split=cfg.train.eval_davis_set)
+        except DatasetError as error:
+            raise DatasetError(f"train.eval_davis_root: {error}") from None
+    inputs = {"data.root": cfg.data.root, "data.images": cfg.data.images}
+    if cfg.train.eval_every:
+        inputs["train.eval_davis_root"] = cfg.train.eval_davis_root
+    # an image folder inside the run folder would train on its mask panels; a run inside the data, the reverse
+    check_apart("--storage/--name", run_dir, inputs)
+    if tensorboard:
+        check_apart("--tensorboard", tensorboard, inputs)
     if init and not checkpoint.exists(init):
         raise FileNotFoundError(f"--init {init}: no such checkpoint file")
     fs, path = checkpoint.filesystem(run_dir)

@@ -314,3 +314,95 @@ def current_umask() -> int:
     from stt.cache import current_umask as umask
 
     return umask()
+
+
+# ----------------------------------------------------------------------------------------- issue 28
+# Reliability, second pass: nothing overwrites inputs, non-finite values never train, every option checked early.
+
+
+def files_of(root) -> dict:
+    """{path: bytes} of every file under `root`: what a refused command must leave as it was."""
+    return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    "out, expected",
+    [
+        ("Annotations/480p", "lies inside the input --davis-root"),  # the case that overwrote the ground truth
+        (".", "is the input --davis-root"),
+        ("..", "holds the input --davis-root"),
+        ("link-into-annotations", "lies inside the input --davis-root"),  # a symbolic link is followed
+    ],
+)
+def test_evaluate_refuses_an_out_folder_in_the_dataset(tiny, tmp_path, capsys, out, expected):
+    """Issue 28: `--out D/Annotations/480p` overwrote DAVIS's ground-truth PNGs, exit 0; the next evaluation of D
+    scored J&F 1.000."""
+    import shutil
+
+    root = tmp_path / "davis"
+    shutil.copytree(tiny["davis"], root)
+    (root / "link-into-annotations").symlink_to(root / "Annotations" / "480p" / DAVIS(root).sequences[0])
+    before = files_of(root)
+    argv = ["davis", "--davis-root", str(root), "--checkpoint", "lab:8", "--out", str(root / out), "--device", "cpu"]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert code == 2 and f"--out {root / out}: {expected} {root}" in line
+    assert files_of(root) == before
+
+
+def test_evaluate_refuses_a_feature_cache_in_the_dataset(tiny, tmp_path, capsys):
+    cache = tiny["davis"] / "features"
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab:8", "--feature-cache", str(cache)]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", [*argv, "--out", str(tmp_path / "out")])
+    assert code == 2 and f"--feature-cache {cache}: lies inside the input --davis-root" in line
+    assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_score_refuses_a_json_file_among_its_inputs(tiny, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    for json_path, option in ((results / "scores.json", "--results"), (tiny["davis"] / "scores.json", "--davis-root")):
+        argv = ["score", "--davis-root", str(tiny["davis"]), "--results", str(results), "--json", str(json_path)]
+        code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+        assert code == 2 and f"--json {json_path}: lies inside the input {option}" in line
+        assert not json_path.exists()
+
+
+def test_prepare_refuses_shards_inside_the_source(tiny, capsys):
+    before = files_of(tiny["ytvos"])
+    out = tiny["ytvos"] / "shards"
+    code, line = one_line_error(capsys, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(out)])
+    assert code == 2 and f"OUT {out}: lies inside the input SRC {tiny['ytvos']}" in line
+    assert files_of(tiny["ytvos"]) == before
+
+
+@pytest.mark.parametrize("where", ["storage", "tensorboard"])
+def test_train_refuses_a_run_folder_in_its_data(tiny, tmp_path, capsys, monkeypatch, where):
+    import stt.train
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the run folder was checked after Ray or a stage started")
+
+    monkeypatch.setattr(stt.train, "start_ray", too_late)
+    monkeypatch.setattr(stt.train, "run_stage", too_late)
+    inside = tiny["ytvos"] / "runs"
+    option = (
+        ["--storage", str(inside)] if where == "storage" else ["--storage", str(tmp_path), "--tensorboard", str(inside)]
+    )
+    code, line = one_line_error(capsys, train_main, "stt.train", [*option, f"data.root={tiny['ytvos']}"])
+    assert code == 2 and "lies inside the input data.root" in line and not inside.exists()
+
+
+def test_train_checks_the_evaluation_set_before_ray_starts(tiny, tmp_path, capsys, monkeypatch):
+    """Issue 28: a missing train.eval_davis_root was found by the first evaluation, after Ray started and steps ran."""
+    import stt.train
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the evaluation set was checked after Ray or a stage started")
+
+    monkeypatch.setattr(stt.train, "start_ray", too_late)
+    monkeypatch.setattr(stt.train, "run_stage", too_late)
+    argv = ["--storage", str(tmp_path), f"data.root={tiny['ytvos']}", f"train.eval_davis_root={tmp_path / 'nowhere'}"]
+    code, line = one_line_error(capsys, train_main, "stt.train", argv)
+    assert code == 1 and f"train.eval_davis_root: {tmp_path / 'nowhere'}" in line
+    with pytest.raises(AssertionError, match="after Ray"):  # never evaluated: not checked, the run goes on to Ray
+        cli.run(train_main, "stt.train", [*argv, "train.eval_every=0"])

@@ -49,6 +49,7 @@ from PIL import Image
 from stt import cli
 from stt.data.layouts import DAVIS, DatasetError, ImageFolder, YouTubeVOS, read_rgb_or_none
 from stt.observe import with_progress
+from stt.paths import check_apart
 
 KINDS = ("ytvos", "images", "davis")
 MANIFEST = "_manifest.json"
@@ -255,6 +256,7 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
     if workers < 1:
         raise ValueError(f"--workers: expected at least 1, got {workers}")
     src = str(Path(src).resolve())
+    check_apart("OUT", out, {"SRC": src})  # shards written into the raw tree would become part of it
     check_same_preparation(out, kind, src, split, settings)
     shards = plan_shards(list_videos(kind, src, split), settings)
     fs, base = filesystem(out)
