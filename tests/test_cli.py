@@ -186,6 +186,7 @@ def test_prepare_refuses_options_out_of_range(tiny, tmp_path, capsys):
             capsys, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(tmp_path / "shards"), option, value]
         )
         assert f"{option}: expected an integer from" in line and f"got {value}" in line
+        assert code == 2  # issue 28: a usage error, as README promises (it was 1)
     assert not (tmp_path / "shards").exists()
 
 
@@ -406,3 +407,21 @@ def test_train_checks_the_evaluation_set_before_ray_starts(tiny, tmp_path, capsy
     assert code == 1 and f"train.eval_davis_root: {tmp_path / 'nowhere'}" in line
     with pytest.raises(AssertionError, match="after Ray"):  # never evaluated: not checked, the run goes on to Ray
         cli.run(train_main, "stt.train", [*argv, "train.eval_every=0"])
+
+
+def test_prepare_names_the_unreadable_frames(tiny, tmp_path, capsys):
+    """Issue 28: `prepare` counted unreadable JPEGs without naming them."""
+    import shutil
+
+    src = tmp_path / "ytvos"
+    shutil.copytree(tiny["ytvos"], src)
+    frames = sorted(src.rglob("*.jpg"))
+    broken = frames[:7]
+    for frame in broken:
+        frame.write_bytes(b"not a jpeg")
+    prepare.main(["ytvos", str(src), str(tmp_path / "shards"), "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "7 unreadable" in out
+    named = [line for line in out.splitlines() if "unreadable frames" in line]
+    assert len(named) == 1 and all(str(frame) in named[0] for frame in broken[:5])
+    assert str(broken[5]) not in named[0] and "and 2 more" in named[0]

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from stt import cli
+from stt.cli import UsageError
 from stt.data.layouts import DAVIS, DatasetError, ImageFolder, YouTubeVOS, read_rgb_or_none
 from stt.observe import with_progress
 from stt.paths import check_apart
@@ -98,7 +99,7 @@ class Settings:
                 or (high is not None and value > high)
             ):
                 expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
-                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+                raise UsageError(f"{name}: expected {expected}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- listing raw layouts
@@ -254,7 +255,7 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
     if settings.kind != kind:
         raise ValueError(f"settings.kind is {settings.kind!r}; expected {kind!r}")
     if workers < 1:
-        raise ValueError(f"--workers: expected at least 1, got {workers}")
+        raise UsageError(f"--workers: expected at least 1, got {workers}")
     src = str(Path(src).resolve())
     check_apart("OUT", out, {"SRC": src})  # shards written into the raw tree would become part of it
     check_same_preparation(out, kind, src, split, settings)
@@ -288,7 +289,16 @@ def prepare(kind: str, src, out: str, settings: Settings | None = None, split: s
         f"{manifest['frames']} frames of {manifest['videos']} {'images' if kind == 'images' else 'videos'}, "
         f"{len(corrupt)} unreadable, {time.perf_counter() - started:.1f} s"
     )
+    if corrupt:
+        print(f"stt.prepare: {unreadable_line(src, corrupt)}")
     return manifest
+
+
+def unreadable_line(src: str, corrupt: list[str], shown: int = 5) -> str:
+    """The unreadable source frames, the first `shown` by path: kept as empty rows (the stream skips them)."""
+    paths = ", ".join(str(Path(src) / source) for source in corrupt[:shown])
+    more = f" and {len(corrupt) - shown} more (all in {MANIFEST}'s corrupt_sources)" if len(corrupt) > shown else ""
+    return f"unreadable frames, kept as empty rows the training stream skips: {paths}{more}"
 
 
 def check_same_preparation(out: str, kind: str, src: str, split: str, settings: Settings) -> None:
