@@ -110,13 +110,40 @@ def load(source: str | os.PathLike | bytes, what: str | None = None) -> dict[str
     return checkpoint
 
 
+def tensors(tree: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """(dotted name, tensor) of every tensor in nested dicts and lists, e.g. ("optimizer.state.3.exp_avg", ...)."""
+    if isinstance(tree, Tensor):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    return [found for key, value in items for found in tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def check_finite(tree: Any, what: str) -> None:
+    """ValueError naming `what`, the first non-finite tensor and how many there are, when any floating-point tensor
+    in `tree` holds a NaN or an infinity: such weights give a number (J&F 0.000 once) that means nothing."""
+    floats = [(name, t) for name, t in tensors(tree) if t.is_floating_point() or t.is_complex()]
+    bad = [name for name, t in floats if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(
+            f"{what}: {len(bad)} of {len(floats)} tensors hold NaN or infinite values (the first: {bad[0]}); "
+            "expected finite weights (a training run that diverged leaves such values)"
+        )
+
+
 def load_init(source: str | bytes, what: str, arch: str) -> dict[str, Any]:
     """Training's `--init`: an stt.train checkpoint, or a published release as {"model": weights}
     (stt.published maps its keys; the arch must be the run's)."""
     from stt.published import init_payload  # stt.published reads its files through this module
 
     checkpoint = read(source, what)
-    return checkpoint if is_stt_checkpoint(checkpoint) else init_payload(checkpoint, what, arch)
+    loaded = checkpoint if is_stt_checkpoint(checkpoint) else init_payload(checkpoint, what, arch)
+    check_finite(loaded["model"], what)
+    return loaded
 
 
 def config_of(checkpoint: dict[str, Any], what: str) -> Config:

@@ -9,6 +9,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -377,6 +378,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise UsageError(f"{where}: expected a number, got {value!r}") from None
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            # temporal.lr=inf passed every range check (inf > 0), trained, and wrote a checkpoint of NaNs
+            raise UsageError(f"{where}: expected a finite number, got {value!r}")
         if annotation is int:
             if number != int(number):
                 raise UsageError(f"{where}: expected an integer, got {value!r}")

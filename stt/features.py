@@ -134,6 +134,7 @@ class FeatureExtractor:
             else:  # a published release or a bare torchvision state dict (stt.published maps and configures it)
                 overrides, weights = load_published(state, name=source)
                 self.model_cfg = model_cfg = dataclasses.replace(model_cfg, **overrides)
+            checkpoint.check_finite(weights, source)
             self.encoder = build_encoder(model_cfg)
             load_encoder_weights(self.encoder, weights)
             self.input_space = model_cfg.input_space

@@ -221,13 +221,41 @@ class SpatiotemporalModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- one step
+class NonFiniteStep(ValueError):
+    """A loss term or the gradient of a training step is NaN or infinite; the step was not applied."""
+
+
+def first_non_finite(losses: dict[str, Tensor], parameters: list[Tensor]) -> str | None:
+    """What of a step is not finite: the first loss term (the total "loss" after the terms it sums), else the
+    gradient; None when everything is finite.
+
+    One host sync per step (reading the flags). Under DistributedDataParallel the flags are all-reduced, so every
+    worker stops at the same step: a term of one worker's batch alone may be non-finite, and a worker that went
+    on alone would wait for the others for ever.
+    """
+    names = [name for name in losses if name != "loss"] + ["loss"]
+    checks = [torch.isfinite(losses[name].detach()).all() for name in names]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        checks.append(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    bad = torch.stack(checks).logical_not().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    for name, flag in zip([*(f"the loss term {name!r}" for name in names), "the gradient"], bad.tolist()):
+        if flag:
+            return name
+    return None
+
+
 def train_one_step(
     compute_losses: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer, lr: float, device: torch.device
 ) -> dict[str, Tensor]:
     """Set the lr, run `compute_losses()` (bf16 autocast on GPU), back-propagate "loss", step.
 
-    Returns the detached losses; reading them (`.item()`) is left to the caller, so a GPU step
-    never waits on the host.
+    A loss term or a gradient that is not finite raises NonFiniteStep naming it, before the optimiser
+    steps: the weights stay as the last finite step left them, and no checkpoint is written of a model
+    that went NaN (the run stops there; resuming from its last checkpoint would end the same way).
+    Returns the detached losses; reading them (`.item()`) is left to the caller.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -235,6 +263,9 @@ def train_one_step(
         losses = compute_losses()
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if (what := first_non_finite(losses, parameters)) is not None:
+        raise NonFiniteStep(f"{what} is not finite (NaN or infinite)")
     optimizer.step()
     return {name: value.detach() for name, value in losses.items()}
 

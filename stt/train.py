@@ -67,7 +67,7 @@ from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
 from stt.observe import MASKS_PNG, progress_text
 from stt.paths import check_apart
 from stt.recipes import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
-from stt.stages import StageModel
+from stt.stages import NonFiniteStep, StageModel
 
 # the tensors a step reads, per stream
 BATCH_COLUMNS = {"spatial": ["view_q", "view_k"], "temporal": ["target", "reference"], "vfs": ["view_q", "view_k"]}
@@ -192,11 +192,13 @@ def report_skipped(skipped, total: int, named: int) -> int:
     return total
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> str | None:
     """One Ray Train worker: restore, build the stage, iterate, report, checkpoint.
 
     `config`: {"spec": the StageSpec, "init": the earlier stage's checkpoint path/URI or "",
     "skipped_frames": the stream's corrupt-frame counter (an actor)}.
+    Returns None, or the line saying at which step and in what the stage stopped as a loss term or the
+    gradient was not finite (Ray Train hands rank 0's to the driver: `check_stopped`).
     """
     spec: StageSpec = config["spec"]
     cfg, train = spec.config, spec.config.train
@@ -235,7 +237,16 @@ def train_loop_per_worker(config: dict) -> None:
         batch = next(batches)
         meter.data_wait_s += time.perf_counter() - waited
         lr = learning_rate(step, peak_lr, train.warmup_steps, train.max_steps)
-        meter.add(stage.step(batch, lr))
+        try:
+            meter.add(stage.step(batch, lr))
+        except NonFiniteStep as error:
+            # Every worker stops at this step (the flags are all-reduced). Returned, not raised: Ray Train would
+            # restart a failed worker group from its last checkpoint, into the same NaN, `--max-failures` times.
+            return (
+                f"the {spec.name} stage stopped at step {step + 1} of {train.max_steps}: {error} at lr {lr:.3g}; "
+                "no checkpoint is written from this step on; lower the learning rate or the loss weights, and train "
+                "under a new --name"
+            )
         step += 1
         if first_step_s is None:
             first_step_s = time.perf_counter() - started  # the stream's start and warm-up: left out of the ETA
@@ -259,7 +270,11 @@ def train_loop_per_worker(config: dict) -> None:
                 saved = None
                 if rank == 0:  # one writer: every worker holds the same weights under DDP
                     path = Path(folder) / checkpoint.CHECKPOINT_FILE
-                    torch.save(stage.payload(step, fisher), path)
+                    saving = stage.payload(step, fisher)
+                    # the steps' checks leave nothing non-finite; this is the last guard (the Fisher, BatchNorm's
+                    # running statistics and MoCo's queue are not gradients)
+                    checkpoint.check_finite(saving, f"the {spec.name} stage's checkpoint at step {step}")
+                    torch.save(saving, path)
                     if evaluation_due:
                         metrics["J&F"] = davis_jf(path, cfg, device, panel=Path(folder) / MASKS_PNG)
                     saved = ray.train.Checkpoint.from_directory(folder)
@@ -339,6 +354,14 @@ class MetricsLogger(ray.train.UserCallback):
             )
             return
         self.writer.add_image(f"{self.stage}/davis_masks", panel, step, dataformats="HWC")
+
+
+def check_stopped(result: ray.train.Result) -> ray.train.Result:
+    """The result of a stage's `fit()`, or NonFiniteStep with the workers' line when they stopped at a non-finite
+    loss or gradient (train_loop_per_worker's return value, rank 0's)."""
+    if result.return_value:
+        raise NonFiniteStep(result.return_value)
+    return result
 
 
 def export_final(result: ray.train.Checkpoint, destination: str) -> None:
@@ -535,7 +558,7 @@ def run_stage(spec: StageSpec, args: argparse.Namespace, run_dir: str, init: str
         tensorboard=args.tensorboard,
         run_name=args.name,
     )
-    result = trainer.fit()
+    result = check_stopped(trainer.fit())
     if result.checkpoint is None:
         raise RuntimeError(f"the {stage} stage reported no checkpoint (train.max_steps={cfg.train.max_steps})")
     export_final(result.checkpoint, final)
@@ -693,8 +716,10 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
     check_apart("--storage/--name", run_dir, inputs)
     if tensorboard:
         check_apart("--tensorboard", tensorboard, inputs)
-    if init and not checkpoint.exists(init):
-        raise FileNotFoundError(f"--init {init}: no such checkpoint file")
+    if init:
+        if not checkpoint.exists(init):
+            raise FileNotFoundError(f"--init {init}: no such checkpoint file")
+        checkpoint.load_init(init, f"--init {init}", cfg.model.arch)  # read once here: a bad file is named before Ray
     fs, path = checkpoint.filesystem(run_dir)
     try:
         fs.create_dir(path, recursive=True)

@@ -425,3 +425,33 @@ def test_prepare_names_the_unreadable_frames(tiny, tmp_path, capsys):
     named = [line for line in out.splitlines() if "unreadable frames" in line]
     assert len(named) == 1 and all(str(frame) in named[0] for frame in broken[:5])
     assert str(broken[5]) not in named[0] and "and 2 more" in named[0]
+
+
+def stt_checkpoint(path, change=None):
+    """A temporal-stage checkpoint of a random encoder, its weights first passed to `change`."""
+    from stt.models import build_encoder, encoder_state_dict
+    from stt.recipes import stage_spec
+
+    spec = stage_spec(Config(), "temporal")
+    encoder = build_encoder(spec.config.model)
+    weights = encoder_state_dict(encoder)
+    if change is not None:
+        change(weights)
+    optimizer = torch.optim.Adam(encoder.parameters())
+    torch.save(checkpoint.payload(weights, spec.config, "temporal", 1, optimizer), path)
+    return path
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path, capsys):
+    """Issue 28: a diverged run's checkpoint evaluated to J&F 0.000, exit 0."""
+
+    def diverge(weights):
+        weights["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+        weights["layer4.1.bn2.running_var"][3] = float("inf")
+
+    path = stt_checkpoint(tmp_path / "diverged.pt", diverge)
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(path), "--out", str(tmp_path / "out")]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert code == 1 and f"{path}: 2 of " in line
+    assert "hold NaN or infinite values (the first: layer2.0.conv1.weight)" in line
+    assert not (tmp_path / "out").exists()

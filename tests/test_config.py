@@ -1,7 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 
+from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
 
 
@@ -96,3 +98,27 @@ def test_the_temporal_rate_moved_to_its_stage(tmp_path):
     cfg = from_dict(stored, source="old.pt")
     assert (cfg.temporal.lr, cfg.temporal.lr_batch) == (5e-4, 8)
     assert stored["train"]["lr"] == 5e-4  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "temporal.lr=inf",  # issue 28: trained, exit 0, a checkpoint with 45 of 120 tensors NaN/Inf
+        "temporal.lr=nan",
+        "spatial.lr=-inf",
+        "temporal.alpha=.inf",  # YAML's own spelling
+        "train.ewc_weight=.nan",
+        "propagation.radius=inf",  # an optional number
+        "train.max_steps=1e400",  # an integer key
+        "data.crop_scale=[0.5, inf]",  # inside a tuple
+    ],
+)
+def test_non_finite_numbers_are_refused_where_values_are_parsed(override, tmp_path):
+    key, value = override.split("=")
+    with pytest.raises(UsageError, match=rf"^{re.escape(key)}: expected a finite number, got .*(inf|nan|1e400)"):
+        load_config(None, [override])
+    section, name = key.split(".")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(UsageError, match=rf"^{path}: {re.escape(key)}: expected a finite number"):
+        load_config(path)

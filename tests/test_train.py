@@ -19,7 +19,7 @@ from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, load_config
 from stt.models import build_encoder, encoder_state_dict
 from stt.recipes import stage_spec
-from stt.stages import StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
+from stt.stages import NonFiniteStep, StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
 from stt.train import learning_rate, main, resumed_step
 
 TINY = [
@@ -177,6 +177,40 @@ def test_spatial_fisher_then_ewc_penalty_on_the_temporal_student():
     torch.testing.assert_close(penalty(), expected)
     with pytest.raises(ValueError, match="spatial-final.pt has none"):
         ewc_regulariser(student, {"model": init["model"]}, cfg, "spatial-final.pt")
+
+
+def test_a_non_finite_loss_term_or_gradient_stops_the_step_before_the_weights_change():
+    """Issue 28: temporal.lr=inf trained on and wrote a checkpoint of NaNs. A step whose loss term or gradient is
+    not finite names it and leaves the weights as they were (the optimiser does not step)."""
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    x = torch.ones(2, 3)
+
+    def nan_term():
+        out = model(x).sum()
+        rec = out * torch.tensor(float("nan"))
+        return {"loss": out + rec, "rec": rec, "lc": out.detach()}
+
+    with pytest.raises(NonFiniteStep, match=r"^the loss term 'rec' is not finite"):  # the term, not only the total
+        train_one_step(nan_term, optimizer, 0.1, torch.device("cpu"))
+
+    def nan_gradient():  # a finite loss (0) whose gradient is not: d|w - w0|^0.5 at w0
+        return {"loss": (model.weight - model.weight.detach()).abs().sqrt().sum()}
+
+    with pytest.raises(NonFiniteStep, match=r"^the gradient is not finite"):
+        train_one_step(nan_gradient, optimizer, 0.1, torch.device("cpu"))
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
+    train_one_step(lambda: {"loss": model(x).sum()}, optimizer, 0.1, torch.device("cpu"))  # finite: it steps
+    assert not torch.equal(model.weight, before["weight"])
+
+
+def test_a_checkpoint_with_non_finite_tensors_is_refused_naming_one():
+    weights = {"layer1.0.conv1.weight": torch.ones(2), "bn1.running_var": torch.tensor([1.0, float("inf")])}
+    weights["fc.weight"] = torch.tensor([float("nan")])
+    with pytest.raises(ValueError, match=r"^run.pt: 2 of 3 tensors hold NaN or infinite values \(the first: bn1"):
+        checkpoint.check_finite(weights, "run.pt")
+    checkpoint.check_finite({"model": {"w": torch.ones(2)}, "step": 3, "queue": [torch.zeros(2)]}, "run.pt")
 
 
 def test_checkpoint_load_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
@@ -342,3 +376,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tiny_d
     starts = {m["start_step"] for m in reported(tmp_path / "killed" / "spatial")}
     assert starts - {0}, f"no report came from a restarted worker group (start steps {starts})"
     assert min(starts - {0}) >= 2 and min(starts - {0}) % 2 == 0  # it resumed at a checkpoint, not from scratch
+
+
+def test_training_stops_at_the_first_non_finite_step_and_writes_no_checkpoint(ray_local, tiny_data, tmp_path):
+    """Issue 28: a learning rate that diverges (finite, so the config accepts it) stops the stage with one line
+    naming the step and the term, from the workers' return value: not retried by Ray Train, nothing exported."""
+    with pytest.raises(
+        NonFiniteStep, match=r"^the spatial stage stopped at step 2 of 4: the (loss term 'loss'|gradient)"
+    ):
+        run(tmp_path, "diverged", "spatial", 4, tiny_data, "spatial.lr=1e30")
+    assert not (tmp_path / "diverged" / "spatial-final.pt").exists()
+    assert not list((tmp_path / "diverged" / "spatial").glob("*/checkpoint.pt"))

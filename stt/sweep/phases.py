@@ -43,7 +43,7 @@ from stt.sweep.trials import (
     optuna_storage,
     training_trial,
 )
-from stt.train import build_stage_trainer, export_final
+from stt.train import build_stage_trainer, check_stopped, export_final
 
 RESUME = "run the same command with --resume to continue"
 
@@ -525,7 +525,7 @@ def fit_in_driver(trainer, phase: str, steps: int) -> ray.train.Result:
         raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
     if "error" in outcome:
         raise outcome["error"]
-    result = outcome["result"]
+    result = check_stopped(outcome["result"])  # a non-finite loss: its line, not "stopped at step N; --resume"
     step = (result.metrics or {}).get("step", 0)
     if result.checkpoint is None or step < steps:
         raise InterruptedRun(f"{phase} stopped at step {step} of {steps}; {RESUME}")

@@ -29,7 +29,7 @@ from stt.per_frame_graph import load_store, propagate_per_frame
 from stt.per_frame_graph import serves as serves_per_frame
 from stt.recipes import stage_spec
 from stt.sweep.space import with_params
-from stt.train import build_stage_trainer
+from stt.train import build_stage_trainer, check_stopped
 
 METRIC = "tuning_jf"
 
@@ -122,7 +122,9 @@ def training_trial(
         run_name="sweep",
         trial=trial_id,
     )
-    trainer.fit()  # ASHA stops every trial at a rung or at max_t, so nothing may follow this call
+    # ASHA stops every trial at a rung or at max_t, so nothing else may follow this call; a trial whose loss went
+    # non-finite ends by itself, and is recorded as failed with its line
+    check_stopped(trainer.fit())
 
 
 class PropagationTrial(tune.Trainable):
