@@ -18,56 +18,150 @@ import argparse
 import io
 import os
 import pickle
-from typing import Any
+import threading
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import pyarrow.fs
 import torch
 from torch import Tensor, nn
 
+from stt.cli import USER_ERRORS, StorageError, UsageError
 from stt.config import Config, from_dict, to_dict
 
+T = TypeVar("T")
 CHECKPOINT_FILE = "checkpoint.pt"  # the one file inside each Ray Train checkpoint folder
 REQUIRED = ("model", "config", "stage", "step")
 
 
 # ----------------------------------------------------------------------------------------- storage
+# The URI schemes stt reads and writes, through pyarrow (a local path needs none). pyarrow knows others (hdfs:// needs
+# a JVM, abfs:// an Azure account) that stt has never been run against: refused at once rather than half-supported.
+SCHEMES = ("file", "s3", "gs")
+# The first request to an object store must answer within this many seconds. Without network or credentials gs://
+# retried in silence for minutes, and an endpoint that accepts a connection but never answers holds a request for ever.
+CONTACT_TIMEOUT_S = 30.0
+# gs:// stops retrying after this many seconds (pyarrow's default: 15 minutes), so its own error comes first.
+GCS_RETRY_LIMIT_S = 20
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+def is_remote(path: str) -> bool:
+    """An object-store URI: reached over the network, with credentials."""
+    return is_uri(path) and urlsplit(str(path)).scheme.lower() != "file"
 
 
 def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
 
 
+def contact(path: str, call: Callable[[], T]) -> T:
+    """`call()`, a request to the store holding `path`, with its failure as one line naming `path`.
+
+    For an object store it runs in a thread given CONTACT_TIMEOUT_S to answer; past that a StorageError says so
+    and the request is left behind (pyarrow cannot cancel it: stt.cli ends the process without waiting for it).
+    """
+    if not is_remote(path):
+        return call()
+    outcome: dict[str, Any] = {}
+
+    def request() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread just below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=request, name=f"stt: contacting {path}", daemon=True)
+    thread.start()
+    thread.join(CONTACT_TIMEOUT_S)
+    if thread.is_alive():
+        raise StorageError(
+            f"{path}: no answer within {CONTACT_TIMEOUT_S:g} s (no network, no credentials for this store, or a "
+            "wrong endpoint?)",
+            abandoned=thread,
+        )
+    if "error" in outcome:
+        raise storage_error(path, outcome["error"]) from None
+    return outcome["value"]
+
+
+def storage_error(path: str, error: BaseException) -> BaseException:
+    """`error` of a request for `path`; an object store's network or credential failure (pyarrow's OSError, many
+    lines from the cloud SDK) as one StorageError line naming `path`."""
+    if not is_remote(path) or not isinstance(error, OSError) or isinstance(error, USER_ERRORS):
+        return error
+    reason = " ".join(str(error).split())
+    return StorageError(f"{path}: the object store refused or could not be reached ({reason[:240]})")
+
+
 def filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """pyarrow's file system and the path inside it, for a local path or a URI (s3://bucket/prefix)."""
-    if is_uri(path):
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    """pyarrow's file system and the path inside it, for a local path or a URI (file://, s3://bucket/key, gs://...);
+    another scheme is a UsageError naming the ones supported."""
+    if not is_uri(path):
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    scheme = urlsplit(str(path)).scheme.lower()
+    if scheme not in SCHEMES:
+        raise UsageError(
+            f"{path}: unsupported URI scheme '{scheme}://'; expected a local path, or a URI starting with "
+            + ", ".join(f"{s}://" for s in SCHEMES)
+        )
+    uri = str(path)
+    if scheme == "gs" and "retry_limit_seconds=" not in uri:
+        uri += ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+    return contact(path, lambda: pyarrow.fs.FileSystem.from_uri(uri))  # s3:// asks for the bucket's region
+
+
+def file_type(path: str) -> pyarrow.fs.FileType:
+    fs, fs_path = filesystem(path)
+    return contact(path, lambda: fs.get_file_info(fs_path)).type
 
 
 def exists(path: str) -> bool:
-    fs, fs_path = filesystem(path)
-    return fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound
+    return file_type(path) != pyarrow.fs.FileType.NotFound
 
 
 def read_bytes(path: str) -> bytes:
     fs, fs_path = filesystem(path)
     try:
-        with fs.open_input_stream(fs_path) as f:
+        with contact(path, lambda: fs.open_input_stream(fs_path)) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint file at {path}") from None
+    except OSError as error:
+        raise storage_error(path, error) from None
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write then rename, so a reader never sees half a file (object stores put atomically anyway)."""
     fs, fs_path = filesystem(path)
-    fs.create_dir(os.path.dirname(fs_path), recursive=True)
+    contact(path, lambda: fs.create_dir(os.path.dirname(fs_path), recursive=True))
     partial = fs_path + ".tmp"
-    with fs.open_output_stream(partial) as f:
-        f.write(data)
-    fs.move(partial, fs_path)
+    try:
+        with fs.open_output_stream(partial) as f:
+            f.write(data)
+        fs.move(partial, fs_path)
+    except OSError as error:
+        raise storage_error(path, error) from None
+
+
+def checkpoint_file(source: str, option: str) -> str:
+    """The checkpoint file `source` (given as `option`) names: the file itself, or the checkpoint.pt inside a Ray
+    Train checkpoint folder (`<storage>/<name>/<stage>/<stage>-stepNNNNNNN`); anything else is refused by name."""
+    kind = file_type(source)
+    if kind == pyarrow.fs.FileType.File:
+        return source
+    if kind == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"{option} {source}: no such checkpoint file")
+    inner = join(source, CHECKPOINT_FILE)
+    if file_type(inner) == pyarrow.fs.FileType.File:
+        return inner
+    raise IsADirectoryError(
+        f"{option} {source}: a folder without {CHECKPOINT_FILE}; expected a checkpoint file (e.g. "
+        f"<storage>/<name>/<stage>-final.pt) or a Ray Train checkpoint folder holding {CHECKPOINT_FILE}"
+    )
 
 
 # ----------------------------------------------------------------------------------------- the format

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Callable
 
 import yaml
@@ -24,6 +25,18 @@ class InterruptedRun(RuntimeError):
     """A long run stopped before it finished (Ctrl-C, SIGTERM): its finished work is kept."""
 
 
+class StorageError(OSError):
+    """An object store that cannot be reached or refuses the request (network, credentials, endpoint).
+
+    `abandoned`: the thread of a request that never answered (stt.checkpoint.contact). pyarrow cannot cancel
+    it, and its S3 support waits at interpreter exit for requests in flight, so `run` ends the process at once.
+    """
+
+    def __init__(self, message: str, abandoned: threading.Thread | None = None):
+        super().__init__(message)
+        self.abandoned = abandoned
+
+
 # Raised by stt for input it cannot use; anything else is a bug and keeps its traceback.
 USER_ERRORS = (
     ValueError,
@@ -34,6 +47,7 @@ USER_ERRORS = (
     PermissionError,
     yaml.YAMLError,
     InterruptedRun,
+    StorageError,
 )
 
 
@@ -85,6 +99,10 @@ def run(main: Callable[[list[str] | None], object], prog: str, argv: list[str] |
         if cause is None or debug:
             raise
         print(f"{prog}: error: {one_line(cause)}", file=sys.stderr)
-        if isinstance(cause, InterruptedRun):
-            return 130
-        return 2 if isinstance(cause, UsageError) else 1
+        code = 130 if isinstance(cause, InterruptedRun) else 2 if isinstance(cause, UsageError) else 1
+        if getattr(cause, "abandoned", None) is not None and cause.abandoned.is_alive():
+            # a request that never answered would hold the interpreter's exit for ever (StorageError)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code

@@ -118,12 +118,14 @@ class FeatureExtractor:
                 self.encoder = build_encoder(model_cfg)
             self.input_space = model_cfg.input_space
             identity = f"random-seed{seed}"
-        else:  # a file: local, or on an object store (s3://...)
-            if not checkpoint.is_uri(source) and not Path(source).is_file():
+        else:  # a file: local, or on an object store (s3://...); or a Ray Train checkpoint folder holding one
+            try:
+                data = checkpoint.read_bytes(checkpoint.checkpoint_file(source, "--checkpoint"))
+            except FileNotFoundError:
                 raise FileNotFoundError(
-                    f"checkpoint {source} does not exist (expected a file, 'random[:SEED]' or 'lab[:STRIDE]')"
-                )
-            data = checkpoint.read_bytes(source)
+                    f"--checkpoint {source}: no such file (expected a checkpoint file, a Ray Train checkpoint "
+                    "folder, 'random[:SEED]' or 'lab[:STRIDE]')"
+                ) from None
             state = checkpoint.read(data, source)
             if checkpoint.is_stt_checkpoint(state):
                 stored = checkpoint.config_of(state, source).model
@@ -136,7 +138,7 @@ class FeatureExtractor:
                 self.model_cfg = model_cfg = dataclasses.replace(model_cfg, **overrides)
             checkpoint.check_finite(weights, source)
             self.encoder = build_encoder(model_cfg)
-            load_encoder_weights(self.encoder, weights)
+            load_encoder_weights(self.encoder, weights, source)
             self.input_space = model_cfg.input_space
             identity = f"checkpoint-{hashlib.sha256(data).hexdigest()}"
         if self.encoder is not None:

@@ -285,7 +285,7 @@ def build_encoder(cfg: ModelConfig) -> Encoder | MastEncoder:
             raise ValueError(f"model.stride: expected one of {list(STRIDES)}, got {cfg.stride!r}")
         encoder = Encoder(cfg.arch, cfg.stride)
     if cfg.weights != "random":
-        load_encoder_weights(encoder, load_state_dict_file(cfg.weights))
+        load_encoder_weights(encoder, load_state_dict_file(cfg.weights), f"model.weights {cfg.weights}")
     return encoder
 
 
@@ -317,11 +317,12 @@ def encoder_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return _torchvision_keys(model.state_dict())
 
 
-def load_encoder_weights(encoder: Encoder | MastEncoder, state_dict: Mapping[str, Tensor]) -> None:
+def load_encoder_weights(encoder: Encoder | MastEncoder, state_dict: Mapping[str, Tensor], source: str = "") -> None:
     """Load the encoder's own key names (torchvision's, or MAST's) into any layout; a classifier (fc.*) is dropped.
 
-    Strict otherwise: raises ValueError naming every missing or unexpected key and every shape
-    mismatch, so an architecture mix-up (ResNet-18 weights into a ResNet-50) is reported plainly.
+    Strict otherwise: raises ValueError (naming `source`, the file the weights came from) with how many keys are
+    missing or unexpected and how many shapes differ, and the first five of each, so an architecture mix-up
+    (ResNet-18 weights into a ResNet-50) or a half-written file is reported plainly on one line.
     """
     incoming = {k: v for k, v in _torchvision_keys(state_dict).items() if not k.startswith(_CLASSIFIER_PREFIX)}
     expected = encoder.state_dict()
@@ -333,11 +334,26 @@ def load_encoder_weights(encoder: Encoder | MastEncoder, state_dict: Mapping[str
         if incoming[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
+        problems = [
+            f"{len(found)} {what} {_first_five(found)}"
+            for what, found in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches (given vs expected)", mismatched),
+            )
+            if found
+        ]
         raise ValueError(
-            f"weights do not fit a {encoder.arch} encoder: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches (given vs expected) {mismatched}"
+            f"{source + ': ' if source else ''}weights do not fit a {encoder.arch} encoder "
+            f"({len(expected)} tensors): {', '.join(problems)}"
         )
     encoder.load_state_dict(incoming, strict=True)
+
+
+def _first_five(names: list[str]) -> str:
+    """At most five names, and how many more: a half-empty checkpoint listed all 120 on one line."""
+    more = f", ... {len(names) - 5} more" if len(names) > 5 else ""
+    return "[" + ", ".join(names[:5]) + more + "]"
 
 
 def _torchvision_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -135,7 +135,7 @@ class MoCo(nn.Module):
         # stride preset of the temporal stage and into the teacher.
         encoder = Encoder(model.arch, TEACHER_RES4_STRIDE)
         if model.weights != "random":
-            load_encoder_weights(encoder, load_state_dict_file(model.weights))
+            load_encoder_weights(encoder, load_state_dict_file(model.weights), f"model.weights {model.weights}")
         width = encoder.out_channels["res5"]
         nets = {"encoder": encoder, "global_head": projection_head(width, cfg.feature_dim)}
         if cfg.method == "detco":

@@ -35,24 +35,28 @@ from stt.vfs import VFS
 
 
 # ----------------------------------------------------------------------------------------- builders
-def build_spatial(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[MoCo, torch.optim.Optimizer]:
-    """MoCo v2 (its query and momentum encoders initialised from the encoder weights `init` if
-    given) and its optimiser (SGD, momentum 0.9, as MoCo v2); lr is set every step."""
+def build_spatial(
+    cfg: Config, init: dict[str, Tensor] | None = None, source: str = ""
+) -> tuple[MoCo, torch.optim.Optimizer]:
+    """MoCo v2 (its query and momentum encoders initialised from the encoder weights `init`, read from the file
+    `source`, if given) and its optimiser (SGD, momentum 0.9, as MoCo v2); lr is set every step."""
     moco = MoCo(cfg.spatial, cfg.model)
     if init is not None:
-        load_encoder_weights(moco.encoder, init)
+        load_encoder_weights(moco.encoder, init, source)
         moco.key_net["encoder"].load_state_dict(moco.encoder.state_dict())
     params = [p for p in moco.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.spatial.lr, momentum=0.9, weight_decay=cfg.spatial.weight_decay)
     return moco, optimizer
 
 
-def build_vfs(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """VFS (stt.vfs; with `vfs.negatives`, MoCo v2 on frame pairs: Eq. 4), its encoder initialised from
-    `init` if given, and its optimiser: SGD, momentum 0.9, `vfs.weight_decay` (paper 003 Sec. 4.1)."""
+def build_vfs(
+    cfg: Config, init: dict[str, Tensor] | None = None, source: str = ""
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """VFS (stt.vfs; with `vfs.negatives`, MoCo v2 on frame pairs: Eq. 4), its encoder initialised from `init`
+    (read from `source`) if given, and its optimiser: SGD, momentum 0.9, `vfs.weight_decay` (paper 003 Sec. 4.1)."""
     model = MoCo(cfg.spatial, cfg.model) if cfg.vfs.negatives else VFS(cfg.model)
     if init is not None:
-        load_encoder_weights(model.encoder, init)
+        load_encoder_weights(model.encoder, init, source)
         if cfg.vfs.negatives:
             model.key_net["encoder"].load_state_dict(model.encoder.state_dict())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,14 +64,14 @@ def build_vfs(cfg: Config, init: dict[str, Tensor] | None = None) -> tuple[nn.Mo
 
 
 def build_temporal(
-    spec: StageSpec, init: dict[str, Tensor] | None
+    spec: StageSpec, init: dict[str, Tensor] | None, source: str = ""
 ) -> tuple[Encoder, Encoder | None, torch.optim.Optimizer]:
-    """Student (initialised from the earlier encoder `init` if given), frozen teacher if the spec
-    distils globally (that same earlier encoder, or `model.weights` without one), Adam."""
+    """Student (initialised from the earlier encoder `init`, read from `source`, if given), frozen teacher if the
+    spec distils globally (that same earlier encoder, or `model.weights` without one), Adam."""
     cfg = spec.config
     student = build_encoder(cfg.model)
     if init is not None:
-        load_encoder_weights(student, init)
+        load_encoder_weights(student, init, source)
     teacher = None
     if spec.teacher:
         if init is None and cfg.model.weights == "random":
@@ -283,13 +287,13 @@ class StageModel:
         weights = init["model"] if init else None
         self.teacher = self.moco = None
         if spec.name == "temporal":
-            self.model, self.teacher, self.optimizer = build_temporal(spec, weights)
+            self.model, self.teacher, self.optimizer = build_temporal(spec, weights, init_name)
             self.encoder = self.model
         elif spec.name == "vfs":  # its heads (and MoCo's queue) are checkpointed and restored as "moco"
-            self.moco, self.optimizer = build_vfs(spec.config, weights)
+            self.moco, self.optimizer = build_vfs(spec.config, weights, init_name)
             self.model, self.encoder = self.moco, self.moco.encoder
         else:  # spatial, and the joint stage: MoCo, the latter with a student sharing its trunk
-            self.moco, self.optimizer = build_spatial(spec.config, weights)
+            self.moco, self.optimizer = build_spatial(spec.config, weights, init_name)
             self.model = self.moco if spec.name == "spatial" else SpatiotemporalModel(self.moco, spec)
             self.encoder = self.moco.encoder
         self.model.to(device)  # in place: the optimiser keeps the same parameter objects

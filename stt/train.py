@@ -682,9 +682,10 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     run_dir = checkpoint.join(
         args.storage if checkpoint.is_uri(args.storage) else os.path.abspath(args.storage), args.name
     )
-    check_inputs(
-        cfg, specs, args.init, run_dir, args.tensorboard
-    )  # before Ray starts: a typo costs a second, not a cluster start
+    # a Ray Train checkpoint folder stands for the checkpoint.pt it holds
+    args.init = args.init and checkpoint.checkpoint_file(args.init, "--init")
+    # before Ray starts: a typo costs a second, not a cluster start
+    check_inputs(cfg, specs, args.init, run_dir, args.tensorboard)
 
     if not ray.is_initialized():
         start_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
@@ -716,16 +717,16 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
     check_apart("--storage/--name", run_dir, inputs)
     if tensorboard:
         check_apart("--tensorboard", tensorboard, inputs)
-    if init:
-        if not checkpoint.exists(init):
-            raise FileNotFoundError(f"--init {init}: no such checkpoint file")
-        checkpoint.load_init(init, f"--init {init}", cfg.model.arch)  # read once here: a bad file is named before Ray
+    if init:  # read once here: a bad file is named before Ray starts
+        checkpoint.load_init(init, f"--init {init}", cfg.model.arch)
     fs, path = checkpoint.filesystem(run_dir)
     try:
-        fs.create_dir(path, recursive=True)
+        checkpoint.contact(run_dir, lambda: fs.create_dir(path, recursive=True))
         if not checkpoint.is_uri(run_dir) and not os.access(path, os.W_OK):
             raise PermissionError(path)
-    except (OSError, PermissionError) as error:
+    except cli.StorageError:
+        raise  # already one line naming the store (and a request that never answered ends the process)
+    except OSError as error:
         raise PermissionError(
             f"--storage: cannot write the run folder {run_dir} ({' '.join(str(error).split())[:120]})"
         ) from None

@@ -119,7 +119,7 @@ class VFS(nn.Module):
         encoder = Encoder(model.arch, TEACHER_RES4_STRIDE)
         zero_init_residual(encoder)
         if model.weights != "random":
-            load_encoder_weights(encoder, load_state_dict_file(model.weights))
+            load_encoder_weights(encoder, load_state_dict_file(model.weights), f"model.weights {model.weights}")
         width = encoder.out_channels["res5"]
         self.backbone, self.projector, self.predictor = encoder, projector(width), predictor(width)
 

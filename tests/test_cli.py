@@ -3,6 +3,8 @@ expected, with a non-zero exit (2 for a usage error); the traceback only with --
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -455,3 +457,112 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path, c
     assert code == 1 and f"{path}: 2 of " in line
     assert "hold NaN or infinite values (the first: layer2.0.conv1.weight)" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_missing_half_its_weights_is_one_short_line_naming_it(tiny, tmp_path, capsys):
+    """Issue 28: one 1,859-character line listing every key, without the file's name."""
+
+    def drop_half(weights):
+        for key in sorted(weights)[::2]:
+            del weights[key]
+
+    path = stt_checkpoint(tmp_path / "half.pt", drop_half)
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(path), "--out", str(tmp_path / "out")]
+    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    missing = re.search(r"weights do not fit a resnet18 encoder \(120 tensors\): 60 missing keys \[(.*?)\]", line)
+    assert line.startswith(f"stt.evaluate: error: {path}: ") and missing, line
+    assert missing.group(1).count(",") == 5 and missing.group(1).endswith("... 55 more") and len(line) < 400
+
+
+def test_evaluate_reads_a_ray_checkpoint_folder_and_names_any_other_folder(tiny, tmp_path, capsys):
+    """Issue 28: a Ray Train checkpoint folder was called "does not exist"; it holds checkpoint.pt, which is read."""
+    from stt.features import FeatureExtractor
+
+    folder = tmp_path / "temporal" / "temporal-step0000002"
+    folder.mkdir(parents=True)
+    stt_checkpoint(folder / checkpoint.CHECKPOINT_FILE)
+    from_folder = FeatureExtractor(str(folder), Config().model, Config().eval)
+    from_file = FeatureExtractor(str(folder / checkpoint.CHECKPOINT_FILE), Config().model, Config().eval)
+    assert from_folder.cache_key == from_file.cache_key
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(tmp_path / "temporal")]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", [*argv, "--out", str(tmp_path / "out")])
+    assert code == 1 and f"--checkpoint {tmp_path / 'temporal'}: a folder without checkpoint.pt" in line
+
+
+@pytest.mark.parametrize("uri", ["hdfs://namenode/runs/final.pt", "http://example.invalid/final.pt"])
+def test_an_unsupported_uri_scheme_is_refused_at_once(tiny, tmp_path, capsys, uri):
+    argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", uri, "--out", str(tmp_path / "out")]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    assert code == 2 and f"{uri}: unsupported URI scheme" in line and "file://, s3://, gs://" in line
+
+
+def silent_server():
+    """A local endpoint that accepts connections and never answers (a proxy or store gone quiet)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    return server
+
+
+# The command line in a process of its own, with the contact timeout shortened: a request left waiting must not
+# hold the process at exit (pyarrow's S3 support waits for requests in flight).
+SHORT_TIMEOUT = """
+import sys
+from stt import checkpoint, cli
+from stt.evaluate import main
+checkpoint.CONTACT_TIMEOUT_S = float(sys.argv.pop(1))
+sys.exit(cli.run(main, "stt.evaluate", sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "uri, timeout, reason",
+    [
+        # nothing listens there: refused after pyarrow's own retries (a 34-line traceback before issue 28)
+        ("s3://bucket/final.pt?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1", 25, "could not be reached"),
+        # accepts and never answers: only the timeout ends it
+        (
+            "s3://bucket/final.pt?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1",
+            3,
+            "no answer within 3 s",
+        ),
+        # gs:// retried in silence for minutes (120 s and on, before issue 28)
+        ("gs://bucket/final.pt?endpoint_override=127.0.0.1:{port}&scheme=http", 3, "(no answer within|could not be)"),
+    ],
+)
+def test_an_unreachable_object_store_is_one_line_within_the_timeout(tiny, tmp_path, uri, timeout, reason):
+    import subprocess
+    import sys
+    import time
+
+    server = silent_server()
+    uri = uri.format(port=server.getsockname()[1])
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                SHORT_TIMEOUT,
+                str(timeout),
+                "davis",
+                "--davis-root",
+                str(tiny["davis"]),
+                "--checkpoint",
+                uri,
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        server.close()
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert re.match(rf"stt.evaluate: error: {re.escape(uri)}: .*{reason}", lines[0]), lines[0]
+    assert time.monotonic() - started < timeout + 40  # imports included; the store gets `timeout` s, 30 s in real use
