@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from stt import checkpoint, cli
+from stt.cli import UsageError
 from stt.config import Config, load_config, to_dict
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
@@ -668,8 +669,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         cfg.temporal = table1_config(args.table1_row, cfg.temporal)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
-    if args.workers < 1:
-        raise ValueError(f"--workers: expected at least 1, got {args.workers}")
+    check_worker_count(args.workers)
+    if args.cpus_per_worker is not None and not (math.isfinite(args.cpus_per_worker) and args.cpus_per_worker > 0):
+        raise UsageError(f"--cpus-per-worker: expected a positive number, got {args.cpus_per_worker}")
     if not cfg.data.root:
         from stt.data.synthetic import ensure_dataset
 
@@ -695,6 +697,22 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     for spec in specs:
         finals[spec.name] = init = run_stage(spec, args, run_dir, init, use_gpu)
     return finals
+
+
+def check_worker_count(workers: int, option: str = "--workers") -> None:
+    """UsageError unless `workers` is at least 1 and, without a cluster (RAY_ADDRESS), at most the CPUs of this
+    machine (of the local Ray, once started). `--workers 999` on 2 cores asked Ray for 999 workers of 0.001 CPU
+    each and started 52 Python processes and more, saying nothing; a cluster's autoscaler may add nodes."""
+    if workers < 1:
+        raise UsageError(f"{option}: expected at least 1, got {workers}")
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+    if workers > cpus:
+        raise UsageError(
+            f"{option} {workers}: this machine has {cpus:g} CPUs and no cluster is given; expected at most "
+            f"{cpus:g} workers, one per CPU (or RAY_ADDRESS set to a cluster that has room for them)"
+        )
 
 
 def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, tensorboard: str | None) -> None:

@@ -566,3 +566,26 @@ def test_an_unreachable_object_store_is_one_line_within_the_timeout(tiny, tmp_pa
     assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
     assert re.match(rf"stt.evaluate: error: {re.escape(uri)}: .*{reason}", lines[0]), lines[0]
     assert time.monotonic() - started < timeout + 40  # imports included; the store gets `timeout` s, 30 s in real use
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ("--workers=999", "--workers 999: this machine has"),
+        ("--workers=0", "--workers: expected at least 1, got 0"),
+        ("--cpus-per-worker=nan", "--cpus-per-worker: expected a positive number, got nan"),
+    ],
+)
+def test_train_refuses_more_workers_than_cpus_without_a_cluster(tiny, tmp_path, capsys, monkeypatch, option, expected):
+    """Issue 28: `--workers 999` on 2 cores asked Ray for 999 workers at 0.001 CPU each, with no message."""
+    import stt.train
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the worker count was checked after Ray or a stage started")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(stt.train, "start_ray", too_late)
+    monkeypatch.setattr(stt.train, "run_stage", too_late)
+    argv = ["--storage", str(tmp_path), f"data.root={tiny['ytvos']}", option]
+    code, line = one_line_error(capsys, train_main, "stt.train", argv)
+    assert code == 2 and expected in line
