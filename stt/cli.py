@@ -9,7 +9,9 @@ RayTaskError around the original); the original is found and printed the same wa
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 import threading
 from typing import Callable
@@ -49,6 +51,22 @@ USER_ERRORS = (
     InterruptedRun,
     StorageError,
 )
+
+
+# A dotted config override as every command takes them: section.key=value (stt.config.apply_overrides).
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*", re.DOTALL)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that dotted overrides may come anywhere, after an option too: argparse gives
+    the `overrides` list only its first run of words and called any later one an "unrecognized argument" (exit 2).
+    Anything left over that is not `section.key=value` is still refused the usual way."""
+    args, rest = parser.parse_known_args(argv)
+    stray = [word for word in rest if not OVERRIDE.fullmatch(word)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *rest]
+    return args
 
 
 def ray_wrapped(error: BaseException) -> list[BaseException]:

@@ -511,7 +511,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = cli.parse_args(get_args_parser(), argv)
     cfg = load_config(args.config, [*PRESETS.get(args.preset or "", ()), *args.overrides])
     run = {"davis": run_davis, "vip": run_vip, "jhmdb": run_jhmdb, "score": run_score}[args.command]
     return run(args, cfg)

@@ -663,7 +663,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     """Run the requested stages; returns {stage: final checkpoint path}."""
-    args = get_args_parser().parse_args(argv)
+    args = cli.parse_args(get_args_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     if args.table1_row:
         cfg.temporal = table1_config(args.table1_row, cfg.temporal)

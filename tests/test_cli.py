@@ -589,3 +589,20 @@ def test_train_refuses_more_workers_than_cpus_without_a_cluster(tiny, tmp_path, 
     argv = ["--storage", str(tmp_path), f"data.root={tiny['ytvos']}", option]
     code, line = one_line_error(capsys, train_main, "stt.train", argv)
     assert code == 2 and expected in line
+
+
+def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, capsys):
+    """Issue 28: an override after an option (a second run of them) was "unrecognized arguments"."""
+    from stt.evaluate import get_args_parser
+
+    argv = ["davis", "propagation.topk=5", "--davis-root", str(tiny["davis"]), "eval.layer=res9", "--out", "o"]
+    assert cli.parse_args(get_args_parser(), argv).overrides == ["propagation.topk=5", "eval.layer=res9"]
+    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)  # applied: its value is checked
+    assert code == 2 and "eval.layer: expected one of" in line
+    code, line = one_line_error(
+        capsys, train_main, "stt.train", ["train.seed=1", "--storage", str(tmp_path), "temporal.lr=inf"]
+    )
+    assert code == 2 and "temporal.lr: expected a finite number" in line
+    with pytest.raises(SystemExit) as refused:  # anything else left over is still argparse's usage error
+        cli.parse_args(get_args_parser(), [*argv, "--bogus"])
+    assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

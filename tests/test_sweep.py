@@ -633,3 +633,16 @@ def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
     ):
         fit_in_driver(FakeTrainer(30.0, 4), "the yardsticks", 4)
     timer.join()
+
+
+def test_overrides_after_an_option_reach_the_sweep(tmp_path, capsys, monkeypatch):
+    """Issue 28: `tune/sweep.py --quick a=1 --storage S b=2` called b=2 an unrecognized argument."""
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the override was checked after the sweep started its work")
+
+    monkeypatch.setattr(stt.sweep.cli, "start_ray", too_late)
+    monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", too_late)
+    argv = ["--quick", "temporal.alpha=5", "--storage", str(tmp_path), "temporal.beta=inf"]
+    assert run(main, "sweep", argv) == 2
+    assert capsys.readouterr().err == "sweep: error: temporal.beta: expected a finite number, got 'inf'\n"

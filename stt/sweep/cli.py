@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ray
 
-from stt.cli import InterruptedRun, UsageError
+from stt.cli import InterruptedRun, UsageError, parse_args
 from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
 from stt.sweep.phases import RESUME, Sweep
@@ -135,7 +135,7 @@ def prepare(args: argparse.Namespace) -> tuple[SweepPlan, Config, dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(get_args_parser(), argv)
     plan, base, space = prepare(args)
     if not ray.is_initialized():
         # The dashboard must run: without it, ASHA-stopped trials leak their Train workers' resources.
