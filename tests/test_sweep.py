@@ -646,3 +646,99 @@ def test_overrides_after_an_option_reach_the_sweep(tmp_path, capsys, monkeypatch
     argv = ["--quick", "temporal.alpha=5", "--storage", str(tmp_path), "temporal.beta=inf"]
     assert run(main, "sweep", argv) == 2
     assert capsys.readouterr().err == "sweep: error: temporal.beta: expected a finite number, got 'inf'\n"
+
+
+# ----------------------------------------------------------------------------------------- issue 28: before Ray
+class RayStarted(Exception):
+    """Raised in place of starting Ray: every check before it passed."""
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("sets"), preset="tiny", kinds=("davis", "ytvos"))
+
+
+@pytest.fixture
+def before_ray(monkeypatch):
+    """The sweep's main up to the point where it would start Ray (nothing generated, no Ray)."""
+
+    def started(*args, **kwargs):
+        raise RayStarted
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a default dataset was generated: give --data-root and --davis-root")
+
+    monkeypatch.setattr(stt.sweep.cli, "start_ray", started)
+    monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", no_generation)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def sweep_argv(tiny_sets, storage, *extra) -> list[str]:
+    roots = ["--data-root", str(tiny_sets["ytvos"]), "--davis-root", str(tiny_sets["davis"])]
+    return ["--quick", "--storage", str(storage), "--name", "s", *roots, *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, code, expected",
+    [
+        (["--workers", "999"], 2, "--workers 999: this machine has"),
+        # found inside Ray workers, a DatasetError traceback repeated as they restarted, still running at 170 s
+        (["--davis-root", "/nowhere/davis"], 1, "--davis-root: /nowhere/davis: "),
+        (["--data-root", "/nowhere/videos"], 1, "--data-root: /nowhere/videos: not a shard folder"),
+        (["--tune-set", "bogus"], 1, "--davis-root: "),
+        (["--init", "/nowhere/spatial-final.pt"], 1, "--init /nowhere/spatial-final.pt: no such checkpoint file"),
+    ],
+)
+def test_every_sweep_option_is_checked_before_ray_starts(
+    tiny_sets, tmp_path, capsys, before_ray, extra, code, expected
+):
+    assert run(main, "sweep", sweep_argv(tiny_sets, tmp_path / "sweeps", *extra)) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep: error: {expected}") and err.count("\n") == 1, err
+    assert not (tmp_path / "sweeps" / "s").exists()  # nothing written
+
+
+def test_sweep_storage_is_checked_before_ray_starts(tiny_sets, tmp_path, capsys, before_ray):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    assert run(main, "sweep", sweep_argv(tiny_sets, blocked)) == 1
+    assert capsys.readouterr().err.startswith(f"sweep: error: --storage {blocked}: cannot write the experiment folder")
+    inside = tiny_sets["davis"] / "sweeps"
+    assert run(main, "sweep", sweep_argv(tiny_sets, inside)) == 2
+    assert "lies inside the input --davis-root" in capsys.readouterr().err and not inside.exists()
+
+
+def test_resume_needs_a_stored_sweep_with_the_same_inputs(tiny_sets, tmp_path, capsys, before_ray):
+    """Issue 28: --resume of a storage path that did not exist started a fresh sweep; a fresh run over an unfinished
+    one (phase 1 or 4 interrupted: no Tune experiment to notice) carried on instead of being refused."""
+    storage, experiment = tmp_path / "sweeps", tmp_path / "sweeps" / "s"
+    assert run(main, "sweep", sweep_argv(tiny_sets, storage, "--resume")) == 2
+    assert capsys.readouterr().err == (
+        f"sweep: error: --resume: no sweep is stored at {experiment} to continue; expected the --storage and --name "
+        "of an earlier run (without --resume a new sweep starts there)\n"
+    )
+    assert not storage.exists()
+
+    with pytest.raises(RayStarted):  # a new sweep: its inputs recorded
+        main(sweep_argv(tiny_sets, storage))
+    assert json.loads((experiment / "inputs.json").read_text())["plan"]["training_trials"] == 3
+    with pytest.raises(RayStarted):  # nothing was run yet: starting again is starting anew
+        main(sweep_argv(tiny_sets, storage))
+
+    (experiment / "state.json").write_text(json.dumps({"init_checkpoint": "x", "best_training": {}}))  # phase 4 cut
+    assert run(main, "sweep", sweep_argv(tiny_sets, storage)) == 2
+    assert capsys.readouterr().err == (
+        f"sweep: error: {experiment}: an unfinished sweep is stored there; run the same command with --resume to "
+        "continue, or give a new --name\n"
+    )
+    with pytest.raises(RayStarted):
+        main(sweep_argv(tiny_sets, storage, "--resume"))
+    assert run(main, "sweep", sweep_argv(tiny_sets, storage, "--resume", "--samples", "5", "temporal.alpha=5")) == 2
+    assert capsys.readouterr().err.startswith(
+        f"sweep: error: {experiment}: the sweep stored there was started with other inputs "
+        "(plan.training_trials: 3 -> 5, config.temporal.alpha: 1000.0 -> 5.0); run the same command"
+    )
+
+    (experiment / "state.json").write_text(json.dumps({"yardsticks": {}}))  # finished: re-read without --resume
+    with pytest.raises(RayStarted):
+        main(sweep_argv(tiny_sets, storage))

@@ -13,6 +13,7 @@ import ray
 from stt.cli import InterruptedRun, UsageError, parse_args
 from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
+from stt.sweep.checks import check_sweep_inputs
 from stt.sweep.phases import RESUME, Sweep
 from stt.sweep.plans import PLANS, SweepPlan
 from stt.sweep.report import summary_paragraph, trials_table, write_plots
@@ -137,6 +138,7 @@ def prepare(args: argparse.Namespace) -> tuple[SweepPlan, Config, dict]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(get_args_parser(), argv)
     plan, base, space = prepare(args)
+    check_sweep_inputs(args, plan, base)  # every path and the experiment folder, before Ray starts
     if not ray.is_initialized():
         # The dashboard must run: without it, ASHA-stopped trials leak their Train workers' resources.
         start_ray(include_dashboard=True)
