@@ -70,6 +70,33 @@ def test_no_default_setup_command_sneaks_in(path):
     assert not any("://" in command for command in commands), commands
 
 
+def every_command(config: dict) -> list[str]:
+    """Every shell command of a prepared config: top-level and per-node-type initialisation, setup and start."""
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+    commands = [c for key in keys for c in config.get(key, [])] + start_commands(config)
+    for node_type in config["available_node_types"].values():
+        commands += node_type.get("initialization_commands", [])
+    return commands
+
+
+@pytest.mark.parametrize("path", CLOUD_FILES, ids=lambda p: p.name)
+def test_prometheus_listens_on_loopback_only(path):
+    """Issue 28: Ray 2.60's `ray metrics launch-prometheus` starts Prometheus on its default address, every
+    interface, with --web.enable-lifecycle (remote shutdown and reload), while docs/cluster.md said 127.0.0.1."""
+    commands = every_command(prepared(path))
+    assert not any("launch-prometheus" in command for command in commands)
+    (prometheus,) = [command for command in commands if "prom/prometheus" in command]
+    words = shlex.split(prometheus)
+    assert "--web.listen-address=127.0.0.1:9090" in words and "--web.enable-lifecycle" not in words
+    assert "--config.file=/tmp/ray/prometheus.yml" in words
+    # the configuration the head writes for it: valid YAML, scraping what Ray's service discovery lists
+    (written,) = [command for command in commands if "tee /tmp/ray/prometheus.yml" in command]
+    scrape = yaml.safe_load(shlex.split(written)[1].replace("\\n", "\n"))["scrape_configs"]
+    assert scrape == [
+        {"job_name": "ray", "file_sd_configs": [{"files": ["/tmp/ray/prom_metrics_service_discovery.json"]}]}
+    ]
+
+
 @pytest.mark.parametrize("path", CLOUD_FILES, ids=lambda p: p.name)
 def test_a_gpu_worker_type_autoscales_from_zero(path):
     config = prepared(path)

@@ -121,7 +121,7 @@ def test_the_gpu_cluster_tracks_train_state_and_provisions_the_dashboard():
     config = yaml.safe_load((REPO / "cluster" / "gpu.yaml").read_text())
     assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in config["docker"]["run_options"]
     head = " ".join(config["head_start_ray_commands"])
-    assert "ray metrics launch-prometheus" in head
+    assert "prom/prometheus" in " ".join(config["available_node_types"]["head"]["initialization_commands"])
     assert "cluster/grafana/stt_dashboard.json /tmp/ray/session_latest/metrics/grafana/dashboards/" in head
     grafana = " ".join(config["available_node_types"]["head"]["initialization_commands"])
     assert "GF_PATHS_CONFIG=/tmp/ray/session_latest/metrics/grafana/grafana.ini" in grafana
