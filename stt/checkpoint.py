@@ -9,7 +9,7 @@ A checkpoint is what `torch.load(path, weights_only=True)` opens:
 
 Every reader goes through `read` (weights only: a malicious pickle is refused; a text, empty or cut
 file is one line naming it) and `load` (the keys above are there). Storage goes through pyarrow's
-file systems, so the same calls serve a laptop folder and a cluster's bucket.
+file systems (stt.storage), so the same calls serve a laptop folder and a cluster's bucket.
 """
 
 from __future__ import annotations
@@ -18,111 +18,22 @@ import argparse
 import io
 import os
 import pickle
-import threading
-from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 import pyarrow.fs
 import torch
 from torch import Tensor, nn
 
-from stt.cli import USER_ERRORS, StorageError, UsageError
 from stt.config import Config, from_dict, to_dict
 
-T = TypeVar("T")
+# Where checkpoints live (stt.storage), under the names the callers of this module use.
+from stt.storage import contact, exists, file_type, filesystem, is_uri, join, storage_error  # noqa: F401
+
 CHECKPOINT_FILE = "checkpoint.pt"  # the one file inside each Ray Train checkpoint folder
 REQUIRED = ("model", "config", "stage", "step")
 
 
 # ----------------------------------------------------------------------------------------- storage
-# The URI schemes stt reads and writes, through pyarrow (a local path needs none). pyarrow knows others (hdfs:// needs
-# a JVM, abfs:// an Azure account) that stt has never been run against: refused at once rather than half-supported.
-SCHEMES = ("file", "s3", "gs")
-# The first request to an object store must answer within this many seconds. Without network or credentials gs://
-# retried in silence for minutes, and an endpoint that accepts a connection but never answers holds a request for ever.
-CONTACT_TIMEOUT_S = 30.0
-# gs:// stops retrying after this many seconds (pyarrow's default: 15 minutes), so its own error comes first.
-GCS_RETRY_LIMIT_S = 20
-
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def is_remote(path: str) -> bool:
-    """An object-store URI: reached over the network, with credentials."""
-    return is_uri(path) and urlsplit(str(path)).scheme.lower() != "file"
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
-
-
-def contact(path: str, call: Callable[[], T]) -> T:
-    """`call()`, a request to the store holding `path`, with its failure as one line naming `path`.
-
-    For an object store it runs in a thread given CONTACT_TIMEOUT_S to answer; past that a StorageError says so
-    and the request is left behind (pyarrow cannot cancel it: stt.cli ends the process without waiting for it).
-    """
-    if not is_remote(path):
-        return call()
-    outcome: dict[str, Any] = {}
-
-    def request() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as error:  # noqa: BLE001 - handed to the calling thread just below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=request, name=f"stt: contacting {path}", daemon=True)
-    thread.start()
-    thread.join(CONTACT_TIMEOUT_S)
-    if thread.is_alive():
-        raise StorageError(
-            f"{path}: no answer within {CONTACT_TIMEOUT_S:g} s (no network, no credentials for this store, or a "
-            "wrong endpoint?)",
-            abandoned=thread,
-        )
-    if "error" in outcome:
-        raise storage_error(path, outcome["error"]) from None
-    return outcome["value"]
-
-
-def storage_error(path: str, error: BaseException) -> BaseException:
-    """`error` of a request for `path`; an object store's network or credential failure (pyarrow's OSError, many
-    lines from the cloud SDK) as one StorageError line naming `path`."""
-    if not is_remote(path) or not isinstance(error, OSError) or isinstance(error, USER_ERRORS):
-        return error
-    reason = " ".join(str(error).split())
-    return StorageError(f"{path}: the object store refused or could not be reached ({reason[:240]})")
-
-
-def filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """pyarrow's file system and the path inside it, for a local path or a URI (file://, s3://bucket/key, gs://...);
-    another scheme is a UsageError naming the ones supported."""
-    if not is_uri(path):
-        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
-    scheme = urlsplit(str(path)).scheme.lower()
-    if scheme not in SCHEMES:
-        raise UsageError(
-            f"{path}: unsupported URI scheme '{scheme}://'; expected a local path, or a URI starting with "
-            + ", ".join(f"{s}://" for s in SCHEMES)
-        )
-    uri = str(path)
-    if scheme == "gs" and "retry_limit_seconds=" not in uri:
-        uri += ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_LIMIT_S}"
-    return contact(path, lambda: pyarrow.fs.FileSystem.from_uri(uri))  # s3:// asks for the bucket's region
-
-
-def file_type(path: str) -> pyarrow.fs.FileType:
-    fs, fs_path = filesystem(path)
-    return contact(path, lambda: fs.get_file_info(fs_path)).type
-
-
-def exists(path: str) -> bool:
-    return file_type(path) != pyarrow.fs.FileType.NotFound
-
-
 def read_bytes(path: str) -> bytes:
     fs, fs_path = filesystem(path)
     try:

@@ -510,9 +510,9 @@ def silent_server():
 # hold the process at exit (pyarrow's S3 support waits for requests in flight).
 SHORT_TIMEOUT = """
 import sys
-from stt import checkpoint, cli
+from stt import cli, storage
 from stt.evaluate import main
-checkpoint.CONTACT_TIMEOUT_S = float(sys.argv.pop(1))
+storage.CONTACT_TIMEOUT_S = float(sys.argv.pop(1))
 sys.exit(cli.run(main, "stt.evaluate", sys.argv[1:]))
 """
 
@@ -606,3 +606,26 @@ def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, capsys
     with pytest.raises(SystemExit) as refused:  # anything else left over is still argparse's usage error
         cli.parse_args(get_args_parser(), [*argv, "--bogus"])
     assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "root, code, expected",
+    [
+        ("hdfs://namenode/shards", 2, "hdfs://namenode/shards: unsupported URI scheme 'hdfs://'"),
+        (
+            "s3://bucket/shards?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1",
+            1,
+            "s3://bucket/shards?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1: the object store refused",
+        ),
+    ],
+)
+def test_a_data_root_uri_is_checked_the_same_way(tmp_path, capsys, monkeypatch, root, code, expected):
+    """The training data's shards (data.root) and prepare's OUT go through the same storage module as checkpoints."""
+    import stt.train
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the data root was checked after Ray or a stage started")
+
+    monkeypatch.setattr(stt.train, "start_ray", too_late)
+    got, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), f"data.root={root}"])
+    assert got == code and expected in line

@@ -23,7 +23,7 @@ Idempotent and resumable: a shard is written to `shard-XXXXX.parquet.tmp` and re
 complete, so a killed run leaves no half-written shard under a final name, and a re-run skips
 every shard whose final file exists and holds what the plan says (and refuses one that holds
 something else). SRC is a local folder (the layout readers are local); OUT is a local path or
-any URI `pyarrow.fs.FileSystem.from_uri` accepts (s3://bucket/prefix, file:///...).
+a file://, s3:// or gs:// URI (stt.storage), never inside SRC.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stt import cli
+from stt import cli, storage
 from stt.cli import UsageError
 from stt.data.layouts import DAVIS, DatasetError, ImageFolder, YouTubeVOS, read_rgb_or_none
 from stt.observe import with_progress
@@ -195,10 +195,9 @@ def _group_table(group: list[Video], src: Path, settings: Settings) -> pa.Table:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix (stt.storage: the schemes
+    it supports, and an unreachable store as one line within its time limit)."""
+    return storage.filesystem(uri)
 
 
 def shard_name(index: int) -> str:
@@ -335,7 +334,7 @@ def read_manifest(uri: str) -> dict:
 
 def is_shard_folder(uri: str) -> bool:
     fs, base = filesystem(uri)
-    return fs.get_file_info(f"{base}/{MANIFEST}").type == pafs.FileType.File
+    return storage.contact(uri, lambda: fs.get_file_info(f"{base}/{MANIFEST}")).type == pafs.FileType.File
 
 
 def read_row_group(uri: str, file: str, index: int, columns: list[str] | None = None) -> pa.Table:
