@@ -723,13 +723,14 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
     resolve_source(cfg.data.root)
     if cfg.data.images and any("spatial" in spec.streams for spec in specs):
         resolve_source(cfg.data.images, images=True)
-    if cfg.train.eval_every and cfg.train.eval_davis_root:
+    evaluates = bool(cfg.train.eval_every or cfg.train.eval_steps)
+    if evaluates and cfg.train.eval_davis_root:
         try:  # else found by the first evaluation, after Ray started and the first steps ran
             DAVIS(cfg.train.eval_davis_root, split=cfg.train.eval_davis_set)
         except DatasetError as error:
             raise DatasetError(f"train.eval_davis_root: {error}") from None
     inputs = {"data.root": cfg.data.root, "data.images": cfg.data.images}
-    if cfg.train.eval_every:
+    if evaluates:
         inputs["train.eval_davis_root"] = cfg.train.eval_davis_root
     # an image folder inside the run folder would train on its mask panels; a run inside the data, the reverse
     check_apart("--storage/--name", run_dir, inputs)

@@ -33,7 +33,7 @@ from stt.checkpoint import CHECKPOINT_FILE, join
 from stt.evaluate import evaluate_davis
 from stt.recipes import stage_spec
 from stt.sweep.space import with_params
-from stt.train import build_stage_trainer
+from stt.train import build_stage_trainer, check_stopped
 
 ARMS = ("defaults", "tuned")  # the untuned base configuration; the search's best training configuration
 PROPAGATIONS = ("default", "tuned")  # the base configuration's propagation; the searched one
@@ -76,7 +76,7 @@ def confirmation_trial(
         run_name="confirmation",
         trial=run_name(arm, seed),
     )
-    result = trainer.fit()
+    result = check_stopped(trainer.fit())  # a non-finite loss: its own line
     if result.checkpoint is None or result.metrics.get("step") != cfg.train.max_steps:
         raise RuntimeError(f"confirmation run {run_name(arm, seed)} ended at step {result.metrics.get('step')}")
     checkpoint = str(Path(result.checkpoint.path) / CHECKPOINT_FILE)
