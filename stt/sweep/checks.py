@@ -67,7 +67,7 @@ def sweep_inputs(args: argparse.Namespace, plan: SweepPlan, base: Config) -> dic
         "report_set": args.report_set,
         "init": args.init and (args.init if checkpoint.is_uri(args.init) else str(Path(args.init).resolve())),
         "space": hashlib.sha256(Path(args.space).read_bytes()).hexdigest(),
-        "plan": asdict(plan),
+        "plan": {key: value for key, value in asdict(plan).items() if key != "name"},  # the name repeats the options
         "config": to_dict(base),
     }
     return json.loads(json.dumps(inputs))  # tuples as lists, as they come back from the file
