@@ -30,7 +30,7 @@ class InterruptedRun(RuntimeError):
 class StorageError(OSError):
     """An object store that cannot be reached or refuses the request (network, credentials, endpoint).
 
-    `abandoned`: the thread of a request that never answered (stt.checkpoint.contact). pyarrow cannot cancel
+    `abandoned`: the thread of a request that never answered (stt.storage.contact). pyarrow cannot cancel
     it, and its S3 support waits at interpreter exit for requests in flight, so `run` ends the process at once.
     """
 

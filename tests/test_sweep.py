@@ -650,7 +650,8 @@ def test_overrides_after_an_option_reach_the_sweep(tmp_path, capsys, monkeypatch
 
 # ----------------------------------------------------------------------------------------- issue 28: before Ray
 class RayStarted(Exception):
-    """Raised in place of starting Ray: every check before it passed."""
+    """Raised in place of starting Ray, or of the sweep's first step when Ray already runs in this test session:
+    every check before it passed."""
 
 
 @pytest.fixture(scope="module")
@@ -669,6 +670,7 @@ def before_ray(monkeypatch):
         raise AssertionError("a default dataset was generated: give --data-root and --davis-root")
 
     monkeypatch.setattr(stt.sweep.cli, "start_ray", started)
+    monkeypatch.setattr(stt.sweep.cli, "Sweep", started)  # Ray started by an earlier test: start_ray is skipped
     monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", no_generation)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
