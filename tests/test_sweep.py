@@ -257,7 +257,7 @@ def test_object_store_storage_is_refused_with_the_reason():
         (["--samples", "-1"], "--samples -1: expected an integer >= 1"),
         (
             ["--plan", "laptop", "--trial-steps", "40"],
-            "--plan laptop --trial-steps 40: rungs [25, 50] exceed its trial_steps 40",
+            "--plan laptop --trial-steps 40: rungs [50] exceed its trial_steps 40",
         ),
         (
             ["--plan", "laptop", "--rungs", "25,50,200"],
@@ -265,7 +265,7 @@ def test_object_store_storage_is_refused_with_the_reason():
         ),
         (
             ["--plan", "laptop", "--rungs", "20,30"],
-            "--plan laptop --rungs 20,30: rungs [20, 30] are not ASHA's for a first rung of 20, reduction",
+            "--plan laptop --rungs 20,30: rungs [20, 30] are not ASHA's for a first rung of 20, reduction factor 3",
         ),
         (["--rungs", "a,b"], "--rungs a,b: expected comma-separated steps"),
     ],

@@ -121,15 +121,20 @@ PLANS = {
     # Real video on a 2-core laptop (e.g. ../shared/data/ytvos-real with data.frame_gap=4): configs/laptop.yaml's
     # crops, batch and lr, trials long enough for features to move (its learning curve, BENCHMARKS.md: +0.15 J&F
     # over random init by step 100), J&F at short side 240 (at 128 a random-init network collapses to J&F 0.03
-    # on real DAVIS, below the copied first mask). Estimated from measured step and evaluation costs: ~75 min.
+    # on real DAVIS, below the copied first mask).
+    # One rung, at 50 of 100 steps: bench/rung_correlation.py on this data (BENCHMARKS.md "Rung correlation") gave
+    # Spearman 0.93 (95 % 0.62-1.0) between J&F at step 50 and at 100 over 8 configurations, 0.64 (-0.22-1.0) at
+    # step 25, so a rung at 25 would stop trials on noise. Reduction factor 3: a third of the trials go on to 100.
+    # Measured costs on one core (2-core machine, idle): a step 2.7 s, an evaluation on DAVIS train at 240 165 s
+    # (features 108 s, propagation 50 s): the evaluations, not the steps, bound how many trials fit.
     "laptop": SweepPlan(
         name="--plan laptop",
-        training_trials=3,
+        training_trials=12,
         propagation_trials=12,
         earlier_steps=100,
         trial_steps=100,
-        rungs=(25, 50),
-        reduction_factor=2,
+        rungs=(50,),
+        reduction_factor=3,
         confirm_seeds=3,
         overrides=(
             *REAL_VIDEO,
