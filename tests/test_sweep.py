@@ -287,6 +287,22 @@ def test_plans_rungs_are_ashas_milestones():
     assert PLANS["laptop"].confirm_seeds == 3 and PLANS["quick"].confirm_seeds == 2
 
 
+def test_the_best_training_trial_is_chosen_among_those_that_ran_the_full_budget():
+    from types import SimpleNamespace
+
+    from stt.sweep.phases import best_result
+
+    def trial(trial_id, step, jf):
+        return SimpleNamespace(metrics={"trial_id": trial_id, "step": step, "tuning_jf": jf})
+
+    # the laptop sweep's case: a trial ASHA stopped at step 50 scored above every full run at step 100
+    stopped, full, better_full = trial("a", 50, 0.314), trial("b", 100, 0.294), trial("c", 100, 0.308)
+    assert best_result([stopped, full, better_full], full_steps=100) is better_full
+    assert best_result([stopped, full, better_full]) is stopped  # propagation trials have no budget to compare
+    with pytest.raises(RuntimeError, match="at step 100"):
+        best_result([stopped], full_steps=100)
+
+
 def test_paired_bootstrap_by_hand():
     """The observed difference is the official J&F's (object means of J and F, averaged) difference, averaged
     over seeds; resampling never leaves the range the seeds' and sequences' differences span."""

@@ -233,7 +233,7 @@ class Sweep:
         check_finished(results, "phase 2/5", "training", plan.training_trials)
         # Each trial's last J&F report carries its latest checkpoint, so comparing last results keeps
         # the chosen J&F and the chosen checkpoint the same model (an early peak's weights may be gone).
-        best = best_result(results)
+        best = best_result(results, full_steps=plan.trial_steps)
         run = self.experiment / "training-runs" / best.metrics["trial_id"] / self.stage
         chosen = {
             "params": {k: best.config[k] for k in self.space["training"]},
@@ -532,12 +532,18 @@ def fit_in_driver(trainer, phase: str, steps: int) -> ray.train.Result:
     return result
 
 
-def best_result(results) -> ray.tune.Result:
-    """The trial with the highest last-reported J&F. Ties (common on tiny or early models) go to the larger
-    trial id, so a resumed sweep, whose restored results Tune may list in another order, chooses the same trial."""
+def best_result(results, full_steps: int | None = None) -> ray.tune.Result:
+    """The trial with the highest last-reported J&F. With `full_steps` (training), only trials that trained the
+    full budget compete: a trial ASHA stopped at a rung reports an early J&F, not comparable with a full run's,
+    and its configuration is retrained (confirmation) and propagated (phase 3) at the full budget. Ties (common on
+    tiny or early models) go to the larger trial id, so a resumed sweep, whose restored results Tune may list in
+    another order, chooses the same trial."""
     scored = [result for result in results if result.metrics and METRIC in result.metrics]
+    if full_steps is not None:
+        scored = [result for result in scored if result.metrics.get("step", 0) >= full_steps]
     if not scored:
-        raise RuntimeError("no trial reported a tuning J&F; see the trials' errors above")
+        budget = f" at step {full_steps}" if full_steps is not None else ""
+        raise RuntimeError(f"no trial reported a tuning J&F{budget}; see the trials' errors above")
     return max(scored, key=lambda result: (result.metrics[METRIC], result.metrics["trial_id"]))
 
 
