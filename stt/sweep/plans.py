@@ -122,11 +122,12 @@ PLANS = {
     # crops, batch and lr, trials long enough for features to move (its learning curve, BENCHMARKS.md: +0.15 J&F
     # over random init by step 100), J&F at short side 240 (at 128 a random-init network collapses to J&F 0.03
     # on real DAVIS, below the copied first mask).
-    # One rung, at 50 of 100 steps: bench/rung_correlation.py on this data (BENCHMARKS.md "Rung correlation") gave
-    # Spearman 0.93 (95 % 0.62-1.0) between J&F at step 50 and at 100 over 8 configurations, 0.64 (-0.22-1.0) at
-    # step 25, so a rung at 25 would stop trials on noise. Reduction factor 3: a third of the trials go on to 100.
+    # One rung, at 50 of 100 steps: bench/rung_correlation.py on this data (BENCHMARKS.md, "Do early rungs rank
+    # like full runs?") gave Spearman 0.93 (95 % 0.62-1.0) between J&F at step 50 and at 100 over 8
+    # configurations, 0.64 (-0.22-1.0) at step 25, so a rung at 25 would stop trials on noise. Reduction factor 3: a third of the trials go on to 100.
     # Measured costs on one core (2-core machine, idle): a step 2.7 s, an evaluation on DAVIS train at 240 165 s
-    # (features 108 s, propagation 50 s): the evaluations, not the steps, bound how many trials fit.
+    # (features 108 s, propagation 50 s): the evaluations, not the steps, bound how many trials fit. Measured
+    # 2026-12-04: phases 1-3 took 88 min (phase 2 72 min), so the whole plan runs about two hours, not one.
     "laptop": SweepPlan(
         name="--plan laptop",
         training_trials=12,
