@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from stt.cli import UsageError
+from stt.errors import UsageError
 
 
 @dataclass

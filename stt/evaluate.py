@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stt import cli
+from stt import command
 from stt.cache import cache_dir
 from stt.config import PRESETS, Config, load_config, to_dict
 from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
@@ -511,11 +511,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = cli.parse_args(get_args_parser(), argv)
+    args = command.parse_args(get_args_parser(), argv)
     cfg = load_config(args.config, [*PRESETS.get(args.preset or "", ()), *args.overrides])
     run = {"davis": run_davis, "vip": run_vip, "jhmdb": run_jhmdb, "score": run_score}[args.command]
     return run(args, cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "stt.evaluate"))
+    sys.exit(command.run(main, "stt.evaluate"))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from stt.cli import UsageError
 from stt.config import Config, TemporalConfig, from_dict, to_dict
+from stt.errors import UsageError
 from stt.losses import student_levels
 from stt.models import MAST_ARCH, TORCHVISION_ARCHS
 

@@ -60,11 +60,11 @@ import ray.train.torch
 import torch
 from torch import Tensor, nn
 
-from stt import checkpoint, cli
-from stt.cli import UsageError
+from stt import checkpoint, command
 from stt.config import Config, load_config, to_dict
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.data.pipeline import SkippedFrames, check_cpu_budget, resolve_source
+from stt.errors import StorageError, UsageError
 from stt.observe import MASKS_PNG, progress_text
 from stt.paths import check_apart
 from stt.recipes import STAGES, TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
@@ -663,7 +663,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     """Run the requested stages; returns {stage: final checkpoint path}."""
-    args = cli.parse_args(get_args_parser(), argv)
+    args = command.parse_args(get_args_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     if args.table1_row:
         cfg.temporal = table1_config(args.table1_row, cfg.temporal)
@@ -743,7 +743,7 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
         checkpoint.contact(run_dir, lambda: fs.create_dir(path, recursive=True))
         if not checkpoint.is_uri(run_dir) and not os.access(path, os.W_OK):
             raise PermissionError(path)
-    except cli.StorageError:
+    except StorageError:
         raise  # already one line naming the store (and a request that never answered ends the process)
     except OSError as error:
         raise PermissionError(
@@ -752,4 +752,4 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "stt.train"))
+    sys.exit(command.run(main, "stt.train"))

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
+from stt.errors import UsageError
 
 
 def test_defaults_match_design():
@@ -84,7 +84,7 @@ def test_laptop_recipe_loads_with_values_in_range():
 def test_the_temporal_rate_moved_to_its_stage(tmp_path):
     """train.lr is the temporal stage's rate only, so it lives in `temporal`: the old key is refused with the
     new name in a config file or override, and read as the new one from a checkpoint stored before the move."""
-    from stt.cli import UsageError
+    from stt.errors import UsageError
 
     with pytest.raises(UsageError, match=r"config key 'train.lr' is now 'temporal.lr'"):
         apply_overrides(Config(), ["train.lr=5e-4"])

@@ -15,8 +15,8 @@ import torch
 
 from stt import checkpoint
 from stt.checkpoint import CHECKPOINT_FILE
-from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, load_config
+from stt.errors import UsageError
 from stt.models import build_encoder, encoder_state_dict
 from stt.recipes import stage_spec
 from stt.stages import NonFiniteStep, StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, to_dict, validate
+from stt.errors import UsageError
 from stt.recipes import StageSpec, recipe_of, stage_spec
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
