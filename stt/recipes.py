@@ -15,8 +15,9 @@ computed in stt.stages.
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
-from stt.config import Config, TemporalConfig, from_dict, to_dict
+from stt.config import Config, RecipeName, TemporalConfig, from_dict, to_dict
 from stt.errors import UsageError
 from stt.losses import student_levels
 from stt.models import MAST_ARCH, TORCHVISION_ARCHS
@@ -53,6 +54,9 @@ RECIPES: dict[str, Recipe] = {
     # not a Table 2 row: VFS (paper 003), trained on the same videos for the one-protocol comparison
     "vfs": Recipe(("vfs",), global_distillation=False),
 }
+# train.recipe's choices are declared once, in stt.config; each has its Recipe here
+if tuple(RECIPES) != get_args(RecipeName):
+    raise AssertionError(f"stt.config.RecipeName {get_args(RecipeName)} and RECIPES {tuple(RECIPES)} differ")
 
 
 STAGES = ("spatial", "temporal", "spatiotemporal", "vfs")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stt.color import drop_color_channel, normalize_lab, rgb_to_lab, take_channel
-from stt.config import TemporalConfig
+from stt.config import Config, TemporalConfig, validate
 from stt.correlation import aggregate_local, global_correlation, local_correlation, local_softmax
 from stt.losses import (
     downsample_local_correlation,
@@ -428,10 +428,11 @@ def test_table1_rows_switch_terms_off():
 
 def test_bad_inputs_are_named():
     student_t, student_r, teacher_t, teacher_r, target, reference = random_pyramids()
+    # the objective's choices are checked once, when the configuration is loaded (stt.config.validate)
     with pytest.raises(ValueError, match="temporal.rec_levels"):
-        temporal_losses(student_t, student_r, target, reference, dataclasses.replace(SMALL, rec_levels=("res5",)))
+        validate(Config(temporal=dataclasses.replace(SMALL, rec_levels=("res5",))))
     with pytest.raises(ValueError, match="temporal.entropy"):
-        temporal_losses(student_t, student_r, target, reference, dataclasses.replace(SMALL, entropy="renyi"))
+        validate(Config(temporal=dataclasses.replace(SMALL, entropy="renyi")))
     with pytest.raises(ValueError, match="teacher"):
         temporal_losses(student_t, student_r, target, reference, SMALL)
     with pytest.raises(KeyError, match="res3"):
