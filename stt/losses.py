@@ -242,7 +242,7 @@ def _feature(features: dict[str, Tensor], level: str, name: str) -> Tensor:
     return features[level]
 
 
-def temporal_losses(
+def temporal_terms(
     student_t: dict[str, Tensor],
     student_r: dict[str, Tensor],
     target_channel: Tensor,
