@@ -103,7 +103,7 @@ def worker_batches(spec: StageSpec, start_step: int, skipped, device: torch.devi
                 vfs_cfg=cfg.vfs,
             ),
             cfg.train.batch_size,
-            spec.stage.streams[name],
+            list(spec.stage.streams[name]),
             device,
         )
         for name in spec.streams
