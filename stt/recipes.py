@@ -56,6 +56,8 @@ RECIPES: dict[str, Recipe] = {
 # train.recipe's choices are declared once, in stt.config; each has its Recipe here
 if tuple(RECIPES) != get_args(RecipeName):
     raise AssertionError(f"stt.config.RecipeName {get_args(RecipeName)} and RECIPES {tuple(RECIPES)} differ")
+if unknown := {stage for recipe in RECIPES.values() for stage in recipe.stages} - set(STAGES):
+    raise AssertionError(f"RECIPES name stages stt.stages.STAGES does not have: {sorted(unknown)}")
 
 
 def recipe_of(cfg: Config) -> Recipe:
