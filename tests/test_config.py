@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
+from stt.config import Config, apply_overrides, from_dict, load_config, set_values, to_dict
 from stt.errors import UsageError
 
 
@@ -122,3 +122,24 @@ def test_non_finite_numbers_are_refused_where_values_are_parsed(override, tmp_pa
     path.write_text(f"{section}:\n  {name}: {value}\n")
     with pytest.raises(UsageError, match=rf"^{path}: {re.escape(key)}: expected a finite number"):
         load_config(path)
+
+
+def test_set_values_applies_typed_values_to_a_copy_and_validates_them_once():
+    cfg = Config()
+    new = set_values(
+        cfg, {"temporal.alpha": 5, "temporal.rec_levels": ["res4"], "propagation.radius": None, "model.stride": 4}
+    )
+    assert (new.temporal.alpha, new.temporal.rec_levels, new.propagation.radius, new.model.stride) == (
+        5.0,
+        ("res4",),
+        None,
+        4,
+    )
+    assert isinstance(new.temporal.alpha, float) and cfg.temporal.alpha == 1000.0  # typed as declared; cfg unchanged
+    assert set_values(cfg, {"model.weights": "yes"}).model.weights == "yes"  # a value is not parsed as YAML again
+    with pytest.raises(UsageError, match="temporal.alpha: expected zero or more, got -1.0"):
+        set_values(cfg, {"temporal.alpha": -1})
+    with pytest.raises(UsageError, match="propagation.window: expected one of"):
+        set_values(cfg, {"propagation.window": "hexagon"})
+    with pytest.raises(UsageError, match="unknown config key 'temporal.alpah'"):
+        set_values(cfg, {"temporal.alpah": 1})
