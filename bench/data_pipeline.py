@@ -28,7 +28,8 @@ from skimage import data as skdata
 from stt.config import DataConfig
 from stt.data import prepare as prep
 from stt.data.layouts import read_rgb_or_none
-from stt.data.pipeline import Source, raw_plan, shard_plan, temporal_pair_dataset, unit_pairs
+from stt.data.pipeline import stream_dataset, unit_pairs
+from stt.data.plans import Source, raw_plan, shard_plan
 from stt.data.transforms import pair_crops
 
 
@@ -73,7 +74,7 @@ def inline(plan, shard_root, cfg) -> tuple[int, float, float]:
 
 
 def ray_stream(source: Source, cfg: DataConfig, epochs: int) -> tuple[int, float]:
-    stream = temporal_pair_dataset(cfg, source, epochs=epochs)
+    stream = stream_dataset("temporal", cfg, source=source, epochs=epochs)
     batches = iter(stream.dataset.iter_batches(batch_size=32, batch_format="numpy"))
     pairs = len(next(batches)["target"])  # the first batch pays for worker start-up: not timed
     started, pairs = time.perf_counter(), 0

@@ -31,7 +31,8 @@ import ray
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
-from stt.cli import UsageError, run
+from stt.command import run
+from stt.errors import UsageError
 from stt.sweep.cli import get_args_parser, prepare
 from stt.sweep.phases import Sweep
 from stt.sweep.trials import optuna_storage

@@ -5,7 +5,7 @@
 
 Two measurements per architecture, in the same run and on the same random uint8 frame pairs:
   backbone   the student encoder forward (res3, res4, res5) + backward on both frames of each pair;
-  temporal   stt.stages.temporal_loss (Lab conversion, colour bottleneck, student pyramid,
+  temporal   stt.stages.temporal_batch_loss (Lab conversion, colour bottleneck, student pyramid,
              frozen teacher, all losses) + backward + Adam step, under the default recipe.
 On CUDA both run under bf16 autocast with channels_last; `--compile` adds torch.compile'd rows.
 Each measurement runs in its own process, so "peak" is that process's alone: on CUDA the peak
@@ -25,7 +25,7 @@ import torch
 from stt.config import Config
 from stt.features import resolve_device
 from stt.models import LEVELS, build_encoder, build_teacher
-from stt.stages import temporal_loss
+from stt.stages import temporal_batch_loss
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def measure(case: dict) -> dict:
     pair = {"target": frames[0], "reference": frames[1]}
 
     forward = torch.compile(student) if case["compile"] else student
-    step_losses = torch.compile(temporal_loss) if case["compile"] else temporal_loss
+    step_losses = torch.compile(temporal_batch_loss) if case["compile"] else temporal_batch_loss
 
     def backbone_step() -> None:
         x = torch.cat([pair["target"], pair["reference"]]).float().div(255.0)

@@ -4,82 +4,144 @@ A run's whole configuration is one `Config`. Files hold a nested mapping with th
 section names (`model`, `temporal`, `propagation`, ...); command lines add overrides such as
 `temporal.alpha=500` or `propagation.aggregation=per-frame`. Unknown keys are errors, so a typo
 never silently falls back to a default.
+
+Every accepted value is declared on its field: a choice as a `Literal` type (the modules that use the choices
+read them from here with `typing.get_args`), a range as `Annotated` metadata (a `Check`). `validate` derives
+every check from those annotations and runs once, when a configuration is loaded (`load_config`) or values are
+set (`set_values`); nothing downstream checks them again. This module imports nothing of stt but stt.errors.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from stt.cli import UsageError
+from stt.errors import UsageError
+
+# ----------------------------------------------------------------------------------------- the choices
+Arch = Literal["resnet18", "resnet50", "mast-resnet18"]  # stt.models (MAST's encoder: evaluation only)
+# a student's res4 stride, or a published trunk by name: 8-maxpool (VFS's), 8-maxpool-reflect (CRW's)
+Stride = Literal[8, 4, "8-maxpool", "8-maxpool-reflect"]
+InputSpace = Literal["rgb", "lab"]
+Level = Literal["res3", "res4", "res5"]  # the encoder's pyramid (stt.models.LEVELS)
+PyramidLevel = Literal["res3", "res4"]  # the reconstructed levels, fine to coarse (stt.losses.PYRAMID_LEVELS)
+SpatialMethod = Literal["moco", "detco"]
+ReferencePooling = Literal["mean", "sum"]
+EntropyScore = Literal["neglog", "shannon", "none"]
+EntropyWindow = Literal["normalised", "padded", "in-frame"]
+ThresholdMode = Literal["keep_fraction", "absolute"]
+VFSSampling = Literal["distant", "continuous"]
+Aggregation = Literal["overall", "per-frame"]
+PerFrameNorm = Literal["before-mask", "after-mask"]
+Window = Literal["square", "circle"]
+LabelSampling = Literal["area", "nearest"]
+RecipeName = Literal[  # paper 001 Table 2, and vfs (stt.recipes.RECIPES: one Recipe per name)
+    "spatial",
+    "temporal",
+    "spatiotemporal",
+    "spatial-then-temporal",
+    "spatial-then-temporal-no-gc",
+    "spatial-then-temporal-ewc",
+    "spatial-then-temporal-lwf",
+    "temporal-then-spatial",
+    "temporal-then-spatial-ewc",
+    "vfs",
+]
+
+
+# ----------------------------------------------------------------------------------------- the ranges
+@dataclass(frozen=True)
+class Check:
+    """A field's accepted range, as `Annotated` metadata: `ok(value)`, else `<key>: expected <expected>, got ...`
+    (the value shown as a list when `as_list`)."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+    as_list: bool = False
+
+
+POSITIVE = Check(lambda v: v > 0, "a positive value")
+NON_NEGATIVE = Check(lambda v: v is None or v >= 0, "zero or more")  # 0 means off / none / native size
+AREA_FRACTIONS = Check(lambda v: 0 < v[0] <= v[1] <= 1, "0 < low <= high <= 1 (fractions of the frame area)", True)
+DISTINCT_LEVELS = Check(
+    lambda v: bool(v) and len(set(v)) == len(v) and set(v) <= set(typing.get_args(PyramidLevel)),
+    f"distinct levels among {typing.get_args(PyramidLevel)}",
+    True,
+)
+WIDTH_OVER_HEIGHT = Check(lambda v: 0 < v[0] <= v[1], "0 < low <= high (width / height)", True)
+STEPS = Check(lambda v: all(step >= 1 for step in v), "steps >= 1", True)
+PosInt, PosFloat = Annotated[int, POSITIVE], Annotated[float, POSITIVE]
+NonNegInt, NonNegFloat = Annotated[int, NON_NEGATIVE], Annotated[float, NON_NEGATIVE]
 
 
 @dataclass
 class ModelConfig:
     """The encoder. Stride presets follow DESIGN.md: `stride` is the output stride of res4."""
 
-    arch: str = "resnet18"  # resnet18 | resnet50 | mast-resnet18 (MAST's encoder, evaluation only; stt.models)
+    arch: Arch = "resnet18"
     # 8: res3 at 1/4, res4 at 1/8; 4: res3 and res4 at 1/4 (no max-pool, layer3 stride 1); named presets
     # (stt.models.STRIDES) are published trunks: 8-maxpool (VFS's), 8-maxpool-reflect (CRW's)
-    stride: int | str = 8
+    stride: Stride = 8
     weights: str = "random"  # random | path to a local torchvision ImageNet state dict
-    input_space: str = "rgb"  # rgb (ImageNet-normalised) | lab (normalised Lab, the temporal stage's input)
+    input_space: InputSpace = "rgb"  # rgb (ImageNet-normalised) | lab (normalised Lab, the temporal stage's input)
 
 
 @dataclass
 class SpatialConfig:
     """Stage 1: MoCo v2-style contrastive learning on still images (DetCo-style local terms optional)."""
 
-    method: str = "moco"  # moco | detco
-    feature_dim: int = 128
-    queue_size: int = 4096
-    momentum: float = 0.999
-    temperature: float = 0.2
+    method: SpatialMethod = "moco"
+    feature_dim: PosInt = 128
+    queue_size: PosInt = 4096
+    momentum: Annotated[float, Check(lambda v: 0 <= v < 1, "a value in [0, 1)")] = 0.999
+    temperature: PosFloat = 0.2
     # Shuffle-BN substitute within one worker: keys are encoded as this many BatchNorm groups of a
     # shuffled batch, queries as the same number of unshuffled groups (see stt/spatial.py).
-    bn_splits: int = 4
-    image_size: int = 224
+    bn_splits: PosInt = 4
+    image_size: PosInt = 224
     # MoCo v2's SGD rate for a global batch of `lr_batch` images; the effective rate is
     # lr x global batch / lr_batch (its linear scaling rule), global batch = train.batch_size x workers.
-    lr: float = 0.03
-    lr_batch: int = 256
-    weight_decay: float = 1e-4
+    lr: PosFloat = 0.03
+    lr_batch: PosInt = 256
+    weight_decay: NonNegFloat = 1e-4
 
 
 @dataclass
 class TemporalConfig:
     """Stage 2: its objective L = L_rec^p + alpha * L_lc^e + beta * L_gc (paper 001, Sec. 3.2-3.3) and its rate."""
 
-    rec_levels: tuple[str, ...] = ("res3", "res4")  # ("res4",) is Table 1's first row
-    radius_res3: int = 12
-    radius_res4: int = 6
-    rec_scale: float = 20.0  # smooth-L1 is multiplied by this, per level
-    channel_dropout_scale: float = 1.5  # after zeroing a or b, the whole Lab frame is scaled by this (authors, MAST)
-    alpha: float = 1000.0  # local correlation distillation weight; 0 disables it
+    rec_levels: Annotated[tuple[PyramidLevel, ...], DISTINCT_LEVELS] = ("res3", "res4")  # ("res4",): Table 1's row 1
+    radius_res3: PosInt = 12
+    radius_res4: PosInt = 6
+    rec_scale: PosFloat = 20.0  # smooth-L1 is multiplied by this, per level
+    channel_dropout_scale: PosFloat = 1.5  # after zeroing a or b, the whole Lab frame is scaled by this (authors, MAST)
+    alpha: NonNegFloat = 1000.0  # local correlation distillation weight; 0 disables it
     # How the res3 correlation's 2x2 reference cells merge into one res4 cell for the pseudo-label:
     # mean (authors' code, RAFT-style avg-pool; pooled rows sum to 1/4) | sum (rows stay distributions)
-    lc_reference_pooling: str = "mean"
-    entropy: str = "neglog"  # neglog (Eq. 6 as printed, authors' code) | shannon | none
-    entropy_threshold: float = 0.7
+    lc_reference_pooling: ReferencePooling = "mean"
+    entropy: EntropyScore = "neglog"  # neglog (Eq. 6 as printed, authors' code) | shannon | none
+    entropy_threshold: float = 0.7  # with keep_fraction: in (0, 1] (`validate`)
     # Which keys a row's score is over (stt.losses.entropy_score): normalised (in-frame keys against the
     # uniform row over them: no border bias) | padded (the authors' fixed zero-padded window) | in-frame
-    entropy_window: str = "normalised"
-    threshold_mode: str = "keep_fraction"  # keep_fraction (per-sample quantile) | absolute
-    beta: float = 50.0  # global correlation distillation weight; 0 disables it
-    teacher_temperature: float = 0.07
+    entropy_window: EntropyWindow = "normalised"
+    threshold_mode: ThresholdMode = "keep_fraction"  # keep_fraction (per-sample quantile) | absolute
+    beta: NonNegFloat = 50.0  # global correlation distillation weight; 0 disables it
+    teacher_temperature: PosFloat = 0.07
     # The stage's Adam rate for a global batch of `lr_batch` pairs; effective rate = lr x global batch / lr_batch
     # (the same linear rule as spatial.lr and vfs.lr). Paper 001: 1e-4 at 128 pairs (ResNet-18); the authors'
     # code (configs/train/train.py, ResNet-50, 16 x 4 GPUs = 64 pairs) uses 5e-5, which the same rule gives.
     # Default: 16 x 8 workers = 128.
-    lr: float = 1e-4
-    lr_batch: int = 128
+    lr: PosFloat = 1e-4
+    lr_batch: PosInt = 128
 
 
 @dataclass
@@ -95,40 +157,44 @@ class VFSConfig:
     negatives: bool = False
     # distant: the video cut into 2 halves, one frame drawn uniformly in each (Table 1, n = 2; Table 3 "D", the
     # best); continuous: a random first frame and the second `interval` list steps later (Table 3's delta)
-    sampling: str = "distant"
-    interval: int = 32
-    image_size: int = 224  # each frame: its own random resized crop (area 0.2-1, aspect 3/4-4/3) to this, its own flip
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    sampling: VFSSampling = "distant"
+    interval: PosInt = 32
+    image_size: PosInt = (
+        224  # each frame: its own random resized crop (area 0.2-1, aspect 3/4-4/3) to this, its own flip
+    )
+    crop_scale: Annotated[tuple[float, float], AREA_FRACTIONS] = (0.2, 1.0)
     color_aug: bool = False  # MoCo v2's jitter/grayscale/blur per frame; hurts DAVIS (Table 2: 65.0 -> 61.9)
     # SGD (momentum 0.9) rate for a global batch of `lr_batch` pairs, scaled linearly (paper: 0.05 at 256)
-    lr: float = 0.05
-    lr_batch: int = 256
-    weight_decay: float = 1e-4
+    lr: PosFloat = 0.05
+    lr_batch: PosInt = 256
+    weight_decay: NonNegFloat = 1e-4
 
 
 @dataclass
 class PropagationConfig:
     """Label propagation, Algorithm 1 of paper 004; defaults are DESIGN.md's DAVIS settings."""
 
-    aggregation: str = "overall"  # overall | per-frame
-    per_frame_norm: str = "before-mask"  # per-frame softmax over the whole frame (UVC) | after-mask (MAST)
-    temperature: float = 0.07
-    topk: int = 10
-    context: int = 20  # previous frames used as context, in addition to the first frame
+    aggregation: Aggregation = "overall"
+    per_frame_norm: PerFrameNorm = "before-mask"  # per-frame softmax over the whole frame (UVC) | after-mask (MAST)
+    temperature: PosFloat = 0.07
+    topk: PosInt = 10
+    context: NonNegInt = 20  # previous frames used as context, in addition to the first frame
     # In feature cells; 0 disables the spatial window. None: the authors' radius for the task and the
     # feature stride (stt.propagation.AUTHORS_RADIUS: DAVIS 12 / JHMDB 5 / VIP 16 cells at stride 8,
     # 35 / 12 / 35 at stride 4), resolved by the evaluator once it knows both.
-    radius: float | None = None
-    window: str = "square"  # square | circle
+    radius: Annotated[float | None, NON_NEGATIVE] = None
+    window: Window = "square"
     window_first_frame: bool = True
     soft_labels: bool = True  # carry soft predictions forward (else one-hot argmax)
     normalize: bool = True  # L2-normalise features
     # The authors' evaluator (vanilla_tracker.py), each rule off by default (DESIGN.md says why);
     # `python -m stt.evaluate --preset authors` or configs/authors.yaml turns on all three:
     repeat_first_frame: bool = False  # early targets see the first frame twice (key_start = max(0, t - context))
-    label_sampling: str = "area"  # first labels on the grid: area (fraction of each cell) | nearest (one pixel, PIL)
+    label_sampling: LabelSampling = (
+        "area"  # first labels on the grid: area (fraction of each cell) | nearest (one pixel, PIL)
+    )
     minmax_normalise: bool = False  # per-frame, per-channel min-max of the upsampled soft labels before the argmax
-    chunk_size: int = 2048  # target positions per chunk in the windowed implementation
+    chunk_size: PosInt = 2048  # target positions per chunk in the windowed implementation
 
 
 # Named evaluation protocols as dotted overrides (`python -m stt.evaluate ... --preset NAME`), applied
@@ -147,11 +213,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
 class EvalConfig:
     """Feature extraction for evaluation."""
 
-    layer: str = "res4"
-    max_short_side: int = 480  # frames are fed at native size, downscaled only if taller than this (DAVIS: 480p)
-    vip_size: int = 560
-    jhmdb_size: int = 320  # the authors: JHMDB frames resized to 320 x 320, VIP to 560 x 560
-    batch_size: int = 8
+    layer: Level = "res4"
+    max_short_side: NonNegInt = 480  # frames are fed at native size, downscaled only if taller than this (DAVIS: 480p)
+    vip_size: PosInt = 560
+    jhmdb_size: PosInt = 320  # the authors: JHMDB frames resized to 320 x 320, VIP to 560 x 560
+    batch_size: PosInt = 8
 
 
 @dataclass
@@ -160,11 +226,14 @@ class DataConfig:
 
     root: str = ""  # empty: the embedded synthetic default
     images: str = ""  # image folder for the spatial stage; empty: frames of `root`
-    crop_size: int = 256
-    crop_scale: tuple[float, float] = (0.6, 1.0)
-    crop_ratio: tuple[float, float] = (1.5, 2.0)
-    frame_gap: int = 1  # in annotated-list steps; YouTube-VOS lists every 5th raw frame
-    data_cpus: float = 1.0  # CPUs of the Ray Data decode/augment actors, kept free of Train workers (stt.data.pipeline)
+    # the global distillation compares res5 maps at stride 32: the crop must tile into whole cells
+    crop_size: Annotated[int, Check(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")] = 256
+    crop_scale: Annotated[tuple[float, float], AREA_FRACTIONS] = (0.6, 1.0)
+    crop_ratio: Annotated[tuple[float, float], WIDTH_OVER_HEIGHT] = (1.5, 2.0)
+    frame_gap: PosInt = 1  # in annotated-list steps; YouTube-VOS lists every 5th raw frame
+    data_cpus: PosFloat = (
+        1.0  # CPUs of the Ray Data decode/augment actors, kept free of Train workers (stt.data.pipeline)
+    )
     # Decode and augment in a background thread of the (single) Train worker instead of in Ray Data tasks:
     # the same stream without Ray Data's start-up, which dominates short runs on a small machine (the
     # quick and laptop sweep plans); --workers 1 only. data_cpus is then not reserved.
@@ -175,25 +244,27 @@ class DataConfig:
 class TrainConfig:
     """The optimisation schedule of one stage."""
 
-    recipe: str = "spatial-then-temporal"
-    gamma: float = 1.0  # spatiotemporal recipe only: L = L_nce + gamma * L_t (paper 001 Sec. 3.3 (ii))
+    recipe: RecipeName = "spatial-then-temporal"
+    gamma: NonNegFloat = 1.0  # spatiotemporal recipe only: L = L_nce + gamma * L_t (paper 001 Sec. 3.3 (ii))
     # EWC recipes only (stt.ewc): penalty weight lambda (paper 001 does not state it: tune it) and the
     # batches of the earlier stage's own stream its diagonal Fisher is averaged over, at its last step.
-    ewc_weight: float = 100.0
-    ewc_fisher_batches: int = 8
+    ewc_weight: NonNegFloat = 100.0
+    ewc_fisher_batches: PosInt = 8
     # LwF recipe only (stt.lwf): weight lambda_o of the distillation term (LwF: 1) and its temperature T (LwF: 2)
-    lwf_weight: float = 1.0
-    lwf_temperature: float = 2.0
-    batch_size: int = 16  # per worker: the global batch is batch_size x workers
+    lwf_weight: NonNegFloat = 1.0
+    lwf_temperature: PosFloat = 2.0
+    batch_size: PosInt = 16  # per worker: the global batch is batch_size x workers
     # Each stage's rate is its own section's: spatial.lr (also the joint stage's), temporal.lr, vfs.lr.
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    checkpoint_every: int = 100
+    warmup_steps: NonNegInt = 100
+    max_steps: PosInt = 1000
+    checkpoint_every: PosInt = 100
     seed: int = 0
-    log_every: int = 10  # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
-    eval_every: int = 500  # steps between DAVIS J&F evaluations on rank 0 (at a checkpoint); 0 disables them
+    log_every: PosInt = (
+        10  # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
+    )
+    eval_every: NonNegInt = 500  # steps between DAVIS J&F evaluations on rank 0 (at a checkpoint); 0 disables them
     # More steps to evaluate (and checkpoint) at, whatever eval_every says: the sweep's rungs (stt.sweep.plans)
-    eval_steps: tuple[int, ...] = ()
+    eval_steps: Annotated[tuple[int, ...], STEPS] = ()
     eval_davis_root: str = ""  # the small held-out DAVIS-layout set for those; empty: the embedded synthetic set
     eval_davis_set: str = "val"  # its split (ImageSets/2017/<set>.txt); the sweep tunes on "train"
 
@@ -217,132 +288,35 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def validate(config: Config) -> Config:
-    """Check every value's range and every choice; a UsageError names the first bad key.
+    """Check every value against its field's declaration (a `Literal`'s choices, `Check` ranges); a UsageError
+    names the first bad key.
 
-    Run on every loaded configuration, before anything expensive starts (Ray, feature extraction): a
+    Run once on every loaded configuration, before anything expensive starts (Ray, feature extraction): a
     value outside these ranges would otherwise surface as a crash deep in a worker, or as a number.
-    The choices are the ones the modules that use them declare.
     """
-    from stt.losses import ENTROPY_SCORES, ENTROPY_WINDOWS, PYRAMID_LEVELS, REFERENCE_POOLINGS, THRESHOLD_MODES
-    from stt.models import ARCHS, LEVELS, STRIDES
-    from stt.propagation import AGGREGATIONS, LABEL_SAMPLINGS, PER_FRAME_NORMS, WINDOWS
-    from stt.recipes import RECIPES
-    from stt.vfs import SAMPLINGS as VFS_SAMPLINGS
-
-    m, s, t, p, e, d, r = (
-        config.model,
-        config.spatial,
-        config.temporal,
-        config.propagation,
-        config.eval,
-        config.data,
-        config.train,
-    )
-    for name, value, allowed in (
-        ("model.arch", m.arch, tuple(ARCHS)),
-        ("model.stride", m.stride, STRIDES),
-        ("model.input_space", m.input_space, ("rgb", "lab")),
-        ("spatial.method", s.method, ("moco", "detco")),
-        ("temporal.lc_reference_pooling", t.lc_reference_pooling, REFERENCE_POOLINGS),
-        ("temporal.entropy", t.entropy, ENTROPY_SCORES),
-        ("temporal.entropy_window", t.entropy_window, ENTROPY_WINDOWS),
-        ("temporal.threshold_mode", t.threshold_mode, THRESHOLD_MODES),
-        ("propagation.aggregation", p.aggregation, AGGREGATIONS),
-        ("propagation.per_frame_norm", p.per_frame_norm, PER_FRAME_NORMS),
-        ("propagation.window", p.window, WINDOWS),
-        ("propagation.label_sampling", p.label_sampling, LABEL_SAMPLINGS),
-        ("eval.layer", e.layer, LEVELS),
-        ("train.recipe", r.recipe, tuple(RECIPES)),
-        ("vfs.sampling", config.vfs.sampling, VFS_SAMPLINGS),
-    ):
-        check_choice(name, value, allowed)
-    if not t.rec_levels or set(t.rec_levels) - set(PYRAMID_LEVELS) or len(set(t.rec_levels)) != len(t.rec_levels):
-        raise UsageError(
-            f"temporal.rec_levels: expected distinct levels among {PYRAMID_LEVELS}, got {list(t.rec_levels)}"
-        )
-    positive = {  # > 0
-        "spatial.feature_dim": s.feature_dim,
-        "spatial.queue_size": s.queue_size,
-        "spatial.bn_splits": s.bn_splits,
-        "spatial.image_size": s.image_size,
-        "spatial.lr": s.lr,
-        "spatial.lr_batch": s.lr_batch,
-        "spatial.temperature": s.temperature,
-        "temporal.radius_res3": t.radius_res3,
-        "temporal.radius_res4": t.radius_res4,
-        "temporal.rec_scale": t.rec_scale,
-        "temporal.channel_dropout_scale": t.channel_dropout_scale,
-        "temporal.teacher_temperature": t.teacher_temperature,
-        "propagation.temperature": p.temperature,
-        "propagation.topk": p.topk,
-        "propagation.chunk_size": p.chunk_size,
-        "eval.vip_size": e.vip_size,
-        "eval.jhmdb_size": e.jhmdb_size,
-        "eval.batch_size": e.batch_size,
-        "data.frame_gap": d.frame_gap,
-        "data.data_cpus": d.data_cpus,
-        "train.batch_size": r.batch_size,
-        "temporal.lr": t.lr,
-        "temporal.lr_batch": t.lr_batch,
-        "train.max_steps": r.max_steps,
-        "train.checkpoint_every": r.checkpoint_every,
-        "train.log_every": r.log_every,
-        "train.ewc_fisher_batches": r.ewc_fisher_batches,
-        "train.lwf_temperature": r.lwf_temperature,
-        "vfs.interval": config.vfs.interval,
-        "vfs.image_size": config.vfs.image_size,
-        "vfs.lr": config.vfs.lr,
-        "vfs.lr_batch": config.vfs.lr_batch,
-    }
-    non_negative = {  # >= 0; 0 means off / none / native size
-        "spatial.weight_decay": s.weight_decay,
-        "temporal.alpha": t.alpha,
-        "temporal.beta": t.beta,
-        "propagation.context": p.context,
-        "propagation.radius": p.radius or 0,
-        "eval.max_short_side": e.max_short_side,
-        "train.gamma": r.gamma,
-        "train.ewc_weight": r.ewc_weight,
-        "train.lwf_weight": r.lwf_weight,
-        "vfs.weight_decay": config.vfs.weight_decay,
-        "train.warmup_steps": r.warmup_steps,
-        "train.eval_every": r.eval_every,
-    }
-    for name, value in positive.items():
-        if not value > 0:
-            raise UsageError(f"{name}: expected a positive value, got {value!r}")
-    for name, value in non_negative.items():
-        if not value >= 0:
-            raise UsageError(f"{name}: expected zero or more, got {value!r}")
-    if any(step < 1 for step in r.eval_steps):
-        raise UsageError(f"train.eval_steps: expected steps >= 1, got {list(r.eval_steps)}")
-    if not 0 <= s.momentum < 1:
-        raise UsageError(f"spatial.momentum: expected a value in [0, 1), got {s.momentum!r}")
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for key, hint in typing.get_type_hints(type(values), include_extras=True).items():
+            name, value = f"{section.name}.{key}", getattr(values, key)
+            declared, *checks = typing.get_args(hint) if typing.get_origin(hint) is Annotated else (hint,)
+            if typing.get_origin(declared) is Literal:
+                check_choice(name, value, typing.get_args(declared))
+            for check in checks:
+                if isinstance(check, Check) and not check.ok(value):
+                    shown = list(value) if check.as_list else value
+                    raise UsageError(f"{name}: expected {check.expected}, got {shown!r}")
+    t = config.temporal
     if t.threshold_mode == "keep_fraction" and not 0 < t.entropy_threshold <= 1:
         raise UsageError(f"temporal.entropy_threshold: expected a kept fraction in (0, 1], got {t.entropy_threshold!r}")
-    if d.crop_size < 32 or d.crop_size % 32:
-        # the global distillation compares res5 maps at stride 32: the crop must tile into whole cells
-        raise UsageError(f"data.crop_size: expected a positive multiple of 32, got {d.crop_size!r}")
-    low, high = d.crop_scale
-    if not 0 < low <= high <= 1:
-        raise UsageError(
-            f"data.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), got {list(d.crop_scale)}"
-        )
-    low, high = config.vfs.crop_scale
-    if not 0 < low <= high <= 1:
-        raise UsageError(
-            "vfs.crop_scale: expected 0 < low <= high <= 1 (fractions of the frame area), "
-            f"got {list(config.vfs.crop_scale)}"
-        )
-    low, high = d.crop_ratio
-    if not 0 < low <= high:
-        raise UsageError(f"data.crop_ratio: expected 0 < low <= high (width / height), got {list(d.crop_ratio)}")
     return config
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or raise naming `where`."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:  # the choice is `validate`'s; here the value gets its type (8 an int, "8-maxpool" a str)
+        kinds = tuple(dict.fromkeys(type(choice) for choice in typing.get_args(annotation)))
+        return _coerce(value, kinds[0] if len(kinds) == 1 else typing.Union[kinds], where)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or value == "None":
@@ -438,6 +412,18 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             ) from None
         _update(config, nested, "")
     return config
+
+
+def set_values(config: Config, values: dict[str, Any]) -> Config:
+    """A copy of `config` with `values` ({"section.key": value}, already typed: no YAML parsing) set, validated."""
+    config = copy.deepcopy(config)
+    for dotted, value in values.items():
+        *sections, key = dotted.split(".")
+        nested: dict = {key: value}
+        for section in reversed(sections):
+            nested = {section: nested}
+        _update(config, nested, "")
+    return validate(config)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

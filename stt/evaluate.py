@@ -24,12 +24,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from stt import cli
+from stt import command
 from stt.cache import cache_dir
 from stt.config import PRESETS, Config, load_config, to_dict
 from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
@@ -44,7 +45,7 @@ from stt.metrics import (
     pck,
     summarize_davis,
 )
-from stt.observe import with_progress
+from stt.observe import save_overlays, with_progress
 from stt.paths import check_apart
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask, upsample_labels
 
@@ -153,20 +154,6 @@ def save_indexed_png(mask: np.ndarray, palette: list[int], path: Path) -> None:
     image.save(path)
 
 
-def save_overlays(frames: np.ndarray, masks: np.ndarray, palette: list[int], out_dir: Path) -> None:
-    """PNG per frame (prediction blended over the frame, object boundaries kept readable) and one GIF."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    colours = np.asarray(palette[: 3 * 256], dtype=np.float32).reshape(-1, 3)
-    blended = []
-    for index, (frame, mask) in enumerate(zip(frames, masks)):
-        colour = colours[mask]
-        alpha = np.where(mask[..., None] > 0, 0.5, 0.0)
-        image = (frame * (1 - alpha) + colour * alpha).round().astype(np.uint8)
-        Image.fromarray(image).save(out_dir / f"{index:05d}.png")
-        blended.append(Image.fromarray(image))
-    blended[0].save(out_dir / "overlay.gif", save_all=True, append_images=blended[1:], duration=100, loop=0)
-
-
 def to_jsonable(value):
     if isinstance(value, dict):
         return {k: to_jsonable(v) for k, v in value.items()}
@@ -187,10 +174,6 @@ def print_davis_table(summary: dict, rows: list[dict]) -> None:
     print(f"{'sequence':<28}{'J-Mean':>8}{'F-Mean':>8}")
     for row in rows:
         print(f"{row['sequence'] + '_' + str(row['object']):<28}{row['J-Mean']:8.3f}{row['F-Mean']:8.3f}")
-
-
-def public_rows(rows: list[dict]) -> list[dict]:
-    return [to_jsonable(row) for row in rows]
 
 
 # ----------------------------------------------------------------------------------------- DAVIS
@@ -233,7 +216,7 @@ def evaluate_davis(
             if overlays:
                 save_overlays(dataset.read_frames(seq), pred, palette, out / "overlays" / seq)
         rows.extend(evaluate_davis_sequence(gt, pred, seq))
-    return run.report({"summary": summarize_davis(rows), "rows": public_rows(rows)}, root, out, set=split)
+    return run.report({"summary": summarize_davis(rows), "rows": to_jsonable(rows)}, root, out, set=split)
 
 
 def copy_first_mask(root: Path, split: str = "val", resolution: str = "480p") -> dict:
@@ -262,25 +245,6 @@ def check_out(out: str, root: Path, root_option: str, feature_cache: str | None)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise PermissionError(f"--out {out}: {existing} is not writable")
-
-
-def run_davis(args: argparse.Namespace, cfg: Config) -> dict:
-    root = Path(args.davis_root) if args.davis_root else ensure_dataset("davis")
-    check_out(args.out, root, "--davis-root", args.feature_cache)
-    report = evaluate_davis(
-        root,
-        args.checkpoint,
-        cfg,
-        Path(args.out),
-        split=args.set,
-        resolution=args.resolution,
-        device=args.device,
-        feature_cache=args.feature_cache,
-        implementation=args.implementation,
-        overlays=args.overlays,
-    )
-    print_davis_table(report["summary"], report["rows"])
-    return report
 
 
 def read_result_masks(results: Path, seq: str, stems: list[str], size: tuple[int, int]) -> np.ndarray:
@@ -323,7 +287,7 @@ def run_score(args: argparse.Namespace, cfg: Config) -> dict:
             raise IsADirectoryError(f"--json {args.json}: a folder is there; expected a file name for the scores")
     summary, rows = score_davis(root, Path(args.results), args.set, args.resolution)
     print_davis_table(summary, rows)
-    report = {"summary": summary, "rows": public_rows(rows)}
+    report = {"summary": summary, "rows": to_jsonable(rows)}
     if args.json:
         Path(args.json).write_text(json.dumps(to_jsonable(report), indent=1))
     return report
@@ -420,10 +384,39 @@ def evaluate_jhmdb(
     return run.report(pck(predictions, truths), root, out)
 
 
-def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
-    root = Path(args.vip_root) if args.vip_root else ensure_dataset("vip")
-    check_out(args.out, root, "--vip-root", args.feature_cache)
-    report = evaluate_vip(
+# ----------------------------------------------------------------------------------------- the benchmarks
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """A propagation benchmark as a subcommand: its evaluation, its own options and how its result is printed.
+    Its dataset root is `--<name>-root` (default: the embedded synthetic set of that name)."""
+
+    evaluate: Callable[..., dict]  # (root, checkpoint, cfg, out, *, device, feature_cache, implementation, ...)
+    options: Callable[[argparse.Namespace], dict]  # the benchmark's own keyword arguments from the command line
+    show: Callable[[dict], None]  # the result on stdout
+
+
+BENCHMARKS = {
+    "davis": Benchmark(
+        evaluate_davis,
+        lambda args: {"split": args.set, "resolution": args.resolution, "overlays": args.overlays},
+        lambda report: print_davis_table(report["summary"], report["rows"]),
+    ),
+    "vip": Benchmark(evaluate_vip, lambda args: {}, lambda report: print(f"VIP mIoU {report['mIoU']:.4f}")),
+    "jhmdb": Benchmark(
+        evaluate_jhmdb,
+        lambda args: {},
+        lambda report: print("  ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("PCK"))),
+    ),
+}
+
+
+def run_benchmark(args: argparse.Namespace, cfg: Config) -> dict:
+    """`python -m stt.evaluate davis|vip|jhmdb`: check --out, evaluate, print the result; returns the report."""
+    name, benchmark = args.command, BENCHMARKS[args.command]
+    given = getattr(args, f"{name}_root")
+    root = Path(given) if given else ensure_dataset(name)
+    check_out(args.out, root, f"--{name}-root", args.feature_cache)
+    report = benchmark.evaluate(
         root,
         args.checkpoint,
         cfg,
@@ -431,24 +424,9 @@ def run_vip(args: argparse.Namespace, cfg: Config) -> dict:
         device=args.device,
         feature_cache=args.feature_cache,
         implementation=args.implementation,
+        **benchmark.options(args),
     )
-    print(f"VIP mIoU {report['mIoU']:.4f}")
-    return report
-
-
-def run_jhmdb(args: argparse.Namespace, cfg: Config) -> dict:
-    root = Path(args.jhmdb_root) if args.jhmdb_root else ensure_dataset("jhmdb")
-    check_out(args.out, root, "--jhmdb-root", args.feature_cache)
-    report = evaluate_jhmdb(
-        root,
-        args.checkpoint,
-        cfg,
-        Path(args.out),
-        device=args.device,
-        feature_cache=args.feature_cache,
-        implementation=args.implementation,
-    )
-    print("  ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("PCK")))
+    benchmark.show(report)
     return report
 
 
@@ -511,11 +489,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = cli.parse_args(get_args_parser(), argv)
+    args = command.parse_args(get_args_parser(), argv)
     cfg = load_config(args.config, [*PRESETS.get(args.preset or "", ()), *args.overrides])
-    run = {"davis": run_davis, "vip": run_vip, "jhmdb": run_jhmdb, "score": run_score}[args.command]
-    return run(args, cfg)
+    return (run_score if args.command == "score" else run_benchmark)(args, cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "stt.evaluate"))
+    sys.exit(command.run(main, "stt.evaluate"))

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from stt import checkpoint
 from stt.cache import current_umask
-from stt.cli import UsageError
 from stt.color import imagenet_normalize, normalize_lab, rgb_to_lab
 from stt.config import EvalConfig, ModelConfig
+from stt.errors import UsageError
 from stt.models import build_encoder, load_encoder_weights
 from stt.published import load_published
 

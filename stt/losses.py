@@ -58,19 +58,22 @@ Global correlation distillation (Eqs. 8-9) at res5: student softmax(q.k / sqrt(C
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stt.config import TemporalConfig, check_choice
+from stt.config import EntropyScore, EntropyWindow, PyramidLevel, ReferencePooling, TemporalConfig, ThresholdMode
 from stt.correlation import aggregate_local, global_correlation, local_correlation, local_softmax
 
-PYRAMID_LEVELS = ("res3", "res4")  # fine to coarse: res3 is distilled into res4
-ENTROPY_SCORES = ("neglog", "shannon", "none")
-ENTROPY_WINDOWS = ("normalised", "padded", "in-frame")
-THRESHOLD_MODES = ("keep_fraction", "absolute")
-REFERENCE_POOLINGS = ("mean", "sum")
+# The choices are stt.config's (checked once, when a configuration is loaded); the functions below still name an
+# argument outside them, as they may be called with one directly.
+PYRAMID_LEVELS = get_args(PyramidLevel)  # fine to coarse: res3 is distilled into res4
+ENTROPY_SCORES = get_args(EntropyScore)
+ENTROPY_WINDOWS = get_args(EntropyWindow)
+THRESHOLD_MODES = get_args(ThresholdMode)
+REFERENCE_POOLINGS = get_args(ReferencePooling)
 TERMS = ("rec_res3", "rec_res4", "lc", "gc", "kept_fraction")
 
 
@@ -152,7 +155,8 @@ def entropy_score(logits: Tensor, kind: str, window: str = "normalised", logit_s
       "in-frame": the raw sums over in-frame keys only (stt before issue 17); the number of terms
           dominates them, so with keep_fraction it degenerates into a border mask.
     """
-    check_choice("temporal.entropy_window", window, ENTROPY_WINDOWS)
+    if window not in ENTROPY_WINDOWS:
+        raise ValueError(f"temporal.entropy_window: expected one of {ENTROPY_WINDOWS}, got {window!r}")
     valid = torch.isfinite(logits)
     logits = logits.float()
     if window == "padded":
@@ -230,22 +234,6 @@ def student_levels(cfg: TemporalConfig) -> tuple[str, ...]:
     return (*levels, "res5") if cfg.beta > 0 else tuple(levels)
 
 
-def check_temporal_config(cfg: TemporalConfig) -> None:
-    """ValueError naming the first field of `cfg` outside its allowed values."""
-    unknown = [level for level in cfg.rec_levels if level not in PYRAMID_LEVELS]
-    if unknown or len(set(cfg.rec_levels)) != len(cfg.rec_levels):
-        raise ValueError(f"temporal.rec_levels: expected distinct names from {PYRAMID_LEVELS}, got {cfg.rec_levels!r}")
-    check_choice("temporal.entropy", cfg.entropy, ENTROPY_SCORES)
-    check_choice("temporal.threshold_mode", cfg.threshold_mode, THRESHOLD_MODES)
-    check_choice("temporal.entropy_window", cfg.entropy_window, ENTROPY_WINDOWS)
-    check_choice("temporal.lc_reference_pooling", cfg.lc_reference_pooling, REFERENCE_POOLINGS)
-    for name in ("alpha", "beta", "rec_scale"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"temporal.{name}: expected a non-negative weight, got {getattr(cfg, name)!r}")
-    if not cfg.teacher_temperature > 0:
-        raise ValueError(f"temporal.teacher_temperature: expected a positive number, got {cfg.teacher_temperature!r}")
-
-
 def _feature(features: dict[str, Tensor], level: str, name: str) -> Tensor:
     if level not in features:
         raise KeyError(
@@ -254,7 +242,7 @@ def _feature(features: dict[str, Tensor], level: str, name: str) -> Tensor:
     return features[level]
 
 
-def temporal_losses(
+def temporal_terms(
     student_t: dict[str, Tensor],
     student_r: dict[str, Tensor],
     target_channel: Tensor,
@@ -274,7 +262,6 @@ def temporal_losses(
     backpropagate), each term unweighted and detached for logging, and "kept_fraction" (share of
     res4 positions distilled). Disabled terms are 0.
     """
-    check_temporal_config(cfg)
     if target_channel.dim() != 4 or target_channel.shape[1] != 1 or target_channel.shape != reference_channel.shape:
         raise ValueError(
             f"target_channel and reference_channel: expected two B x 1 x H x W tensors, "

@@ -56,24 +56,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from stt.config import ModelConfig
+from stt.config import Arch, Level, ModelConfig, Stride
 
-LEVELS = ("res3", "res4", "res5")
-VFS_STRIDE = "8-maxpool"  # VFS's DAVIS trunk (module doc)
-CRW_STRIDE = "8-maxpool-reflect"  # CRW's DAVIS trunk: VFS's, padded by reflection
-# model.stride presets (config validation reads this): a student's res4 stride, or a published trunk by name
-STRIDES = (8, 4, VFS_STRIDE, CRW_STRIDE)
+LEVELS = get_args(Level)
+# model.stride presets (stt.config.Stride): a student's res4 stride, or a published trunk by name: VFS's DAVIS
+# trunk (module doc) and CRW's (VFS's, padded by reflection)
+STRIDES = get_args(Stride)
+VFS_STRIDE, CRW_STRIDE = STRIDES[2:]
 TEACHER_RES4_STRIDE = 16  # the torchvision-standard trunk
 
 TORCHVISION_ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
-MAST_ARCH = "mast-resnet18"
+ARCHS = get_args(Arch)  # model.arch choices: the torchvision trunks, then MAST's encoder
+MAST_ARCH = ARCHS[-1]
 MAST_STRIDE = 4  # MAST never downsamples past 1/4
-ARCHS = (*TORCHVISION_ARCHS, MAST_ARCH)  # model.arch choices (config validation reads this)
 _RES3_CHANNELS = {"resnet18": 128, "resnet50": 512}
 # DistributedDataParallel and torch.compile wrap a model and prefix its keys; a saved wrapped
 # model still holds plain encoder weights.

@@ -228,6 +228,15 @@ def overlay(frame: np.ndarray, mask: np.ndarray, palette: list[int]) -> np.ndarr
     return (frame * (1 - alpha) + colours[mask] * alpha).round().astype(np.uint8)
 
 
+def save_overlays(frames: np.ndarray, masks: np.ndarray, palette: list[int], out_dir: Path) -> None:
+    """PNG per frame (the prediction `overlay`ed on the frame) and one GIF of them all (`evaluate --overlays`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blended = [Image.fromarray(overlay(frame, mask, palette)) for frame, mask in zip(frames, masks)]
+    for index, image in enumerate(blended):
+        image.save(out_dir / f"{index:05d}.png")
+    blended[0].save(out_dir / "overlay.gif", save_all=True, append_images=blended[1:], duration=100, loop=0)
+
+
 def mask_panel(
     frames: np.ndarray,
     predicted: np.ndarray,

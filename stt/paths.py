@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from stt.cli import UsageError
+from stt.errors import UsageError
 
 
 def location(path: str | os.PathLike) -> tuple[str, ...]:

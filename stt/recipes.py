@@ -6,20 +6,20 @@ run in which order, whether the temporal stage keeps global correlation distilla
 stage, if any, is regularised by EWC toward the stage before it (stt.ewc) or distils the stage before
 it LwF-style (stt.lwf). Beside Table 2, `vfs` trains another method (paper 003, stt.vfs) on the same
 data for comparison under the same evaluation. `stage_spec` turns a
-recipe and a config into one `StageSpec` per stage, once: its input, streams, optimiser and rate,
-objective, teacher, pyramid levels, EWC anchor and Fisher batches. The trainer and the steps read
-the spec; nothing forks the code and nothing works a fact out twice. The losses the specs name are
-computed in stt.stages.
+recipe and a config into one `StageSpec` per stage, once: its kind of stage (the stt.stages.Stage object: input,
+streams, optimiser and rate, model and losses), objective, teacher, EWC anchor and Fisher batches, LwF. The
+trainer and the steps read the spec; nothing forks the code on a stage's name and nothing works a fact out twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
-from stt.cli import UsageError
-from stt.config import Config, TemporalConfig, from_dict, to_dict
-from stt.losses import student_levels
+from stt.config import Config, RecipeName, TemporalConfig, from_dict, to_dict
+from stt.errors import UsageError
 from stt.models import MAST_ARCH, TORCHVISION_ARCHS
+from stt.stages import STAGES, Stage
 
 # Paper 001 Table 1 (ResNet-18, temporal stage only, hence no teacher): rows top to bottom.
 TABLE1_ROWS: dict[str, dict] = {
@@ -53,18 +53,11 @@ RECIPES: dict[str, Recipe] = {
     # not a Table 2 row: VFS (paper 003), trained on the same videos for the one-protocol comparison
     "vfs": Recipe(("vfs",), global_distillation=False),
 }
-
-
-STAGES = ("spatial", "temporal", "spatiotemporal", "vfs")
-# What each stage's encoder is fed; the evaluator feeds the same. The joint stage's trunk sees both;
-# it is evaluated on Lab, the input of the objective that learns correspondence. VFS: ImageNet-normalised RGB.
-INPUT_SPACE = {"spatial": "rgb", "temporal": "lab", "spatiotemporal": "lab", "vfs": "rgb"}
-STREAMS = {
-    "spatial": ("spatial",),
-    "temporal": ("temporal",),
-    "spatiotemporal": ("spatial", "temporal"),
-    "vfs": ("vfs",),
-}
+# train.recipe's choices are declared once, in stt.config; each has its Recipe here
+if tuple(RECIPES) != get_args(RecipeName):
+    raise AssertionError(f"stt.config.RecipeName {get_args(RecipeName)} and RECIPES {tuple(RECIPES)} differ")
+if unknown := {stage for recipe in RECIPES.values() for stage in recipe.stages} - set(STAGES):
+    raise AssertionError(f"RECIPES name stages stt.stages.STAGES does not have: {sorted(unknown)}")
 
 
 def recipe_of(cfg: Config) -> Recipe:
@@ -77,22 +70,30 @@ def recipe_of(cfg: Config) -> Recipe:
 class StageSpec:
     """One stage of a recipe, resolved once from the recipe and the config (`stage_spec`)."""
 
-    name: str  # "spatial" | "temporal" | "spatiotemporal" | "vfs"
+    stage: Stage  # its kind (stt.stages.STAGES): input, streams, optimiser, model, losses
     config: Config  # the run's config, model.input_space set to the stage's input (stored in its checkpoints)
-    streams: tuple[str, ...]  # the data streams a step reads one batch of each
-    optimiser: str  # "sgd": MoCo v2's (spatial, joint stage) or VFS's (vfs.lr) | "adam": the temporal stage's
     temporal: TemporalConfig | None  # the temporal objective as the recipe runs it (beta 0 without a teacher)
     teacher: bool  # global correlation distillation from the frozen earlier-stage encoder
-    student_levels: tuple[str, ...]  # the student pyramid levels its temporal terms read
     ewc: bool  # the EWC penalty toward the stage before (whose checkpoint must hold a Fisher)
     fisher_batches: int  # batches the Fisher it leaves is averaged over at its last step (0: it leaves none)
     lwf: bool = False  # LwF toward the stage before (stt.lwf: its checkpoint must hold MoCo's head and queue)
 
     @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The data streams a step reads one batch of each."""
+        return tuple(self.stage.streams)
+
+    @property
+    def optimiser(self) -> str:
+        return self.stage.optimiser
+
+    @property
     def lr_section(self) -> str:
-        if self.name == "vfs":
-            return "vfs"
-        return "spatial" if self.optimiser == "sgd" else "temporal"
+        return self.stage.lr_section
 
     def peak_lr(self, workers: int) -> float:
         """The optimiser's rate for its reference global batch (`<section>.lr_batch`), scaled linearly
@@ -115,23 +116,23 @@ class StageSpec:
     def find_unused_parameters(self) -> bool:
         """DistributedDataParallel must be told: without global distillation the temporal objective
         never reaches res5 (layer4), whose parameters then get no gradient."""
-        return self.name == "temporal" and not self.teacher and not self.lwf
+        return self.stage.find_unused_parameters(self)
 
 
 def stage_spec(cfg: Config, stage: str) -> StageSpec:
     """The `StageSpec` of `stage` under `cfg`'s recipe (`cfg` itself is left alone)."""
     if stage not in STAGES:
-        raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+        raise ValueError(f"stage: expected one of {tuple(STAGES)}, got {stage!r}")
     if cfg.model.arch == MAST_ARCH:  # refused here, on the driver, rather than in a worker's builder
         raise UsageError(
             f"model.arch={MAST_ARCH}: MAST's trunk evaluates MAST releases only; no stt stage trains it "
             f"(train with one of {tuple(TORCHVISION_ARCHS)})"
         )
-    recipe = recipe_of(cfg)
+    recipe, kind = recipe_of(cfg), STAGES[stage]()
     staged = from_dict(to_dict(cfg))
-    staged.model.input_space = INPUT_SPACE[stage]
+    staged.model.input_space = kind.input_space
     temporal = None
-    if stage != "spatial":
+    if kind.temporal_objective:
         # L_gc needs a frozen teacher from an earlier stage: recipes without one drop it (beta = 0)
         temporal = cfg.temporal if recipe.global_distillation else dataclasses.replace(cfg.temporal, beta=0.0)
     position = recipe.stages.index(stage) if stage in recipe.stages else -1
@@ -139,27 +140,15 @@ def stage_spec(cfg: Config, stage: str) -> StageSpec:
     anchors_ewc = (
         recipe.ewc_stage is not None and position >= 0 and recipe.stages.index(recipe.ewc_stage) == position + 1
     )
-    if stage == "vfs":
-        temporal = None
-    lwf = recipe.lwf_stage == stage
     return StageSpec(
-        name=stage,
+        stage=kind,
         config=staged,
-        streams=STREAMS[stage],
-        optimiser="adam" if stage == "temporal" else "sgd",
         temporal=temporal,
         teacher=temporal is not None and temporal.beta > 0,
-        student_levels=stage_levels(temporal, lwf) if temporal is not None else (),
         ewc=recipe.ewc_stage == stage,
         fisher_batches=cfg.train.ewc_fisher_batches if anchors_ewc else 0,
-        lwf=lwf,
+        lwf=recipe.lwf_stage == stage,
     )
-
-
-def stage_levels(temporal: TemporalConfig, lwf: bool = False) -> tuple[str, ...]:
-    """The student levels a temporal step reads: its terms' (stt.losses.student_levels), and res5 for LwF."""
-    levels = student_levels(temporal)
-    return (*levels, "res5") if lwf and "res5" not in levels else levels
 
 
 def table1_config(row: str, base: TemporalConfig | None = None) -> TemporalConfig:

@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stt.config import ModelConfig, SpatialConfig
+from stt.config import ModelConfig, SpatialConfig, SpatialMethod
 from stt.models import TEACHER_RES4_STRIDE, Encoder, load_encoder_weights, load_state_dict_file
 
 GRID = 3  # DetCo's 3x3 local patches
-METHODS = ("moco", "detco")
+METHODS = get_args(SpatialMethod)
 
 
 def info_nce_logits(q: Tensor, k_pos: Tensor, queue: Tensor, tau: float) -> Tensor:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs
 
-from stt.cli import USER_ERRORS, StorageError, UsageError
+from stt.errors import USER_ERRORS, StorageError, UsageError
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ def contact(path: str, call: Callable[[], T]) -> T:
     """`call()`, a request to the store holding `path`, with its failure as one line naming `path`.
 
     For an object store it runs in a thread given CONTACT_TIMEOUT_S to answer; past that a StorageError says so
-    and the request is left behind (pyarrow cannot cancel it: stt.cli ends the process without waiting for it).
+    and the request is left behind (pyarrow cannot cancel it: stt.command.run ends the process without waiting for it).
     """
     if not is_remote(path):
         return call()

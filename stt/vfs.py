@@ -31,14 +31,16 @@ Not done: multiple pairs per video (Table 4, n = 4, 8) and SyncBN across workers
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stt.config import ModelConfig
+from stt.config import ModelConfig, VFSSampling
 from stt.models import TEACHER_RES4_STRIDE, Encoder, load_encoder_weights, load_state_dict_file
 
-SAMPLINGS = ("distant", "continuous")
+SAMPLINGS = get_args(VFSSampling)
 
 
 def sample_frame_pair(

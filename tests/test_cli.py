@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stt import checkpoint, cli
+from stt import checkpoint, command
 from stt.config import Config, to_dict
 from stt.data import prepare
 from stt.data.layouts import DAVIS
@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def one_line_error(capsys, main, prog: str, argv: list[str]) -> tuple[int, str]:
-    code = cli.run(main, prog, argv)
+    code = command.run(main, prog, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
     return code, err[0]
@@ -224,11 +224,11 @@ def test_errors_inside_ray_workers_reach_the_driver_as_one_line(capsys, monkeypa
             "rank 0 failed: <a long remote traceback>", {0: FileNotFoundError("data.root /nowhere: no such folder")}
         )
 
-    assert cli.run(fails_in_a_worker, "stt.train", []) == 1
+    assert command.run(fails_in_a_worker, "stt.train", []) == 1
     assert capsys.readouterr().err == "stt.train: error: data.root /nowhere: no such folder\n"
     monkeypatch.setenv("STT_DEBUG", "1")  # the traceback, for developers
     with pytest.raises(WorkerGroupError):
-        cli.run(fails_in_a_worker, "stt.train", [])
+        command.run(fails_in_a_worker, "stt.train", [])
 
 
 def test_a_bug_keeps_its_traceback():
@@ -236,7 +236,7 @@ def test_a_bug_keeps_its_traceback():
         raise ZeroDivisionError("a bug, not a user error")
 
     with pytest.raises(ZeroDivisionError):
-        cli.run(buggy, "stt.train", [])
+        command.run(buggy, "stt.train", [])
 
 
 def test_evaluate_reads_a_checkpoint_through_a_uri(tmp_path):
@@ -408,7 +408,7 @@ def test_train_checks_the_evaluation_set_before_ray_starts(tiny, tmp_path, capsy
     code, line = one_line_error(capsys, train_main, "stt.train", argv)
     assert code == 1 and f"train.eval_davis_root: {tmp_path / 'nowhere'}" in line
     with pytest.raises(AssertionError, match="after Ray"):  # never evaluated: not checked, the run goes on to Ray
-        cli.run(train_main, "stt.train", [*argv, "train.eval_every=0"])
+        command.run(train_main, "stt.train", [*argv, "train.eval_every=0"])
 
 
 def test_prepare_names_the_unreadable_frames(tiny, tmp_path, capsys):
@@ -510,10 +510,10 @@ def silent_server():
 # hold the process at exit (pyarrow's S3 support waits for requests in flight).
 SHORT_TIMEOUT = """
 import sys
-from stt import cli, storage
+from stt import command, storage
 from stt.evaluate import main
 storage.CONTACT_TIMEOUT_S = float(sys.argv.pop(1))
-sys.exit(cli.run(main, "stt.evaluate", sys.argv[1:]))
+sys.exit(command.run(main, "stt.evaluate", sys.argv[1:]))
 """
 
 
@@ -596,7 +596,7 @@ def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, capsys
     from stt.evaluate import get_args_parser
 
     argv = ["davis", "propagation.topk=5", "--davis-root", str(tiny["davis"]), "eval.layer=res9", "--out", "o"]
-    assert cli.parse_args(get_args_parser(), argv).overrides == ["propagation.topk=5", "eval.layer=res9"]
+    assert command.parse_args(get_args_parser(), argv).overrides == ["propagation.topk=5", "eval.layer=res9"]
     code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)  # applied: its value is checked
     assert code == 2 and "eval.layer: expected one of" in line
     code, line = one_line_error(
@@ -604,7 +604,7 @@ def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, capsys
     )
     assert code == 2 and "temporal.lr: expected a finite number" in line
     with pytest.raises(SystemExit) as refused:  # anything else left over is still argparse's usage error
-        cli.parse_args(get_args_parser(), [*argv, "--bogus"])
+        command.parse_args(get_args_parser(), [*argv, "--bogus"])
     assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from stt.cli import UsageError
-from stt.config import Config, apply_overrides, from_dict, load_config, to_dict
+from stt.config import Config, apply_overrides, from_dict, load_config, set_values, to_dict
+from stt.errors import UsageError
 
 
 def test_defaults_match_design():
@@ -84,7 +84,7 @@ def test_laptop_recipe_loads_with_values_in_range():
 def test_the_temporal_rate_moved_to_its_stage(tmp_path):
     """train.lr is the temporal stage's rate only, so it lives in `temporal`: the old key is refused with the
     new name in a config file or override, and read as the new one from a checkpoint stored before the move."""
-    from stt.cli import UsageError
+    from stt.errors import UsageError
 
     with pytest.raises(UsageError, match=r"config key 'train.lr' is now 'temporal.lr'"):
         apply_overrides(Config(), ["train.lr=5e-4"])
@@ -122,3 +122,24 @@ def test_non_finite_numbers_are_refused_where_values_are_parsed(override, tmp_pa
     path.write_text(f"{section}:\n  {name}: {value}\n")
     with pytest.raises(UsageError, match=rf"^{path}: {re.escape(key)}: expected a finite number"):
         load_config(path)
+
+
+def test_set_values_applies_typed_values_to_a_copy_and_validates_them_once():
+    cfg = Config()
+    new = set_values(
+        cfg, {"temporal.alpha": 5, "temporal.rec_levels": ["res4"], "propagation.radius": None, "model.stride": 4}
+    )
+    assert (new.temporal.alpha, new.temporal.rec_levels, new.propagation.radius, new.model.stride) == (
+        5.0,
+        ("res4",),
+        None,
+        4,
+    )
+    assert isinstance(new.temporal.alpha, float) and cfg.temporal.alpha == 1000.0  # typed as declared; cfg unchanged
+    assert set_values(cfg, {"model.weights": "yes"}).model.weights == "yes"  # a value is not parsed as YAML again
+    with pytest.raises(UsageError, match="temporal.alpha: expected zero or more, got -1.0"):
+        set_values(cfg, {"temporal.alpha": -1})
+    with pytest.raises(UsageError, match="propagation.window: expected one of"):
+        set_values(cfg, {"propagation.window": "hexagon"})
+    with pytest.raises(UsageError, match="unknown config key 'temporal.alpah'"):
+        set_values(cfg, {"temporal.alpah": 1})

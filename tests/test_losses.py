@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from stt.color import drop_color_channel, normalize_lab, rgb_to_lab, take_channel
-from stt.config import TemporalConfig
+from stt.config import Config, TemporalConfig, validate
 from stt.correlation import aggregate_local, global_correlation, local_correlation, local_softmax
 from stt.losses import (
     downsample_local_correlation,
     entropy_score,
     select_positions,
-    temporal_losses,
+    temporal_terms,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -392,7 +392,7 @@ def test_keep_fraction_is_per_sample():
 def test_temporal_losses_match_slow_reference(pooling):
     student_t, student_r, teacher_t, teacher_r, target, reference = random_pyramids()
     cfg = dataclasses.replace(SMALL, lc_reference_pooling=pooling)
-    terms = temporal_losses(student_t, student_r, target, reference, cfg, teacher_t, teacher_r)
+    terms = temporal_terms(student_t, student_r, target, reference, cfg, teacher_t, teacher_r)
     expected = slow_temporal_losses(student_t, student_r, target, reference, teacher_t, teacher_r, cfg)
     assert set(terms) == {"loss", "rec_res3", "rec_res4", "lc", "gc", "kept_fraction"}
     for name, value in expected.items():
@@ -403,7 +403,7 @@ def test_temporal_losses_match_slow_reference(pooling):
 
 def test_gradients_reach_the_student_only():
     student_t, student_r, teacher_t, teacher_r, target, reference = random_pyramids(requires_grad=True)
-    temporal_losses(student_t, student_r, target, reference, SMALL, teacher_t, teacher_r)["loss"].backward()
+    temporal_terms(student_t, student_r, target, reference, SMALL, teacher_t, teacher_r)["loss"].backward()
     for pyramid in (student_t, student_r):
         assert all(feature.grad is not None and feature.grad.abs().sum() > 0 for feature in pyramid.values())
     assert all(feature.grad is None for feature in (*teacher_t.values(), *teacher_r.values()))
@@ -411,7 +411,7 @@ def test_gradients_reach_the_student_only():
     # With only the local distillation term, res3 (the pseudo-label's source) gets no gradient.
     student_t, student_r, _, _, target, reference = random_pyramids(requires_grad=True)
     only_lc = dataclasses.replace(SMALL, rec_levels=(), beta=0.0)
-    temporal_losses(student_t, student_r, target, reference, only_lc)["loss"].backward()
+    temporal_terms(student_t, student_r, target, reference, only_lc)["loss"].backward()
     assert student_t["res3"].grad is None and student_r["res3"].grad is None
     assert student_t["res4"].grad.abs().sum() > 0
 
@@ -419,26 +419,27 @@ def test_gradients_reach_the_student_only():
 def test_table1_rows_switch_terms_off():
     student_t, student_r, _, _, target, reference = random_pyramids()
     baseline = dataclasses.replace(SMALL, rec_levels=("res4",), alpha=0.0, entropy="none", beta=0.0)
-    terms = temporal_losses({"res4": student_t["res4"]}, {"res4": student_r["res4"]}, target, reference, baseline)
+    terms = temporal_terms({"res4": student_t["res4"]}, {"res4": student_r["res4"]}, target, reference, baseline)
     assert float(terms["rec_res3"]) == float(terms["lc"]) == float(terms["gc"]) == 0.0
     assert float(terms["loss"]) == pytest.approx(float(terms["rec_res4"]))
     no_entropy = dataclasses.replace(SMALL, entropy="none", beta=0.0)
-    assert float(temporal_losses(student_t, student_r, target, reference, no_entropy)["kept_fraction"]) == 1.0
+    assert float(temporal_terms(student_t, student_r, target, reference, no_entropy)["kept_fraction"]) == 1.0
 
 
 def test_bad_inputs_are_named():
     student_t, student_r, teacher_t, teacher_r, target, reference = random_pyramids()
+    # the objective's choices are checked once, when the configuration is loaded (stt.config.validate)
     with pytest.raises(ValueError, match="temporal.rec_levels"):
-        temporal_losses(student_t, student_r, target, reference, dataclasses.replace(SMALL, rec_levels=("res5",)))
+        validate(Config(temporal=dataclasses.replace(SMALL, rec_levels=("res5",))))
     with pytest.raises(ValueError, match="temporal.entropy"):
-        temporal_losses(student_t, student_r, target, reference, dataclasses.replace(SMALL, entropy="renyi"))
+        validate(Config(temporal=dataclasses.replace(SMALL, entropy="renyi")))
     with pytest.raises(ValueError, match="teacher"):
-        temporal_losses(student_t, student_r, target, reference, SMALL)
+        temporal_terms(student_t, student_r, target, reference, SMALL)
     with pytest.raises(KeyError, match="res3"):
-        temporal_losses({"res4": student_t["res4"]}, student_r, target, reference, dataclasses.replace(SMALL, beta=0.0))
+        temporal_terms({"res4": student_t["res4"]}, student_r, target, reference, dataclasses.replace(SMALL, beta=0.0))
     with pytest.raises(ValueError, match="grid"):
         small_teacher = {"res5": teacher_t["res5"][..., :1, :1]}
-        temporal_losses(student_t, student_r, target, reference, SMALL, small_teacher, small_teacher)
+        temporal_terms(student_t, student_r, target, reference, SMALL, small_teacher, small_teacher)
 
 
 class TinyPyramid(nn.Module):
@@ -466,7 +467,7 @@ def test_short_overfit_drives_reconstruction_down():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     history = []
     for _ in range(50):
-        terms = temporal_losses(model(input_t), model(input_r), target, reference, cfg)
+        terms = temporal_terms(model(input_t), model(input_r), target, reference, cfg)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -487,7 +488,7 @@ def random_pair_batch(batch: int = 2, size: int = 32, seed: int = 0) -> dict[str
 def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     from stt.models import build_encoder
     from stt.recipes import stage_spec
-    from stt.stages import temporal_loss
+    from stt.stages import temporal_batch_loss
 
     torch.manual_seed(0)
     student = build_encoder(cfg.model)
@@ -495,7 +496,7 @@ def train_three_steps(cfg, teacher=None, penalty=None) -> list[float]:
     before = [p.detach().clone() for p in student.parameters()]
     losses = []
     for step in range(3):
-        terms = temporal_loss(
+        terms = temporal_batch_loss(
             student,
             teacher,
             random_pair_batch(seed=step),

@@ -14,7 +14,7 @@ from stt.config import load_config
 from stt.lwf import LwF, lwf_loss
 from stt.models import build_teacher
 from stt.recipes import stage_spec
-from stt.stages import StageModel, temporal_loss
+from stt.stages import StageModel, pass_levels, temporal_batch_loss
 
 TINY = [
     "train.recipe=spatial-then-temporal-lwf",
@@ -83,7 +83,7 @@ def test_lwf_stage_facts_and_its_term_in_the_temporal_step(spatial_payload):
     spec = stage_spec(cfg, "temporal")
     assert spec.lwf and not spec.teacher and not spec.ewc and spec.temporal.beta == 0
     assert (
-        spec.student_levels == ("res3", "res4", "res5") and not spec.find_unused_parameters
+        pass_levels(spec.temporal, spec.lwf) == ("res3", "res4", "res5") and not spec.find_unused_parameters
     )  # res5 feeds the old head
     assert not stage_spec(cfg, "spatial").lwf and not stage_spec(load_config(), "temporal").lwf
 
@@ -94,8 +94,10 @@ def test_lwf_stage_facts_and_its_term_in_the_temporal_step(spatial_payload):
         "reference": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
     }
     generator = torch.Generator().manual_seed(0)
-    with_lwf = temporal_loss(stage.model, None, batch, spec.temporal, torch.Generator().manual_seed(0), lwf=stage.lwf)
-    without = temporal_loss(stage.model, None, batch, spec.temporal, generator)
+    with_lwf = temporal_batch_loss(
+        stage.model, None, batch, spec.temporal, torch.Generator().manual_seed(0), lwf=stage.lwf
+    )
+    without = temporal_batch_loss(stage.model, None, batch, spec.temporal, generator)
     assert with_lwf["lwf"].item() > 0  # a Lab-fed stride-8 student does not reproduce the RGB network's outputs
     assert with_lwf["loss"].item() == pytest.approx(without["loss"].item() + 3 * with_lwf["lwf"].item(), rel=1e-5)
     losses = stage.step({"temporal": batch}, 1e-3)

@@ -19,21 +19,16 @@ from PIL import Image
 from stt.config import DataConfig, SpatialConfig
 from stt.data import prepare as prep
 from stt.data.layouts import DatasetError
-from stt.data.pipeline import (
+from stt.data.pipeline import check_cpu_budget, interleaved_pairs, local_stream, stream_dataset, unit_pairs
+from stt.data.plans import (
     Clip,
     Source,
-    check_cpu_budget,
     draw_unit,
     frame_spacing_note,
-    interleaved_pairs,
-    local_stream,
     raw_frame_step,
     raw_plan,
     resolve_source,
-    spatial_view_dataset,
     stream_units,
-    temporal_pair_dataset,
-    unit_pairs,
 )
 from stt.data.transforms import (
     CropBox,
@@ -304,7 +299,7 @@ def expected_pairs(gap: int) -> set[tuple[str, int]]:
 
 def test_stream_from_raw_and_from_shards(ray_local, coded_ytvos, tmp_path):
     cfg = DataConfig(root=str(coded_ytvos), crop_size=24, frame_gap=1, data_cpus=1.0)
-    raw = temporal_pair_dataset(cfg, seed=0)
+    raw = stream_dataset("temporal", cfg, seed=0)
     assert raw.rows_per_epoch == 10
     rows = raw.dataset.take_all()
     assert {(r["video"], r["target_frame"]) for r in rows} == expected_pairs(1) and len(rows) == 8
@@ -316,7 +311,7 @@ def test_stream_from_raw_and_from_shards(ray_local, coded_ytvos, tmp_path):
     manifest = prep.prepare("ytvos", coded_ytvos, str(out), prep.Settings("ytvos", quality=95))
     assert manifest["corrupt_sources"] == ["train/JPEGImages/dog/00050.jpg"]
     cfg2 = DataConfig(root=str(out), crop_size=24, frame_gap=2, data_cpus=1.0)
-    sharded = temporal_pair_dataset(cfg2, seed=0, epochs=2)
+    sharded = stream_dataset("temporal", cfg2, seed=0, epochs=2)
     assert sharded.units_per_epoch == 1
     rows = sharded.dataset.take_all()
     assert sorted((r["video"], r["target_frame"]) for r in rows) == sorted(list(expected_pairs(2)) * 2)
@@ -327,8 +322,8 @@ def test_stream_from_raw_and_from_shards(ray_local, coded_ytvos, tmp_path):
         return {(r["video"], r["target_frame"]): r["target"] for r in rows}
 
     # Seeded: a one-epoch stream repeats the first epoch of the two-epoch one; another seed does not.
-    first = by_pair(temporal_pair_dataset(cfg2, source=Source("shards", str(out)), seed=0).dataset.take_all())
-    other = by_pair(temporal_pair_dataset(cfg2, seed=1).dataset.take_all())
+    first = by_pair(stream_dataset("temporal", cfg2, source=Source("shards", str(out)), seed=0).dataset.take_all())
+    other = by_pair(stream_dataset("temporal", cfg2, seed=1).dataset.take_all())
     two_epochs = [((r["video"], r["target_frame"]), r["target"]) for r in rows]
     assert all(any(k == key and np.array_equal(first[k], t) for key, t in two_epochs) for k in first)
     assert any(not np.array_equal(first[k], other[k]) for k in first)
@@ -341,7 +336,7 @@ def test_spatial_views_skip_and_count_corrupt_images(ray_local, tmp_path):
         (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(coded_frame(0, i)))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     cfg = DataConfig(images=str(tmp_path / "images"), data_cpus=1.0)
-    stream = spatial_view_dataset(cfg, SpatialConfig(image_size=20), seed=0)
+    stream = stream_dataset("spatial", cfg, SpatialConfig(image_size=20), seed=0)
     rows = stream.dataset.take_all()
     assert sorted(r["image"] for r in rows) == [f"class_a/img{i}.jpg" for i in range(3)]
     for row in rows:
@@ -352,9 +347,9 @@ def test_spatial_views_skip_and_count_corrupt_images(ray_local, tmp_path):
 
 def test_temporal_stream_refuses_image_shards_and_unknown_roots(ray_local, tmp_path):
     with pytest.raises(DatasetError, match="not a shard folder"):
-        temporal_pair_dataset(DataConfig(root=str(tmp_path)))
+        stream_dataset("temporal", DataConfig(root=str(tmp_path)))
     with pytest.raises(ValueError, match="frame_gap"):
-        temporal_pair_dataset(DataConfig(root=str(tmp_path), frame_gap=0), source=Source("ytvos", str(tmp_path)))
+        stream_dataset("temporal", DataConfig(root=str(tmp_path), frame_gap=0), source=Source("ytvos", str(tmp_path)))
 
 
 def test_all_frames_layout_pairs_are_as_far_apart_as_configured():
@@ -386,7 +381,7 @@ def test_local_stream_is_the_ray_data_stream_decoded_in_process(ray_local, coded
     """data.decode_in_worker: the same pairs, crops and order of units as Ray Data, endless, resumable."""
     cfg = DataConfig(root=str(coded_ytvos), crop_size=24, frame_gap=1, data_cpus=1.0)
     by_ray = {
-        (r["video"], r["target_frame"]): r["target"] for r in temporal_pair_dataset(cfg, seed=3).dataset.take_all()
+        (r["video"], r["target_frame"]): r["target"] for r in stream_dataset("temporal", cfg, seed=3).dataset.take_all()
     }
     corrupt_seen = []
     chunks = local_stream(

@@ -15,9 +15,10 @@ from ray import tune
 
 import stt.sweep.cli
 from stt.checkpoint import load as load_checkpoint
-from stt.cli import InterruptedRun, UsageError, run
+from stt.command import run
 from stt.config import load_config
 from stt.data.synthetic import generate
+from stt.errors import InterruptedRun, UsageError
 from stt.recipes import stage_spec
 from stt.sweep import PLANS, SPACE_FILE, load_space, main
 from stt.sweep.phases import fit_in_driver

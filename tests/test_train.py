@@ -15,12 +15,21 @@ import torch
 
 from stt import checkpoint
 from stt.checkpoint import CHECKPOINT_FILE
-from stt.cli import UsageError
 from stt.config import Config, apply_overrides, from_dict, load_config
+from stt.errors import UsageError
 from stt.models import build_encoder, encoder_state_dict
 from stt.recipes import stage_spec
-from stt.stages import NonFiniteStep, StageModel, build_spatial, build_temporal, ewc_regulariser, train_one_step
-from stt.train import learning_rate, main, resumed_step
+from stt.stages import (
+    NonFiniteStep,
+    StageModel,
+    build_spatial,
+    build_temporal,
+    ewc_regulariser,
+    pass_levels,
+    train_one_step,
+)
+from stt.train import main, resumed_step
+from stt.trainer import learning_rate
 
 TINY = [
     "model.arch=resnet18",
@@ -89,14 +98,15 @@ def test_stage_spec_decides_every_fact_of_a_stage_once():
     """Issue 15: teacher, levels, optimiser, EWC anchor and Fisher batches, from the recipe and config alone."""
     temporal = stage_spec(Config(), "temporal")
     assert (temporal.optimiser, temporal.teacher, temporal.streams) == ("adam", True, ("temporal",))
-    assert temporal.student_levels == ("res3", "res4", "res5") and not temporal.find_unused_parameters
+    assert pass_levels(temporal.temporal, temporal.lwf) == ("res3", "res4", "res5")
+    assert not temporal.find_unused_parameters
     no_gc = stage_spec(tiny_config("train.recipe=spatial-then-temporal-no-gc"), "temporal")
-    assert no_gc.temporal.beta == 0 and not no_gc.teacher and no_gc.student_levels == ("res3", "res4")
+    assert no_gc.temporal.beta == 0 and not no_gc.teacher and pass_levels(no_gc.temporal) == ("res3", "res4")
     assert no_gc.find_unused_parameters  # res5 gets no gradient without L_gc
     row1 = stage_spec(
         tiny_config("train.recipe=temporal", "temporal.rec_levels=[res4]", "temporal.alpha=0"), "temporal"
     )
-    assert row1.student_levels == ("res4",)
+    assert pass_levels(row1.temporal, row1.lwf) == ("res4",)
     joint = stage_spec(tiny_config("train.recipe=spatiotemporal"), "spatiotemporal")
     assert (joint.optimiser, joint.streams, joint.teacher) == ("sgd", ("spatial", "temporal"), False)
     ewc = tiny_config("train.recipe=spatial-then-temporal-ewc", "train.ewc_fisher_batches=3")
@@ -224,7 +234,7 @@ def test_checkpoint_load_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
 def test_skipped_corrupt_frames_are_named_once(ray_local, capfd):
     """Issue 18: corrupt training frames were counted, never named."""
     from stt.data.pipeline import SkippedFrames
-    from stt.train import report_skipped
+    from stt.trainer import report_skipped
 
     skipped = SkippedFrames.remote(keep=2)
     assert report_skipped(skipped, 0, 0) == 0 and capfd.readouterr().out == ""

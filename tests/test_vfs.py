@@ -142,7 +142,7 @@ def test_vfs_stage_facts_and_one_step_of_each_objective():
 
 
 def test_vfs_config_ranges_are_checked():
-    from stt.cli import UsageError
+    from stt.errors import UsageError
 
     with pytest.raises(UsageError, match="vfs.sampling"):
         load_config(None, ["vfs.sampling=random"])

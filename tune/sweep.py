@@ -2,7 +2,7 @@
 
 import sys
 
-from stt.cli import run
+from stt.command import run
 from stt.sweep import main
 
 if __name__ == "__main__":

@@ -1,18 +1,14 @@
-"""The training streams on Ray Data: (target, reference) frame pairs for the temporal stage and two
-augmented views of an image for the spatial stage.
+"""The training streams on Ray Data: (target, reference) frame pairs for the temporal stage, two augmented
+views of an image for the spatial stage, and VFS's frame pairs; `STREAMS` is the one registry of them.
 
-How the stream is built. The source (Parquet shards from stt.data.prepare, or a raw YouTube-VOS /
-DAVIS / image-folder layout) is cut into UNITS of whole videos, about 256 frames each: a shard row
-group, or the same packing of a raw listing. One epoch visits every unit once, in an order drawn
-from (seed, epoch), so the unit ids 0, 1, 2, ... name an endless sequence of epochs; a stream is a
-range of them (`stream_units`: whole epochs, or as many rows as training needs, starting where a
-resumed run left off). The dataset is one row per unit id of that range -> `map_batches` of Ray tasks
-(at most `data_cpus` CPUs at once) that turn one unit id into its pairs, so nothing is ever
-materialised: Ray Data's streaming executor pulls units as the trainer consumes batches, and its
-back-pressure bounds the memory. The listing (a `Plan` of numpy arrays) sits once in the object
-store. Shards are read one row group at a time by the tasks themselves rather than with
-`ray.data.read_parquet`, whose blocks may cut a video in two; a row group is exactly the unit
-pairs are sampled from. Tasks rather than actors: Ray reuses warm worker processes for them.
+How a stream is built. Its source is planned into units of whole videos, and a stream is a range of unit ids
+naming an endless sequence of epochs (stt.data.plans). The dataset is one row per unit id of that range ->
+`map_batches` of Ray tasks (at most `data_cpus` CPUs at once) that turn one unit id into its rows
+(`stream_dataset`), so nothing is ever materialised: Ray Data's streaming executor pulls units as the trainer
+consumes batches, and its back-pressure bounds the memory. The plan sits once in the object store. Shards are
+read one row group at a time by the tasks themselves rather than with `ray.data.read_parquet`, whose blocks may
+cut a video in two; a row group is exactly the unit rows are drawn from. Tasks rather than actors: Ray reuses
+warm worker processes for them. `local_stream` is the same stream decoded in the calling process.
 
 Pairs. Every (i, i + frame_gap) of a video's frame list, i.e. `frame_gap` list steps (YouTube-VOS
 lists every 5th raw frame, so the default 1 is 5 raw frames): the LATER frame is the target, the
@@ -22,7 +18,7 @@ batch mixes videos; each video keeps only `frame_gap + 1` decoded frames alive a
 frame once. Everything random is drawn from (seed, epoch, unit), so a stream is reproducible
 whatever the scheduling (the order of its rows is not: Ray Data does not preserve order).
 
-VFS pairs (`vfs_pair_dataset`, paper 003): one pair per video per epoch, two frames drawn by
+VFS pairs (stream "vfs", paper 003): one pair per video per epoch, two frames drawn by
 stt.vfs.sample_frame_pair (distant sampling by default), each with its own crop and flip
 (stt.data.augment.FramePairViews); the same units, seeds and resumption as the other streams.
 
@@ -39,20 +35,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
 import torch
 
 from stt.config import DataConfig, SpatialConfig, VFSConfig
-from stt.data import prepare
 from stt.data.augment import FramePairViews, TwoViews
-from stt.data.layouts import DatasetError, read_rgb_or_none
-from stt.data.transforms import decode_rgb_or_none, pair_crops, to_chw
+from stt.data.plans import Clip, Plan, Source, draw_unit, pair_plan, stream_units, vfs_plan, view_plan
+from stt.data.transforms import pair_crops, to_chw
 
-FRAMES_PER_UNIT = 256  # raw sources; shards use their row groups
 ROWS_PER_CHUNK = 32  # rows per yielded block: small enough for steady streaming
 
 
@@ -90,153 +83,7 @@ class Stream:
         return ray.get(self.skipped.total.remote())
 
 
-# --------------------------------------------------------------------------- sources and units
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # shards | ytvos | davis | images
-    root: str
-
-
-def resolve_source(root: str, images: bool = False) -> Source:
-    """What `root` holds: a shard folder (any URI), a raw layout, or "" for the embedded synthetic set."""
-    if not root:
-        from stt.data.synthetic import ensure_dataset
-
-        return Source("ytvos", str(ensure_dataset("ytvos")))
-    if prepare.is_shard_folder(root):
-        return Source("shards", root)
-    path = Path(root)
-    if any((path / folder / "JPEGImages").is_dir() for folder in (".", "train", "train_all_frames")):
-        return Source("ytvos", root)
-    if (path / "ImageSets" / "2017").is_dir():
-        return Source("davis", root)
-    if images and path.is_dir():
-        return Source("images", root)
-    raise DatasetError(
-        f"{root}: not a shard folder ({prepare.MANIFEST}), a YouTube-VOS root (JPEGImages/ or train/JPEGImages/) "
-        f"or a DAVIS-2017 root (ImageSets/2017/){' or an image folder' if images else ''}"
-    )
-
-
-@dataclass
-class Clip:
-    """One video of a unit as the pair maker sees it: frame numbers, source names, a decoder by position."""
-
-    name: str
-    frames: list[int]
-    sources: list[str]
-    decode: Callable[[int], np.ndarray | None]
-
-
-def _utf8(names: list[str]) -> np.ndarray:
-    return np.array([name.encode() for name in names], dtype=bytes)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A source cut into units of whole videos, as numpy arrays (so `ray.get` in a task is zero-copy).
-
-    names, counts: V video names (utf-8 bytes) and frame counts, in unit order; unit_start: U + 1
-    offsets into them. Raw sources: frames, paths: every frame's number and file, video by video.
-    Shards: files, row_groups: the shard file and row group of each unit.
-    """
-
-    names: np.ndarray
-    counts: np.ndarray
-    unit_start: np.ndarray
-    frames: np.ndarray | None = None
-    paths: np.ndarray | None = None
-    files: np.ndarray | None = None
-    row_groups: np.ndarray | None = None
-
-    @property
-    def num_units(self) -> int:
-        return len(self.unit_start) - 1
-
-    def clips(self, unit: int, shard_root: str | None) -> list[Clip]:
-        """The videos of `unit`, decodable frame by frame (shards: one row group read; raw: files)."""
-        first, last = self.unit_start[unit], self.unit_start[unit + 1]
-        names = [name.decode() for name in self.names[first:last]]
-        counts = self.counts[first:last].tolist()
-        if self.files is None:
-            offset = int(self.counts[:first].sum())
-            clips = []
-            for name, count in zip(names, counts):
-                paths = [p.decode() for p in self.paths[offset : offset + count]]
-                frames = self.frames[offset : offset + count].tolist()
-                clips.append(Clip(name, frames, paths, lambda i, paths=paths: read_rgb_or_none(paths[i])))
-                offset += count
-            return clips
-        file, row_group = self.files[unit].decode(), int(self.row_groups[unit])
-        table = prepare.read_row_group(shard_root, file, row_group, ["video", "frame", "source", "jpeg"])
-        if table.column("video").to_pylist() != [n for name, count in zip(names, counts) for n in [name] * count]:
-            raise DatasetError(
-                f"{shard_root}/{file}: row group {row_group} does not hold the videos "
-                f"{prepare.MANIFEST} lists for it; expected an unmodified shard folder"
-            )
-        frames, sources, jpegs = (
-            table.column("frame").to_pylist(),
-            table.column("source").to_pylist(),
-            table.column("jpeg"),
-        )
-        clips, start = [], 0
-        for name, count in zip(names, counts):
-            clips.append(
-                Clip(
-                    name,
-                    frames[start : start + count],
-                    sources[start : start + count],
-                    lambda i, start=start: decode_rgb_or_none(jpegs[start + i].as_py()),
-                )
-            )
-            start += count
-        return clips
-
-
-def _offsets(sizes: list[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-
-
-def shard_plan(uri: str) -> tuple[str, Plan]:
-    """(kind of the prepared layout, plan) of a finished shard folder; a unit is a row group."""
-    manifest = prepare.read_manifest(uri)
-    units = [
-        (shard["file"], index, group) for shard in manifest["shards"] for index, group in enumerate(shard["row_groups"])
-    ]
-    videos = [video for _, _, group in units for video in group]
-    return manifest["kind"], Plan(
-        names=_utf8([name for name, _ in videos]),
-        counts=np.array([count for _, count in videos], dtype=np.int64),
-        unit_start=_offsets([len(group) for _, _, group in units]),
-        files=_utf8([file for file, _, _ in units]),
-        row_groups=np.array([index for _, index, _ in units], dtype=np.int64),
-    )
-
-
-def raw_plan(source: Source, as_images: bool = False) -> Plan:
-    """Plan of a raw layout; units pack whole videos to about FRAMES_PER_UNIT frames. `as_images`:
-    every frame of a video layout becomes a one-frame video (the spatial stage)."""
-    videos = prepare.list_videos(source.kind, source.root)
-    if as_images and source.kind != "images":
-        videos = [
-            prepare.Video(f"{v.name}/{frame}", (frame,), (path,))
-            for v in videos
-            for frame, path in zip(v.frames, v.paths)
-        ]
-    units = prepare.pack_videos(videos, FRAMES_PER_UNIT)
-    videos = [video for unit in units for video in unit]
-    return Plan(
-        names=_utf8([v.name for v in videos]),
-        counts=np.array([len(v.frames) for v in videos], dtype=np.int64),
-        unit_start=_offsets([len(unit) for unit in units]),
-        frames=np.array([f for v in videos for f in v.frames], dtype=np.int64),
-        paths=_utf8([p for v in videos for p in v.paths]),
-    )
-
-
-# --------------------------------------------------------------------------- the per-unit work
+# --------------------------------------------------------------------------- the per-unit work (no Ray)
 
 
 def interleaved_pairs(
@@ -268,14 +115,6 @@ def interleaved_pairs(
         reference, target = frame(c, i), frame(c, i + gap)
         if reference is not None and target is not None:
             yield clips[c], i, target, reference
-
-
-def draw_unit(unit_id: int, num_units: int, seed: int) -> tuple[int, np.random.Generator]:
-    """The unit that row `unit_id` of the range dataset stands for, and the generator of all its
-    randomness: epoch unit_id // num_units visits every unit once, in an order drawn from (seed, epoch)."""
-    epoch, position = divmod(unit_id, num_units)
-    unit = int(np.random.default_rng([seed, epoch]).permutation(num_units)[position])
-    return unit, np.random.default_rng([seed, epoch, unit])
 
 
 def _chunks(items: Iterator, before_each: Callable[[], None]) -> Iterator[list]:
@@ -315,24 +154,6 @@ def unit_pairs(
         yield _pair_batch(chunk, cfg)
 
 
-def make_pairs(
-    batch: dict[str, np.ndarray],
-    *,
-    plan_ref: list,
-    shard_root: str | None,
-    seed: int,
-    skipped,
-    first_unit: int,
-    data_cfg: DataConfig,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of temporal pairs."""
-    plan = ray.get(plan_ref[0])  # in a list, so Ray passes the reference and the array stays zero-copy
-    for row_id in batch["id"]:
-        yield from unit_pairs(
-            plan, first_unit + int(row_id), shard_root, seed, data_cfg, lambda c: report_corrupt(skipped, c)
-        )
-
-
 def _pair_batch(pairs: list, cfg: DataConfig) -> dict[str, np.ndarray]:
     """(clip, reference position, target crop, reference crop) tuples -> one batch of columns."""
     reference_frames = np.array([clip.frames[i] for clip, i, _, _ in pairs], dtype=np.int64)
@@ -346,25 +167,6 @@ def _pair_batch(pairs: list, cfg: DataConfig) -> dict[str, np.ndarray]:
         "gap": target_frames - reference_frames,
     }
     return batch
-
-
-def make_views(
-    batch: dict[str, np.ndarray],
-    *,
-    plan_ref: list,
-    shard_root: str | None,
-    seed: int,
-    skipped,
-    first_unit: int,
-    image_size: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of two MoCo v2
-    views per image."""
-    plan = ray.get(plan_ref[0])
-    for row_id in batch["id"]:
-        yield from unit_views(
-            plan, first_unit + int(row_id), shard_root, seed, image_size, lambda c: report_corrupt(skipped, c)
-        )
 
 
 def unit_views(
@@ -433,177 +235,96 @@ def unit_vfs_pairs(
         }
 
 
-def make_vfs_pairs(
+# --------------------------------------------------------------------------- the streams
+
+
+@dataclass(frozen=True)
+class StreamKind:
+    """One training stream: how its source is planned into units, what one unit yields, and which settings the
+    unit reads (`settings(data, spatial, vfs)`: passed to `unit` as is)."""
+
+    plan: Callable[[DataConfig, Source | None], tuple[Plan, str | None, np.ndarray]]
+    unit: Callable[..., Iterator[dict[str, np.ndarray]]]  # (plan, unit id, shard root, seed, settings, report)
+    settings: Callable[[DataConfig, SpatialConfig, VFSConfig], Any]
+    images: bool = False  # reads `data.images` when that is set (else the frames of `data.root`)
+
+
+STREAMS: dict[str, StreamKind] = {
+    # (target, reference) pairs: target, reference 3 x S x S uint8 RGB (S = data.crop_size; the frozen teacher
+    # takes RGB, and on a GPU `stt.color.rgb_to_lab` on the device is cheaper than shipping floats), video (str),
+    # target_frame, reference_frame (raw frame numbers) and gap = their difference (int64)
+    "temporal": StreamKind(pair_plan, unit_pairs, lambda data, spatial, vfs: data),
+    # two MoCo v2 views of every image: view_q, view_k 3 x S x S float32 ImageNet-normalised (S =
+    # spatial.image_size), image (str)
+    "spatial": StreamKind(view_plan, unit_views, lambda data, spatial, vfs: spatial.image_size, images=True),
+    # VFS's positives: two frames of one video, each with its own augmentation (`unit_vfs_pairs`'s columns)
+    "vfs": StreamKind(vfs_plan, unit_vfs_pairs, lambda data, spatial, vfs: vfs),
+}
+
+
+def make_rows(
     batch: dict[str, np.ndarray],
     *,
+    stream: str,
     plan_ref: list,
     shard_root: str | None,
     seed: int,
     skipped,
     first_unit: int,
-    vfs_cfg: VFSConfig,
+    settings: Any,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of VFS frame pairs."""
-    plan = ray.get(plan_ref[0])
+    """Ray Data batch function: row ids (column `id`; unit id = first_unit + id) -> batches of `stream`'s rows."""
+    plan = ray.get(plan_ref[0])  # in a list, so Ray passes the reference and the array stays zero-copy
+    unit, report = STREAMS[stream].unit, lambda corrupt: report_corrupt(skipped, corrupt)
     for row_id in batch["id"]:
-        yield from unit_vfs_pairs(
-            plan, first_unit + int(row_id), shard_root, seed, vfs_cfg, lambda c: report_corrupt(skipped, c)
-        )
+        yield from unit(plan, first_unit + int(row_id), shard_root, seed, settings, report)
 
 
-# --------------------------------------------------------------------------- the datasets
+def stream_dataset(
+    stream: str,
+    data_cfg: DataConfig,
+    spatial_cfg: SpatialConfig | None = None,
+    *,
+    vfs_cfg: VFSConfig | None = None,
+    source: Source | None = None,
+    seed: int = 0,
+    epochs: int = 1,
+    rows: int | None = None,
+    skip_rows: int = 0,
+    skipped=None,
+) -> Stream:
+    """The Ray Data stream `stream` (a key of STREAMS; its columns are described there).
 
-
-def stream_units(
-    unit_rows: np.ndarray, seed: int, epochs: int = 1, rows: int | None = None, skip_rows: int = 0
-) -> range:
-    """The unit ids (rows of the range dataset, see `draw_unit`) a stream visits.
-
-    unit_rows: U rows per unit (pairs or images, if no frame is corrupt). Without `rows`: `epochs`
-    whole epochs. With `rows`: from the first unit not wholly inside the first `skip_rows` rows of
-    the epoch order (a resumed run skips what it consumed), to the end of the epoch in which
-    `rows` more rows have been reached. Rows are counted in unit order; Ray Data does not keep
-    that order exactly, so a resumed stream may repeat or skip a few units' worth of rows.
+    `source`: None reads the stream's default (`data.root`; the spatial stream `data.images` when set).
+    `epochs`, `rows`, `skip_rows`: which part of the endless epoch sequence to stream (stt.data.plans.stream_units).
+    `skipped`: a `SkippedFrames` actor to count into (None: a new one), so rebuilt streams of one run share a count.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs: expected at least 1, got {epochs}")
-    if (rows is not None and rows < 1) or skip_rows < 0:
-        raise ValueError(f"rows: expected at least 1 and skip_rows at least 0, got rows={rows}, skip_rows={skip_rows}")
-    num_units = len(unit_rows)
-    if rows is None and skip_rows == 0:
-        return range(epochs * num_units)
-    per_epoch = int(unit_rows.sum())
-    if per_epoch == 0:
-        raise DatasetError("the source yields no rows (every video is shorter than the frame gap)")
-    first = 0
-    consumed = 0
-    while True:  # skip whole epochs arithmetically, then units of the epoch where skip_rows falls
-        if first % num_units == 0 and consumed + per_epoch <= skip_rows:
-            consumed += per_epoch
-            first += num_units
-            continue
-        unit = draw_unit(first, num_units, seed)[0]
-        if consumed + unit_rows[unit] > skip_rows:
-            break
-        consumed += int(unit_rows[unit])
-        first += 1
-    if rows is None:
-        return range(first, first + epochs * num_units)
-    needed_until = skip_rows + rows  # rows counted from the start of the first epoch
-    end_epoch = -(-needed_until // per_epoch)  # ceil: whole epochs
-    return range(first, max(end_epoch * num_units, first + 1))
-
-
-def _build(fn, plan: Plan, shard_root: str | None, units: range, data_cpus: float, skipped, **fn_kwargs):
-    if data_cpus <= 0:
-        raise ValueError(f"data.data_cpus: expected a positive CPU count, got {data_cpus}")
-    tasks = max(1, int(data_cpus))
+    kind = STREAMS[stream]
+    plan, shard_root, unit_rows = kind.plan(data_cfg, source)
+    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
+    if data_cfg.data_cpus <= 0:
+        raise ValueError(f"data.data_cpus: expected a positive CPU count, got {data_cfg.data_cpus}")
+    tasks = max(1, int(data_cfg.data_cpus))
     skipped = skipped or SkippedFrames.remote()
     # from_items, not ray.data.range: range's read tasks each need a whole free CPU, which small
     # nodes shared with fractional-CPU Train workers may never have (a deadlock seen in cluster/rehearse.py).
-    rows = ray.data.from_items([{"id": row} for row in range(len(units))], override_num_blocks=min(len(units), 10_000))
-    dataset = rows.map_batches(
-        fn,
+    ids = ray.data.from_items([{"id": row} for row in range(len(units))], override_num_blocks=min(len(units), 10_000))
+    dataset = ids.map_batches(
+        make_rows,
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=tasks),
-        num_cpus=data_cpus / tasks,
+        num_cpus=data_cfg.data_cpus / tasks,
         fn_kwargs={
+            "stream": stream,
             "plan_ref": [ray.put(plan)],
             "shard_root": shard_root,
+            "seed": seed,
             "skipped": skipped,
             "first_unit": units.start,
-            **fn_kwargs,
+            "settings": kind.settings(data_cfg, spatial_cfg or SpatialConfig(), vfs_cfg or VFSConfig()),
         },
     )
-    return dataset, skipped
-
-
-def temporal_pair_dataset(
-    data_cfg: DataConfig,
-    source: Source | None = None,
-    *,
-    seed: int = 0,
-    epochs: int = 1,
-    rows: int | None = None,
-    skip_rows: int = 0,
-    skipped=None,
-) -> Stream:
-    """(target, reference) pairs of `frame_gap` list steps, same crop and flip on both.
-
-    Columns: target, reference: 3 x S x S uint8 RGB (S = crop_size; the frozen teacher takes RGB,
-    and on a GPU `stt.color.rgb_to_lab` on the device is cheaper than shipping floats). video (str),
-    target_frame, reference_frame (raw frame numbers) and gap = their difference (int64).
-    `source`: None reads `data_cfg.root` (see `resolve_source`). `epochs`, `rows`, `skip_rows`: which
-    part of the endless epoch sequence to stream (`stream_units`). `skipped`: a `SkippedFrames`
-    actor to count into (None: a new one), so rebuilt streams of one run share a count.
-    """
-    plan, shard_root, unit_rows = pair_plan(data_cfg, source or resolve_source(data_cfg.root))
-    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(
-        make_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, data_cfg=data_cfg
-    )
     return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
-
-
-def pair_plan(data_cfg: DataConfig, source: Source) -> tuple[Plan, str | None, np.ndarray]:
-    """(plan, shard root or None, pairs per unit) of the temporal stream over `source`."""
-    if data_cfg.frame_gap < 1:
-        raise ValueError(f"data.frame_gap: expected at least 1 list step, got {data_cfg.frame_gap}")
-    plan, shard_root = video_plan(source)
-    if note := frame_spacing_note(plan, data_cfg.frame_gap, source.root):
-        print(note)
-    return plan, shard_root, _per_unit(plan, np.clip(plan.counts - data_cfg.frame_gap, 0, None))
-
-
-def video_plan(source: Source) -> tuple[Plan, str | None]:
-    """(plan, shard root or None) of a video `source` (shards of videos, a YouTube-VOS or DAVIS layout)."""
-    if source.kind == "shards":
-        kind, plan = shard_plan(source.root)
-        if kind == "images":
-            raise DatasetError(f"{source.root}: shards of single images; expected video frames (prepare ytvos|davis)")
-    elif source.kind in ("ytvos", "davis"):
-        plan = raw_plan(source)
-    else:
-        raise DatasetError(f"{source.root}: a {source.kind} source; expected video frames (shards, ytvos or davis)")
-    return plan, source.root if source.kind == "shards" else None
-
-
-def vfs_plan(source: Source) -> tuple[Plan, str | None, np.ndarray]:
-    """(plan, shard root or None, pairs per unit) of the VFS stream over video `source`: one pair per
-    video of at least 2 frames per epoch (VFS samples one clip per video per epoch, as mmaction's VideoDataset)."""
-    plan, shard_root = video_plan(source)
-    return plan, shard_root, _per_unit(plan, (plan.counts >= 2).astype(np.int64))
-
-
-def vfs_pair_dataset(
-    data_cfg: DataConfig,
-    vfs_cfg: VFSConfig,
-    source: Source | None = None,
-    *,
-    seed: int = 0,
-    epochs: int = 1,
-    rows: int | None = None,
-    skip_rows: int = 0,
-    skipped=None,
-) -> Stream:
-    """VFS's positives (paper 003): two frames of one video, each with its own augmentation (`unit_vfs_pairs`'s
-    columns). `source`: None reads `data_cfg.root`. `epochs`, `rows`, `skip_rows`, `skipped`: as
-    `temporal_pair_dataset`."""
-    plan, shard_root, unit_rows = vfs_plan(source or resolve_source(data_cfg.root))
-    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(
-        make_vfs_pairs, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, vfs_cfg=vfs_cfg
-    )
-    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
-
-
-def view_plan(data_cfg: DataConfig, source: Source | None = None) -> tuple[Plan, str | None, np.ndarray]:
-    """(plan, shard root or None, images per unit) of the spatial stream: `data.images`, else the frames of
-    `data.root`."""
-    if source is None:
-        source = resolve_source(data_cfg.images, images=True) if data_cfg.images else resolve_source(data_cfg.root)
-    plan = shard_plan(source.root)[1] if source.kind == "shards" else raw_plan(source, as_images=True)
-    return plan, source.root if source.kind == "shards" else None, _per_unit(plan, plan.counts)
 
 
 def local_stream(
@@ -616,74 +337,15 @@ def local_stream(
     report: Callable[[list[str]], None],
     vfs_cfg: VFSConfig | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The same stream as `temporal_pair_dataset` ("temporal"), `spatial_view_dataset` ("spatial") or
-    `vfs_pair_dataset` ("vfs"), endless and decoded in this process, without Ray Data: the same units in the
-    same order with the same randomness, from the first unit not wholly inside the first `skip_rows` rows
-    (a resumed run)."""
-    temporal = stream == "temporal"
-    if stream == "vfs":
-        vfs_cfg = vfs_cfg or VFSConfig()
-        plan, shard_root, unit_rows = vfs_plan(resolve_source(data_cfg.root))
-    else:
-        plan, shard_root, unit_rows = (
-            pair_plan(data_cfg, resolve_source(data_cfg.root)) if temporal else view_plan(data_cfg)
-        )
+    """The same stream as `stream_dataset(stream, ...)`, endless and decoded in this process, without Ray Data:
+    the same units in the same order with the same randomness, from the first unit not wholly inside the first
+    `skip_rows` rows (a resumed run)."""
+    kind = STREAMS[stream]
+    plan, shard_root, unit_rows = kind.plan(data_cfg, None)
+    settings = kind.settings(data_cfg, spatial_cfg, vfs_cfg or VFSConfig())
     first = stream_units(unit_rows, seed, rows=1, skip_rows=skip_rows).start
     for unit_id in itertools.count(first):  # unit ids name an endless sequence of epochs (`draw_unit`)
-        if stream == "vfs":
-            yield from unit_vfs_pairs(plan, unit_id, shard_root, seed, vfs_cfg, report)
-        elif temporal:
-            yield from unit_pairs(plan, unit_id, shard_root, seed, data_cfg, report)
-        else:
-            yield from unit_views(plan, unit_id, shard_root, seed, spatial_cfg.image_size, report)
-
-
-def spatial_view_dataset(
-    data_cfg: DataConfig,
-    spatial_cfg: SpatialConfig,
-    source: Source | None = None,
-    *,
-    seed: int = 0,
-    epochs: int = 1,
-    rows: int | None = None,
-    skip_rows: int = 0,
-    skipped=None,
-) -> Stream:
-    """Two MoCo v2 views of every image (stt.data.augment): view_q, view_k 3 x S x S float32
-    ImageNet-normalised (S = spatial.image_size), image (str). `source`: None reads `data_cfg.images`,
-    or the frames of `data_cfg.root` when that is empty. `epochs`, `rows`, `skip_rows`, `skipped`: as
-    `temporal_pair_dataset`."""
-    plan, shard_root, unit_rows = view_plan(data_cfg, source)
-    units = stream_units(unit_rows, seed, epochs, rows, skip_rows)
-    dataset, skipped = _build(
-        make_views, plan, shard_root, units, data_cfg.data_cpus, skipped, seed=seed, image_size=spatial_cfg.image_size
-    )
-    return Stream(dataset, skipped, plan.num_units, int(unit_rows.sum()))
-
-
-def raw_frame_step(plan: Plan) -> int:
-    """The median step between consecutive frame numbers of a raw plan's videos: 5 for YouTube-VOS
-    `train/` (every 5th raw frame listed), 1 for `train_all_frames/` and DAVIS."""
-    starts = np.cumsum(plan.counts) - plan.counts
-    steps = np.diff(plan.frames)
-    within_video = np.ones(len(steps), dtype=bool)
-    within_video[starts[1:] - 1] = False  # the step from one video's last frame to the next one's first
-    return int(np.median(steps[within_video])) if within_video.any() else 1
-
-
-def frame_spacing_note(plan: Plan, frame_gap: int, root: str) -> str | None:
-    """One line when a raw listing of every frame meets frame_gap 1 (pairs of adjacent raw frames), else None."""
-    if plan.frames is None or frame_gap != 1 or raw_frame_step(plan) != 1:
-        return None
-    return (
-        f"stt.data: {root} lists every raw frame (e.g. YouTube-VOS train_all_frames), so data.frame_gap=1 pairs "
-        "adjacent raw frames; the paper's pairs are ~0.17 s apart: data.frame_gap=5 at 30 fps, 4 at 24 fps"
-    )
-
-
-def _per_unit(plan: Plan, video_rows: np.ndarray) -> np.ndarray:
-    """Rows per unit from rows per video (videos are stored unit by unit)."""
-    return np.add.reduceat(video_rows, plan.unit_start[:-1]) if plan.num_units else np.zeros(0, dtype=np.int64)
+        yield from kind.unit(plan, unit_id, shard_root, seed, settings, report)
 
 
 def check_cpu_budget(

@@ -46,9 +46,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stt import cli, storage
-from stt.cli import UsageError
+from stt import command, storage
 from stt.data.layouts import DAVIS, DatasetError, ImageFolder, YouTubeVOS, read_rgb_or_none
+from stt.errors import UsageError
 from stt.observe import with_progress
 from stt.paths import check_apart
 
@@ -361,4 +361,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "stt.prepare"))
+    sys.exit(command.run(main, "stt.prepare"))

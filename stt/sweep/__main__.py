@@ -2,7 +2,7 @@
 
 import sys
 
-from stt.cli import run
+from stt.command import run
 from stt.sweep.cli import main
 
 sys.exit(run(main, "sweep"))

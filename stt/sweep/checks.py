@@ -16,10 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stt import checkpoint
-from stt.cli import UsageError
 from stt.config import Config, to_dict
 from stt.data.layouts import DAVIS, DatasetError
-from stt.data.pipeline import resolve_source
+from stt.data.plans import resolve_source
+from stt.errors import UsageError
 from stt.paths import check_apart
 from stt.sweep.phases import RESUME
 from stt.sweep.plans import SweepPlan

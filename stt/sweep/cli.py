@@ -10,9 +10,10 @@ from pathlib import Path
 
 import ray
 
-from stt.cli import InterruptedRun, UsageError, parse_args
+from stt.command import parse_args
 from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
+from stt.errors import InterruptedRun, UsageError
 from stt.sweep.checks import check_sweep_inputs
 from stt.sweep.phases import RESUME, Sweep
 from stt.sweep.plans import PLANS, SweepPlan

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stt.cli import UsageError
+from stt.errors import UsageError
 
 
 @dataclass(frozen=True)

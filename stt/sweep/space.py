@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from stt.cli import UsageError
-from stt.config import Config, apply_overrides, from_dict, to_dict, validate
+from stt.config import Config, from_dict, set_values, validate
+from stt.errors import UsageError
 from stt.recipes import StageSpec, recipe_of, stage_spec
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
@@ -180,6 +180,5 @@ def in_domain(domain, value) -> bool:
 
 
 def with_params(base: Config | dict, params: dict) -> Config:
-    """A new Config: `base` (a Config or its `to_dict`) with `params` ({dotted key: value}) applied as overrides."""
-    cfg = from_dict(to_dict(base) if isinstance(base, Config) else base)
-    return apply_overrides(cfg, [f"{key}={value}" for key, value in params.items()])
+    """A new Config: `base` (a Config or its `to_dict`) with `params` ({dotted key: value}, typed) set and validated."""
+    return set_values(base if isinstance(base, Config) else from_dict(base), params)

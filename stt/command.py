@@ -1,10 +1,11 @@
 """How every stt command line ends: a result, or one line saying what was wrong with the input.
 
-A user error (bad data, bad config, bad checkpoint, bad option) is printed as one line naming the
-file or value and what was expected, with exit status 2 for a usage error (an option or config value)
-and 1 otherwise. The traceback is for developers: `--debug` on any command, or `STT_DEBUG=1`.
+A user error (stt.errors: bad data, bad config, bad checkpoint, bad option) is printed as one line naming the
+file or value and what was expected, with exit status 2 for a usage error (an option or config value) and 1
+otherwise, 130 when interrupted. The traceback is for developers: `--debug` on any command, or `STT_DEBUG=1`.
 Errors raised inside Ray workers reach the driver wrapped (Ray Train's TrainingFailedError around a
-RayTaskError around the original); the original is found and printed the same way.
+RayTaskError around the original); the original is found and printed the same way. Dotted overrides
+(`section.key=value`) are taken anywhere on a command line (`parse_args`).
 """
 
 from __future__ import annotations
@@ -13,45 +14,9 @@ import argparse
 import os
 import re
 import sys
-import threading
 from typing import Callable
 
-import yaml
-
-
-class UsageError(ValueError):
-    """A command-line option or config value outside what is accepted: exit status 2."""
-
-
-class InterruptedRun(RuntimeError):
-    """A long run stopped before it finished (Ctrl-C, SIGTERM): its finished work is kept."""
-
-
-class StorageError(OSError):
-    """An object store that cannot be reached or refuses the request (network, credentials, endpoint).
-
-    `abandoned`: the thread of a request that never answered (stt.storage.contact). pyarrow cannot cancel
-    it, and its S3 support waits at interpreter exit for requests in flight, so `run` ends the process at once.
-    """
-
-    def __init__(self, message: str, abandoned: threading.Thread | None = None):
-        super().__init__(message)
-        self.abandoned = abandoned
-
-
-# Raised by stt for input it cannot use; anything else is a bug and keeps its traceback.
-USER_ERRORS = (
-    ValueError,
-    KeyError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-    yaml.YAMLError,
-    InterruptedRun,
-    StorageError,
-)
-
+from stt.errors import USER_ERRORS, InterruptedRun, UsageError
 
 # A dotted config override as every command takes them: section.key=value (stt.config.apply_overrides).
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*", re.DOTALL)
