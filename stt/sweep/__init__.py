@@ -27,8 +27,8 @@ How the two kinds of trial combine: nested, in five phases, each resumable. The 
     whether early rungs rank trials like full runs); OptunaSearch (TPE, seeded) proposes the next.
  3. Propagation trials: on the best training trial's final checkpoint, features of the tuning
     split are extracted once and cached, a top-K affinity graph is built per sequence for the widest
-    "overall" setting of the space (stt/graph.py) and a per-frame store for its per-frame settings
-    (stt/per_frame_graph.py, where it fits in memory); Optuna then searches the propagation factors. Each
+    "overall" setting of the space (stt/propagation/graph.py) and a per-frame store for its per-frame settings
+    (stt/propagation/per_frame.py, where it fits in memory); Optuna then searches the propagation factors. Each
     Tune actor holds the split in memory and runs trial after trial (reuse_actors): a trial the graphs or
     stores serve is a filter and gather, any other propagates anew; it costs seconds and never runs the
     network (asserted).

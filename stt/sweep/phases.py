@@ -24,15 +24,15 @@ from stt.config import Config, to_dict
 from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
-from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
 from stt.models import feature_stride
 from stt.observe import TrialProgress, with_progress
-from stt.per_frame_graph import PerFrameSpace, build_store, fits, per_frame_space, save_store, store_path
 from stt.propagation import for_task
+from stt.propagation.graph import build_graph, default_k, graph_path, save_graph
+from stt.propagation.per_frame import PerFrameSpace, build_store, fits, save_store, store_path
 from stt.recipes import recipe_of, stage_spec
 from stt.sweep.confirmation import ARMS, compare, confirmation_trial, read_runs
 from stt.sweep.plans import SweepPlan
-from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
+from stt.sweep.space import in_domain, per_frame_space, superset_config, training_groups, tuned_stage, with_params
 from stt.sweep.trials import (
     METRIC,
     PropagationSearch,
@@ -305,9 +305,9 @@ class Sweep:
         return chosen
 
     def graphs(self, cfg: Config, checkpoint: str, cache: Path) -> dict[str, str]:
-        """{sequence: file of its top-K affinity graph} on the tuning split (stt/graph.py), for the widest setting
-        of the propagation space, saved beside its cached features: the trials then filter and gather instead of
-        recomputing affinities. Built once per checkpoint; a resumed sweep finds them on disk."""
+        """{sequence: file of its top-K affinity graph} on the tuning split (stt/propagation/graph.py), for the
+        widest setting of the propagation space, saved beside its cached features: the trials then filter and gather
+        instead of recomputing affinities. Built once per checkpoint; a resumed sweep finds them on disk."""
         started = time.perf_counter()
         extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
         superset = superset_config(self.space["propagation"], for_task(cfg.propagation, "davis", extractor.stride))
@@ -332,8 +332,8 @@ class Sweep:
         return graphs
 
     def per_frame_stores(self, cfg: Config, checkpoint: str, cache: Path) -> dict[str, str]:
-        """{sequence: file of its per-frame store} (stt/per_frame_graph.py) for the space's per-frame trials, built
-        once per checkpoint beside its cached features; {} (said in one line) when the space has none or the
+        """{sequence: file of its per-frame store} (stt/propagation/per_frame.py) for the space's per-frame trials,
+        built once per checkpoint beside its cached features; {} (said in one line) when the space has none or the
         stores would not fit in memory: those trials then run stt.propagation."""
         started = time.perf_counter()
         extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
