@@ -20,7 +20,7 @@ from stt.config import load_config
 from stt.data.synthetic import generate
 from stt.recipes import stage_spec
 from stt.sweep import PLANS, SPACE_FILE, load_space, main
-from stt.sweep.phases import fit_in_driver
+from stt.sweep.completion import fit_in_driver
 from stt.sweep.space import training_groups, tuned_stage
 from stt.sweep.trials import PrunedAwareOptunaSearch
 

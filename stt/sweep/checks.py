@@ -21,7 +21,7 @@ from stt.config import Config, to_dict
 from stt.data.layouts import DAVIS, DatasetError
 from stt.data.pipeline import resolve_source
 from stt.paths import check_apart
-from stt.sweep.phases import RESUME
+from stt.sweep.completion import RESUME
 from stt.sweep.plans import SweepPlan
 from stt.train import check_worker_count, flatten
 

@@ -14,7 +14,8 @@ from stt.cli import InterruptedRun, UsageError, parse_args
 from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
 from stt.sweep.checks import check_sweep_inputs
-from stt.sweep.phases import RESUME, Sweep
+from stt.sweep.completion import RESUME
+from stt.sweep.phases import Sweep
 from stt.sweep.plans import PLANS, SweepPlan
 from stt.sweep.report import summary_paragraph, trials_table, write_plots
 from stt.sweep.space import SPACE_FILE, load_space
