@@ -328,6 +328,23 @@ def test_saved_graph_is_keyed_by_superset_and_k_and_round_trips(tmp_path):
     assert torch.equal(load_graph(tmp_path / "copy.pt", features).value, graph.value)
 
 
+def test_load_or_build_reads_features_only_when_needed(tmp_path):
+    """The sweep's use (stt.sweep.candidates): load=False makes sure the file exists; features given as a
+    function are read for a build, never for a graph already on disk."""
+    features, _ = random_video(4, grid=(6, 7), frames=5)
+    feature_file, reads = tmp_path / "abcdef.npy", []
+
+    def read():
+        reads.append(1)
+        return features
+
+    assert load_or_build(feature_file, read, SUPERSET, 12, load=False) == (None, graph_path(feature_file, SUPERSET, 12))
+    assert len(reads) == 1 and graph_path(feature_file, SUPERSET, 12).is_file()
+    assert load_or_build(feature_file, read, SUPERSET, 12, load=False)[0] is None and len(reads) == 1
+    graph, _ = load_or_build(feature_file, read, SUPERSET, 12)
+    assert len(reads) == 2 and torch.equal(graph.value, build_graph(features, SUPERSET, 12).value)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_on_cuda_equals_cpu():
     features, first = random_video(8, grid=(20, 24), frames=6)

@@ -149,3 +149,18 @@ def test_no_import_cycle_through_propagation_or_the_sweep():
     graph, ours = import_graph(), ("stt.propagation", "stt.sweep")
     components = [c for c in find_components(graph) if any(m.startswith(ours) for m in c)]
     assert not components, describe(graph, components)
+
+
+def test_propagation_imports_no_ray():
+    """The propagation package (and every stt module it reaches) imports no Ray: the sweep reads Tune's domains."""
+    graph, modules = import_graph(), module_names()
+    reached, todo = set(), [m for m in graph if m.startswith("stt.propagation")]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    for module in sorted(reached):
+        path = modules[module]
+        names = imported_names(ast.parse(path.read_text()), module, path.name == "__init__.py")
+        assert not [n for n in names if n == "ray" or n.startswith("ray.")], module

@@ -73,13 +73,19 @@ def flat_location(context_y: torch.Tensor, context_x: torch.Tensor, grid: tuple[
     return context_y.clamp(0, h - 1) * w + context_x.clamp(0, w - 1)
 
 
-def context_band(context: torch.Tensor, y0: int, y1: int, reach: int, width: int) -> torch.Tensor:
-    """Rows [y0 - R, y1 + R) and columns [-R, width + R) of the context frames, zero where off the
-    h x w grid: n x C x (y1 - y0 + 2R) x (width + 2R)."""
+def context_band(
+    context: torch.Tensor, y0: int, y1: int, reach: int, width: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows [y0 - R, y1 + R) and columns [-R, width + R) of the context frames (... x C x h x w), zero where
+    off the h x w grid: ... x C x (y1 - y0 + 2R) x (width + 2R). With `out` (that shape, zero off the grid
+    already) the grid's part is copied into it: a buffer refilled frame after frame allocates nothing."""
     h, w = context.shape[-2:]
-    top, bottom = y0 - reach, y1 + reach
-    band = context[..., max(top, 0) : min(bottom, h), :]
-    return F.pad(band, (reach, reach + width - w, max(0, -top), max(0, bottom - h)))
+    top, bottom = rows_reached(y0, y1, reach, h)
+    above, below = top - (y0 - reach), (y1 + reach) - bottom  # rows of the band off the grid
+    if out is None:
+        return F.pad(context[..., top:bottom, :], (reach, reach + width - w, above, below))
+    out[..., above : above + bottom - top, reach : reach + w].copy_(context[..., top:bottom, :])
+    return out
 
 
 def window_logits_by_shift(
@@ -160,12 +166,10 @@ def window_logits_by_tile(
     tiles = target.reshape(channels, a, tile, b, tile).permute(1, 3, 2, 4, 0).reshape(a * b, tile * tile, channels)
     logits = buffer_view(out, (n, a, b, tile, tile, patch * patch), context)
     # One frame's context rows and patches at a time, refilled: fresh memory would cost page faults.
-    top, bottom = rows_reached(y0, y0 + a * tile, reach, h)
     band = context.new_zeros(channels, a * tile + 2 * reach, b * tile + 2 * reach)  # zero off the grid
-    on_grid = band[:, top - (y0 - reach) : bottom - (y0 - reach), reach : reach + w]
     patches = context.new_empty(a * b, channels, patch, patch)
     for f in range(n):
-        on_grid.copy_(context[f, :, top:bottom])
+        context_band(context[f], y0, y0 + a * tile, reach, b * tile, out=band)
         patches.view(a, b, channels, patch, patch).copy_(
             band.unfold(1, patch, tile).unfold(2, patch, tile).permute(1, 2, 0, 3, 4)
         )

@@ -54,8 +54,9 @@ plots/*.png, summary.md, optuna.db (the studies), and the Ray Tune experiments f
 
 The package, by job: plans.py (how much each phase runs: trials, steps, rungs, seeds), space.py (the search
 space file, validated before Ray starts), trials.py (the Tune trials and the Optuna glue), confirmation.py
-(phase 5's runs and statistics), phases.py (the phases over one experiment folder, resumable), report.py (trials
-table, plots, summary), cli.py (the command line).
+(phase 5's runs and statistics), candidates.py (the graphs and per-frame stores of phase 3), phases.py (the phases
+over one experiment folder, resumable), completion.py (how a phase knows it finished), report.py (trials table,
+plots, summary), cli.py (the command line).
 """
 
 from stt.sweep.cli import get_args_parser, main
