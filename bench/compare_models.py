@@ -16,7 +16,7 @@ With `--tune-trials N` each model also gets its own propagation: N Optuna (TPE) 
 J&F on `--tune-set` (DAVIS `train`), the best setting then scored once on `--set` (`val`), never
 tuned on. (The sweep's propagation phase runs its trials as Ray Tune trials of one sweep's experiment,
 so this is the small loop the issue allows.) Trials run on the cached features, served by top-K
-affinity graphs (stt/graph.py) where they can be, else by stt.propagation.
+affinity graphs (stt/propagation/graph.py) where they can be, else by stt.propagation.
 
 Prints one Markdown table: model | J&F | J | F | tuned J&F (| the tuned setting).
 """
@@ -40,9 +40,9 @@ from stt.config import PRESETS, Config, load_config
 from stt.data.layouts import DAVIS
 from stt.evaluate import evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
-from stt.graph import default_k, load_or_build, propagate_with_graph, serves, superset_config
 from stt.propagation import for_task, propagate
-from stt.sweep.space import in_domain, load_space, with_params
+from stt.propagation.graph import default_k, load_or_build, propagate_with_graph, serves
+from stt.sweep.space import in_domain, load_space, superset_config, with_params
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "stt" / "sweep" / "space.yaml"
 

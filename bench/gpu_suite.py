@@ -12,8 +12,7 @@ traceback and the others still run. Writes one JSON and prints one table.
 
 Parts (reusing bench/propagation.py, bench/train_step.py and bench/train_throughput.py):
   propagation  one step at DAVIS size (60 x 107, C 256, first + 20 context frames, radius 12,
-               top-10): dense, windowed and (if stt/graph.py exists) the top-K graph path, fp32
-               and fp16; ms/frame, peak MiB, argmax agreement with fp32 dense.
+               top-10): dense and windowed, fp32 and fp16; ms/frame, peak MiB, argmax agreement with fp32 dense.
   step         bench/train_step.measure: bare backbone vs temporal step, R18/R50, bf16 autocast +
                channels_last, eager.
   compile      the same rows under torch.compile (not in --smoke: minutes on 2 cores).
@@ -27,7 +26,6 @@ Parts (reusing bench/propagation.py, bench/train_step.py and bench/train_through
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import json
 import multiprocessing
@@ -56,7 +54,6 @@ from stt.propagation import predict_dense, predict_windowed  # noqa: E402
 PARTS = ("propagation", "step", "evaluate", "compile", "train")
 REFERENCE = ROOT / "bench" / "gpu_suite_reference.json"
 JF_TOLERANCE = 1e-3
-GRAPH_FUNCTIONS = ("predict_graph", "predict_topk_graph", "predict_topk")  # the name the graph module may use
 
 # Full size is the issue's DAVIS setting; smoke keeps every code path at a size 2 CPU cores finish in seconds.
 SIZES = {
@@ -122,18 +119,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ propagation
-def graph_predictor():
-    """The top-K graph path's one-frame predictor if stt/graph.py exists (same signature as
-    predict_dense), else None; a module without any of GRAPH_FUNCTIONS raises (recorded)."""
-    if importlib.util.find_spec("stt.graph") is None:
-        return None
-    module = importlib.import_module("stt.graph")
-    for name in GRAPH_FUNCTIONS:
-        if callable(getattr(module, name, None)):
-            return getattr(module, name)
-    raise AttributeError(f"stt/graph.py has none of {GRAPH_FUNCTIONS}; expected a predictor like predict_dense")
-
-
 def run_propagation(size: dict, device: torch.device) -> dict:
     cfg = replace(PropagationConfig(), context=size["context"], radius=size["radius"], topk=size["topk"])
     num_context = cfg.context + 1
@@ -143,13 +128,6 @@ def run_propagation(size: dict, device: torch.device) -> dict:
         "windowed": lambda c, y, g: predict_windowed(c, y, g, cfg),
     }
     rows, reference = [], None
-    try:
-        graph = graph_predictor()
-    except Exception as err:  # a graph module with another interface: say so, time the rest
-        graph = None
-        rows.append({"implementation": "graph", "dtype": "-", "error": f"{type(err).__name__}: {err}"})
-    if graph is not None:
-        predictors["graph"] = lambda c, y, g: graph(c, y, g, cfg)
     for dtype in (torch.float32, torch.float16):
         x, y = features.to(device, dtype), labels.to(device, dtype)
         for name, predict in predictors.items():
@@ -175,7 +153,6 @@ def run_propagation(size: dict, device: torch.device) -> dict:
         "radius": cfg.radius,
         "topk": cfg.topk,
         "timed_frames": size["frames"],
-        "graph_path": graph is not None,
         "rows": rows,
     }
 

@@ -1,4 +1,4 @@
-"""Propagation trials on the top-K affinity graph (stt/graph.py) vs the existing windowed path, on real
+"""Propagation trials on the top-K affinity graph (stt/propagation/graph.py) vs the existing windowed path, on real
 DAVIS features: build time once per sequence, then per-trial time of both paths for a few settings
 of the sweep's space, the fraction of target locations that fell back, and agreement with the windowed
 path (max |diff| of soft labels, differing mask pixels; --dense adds how far dense and windowed differ
@@ -9,7 +9,8 @@ from each other: the same fp32 near-ties). Not a test.
 
 Features come from the feature cache (stt.features.FeatureCache, extracted on the first run); the
 graph is built for the superset of stt/sweep/space.yaml's propagation section (as the sweep does), with
-K = stt.graph.default_k unless --k. Times are wall seconds on this machine, `torch.get_num_threads()` threads:
+K = stt.propagation.graph.default_k unless --k. Times are wall seconds on this machine,
+`torch.get_num_threads()` threads:
 "graph s" is propagate_with_graph, "masks s" the upsampling and argmax of its labels at the masks' size.
 """
 
@@ -32,15 +33,10 @@ from stt.cache import cache_dir
 from stt.config import Config
 from stt.data.layouts import DAVIS
 from stt.features import FeatureCache, FeatureExtractor
-from stt.graph import (
-    build_graph,
-    default_k,
-    propagate_with_graph,
-    serves,
-    superset_config,
-)
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask
+from stt.propagation.graph import build_graph, default_k, propagate_with_graph, serves
 from stt.sweep import SPACE_FILE, load_space
+from stt.sweep.space import superset_config
 
 # Settings drawn from stt/sweep/space.yaml's values (window, repeat_first_frame, minmax and hard labels are label-side
 # factors the space may add); the last is per-frame, which the graph refuses: timed on the existing path only.
@@ -70,7 +66,7 @@ def main() -> None:
         type=int,
         nargs="+",
         help="cached candidates per target, one graph each (default: "
-        "stt.graph.default_k of the superset); the windowed path is timed once for all",
+        "stt.propagation.graph.default_k of the superset); the windowed path is timed once for all",
     )
     parser.add_argument("--cache", default=str(cache_dir() / "features"), help="feature cache folder")
     parser.add_argument(

@@ -2,8 +2,8 @@
 
     cold           extract the features (into an empty cache), propagate (stt.propagation, windowed), score
     warm features  the features read from the cache, the same propagation, score (the sweep before graphs)
-    warm graph     the features and each sequence's top-K graph read from disk, stt.graph.propagate_with_graph,
-                   score (the graphs are built once per checkpoint)
+    warm graph     the features and each sequence's top-K graph read from disk, stt.propagation.graph
+                   .propagate_with_graph, score (the graphs are built once per checkpoint)
     held graph     the same with the features, ground truth and graphs already in memory: the sweep's
                    propagation trial (stt.sweep.trials.PropagationTrial loads them once per Tune actor)
 
@@ -14,7 +14,7 @@
 One trial is the base configuration (the dotted overrides) over every sequence of the split (or the first
 --sequences): per sequence, read the ground truth, propagate, upsample, argmax, score J&F (stt.metrics), as
 stt.evaluate.evaluate_davis does. The graphs are built for the superset of the sweep's search space with
-K = stt.graph.default_k, saved beside the cached features (a graph already there is loaded, and its build is
+K = stt.propagation.graph.default_k, saved beside the cached features (a graph already there is loaded, and its build is
 not timed). Also printed: the fraction of target locations the graph computed the usual way (fallbacks), the
 graphs' size, and the cost of building the feature extractor (reading and hashing the checkpoint), which
 stt.evaluate.evaluate_davis pays per call and the sweep once per Tune actor. Wall seconds,
@@ -40,7 +40,8 @@ from stt.data.layouts import DAVIS
 from stt.data.synthetic import ensure_dataset
 from stt.evaluate import predict_davis_sequence, task_config
 from stt.features import FeatureCache, FeatureExtractor
-from stt.graph import (
+from stt.metrics import evaluate_davis_sequence, summarize_davis
+from stt.propagation.graph import (
     build_graph,
     default_k,
     graph_path,
@@ -48,10 +49,9 @@ from stt.graph import (
     propagate_with_graph,
     save_graph,
     serves,
-    superset_config,
 )
-from stt.metrics import evaluate_davis_sequence, summarize_davis
 from stt.sweep import SPACE_FILE, load_space
+from stt.sweep.space import superset_config
 
 
 def run_trial(

@@ -118,7 +118,7 @@ def propagate_video(
 
     features: T x C x h x w; first_labels: H x W integer ids in [0, num_labels).
     propagator: (features, labels L x h x w, cfg.propagation) -> soft labels in place of
-    stt.propagation.propagate (the sweep's top-K graph path, stt/graph.py); None: propagate.
+    stt.propagation.propagate (the sweep's top-K graph path, stt/propagation/graph.py); None: propagate.
     Returns T x H x W uint8 predicted ids; frame 0 is the given annotation.
     """
     grid = tuple(features.shape[-2:])

@@ -1,4 +1,4 @@
-"""stt/graph.py: trials served from the top-K affinity graph give what stt.propagation.propagate gives
+"""stt/propagation/graph.py: trials served from the top-K affinity graph give what stt.propagation.propagate gives
 (dense and windowed), on random features and on a real DAVIS sequence, for a grid of settings across
 the search space; per-location fallbacks stay exact; settings the graph cannot serve are refused
 with a reason; the superset of a Ray Tune space; graphs saved beside the feature cache."""
@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from stt.config import PropagationConfig
-from stt.graph import (
+from stt.propagation import (
+    choose_window_kernel,
+    labels_to_mask,
+    minmax_normalise,
+    propagate,
+    soft_labels_to_mask,
+    upsample_labels,
+)
+from stt.propagation.graph import (
     build_graph,
     default_k,
     graph_path,
@@ -21,15 +29,6 @@ from stt.graph import (
     propagate_with_graph,
     save_graph,
     serves,
-    superset_config,
-)
-from stt.propagation import (
-    choose_window_kernel,
-    labels_to_mask,
-    minmax_normalise,
-    propagate,
-    soft_labels_to_mask,
-    upsample_labels,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,7 +153,7 @@ def test_fallback_rows_equal_dense_prediction(channels, monkeypatch):
     windows reach) against stt.propagation.predict_dense for every location and for scattered ones, across
     windows, radii (0: no window), first-frame rules and the repeated first frame; with a logit budget so
     small that groups hold one or two targets, and with the default one."""
-    import stt.graph
+    import stt.propagation.graph
     from stt.propagation import context_indices, predict_dense
 
     features, _ = random_video(channels, grid=(11, 13), frames=9, seed=5)
@@ -170,15 +169,15 @@ def test_fallback_rows_equal_dense_prediction(channels, monkeypatch):
         {"radius": 3.0, "repeat_first_frame": True, "topk": 7},
         {"radius": 20.0, "topk": 1, "temperature": 0.2},
     ]
-    for budget in (2 * 11 * 13 * 9, stt.graph.CHUNK_LOGITS):
-        monkeypatch.setattr(stt.graph, "CHUNK_LOGITS", budget)
+    for budget in (2 * 11 * 13 * 9, stt.propagation.graph.CHUNK_LOGITS):
+        monkeypatch.setattr(stt.propagation.graph, "CHUNK_LOGITS", budget)
         for changes, t in itertools.product(settings, [1, 3, 8]):
             cfg = replace(SUPERSET, context=4, **changes)
             frames = context_indices(t, cfg.context, cfg.repeat_first_frame)
             labels = carried[frames].transpose(1, 2).reshape(len(frames), 4, 11, 13)
             expected = predict_dense(features[frames], labels, features[t], cfg).flatten(1).T  # N x L
             for rows in (torch.arange(11 * 13), scattered):
-                ours = stt.graph._exact_rows(features, carried, t, rows, cfg, (11, 13))
+                ours = stt.propagation.graph._exact_rows(features, carried, t, rows, cfg, (11, 13))
                 assert torch.allclose(ours, expected[rows], atol=1e-12, rtol=0), (changes, t, budget)
 
 
@@ -266,7 +265,10 @@ def test_settings_the_graph_cannot_serve_are_refused_with_a_reason():
 
 
 def test_superset_of_a_ray_tune_space():
+    """The sweep's superset of a space (stt.sweep.space.superset_config), the setting a graph is built for."""
     from ray import tune
+
+    from stt.sweep.space import superset_config
 
     base = replace(PropagationConfig(), radius=12.0)
     space = {
@@ -324,6 +326,23 @@ def test_saved_graph_is_keyed_by_superset_and_k_and_round_trips(tmp_path):
         load_graph(path, features[:4])
     save_graph(graph, tmp_path / "copy.pt")
     assert torch.equal(load_graph(tmp_path / "copy.pt", features).value, graph.value)
+
+
+def test_load_or_build_reads_features_only_when_needed(tmp_path):
+    """The sweep's use (stt.sweep.candidates): load=False makes sure the file exists; features given as a
+    function are read for a build, never for a graph already on disk."""
+    features, _ = random_video(4, grid=(6, 7), frames=5)
+    feature_file, reads = tmp_path / "abcdef.npy", []
+
+    def read():
+        reads.append(1)
+        return features
+
+    assert load_or_build(feature_file, read, SUPERSET, 12, load=False) == (None, graph_path(feature_file, SUPERSET, 12))
+    assert len(reads) == 1 and graph_path(feature_file, SUPERSET, 12).is_file()
+    assert load_or_build(feature_file, read, SUPERSET, 12, load=False)[0] is None and len(reads) == 1
+    graph, _ = load_or_build(feature_file, read, SUPERSET, 12)
+    assert len(reads) == 2 and torch.equal(graph.value, build_graph(features, SUPERSET, 12).value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -472,13 +472,17 @@ def test_authors_preset_equals_a_port_of_their_propagation_on_real_davis(davis_r
 
 
 def test_bad_input_is_named():
+    """Bad settings are named where the configuration is loaded (stt.config.validate, once); bad tensors, an
+    unresolved radius and an unknown implementation where propagation is called."""
     features, labels = torch.randn(2, 4, 3, 3), torch.ones(1, 3, 3)
     with pytest.raises(ValueError, match="propagation.aggregation"):
-        propagate(features, labels, replace(PropagationConfig(), aggregation="mean"))
+        load_config(None, ["propagation.aggregation=mean"])
     with pytest.raises(ValueError, match="propagation.window"):
-        propagate(features, labels, replace(PropagationConfig(), window="hexagon"))
+        load_config(None, ["propagation.window=hexagon"])
     with pytest.raises(ValueError, match="propagation.radius"):
-        propagate(features, labels, replace(PropagationConfig(), radius=-1.0))
+        load_config(None, ["propagation.radius=-1"])
+    with pytest.raises(ValueError, match="propagation.radius: None"):
+        propagate(features, labels, PropagationConfig())
     with pytest.raises(ValueError, match="first_labels: grid"):
         propagate(features, torch.ones(1, 3, 4), PropagationConfig())
     with pytest.raises(ValueError, match="implementation"):

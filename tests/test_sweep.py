@@ -21,7 +21,7 @@ from stt.data.synthetic import generate
 from stt.errors import InterruptedRun, UsageError
 from stt.recipes import stage_spec
 from stt.sweep import PLANS, SPACE_FILE, load_space, main
-from stt.sweep.phases import fit_in_driver
+from stt.sweep.completion import fit_in_driver
 from stt.sweep.space import training_groups, tuned_stage
 from stt.sweep.trials import PrunedAwareOptunaSearch
 

@@ -27,8 +27,8 @@ How the two kinds of trial combine: nested, in five phases, each resumable. The 
     whether early rungs rank trials like full runs); OptunaSearch (TPE, seeded) proposes the next.
  3. Propagation trials: on the best training trial's final checkpoint, features of the tuning
     split are extracted once and cached, a top-K affinity graph is built per sequence for the widest
-    "overall" setting of the space (stt/graph.py) and a per-frame store for its per-frame settings
-    (stt/per_frame_graph.py, where it fits in memory); Optuna then searches the propagation factors. Each
+    "overall" setting of the space (stt/propagation/graph.py) and a per-frame store for its per-frame settings
+    (stt/propagation/per_frame.py, where it fits in memory); Optuna then searches the propagation factors. Each
     Tune actor holds the split in memory and runs trial after trial (reuse_actors): a trial the graphs or
     stores serve is a filter and gather, any other propagates anew; it costs seconds and never runs the
     network (asserted).
@@ -54,8 +54,9 @@ plots/*.png, summary.md, optuna.db (the studies), and the Ray Tune experiments f
 
 The package, by job: plans.py (how much each phase runs: trials, steps, rungs, seeds), space.py (the search
 space file, validated before Ray starts), trials.py (the Tune trials and the Optuna glue), confirmation.py
-(phase 5's runs and statistics), phases.py (the phases over one experiment folder, resumable), report.py (trials
-table, plots, summary), cli.py (the command line).
+(phase 5's runs and statistics), candidates.py (the graphs and per-frame stores of phase 3), phases.py (the phases
+over one experiment folder, resumable), completion.py (how a phase knows it finished), report.py (trials table,
+plots, summary), cli.py (the command line).
 """
 
 from stt.sweep.cli import get_args_parser, main

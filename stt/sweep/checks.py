@@ -21,7 +21,7 @@ from stt.data.layouts import DAVIS, DatasetError
 from stt.data.plans import resolve_source
 from stt.errors import UsageError
 from stt.paths import check_apart
-from stt.sweep.phases import RESUME
+from stt.sweep.completion import RESUME
 from stt.sweep.plans import SweepPlan
 from stt.train import check_worker_count, flatten
 

@@ -4,6 +4,7 @@ the phases in order (stt.sweep.phases) and writes the outputs (stt.sweep.report)
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,8 @@ from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
 from stt.errors import InterruptedRun, UsageError
 from stt.sweep.checks import check_sweep_inputs
-from stt.sweep.phases import RESUME, Sweep
+from stt.sweep.completion import RESUME
+from stt.sweep.phases import Sweep
 from stt.sweep.plans import PLANS, SweepPlan
 from stt.sweep.report import summary_paragraph, trials_table, write_plots
 from stt.sweep.space import SPACE_FILE, load_space
@@ -23,10 +25,11 @@ from stt.train import start_ray
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    import stt.sweep  # the package's docstring (how the phases combine) is the command's description
-
+    # The package's docstring (how the phases combine) is the command's description: read from its file, not
+    # imported (the package imports this module).
+    package_doc = ast.get_docstring(ast.parse(Path(__file__).with_name("__init__.py").read_text()), clean=False)
     parser = argparse.ArgumentParser(
-        prog="python tune/sweep.py", description=stt.sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python tune/sweep.py", description=package_doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--quick", action="store_true", help="a sweep that finishes in minutes on a laptop (same as --plan quick)"

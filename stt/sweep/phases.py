@@ -1,14 +1,12 @@
 """The phases of one sweep over one experiment folder (`Sweep`): the recipe's earlier stages, the training
-trials of its last stage, the propagation trials, the report and the yardsticks; and how a phase knows it finished:
-`check_finished` for Tune's trials, `fit_in_driver` for a stage the driver trains itself. Ctrl-C in
-either is an InterruptedRun naming the phase; `state.json` records what finished, so `--resume` skips it."""
+trials of its last stage, the propagation trials (on the candidates of stt/sweep/candidates.py), the report, the
+confirmation and the yardsticks. How a phase knows it finished is stt/sweep/completion.py; `state.json` records
+what finished, so `--resume` skips it."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,17 +17,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from stt.cli import InterruptedRun, UsageError
+from stt.errors import UsageError
 from stt.config import Config, to_dict
-from stt.data.layouts import DAVIS
 from stt.evaluate import copy_first_mask, evaluate_davis
-from stt.features import FeatureCache, FeatureExtractor, resolve_device
-from stt.graph import build_graph, default_k, graph_path, save_graph, superset_config
 from stt.models import feature_stride
-from stt.observe import TrialProgress, with_progress
-from stt.per_frame_graph import PerFrameSpace, build_store, fits, per_frame_space, save_store, store_path
-from stt.propagation import for_task
+from stt.observe import TrialProgress
 from stt.recipes import recipe_of, stage_spec
+from stt.sweep.candidates import build_graphs, build_per_frame_stores
+from stt.sweep.completion import check_finished, fit_in_driver
 from stt.sweep.confirmation import ARMS, compare, confirmation_trial, read_runs
 from stt.sweep.plans import SweepPlan
 from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
@@ -43,9 +38,7 @@ from stt.sweep.trials import (
     optuna_storage,
     training_trial,
 )
-from stt.train import build_stage_trainer, check_stopped, export_final
-
-RESUME = "run the same command with --resume to continue"
+from stt.train import build_stage_trainer, export_final
 
 
 class Sweep:
@@ -175,7 +168,7 @@ class Sweep:
     def training(self, init_checkpoint: str) -> dict:
         if "best_training" in self.state:
             return self.state["best_training"]
-        plan, data = self.plan, self.base.data
+        plan = self.plan
         groups = ", ".join(training_groups(stage_spec(self.base, self.stage)))
         rungs = (
             f"ASHA keeps 1/{plan.reduction_factor} of the trials at each rung: step {', '.join(map(str, plan.rungs))}"
@@ -186,32 +179,6 @@ class Sweep:
             f"sweep: phase 2/5, {plan.training_trials} training trials of the {self.stage} stage "
             f"(train.recipe={self.base.train.recipe}, space groups {groups}), up to {plan.trial_steps} steps each, "
             f"J&F on DAVIS '{self.args.tune_set}' at steps {', '.join(map(str, plan.evaluations))} ({rungs})"
-        )
-        base = to_dict(
-            replace_train(
-                self.base,
-                max_steps=plan.trial_steps,
-                eval_every=0,
-                eval_steps=plan.evaluations,
-                checkpoint_every=plan.trial_steps,
-                eval_davis_root=self.args.davis_root,
-                eval_davis_set=self.args.tune_set,
-            )
-        )
-        trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                training_trial,
-                base=base,
-                stage=self.stage,
-                init=init_checkpoint,
-                runs=str(self.experiment / "training-runs"),
-                workers=plan.workers_per_trial,
-                cpus_per_worker=self.cpus_per_worker,
-                use_gpu=self.use_gpu,
-            ),
-            # the trial only drives its TorchTrainer, whose workers hold the real resources (Tune refuses 0)
-            {"CPU": 0.01},
         )
         search = PrunedAwareOptunaSearch(
             seed=plan.seed, study_name="training", storage=optuna_storage(self.experiment), full_steps=plan.trial_steps
@@ -226,7 +193,8 @@ class Sweep:
             if plan.rungs
             else None
         )
-        concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
+        concurrency = cluster_concurrency(self.trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
+        trainable = self.training_trainable(init_checkpoint)
         results = self.tuner(
             "training", trainable, self.space["training"], search, asha, concurrency, plan.training_trials
         ).fit()
@@ -243,6 +211,42 @@ class Sweep:
         self.save_state(best_training=chosen)
         return chosen
 
+    @property
+    def trial_cpus(self) -> float:
+        """The CPUs of one training run: its Train workers, and Ray Data's unless the workers decode."""
+        plan, data = self.plan, self.base.data
+        return plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
+
+    def training_trainable(self, init_checkpoint: str):
+        """The training trial with its fixed arguments: the base config for the plan's trial length and
+        evaluations, the stage, its initialisation and where its runs go."""
+        plan = self.plan
+        base = to_dict(
+            replace_train(
+                self.base,
+                max_steps=plan.trial_steps,
+                eval_every=0,
+                eval_steps=plan.evaluations,
+                checkpoint_every=plan.trial_steps,
+                eval_davis_root=self.args.davis_root,
+                eval_davis_set=self.args.tune_set,
+            )
+        )
+        return tune.with_resources(
+            tune.with_parameters(
+                training_trial,
+                base=base,
+                stage=self.stage,
+                init=init_checkpoint,
+                runs=str(self.experiment / "training-runs"),
+                workers=plan.workers_per_trial,
+                cpus_per_worker=self.cpus_per_worker,
+                use_gpu=self.use_gpu,
+            ),
+            # the trial only drives its TorchTrainer, whose workers hold the real resources (Tune refuses 0)
+            {"CPU": 0.01},
+        )
+
     def propagation(self, best_training: dict) -> dict:
         if "best_propagation" in self.state:
             return self.state["best_propagation"]
@@ -254,8 +258,9 @@ class Sweep:
         default = evaluate_davis(
             Path(args.davis_root), checkpoint, cfg, None, split=args.tune_set, feature_cache=cache, progress=False
         )
-        graphs = self.graphs(cfg, checkpoint, cache)
-        stores = self.per_frame_stores(cfg, checkpoint, cache)
+        space = self.space["propagation"]
+        graphs = build_graphs(space, cfg, checkpoint, cache, args.davis_root, args.tune_set)
+        stores = build_per_frame_stores(space, cfg, checkpoint, cache, args.davis_root, args.tune_set)
         trainable = tune.with_parameters(  # Ray: the trial actors get these once, through the object store
             PropagationTrial,
             base=base,
@@ -266,17 +271,11 @@ class Sweep:
             graphs=graphs,
             stores=stores,
         )
-        defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in self.space["propagation"]}
-        # The configured defaults are the first point, where the space contains them.
-        start = [defaults] if all(in_domain(self.space["propagation"][k], v) for k, v in defaults.items()) else None
-        search = PropagationSearch(
-            seed=plan.seed, study_name="propagation", storage=optuna_storage(self.experiment), points_to_evaluate=start
-        )
         results = self.tuner(
             "propagation",
             trainable,
-            self.space["propagation"],
-            search,
+            space,
+            self.propagation_search(),
             None,
             cluster_concurrency(1.0, 0),
             plan.propagation_trials,
@@ -284,17 +283,7 @@ class Sweep:
             reuse_actors=True,
         ).fit()
         check_finished(results, "phase 3/5", "propagation", plan.propagation_trials)
-        on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
-        print(
-            f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
-            + (
-                f", {sum(m['graph_fallback_fraction'] for m in on_graph) / len(on_graph):.2%} of their target "
-                "locations computed the usual way"
-                if on_graph
-                else ""
-            )
-            + f"; phase 3 took {time.perf_counter() - started:.0f} s"
-        )
+        print(f"{graph_use(results)}; phase 3 took {time.perf_counter() - started:.0f} s")
         best = best_result(results)
         chosen = {
             "params": {k: best.config[k] for k in self.space["propagation"]},
@@ -304,66 +293,17 @@ class Sweep:
         self.save_state(best_propagation=chosen)
         return chosen
 
-    def graphs(self, cfg: Config, checkpoint: str, cache: Path) -> dict[str, str]:
-        """{sequence: file of its top-K affinity graph} on the tuning split (stt/graph.py), for the widest setting
-        of the propagation space, saved beside its cached features: the trials then filter and gather instead of
-        recomputing affinities. Built once per checkpoint; a resumed sweep finds them on disk."""
-        started = time.perf_counter()
-        extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
-        superset = superset_config(self.space["propagation"], for_task(cfg.propagation, "davis", extractor.stride))
-        graph_k, features_cache = default_k(superset), FeatureCache(str(cache))
-        dataset = DAVIS(Path(self.args.davis_root), split=self.args.tune_set)
-        graphs = {}
-        # features extracted where not cached, then each sequence's graph: minutes at native resolution
-        for seq in with_progress(dataset.sequences, "sweep: graphs", "seq", name=str):
-            frame_paths = dataset.frame_paths(seq)
-            path = graph_path(features_cache.path_for(extractor.cache_key, frame_paths), superset, graph_k)
-            if not path.is_file():
-                features = features_cache.load_or_compute(
-                    extractor, frame_paths, lambda seq=seq: dataset.read_frames(seq)
-                )
-                save_graph(build_graph(features, superset, graph_k), path)
-            graphs[seq] = str(path)
-        print(
-            f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
-            f"{time.perf_counter() - started:.1f} s (context {superset.context}, radius {superset.radius}, "
-            f"first frame {'in' if superset.window_first_frame else 'without'} a window)"
+    def propagation_search(self) -> PropagationSearch:
+        """Optuna over the propagation space, starting from the configured defaults where the space holds them."""
+        space = self.space["propagation"]
+        defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in space}
+        start = [defaults] if all(in_domain(space[k], v) for k, v in defaults.items()) else None
+        return PropagationSearch(
+            seed=self.plan.seed,
+            study_name="propagation",
+            storage=optuna_storage(self.experiment),
+            points_to_evaluate=start,
         )
-        return graphs
-
-    def per_frame_stores(self, cfg: Config, checkpoint: str, cache: Path) -> dict[str, str]:
-        """{sequence: file of its per-frame store} (stt/per_frame_graph.py) for the space's per-frame trials, built
-        once per checkpoint beside its cached features; {} (said in one line) when the space has none or the
-        stores would not fit in memory: those trials then run stt.propagation."""
-        started = time.perf_counter()
-        extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
-        space = per_frame_space(self.space["propagation"], for_task(cfg.propagation, "davis", extractor.stride))
-        features_cache = FeatureCache(str(cache))
-        dataset = DAVIS(Path(self.args.davis_root), split=self.args.tune_set)
-        if isinstance(space, PerFrameSpace):
-            held, sizes = {}, []
-            for seq in dataset.sequences:
-                features = features_cache.load_or_compute(
-                    extractor, dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq)
-                )
-                held[seq] = features
-                sizes.append((features.shape[0], tuple(features.shape[2:])))
-            space = fits(space, sizes) or space
-        if not isinstance(space, PerFrameSpace):
-            print(f"sweep: per-frame propagation trials run stt.propagation: {space}")
-            return {}
-        stores = {}
-        for seq in with_progress(dataset.sequences, "sweep: per-frame stores", "seq", name=str):
-            path = store_path(features_cache.path_for(extractor.cache_key, dataset.frame_paths(seq)), space)
-            if not path.is_file():
-                save_store(build_store(held[seq], space), path)
-            stores[seq] = str(path)
-        print(
-            f"sweep: per-frame stores of {len(stores)} sequences ready in {time.perf_counter() - started:.1f} s "
-            f"(radii {list(space.radii)}, {len(space.temperatures)} temperatures, top-{space.k}, "
-            f"context {space.context})"
-        )
-        return stores
 
     def report(self, best_training: dict, best_propagation: dict) -> dict:
         if "final" in self.state:
@@ -405,8 +345,24 @@ class Sweep:
             f"each evaluated on DAVIS '{args.report_set}' with the default and the tuned propagation"
         )
         runs = self.experiment / "confirmation-runs"
+        trainable = self.confirmation_trainable(init_checkpoint, best_training, best_propagation, runs)
+        grid = {"arm": tune.grid_search(list(ARMS)), "seed": tune.grid_search(seeds)}
+        concurrency = cluster_concurrency(self.trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
+        results = self.tuner("confirmation", trainable, grid, None, None, concurrency, 1, metric=None).fit()
+        check_finished(results, "phase 5/5", "confirmation", len(ARMS) * len(seeds))
+        failed = [result for result in results if result.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} confirmation runs failed; the first: {failed[0].error}")
+        confirmation = {**compare(read_runs(runs, seeds), seeds), "runs": read_runs(runs, seeds)}
+        self.save_state(confirmation=confirmation)
+        return confirmation
+
+    def confirmation_trainable(self, init_checkpoint: str, best_training: dict, best_propagation: dict, runs: Path):
+        """The confirmation run with its fixed arguments: both arms' settings, the plan's trial length, the
+        reported split; its runs go under `runs`."""
+        plan, args = self.plan, self.args
         base = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0, checkpoint_every=plan.trial_steps)
-        trainable = tune.with_resources(
+        return tune.with_resources(
             tune.with_parameters(
                 confirmation_trial,
                 base=to_dict(base),
@@ -424,18 +380,6 @@ class Sweep:
             ),
             {"CPU": 0.01},  # as the training trials: the Train workers hold the resources
         )
-        data = self.base.data
-        trial_cpus = plan.workers_per_trial * self.cpus_per_worker + (0.0 if data.decode_in_worker else data.data_cpus)
-        grid = {"arm": tune.grid_search(list(ARMS)), "seed": tune.grid_search(seeds)}
-        concurrency = cluster_concurrency(trial_cpus, plan.workers_per_trial if self.use_gpu else 0)
-        results = self.tuner("confirmation", trainable, grid, None, None, concurrency, 1, metric=None).fit()
-        check_finished(results, "phase 5/5", "confirmation", len(ARMS) * len(seeds))
-        failed = [result for result in results if result.error]
-        if failed:
-            raise RuntimeError(f"{len(failed)} confirmation runs failed; the first: {failed[0].error}")
-        confirmation = {**compare(read_runs(runs, seeds), seeds), "runs": read_runs(runs, seeds)}
-        self.save_state(confirmation=confirmation)
-        return confirmation
 
     def yardsticks(self, best_training: dict) -> dict:
         """What the reported J&F is read against, each evaluated once on the reported split at the result's
@@ -475,61 +419,14 @@ def jf_row(summary: dict) -> dict[str, float]:
     return {"J&F": summary["J&F-Mean"], "J": summary["J-Mean"], "F": summary["F-Mean"]}
 
 
-def check_finished(results, phase: str, kind: str, planned: int) -> None:
-    """InterruptedRun unless every planned trial of the phase finished (TERMINATED, or ERROR: recorded as failed).
-
-    On Ctrl-C, Tune saves the experiment and `Tuner.fit()` returns the trials so far as if done; going
-    on would choose among them and report a sweep that never ran. The trials not finished are resumed
-    by `--resume` (Tuner.restore, resume_unfinished), the finished ones kept.
-    The statuses are read from the experiment state Tune saved as the run ended: the ResultGrid's are
-    taken after Tune's cleanup, which marks every trial it stopped TERMINATED, the interrupted ones too
-    (Ray 2.60; results.num_terminated counted 2 of 2 after Ctrl-C with one trial running).
-    """
-    default_sigint()
-    saved = tune.ExperimentAnalysis(results.experiment_path).trials  # Ray: the trials as saved, with their statuses
-    finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
-    if finished < planned:
-        raise InterruptedRun(f"{phase} interrupted after {finished} of {planned} {kind} trials; {RESUME}")
-
-
-def default_sigint() -> None:
-    """Ctrl-C raises KeyboardInterrupt again. Tune's handler (after a fit, it stays installed and would
-    swallow the next Ctrl-C) and Ray Train's (bound to a controller that is gone) are removed."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def fit_in_driver(trainer, phase: str, steps: int) -> ray.train.Result:
-    """`trainer.fit()` of a stage the driver trains itself, or InterruptedRun if Ctrl-C stopped it or it ended
-    before `steps`.
-
-    Run in a thread: there Ray Train installs no SIGINT handler of its own (in the main thread its handler
-    aborts the run and ends the process with status 1 and no word, or 0), so Ctrl-C reaches this thread as
-    KeyboardInterrupt. The run's checkpoints stay where `--resume` picks them up; its controller and
-    workers end with the driver's Ray.
-    """
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # noqa: BLE001 - raised again in the main thread just below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, name=f"sweep: {phase}", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-    except KeyboardInterrupt:
-        raise InterruptedRun(f"{phase} interrupted; {RESUME}") from None
-    if "error" in outcome:
-        raise outcome["error"]
-    result = check_stopped(outcome["result"])  # a non-finite loss: its line, not "stopped at step N; --resume"
-    step = (result.metrics or {}).get("step", 0)
-    if result.checkpoint is None or step < steps:
-        raise InterruptedRun(f"{phase} stopped at step {step} of {steps}; {RESUME}")
-    return result
+def graph_use(results) -> str:
+    """A line saying how many propagation trials the graphs served, and what fraction of their targets fell back."""
+    on_graph = [r.metrics for r in results if r.metrics and r.metrics.get("graph") == "served"]
+    line = f"sweep: {len(on_graph)} of {len(results)} propagation trials ran on the graphs"
+    if on_graph:
+        fraction = sum(m["graph_fallback_fraction"] for m in on_graph) / len(on_graph)
+        line += f", {fraction:.2%} of their target locations computed the usual way"
+    return line
 
 
 def best_result(results, full_steps: int | None = None) -> ray.tune.Result:

@@ -12,8 +12,9 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from stt.config import Config, from_dict, set_values, validate
+from stt.config import Config, PropagationConfig, from_dict, set_values, validate
 from stt.errors import UsageError
+from stt.propagation.per_frame import PerFrameSpace
 from stt.recipes import StageSpec, recipe_of, stage_spec
 
 SPACE_FILE = Path(__file__).with_name("space.yaml")
@@ -182,3 +183,89 @@ def in_domain(domain, value) -> bool:
 def with_params(base: Config | dict, params: dict) -> Config:
     """A new Config: `base` (a Config or its `to_dict`) with `params` ({dotted key: value}, typed) set and validated."""
     return set_values(base if isinstance(base, Config) else from_dict(base), params)
+
+
+# ---------------------------------------------------------------- what the propagation trials can ask for
+
+
+def domain_values(domain, ranges: bool = True) -> list | None:
+    """The values a Ray Tune domain (or a plain constant) can take, as far as its extremes go: a choice's
+    categories, randint's [lower, upper - 1] (upper is exclusive), uniform's [lower, upper]; with
+    ranges=False a continuous domain gives None (its values cannot be listed)."""
+    if isinstance(domain, tune.search.sample.Categorical):
+        return list(domain.categories)
+    if isinstance(domain, tune.search.sample.Integer):
+        return [domain.lower, domain.upper - 1]
+    if isinstance(domain, tune.search.sample.Float) and ranges:
+        return [domain.lower, domain.upper]
+    if isinstance(domain, tune.search.sample.Domain) and not ranges:
+        return None
+    return [domain]
+
+
+def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
+    """The widest propagation setting of a search space: the top-K graph built for it
+    (stt.propagation.graph) serves every trial whose affinities it contains.
+
+    space: {"propagation.KEY": Ray Tune domain or constant} (`load_space`'s "propagation" section; other
+    keys are ignored). base: the configuration trials start from, radius resolved
+    (stt.propagation.for_task). Widest: the largest context and top-k, the largest radius (0, no
+    window, if the space holds it), a square window (it contains the circle of the same radius),
+    the first frame unwindowed if any trial leaves it so. aggregation is "overall" (per-frame trials
+    are refused by the graph's `serves`); normalize and any unknown field stay base's.
+    """
+    if base.radius is None:
+        raise ValueError(
+            "base.radius: None stands for the task's default; resolve it with stt.propagation.for_task first"
+        )
+    values = {field.name: [getattr(base, field.name)] for field in dataclasses.fields(PropagationConfig)}
+    for key, domain in space.items():
+        section, _, name = key.partition(".")
+        if section == "propagation" and name in values:
+            values[name] = domain_values(domain)
+    radii = values["radius"]
+    return dataclasses.replace(
+        base,
+        aggregation="overall",
+        topk=max(values["topk"]),
+        context=max(values["context"]),
+        radius=0.0 if min(radii) <= 0 else float(max(radii)),
+        window="square",
+        window_first_frame=all(values["window_first_frame"]),
+    )
+
+
+def per_frame_space(space: dict, base: PropagationConfig) -> PerFrameSpace | str:
+    """The per-frame settings a Ray Tune space's trials can take (stt.propagation.per_frame's store is built
+    for exactly these), or why a store cannot serve them.
+
+    space: {"propagation.KEY": Ray Tune domain or constant}; base: the trials' base configuration, radius resolved.
+    Radius and temperature must be constants or choices (a store holds one stratum per radius and one normaliser
+    per temperature); top-k and context are bounded by their largest value.
+    """
+
+    def values(name: str) -> list | None:
+        return domain_values(space.get(f"propagation.{name}", getattr(base, name)), ranges=False)
+
+    aggregations = values("aggregation") or []
+    if "per-frame" not in aggregations:
+        return "no per-frame trial in the space"
+    radii, temperatures = values("radius"), values("temperature")
+    if radii is None or temperatures is None:
+        return "radius and temperature must be searched over lists (a stratum per radius, a normaliser per T)"
+    if base.radius is None:
+        raise ValueError("base.radius: resolve it with stt.propagation.for_task first")
+    for name in ("window", "normalize"):
+        if len(values(name) or [0, 1]) != 1:
+            return f"{name} is searched: the store holds one"
+    first = values("window_first_frame") or [True, False]
+    strata = {float(r) for r in radii} | ({0.0} if False in first else set())
+    return PerFrameSpace(
+        radii=tuple(sorted(strata)),
+        temperatures=tuple(sorted(float(t) for t in temperatures)),
+        k=int(max(values("topk") or [base.topk])),
+        context=int(max(values("context") or [base.context])),
+        window=base.window,
+        normalize=base.normalize,
+        after_mask="after-mask" in (values("per_frame_norm") or ["after-mask"]),
+    )

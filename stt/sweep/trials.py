@@ -23,10 +23,10 @@ from stt.checkpoint import join
 from stt.config import from_dict
 from stt.data.layouts import DAVIS
 from stt.evaluate import EvaluationRun, predict_davis_sequence, task_config
-from stt.graph import load_graph, propagate_with_graph, serves
 from stt.metrics import evaluate_davis_sequence, summarize_davis
-from stt.per_frame_graph import load_store, propagate_per_frame
-from stt.per_frame_graph import serves as serves_per_frame
+from stt.propagation.graph import load_graph, propagate_with_graph, serves
+from stt.propagation.per_frame import load_store, propagate_per_frame
+from stt.propagation.per_frame import serves as serves_per_frame
 from stt.recipes import stage_spec
 from stt.sweep.space import with_params
 from stt.train import build_stage_trainer, check_stopped
@@ -134,7 +134,7 @@ class PropagationTrial(tune.Trainable):
     (cached features, ground truth, top-K graphs) and `reset_config` swaps only the setting, so a trial
     costs its propagation and scoring, not a checkpoint read and every feature, mask and graph file again.
     A setting the graphs serve filters and gathers from them (the same labels as stt.propagation,
-    exactly: stt/graph.py); one they cannot serve runs stt.propagation and says why in "graph".
+    exactly: stt/propagation/graph.py); one they cannot serve runs stt.propagation and says why in "graph".
     Memory per actor: the split's features in fp16 (the feature cache's own precision: exact), its ground
     truth and graphs: on the real DAVIS `train` (396 frames) 0.3 GB + 0.3 GB at short side 240, 1.3 + 1.3 GB at 480p.
     """

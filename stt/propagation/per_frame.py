@@ -4,7 +4,7 @@ Per-frame aggregation (stt.propagation, paper 004 Alg. 1 line 36) takes, per tar
 the top-k of that frame's affinities a inside the window (the whole frame where there is none), weights each by
 exp(a / T - log Z), Z the frame's softmax normaliser at the trial's temperature (sum of exp(a / T) over the whole
 frame: before-mask; over the window: after-mask), and averages the context frames' soft copies. The overall top-K
-graph (stt/graph.py) cannot serve it: it holds the best K over all frames, not each frame's top-k, and no
+graph (stt.propagation.graph) cannot serve it: it holds the best K over all frames, not each frame's top-k, and no
 normaliser. This store holds exactly what per-frame trials read, for a whole search space:
 
     values, locations   per target location (t, j), context slot s and radius r of the space's list: the k_max
@@ -37,12 +37,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from stt.config import PropagationConfig
-from stt.propagation import _check, inside_window
+from stt.propagation.rule import check_inputs, inside_window, per_frame_copy, propagate_frames, queue_start
+
+if TYPE_CHECKING:
+    from stt.config import PropagationConfig
 
 STORE_VERSION = 1
 MAX_BYTES = 4 * 2**30  # per split: above it the sweep runs per-frame trials the usual way
@@ -77,50 +80,7 @@ class PerFrameStore:
     space: PerFrameSpace
 
 
-# ---------------------------------------------------------------- the space's per-frame settings
-
-
-def per_frame_space(space: dict, base: PropagationConfig) -> PerFrameSpace | str:
-    """The per-frame settings a Ray Tune space's trials can take, or why a store cannot serve them.
-
-    space: {"propagation.KEY": Ray Tune domain or constant}; base: the trials' base configuration, radius resolved.
-    Radius and temperature must be constants or choices (a store holds one stratum per radius and one normaliser
-    per temperature); top-k and context are bounded by their largest value.
-    """
-    from ray.tune.search import sample  # here: the store itself needs no Ray
-
-    def values(name: str) -> list | None:
-        domain = space.get(f"propagation.{name}", getattr(base, name))
-        if isinstance(domain, sample.Categorical):
-            return list(domain.categories)
-        if isinstance(domain, sample.Integer):
-            return [domain.lower, domain.upper - 1]
-        if isinstance(domain, sample.Domain):
-            return None  # continuous
-        return [domain]
-
-    aggregations = values("aggregation") or []
-    if "per-frame" not in aggregations:
-        return "no per-frame trial in the space"
-    radii, temperatures = values("radius"), values("temperature")
-    if radii is None or temperatures is None:
-        return "radius and temperature must be searched over lists (a stratum per radius, a normaliser per T)"
-    if base.radius is None:
-        raise ValueError("base.radius: resolve it with stt.propagation.for_task first")
-    for name in ("window", "normalize"):
-        if len(values(name) or [0, 1]) != 1:
-            return f"{name} is searched: the store holds one"
-    first = values("window_first_frame") or [True, False]
-    strata = {float(r) for r in radii} | ({0.0} if False in first else set())
-    return PerFrameSpace(
-        radii=tuple(sorted(strata)),
-        temperatures=tuple(sorted(float(t) for t in temperatures)),
-        k=int(max(values("topk") or [base.topk])),
-        context=int(max(values("context") or [base.context])),
-        window=base.window,
-        normalize=base.normalize,
-        after_mask="after-mask" in (values("per_frame_norm") or ["after-mask"]),
-    )
+# ---------------------------------------------------------------- what a store serves
 
 
 def fits(space: PerFrameSpace, videos: list[tuple[int, tuple[int, int]]]) -> str | None:
@@ -151,9 +111,9 @@ def serves(store: PerFrameStore, cfg: PropagationConfig) -> str | None:
     checked = {"aggregation", "normalize", "window", "topk", "context", "temperature", "radius"}
     label_only = {"window_first_frame", "per_frame_norm", "soft_labels", "repeat_first_frame", "label_sampling"}
     label_only |= {"minmax_normalise", "chunk_size"}
-    for field in dataclasses.fields(PropagationConfig):
+    for field in dataclasses.fields(cfg):
         if field.name not in checked | label_only:
-            return f"{field.name}: stt.per_frame_graph does not know what it changes"
+            return f"{field.name}: stt.propagation.per_frame does not know what it changes"
     return None
 
 
@@ -230,18 +190,16 @@ def propagate_per_frame(store: PerFrameStore, first_labels: torch.Tensor, cfg: P
     h, w = store.grid
     num, num_labels = h * w, first_labels.shape[0]
     num_frames = store.values.shape[0] + 1
-    _check(torch.empty(num_frames, 1, h, w, dtype=store.values.dtype), first_labels.to(store.values.dtype), cfg)
+    check_inputs(torch.empty(num_frames, 1, h, w, dtype=store.values.dtype), first_labels.to(store.values.dtype), cfg)
     space = store.space
     stratum, whole = _stratum(space, cfg.radius), _stratum(space, 0.0)
     first_stratum = stratum if cfg.radius == 0 or cfg.window_first_frame else whole
     temp = space.temperatures.index(cfg.temperature)
-    predicted = store.values.new_empty((num_frames, num, num_labels))  # T x N x L while propagating
-    predicted[0] = first_labels.to(predicted.dtype).flatten(1).T
-    carried = predicted if cfg.soft_labels else predicted.clone()
-    for t in range(1, num_frames):
+
+    def predict(t: int, carried: torch.Tensor) -> torch.Tensor:  # carried: T x N x L
         # (slot, stratum) per context entry, in stt.propagation.context_indices' order: the first frame (its
         # window iff window_first_frame), then frames max(1 | 0, t - n) .. t - 1 (frame 0 again when repeated)
-        queue = range(max(0 if cfg.repeat_first_frame else 1, t - cfg.context), t)
+        queue = range(queue_start(t, cfg.context, cfg.repeat_first_frame), t)
         entries = [(0, first_stratum), *[(t - f if f > 0 else 0, stratum) for f in queue]]
         slot = torch.tensor([s for s, _ in entries])
         strata = torch.tensor([r for _, r in entries])
@@ -251,12 +209,13 @@ def propagate_per_frame(store: PerFrameStore, first_labels: torch.Tensor, cfg: P
             log_z = store.log_z_window[t - 1][:, slot, strata, temp]  # N x n
         else:
             log_z = store.log_z_frame[t - 1][:, slot, temp]
-        weights = (top / cfg.temperature - log_z[..., None]).exp()  # -inf (no such cell) -> 0
+        log_probs = top / cfg.temperature - log_z[..., None]  # -inf (no such cell) -> weight 0
         frame = torch.tensor([t - s if s > 0 else 0 for s, _ in entries])  # n
-        labels = carried[frame[None, :, None], cell]  # N x n x k x L
-        predicted[t] = torch.einsum("bnk,bnkl->bl", weights, labels) / len(entries)
-        if not cfg.soft_labels:
-            carried[t] = F.one_hot(predicted[t].argmax(dim=1), num_labels)
+        rows = frame[None, :, None] * num + cell  # N x n x k: rows of the flat T*N labels
+        return per_frame_copy(log_probs, rows, carried.flatten(0, 1), len(entries), targets_first=True)
+
+    first = first_labels.to(dtype=store.values.dtype, device=store.values.device).flatten(1).T  # N x L
+    predicted = propagate_frames(first, num_frames, predict, cfg.soft_labels, label_dim=1)  # T x N x L
     return predicted.transpose(1, 2).reshape(num_frames, num_labels, h, w).contiguous()
 
 

@@ -1,4 +1,4 @@
-"""stt/per_frame_graph.py: per-frame trials served from the per-frame store give what stt.propagation.propagate
+"""stt/propagation/per_frame.py: per-frame trials served from the per-frame store give what stt.propagation.propagate
 gives (windowed and dense), for every combination of the factors a search space varies, on random features and
 on a real DAVIS sequence; what it cannot serve is refused with a reason; the store of a Ray Tune space; saved and
 memory-mapped back."""
@@ -11,19 +11,18 @@ import pytest
 import torch
 
 from stt.config import PropagationConfig
-from stt.per_frame_graph import (
+from stt.propagation import propagate, soft_labels_to_mask
+from stt.propagation.per_frame import (
     MAX_BYTES,
     PerFrameSpace,
     build_store,
     fits,
     load_store,
-    per_frame_space,
     propagate_per_frame,
     save_store,
     serves,
     store_path,
 )
-from stt.propagation import propagate, soft_labels_to_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,7 +138,10 @@ def test_settings_the_store_cannot_serve_are_refused_with_a_reason():
 
 
 def test_per_frame_space_of_a_ray_tune_space():
+    """The sweep's per-frame settings of a space (stt.sweep.space.per_frame_space), what a store is built for."""
     from ray import tune
+
+    from stt.sweep.space import per_frame_space
 
     base = replace(PropagationConfig(), radius=12.0)
     space = {

@@ -53,7 +53,8 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,16 +62,19 @@ import torch.nn.functional as F
 
 from stt.config import PropagationConfig
 
-# Private helpers of the windowed implementation, imported on purpose: the graph is built with the very
-# kernels a trial of stt.propagation runs, so its affinities and its top-K are those of the existing path.
-from stt.propagation import (
-    CHUNK_LOGITS,
-    _check,
-    _chunk_targets,
-    _top_overall,
-    choose_window_kernel,
+# The graph is built with the very kernels a trial of stt.propagation runs (stt.propagation.kernels), and its
+# trials select and weigh by the same rule (stt.propagation.rule), so its numbers are those of the existing path.
+from stt.propagation.kernels import CHUNK_LOGITS, choose_window_kernel, chunk_targets, rows_reached
+from stt.propagation.rule import (
+    check_inputs,
     context_indices,
+    first_windowed_frame,
     inside_window,
+    overall_weights,
+    propagate_frames,
+    queue_start,
+    soft_copy,
+    top_overall,
 )
 
 GRAPH_VERSION = 1  # part of the file key: a change of the format or of its meaning makes new files
@@ -123,54 +127,7 @@ class Graph:
         return self.value.shape[-1]
 
 
-# ---------------------------------------------------------------- the superset of a search space
-
-
-def _domain_values(domain) -> list:
-    """The values a Ray Tune domain (or a plain constant) can take, as far as its extremes go:
-    a choice's categories, randint's [lower, upper - 1] (upper is exclusive), uniform's [lower, upper]."""
-    # here, not at the top: the graph itself needs no Ray
-    from ray.tune.search import sample
-
-    if isinstance(domain, sample.Categorical):
-        return list(domain.categories)
-    if isinstance(domain, sample.Integer):
-        return [domain.lower, domain.upper - 1]
-    if isinstance(domain, sample.Float):
-        return [domain.lower, domain.upper]
-    return [domain]
-
-
-def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
-    """The widest propagation setting of a search space: the graph built for it serves every trial
-    whose affinities it contains.
-
-    space: {"propagation.KEY": Ray Tune domain or constant} (tune/sweep.py load_space's "propagation"
-    section; other keys are ignored). base: the configuration trials start from, radius resolved
-    (stt.propagation.for_task). Widest: the largest context and top-k, the largest radius (0, no
-    window, if the space holds it), a square window (it contains the circle of the same radius),
-    the first frame unwindowed if any trial leaves it so. aggregation is "overall" (per-frame trials
-    are refused by `serves`); normalize and any unknown field stay base's.
-    """
-    if base.radius is None:
-        raise ValueError(
-            "base.radius: None stands for the task's default; resolve it with stt.propagation.for_task first"
-        )
-    values = {field.name: [getattr(base, field.name)] for field in dataclasses.fields(PropagationConfig)}
-    for key, domain in space.items():
-        section, _, name = key.partition(".")
-        if section == "propagation" and name in values:
-            values[name] = _domain_values(domain)
-    radii = values["radius"]
-    return replace(
-        base,
-        aggregation="overall",
-        topk=max(values["topk"]),
-        context=max(values["context"]),
-        radius=0.0 if min(radii) <= 0 else float(max(radii)),
-        window="square",
-        window_first_frame=all(values["window_first_frame"]),
-    )
+# ---------------------------------------------------------------- what a graph serves
 
 
 def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
@@ -201,11 +158,11 @@ def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
         if sup.window_first_frame and not cfg.window_first_frame:
             return "window_first_frame=False: the graph holds only the first frame's window"
     known = set(LABEL_ONLY) | set(BOUNDED) | set(AFFINITY)
-    for field in dataclasses.fields(PropagationConfig):
+    for field in dataclasses.fields(cfg):
         if field.name not in known and getattr(cfg, field.name) != getattr(sup, field.name):
             return (
                 f"{field.name}={getattr(cfg, field.name)!r} differs from the graph's "
-                "and stt.graph does not know what it changes"
+                "and stt.propagation.graph does not know what it changes"
             )
     return None
 
@@ -217,7 +174,7 @@ def build_graph(features: torch.Tensor, superset: PropagationConfig, k: int, til
     """The top-k candidates of every target location of a video under `superset` (see the module docstring).
 
     features: T x C x h x w float32 (CPU or CUDA), as stt.propagation.propagate takes them. superset:
-    an "overall" PropagationConfig with radius resolved (`superset_config`); its topk and temperature
+    an "overall" PropagationConfig with radius resolved (stt.sweep.space.superset_config); its topk and temperature
     play no part (candidates are ranked by raw affinity: the ranking of a / T for every T > 0).
     Memory stays bounded as in stt.propagation.predict_windowed: target rows in chunks of at most
     superset.chunk_size locations and CHUNK_LOGITS logits.
@@ -235,7 +192,7 @@ def build_graph(features: torch.Tensor, superset: PropagationConfig, k: int, til
     if k < 1 or num_frames >= 2**15:
         raise ValueError(f"expected k >= 1 and fewer than 32768 frames, got k={k}, {num_frames} frames")
     if superset.normalize:
-        features_used = F.normalize(features, dim=1)  # exactly as stt.propagation._propagate_video
+        features_used = F.normalize(features, dim=1)  # exactly as stt.propagation.dense.propagate_video
     else:
         features_used = features
     num = h * w
@@ -282,10 +239,10 @@ def _top_candidates(features, t, whole, windowed, cfg, k, tile):
             chunk_locations.append(index)
         if windowed:
             logits, bias, cells, scored = plan.logits(context, query, y0, y1, cfg.radius, cfg.window, buffer)
-            top, slot, cell = _top_overall(logits, bias, k)  # each (target dims) x k'
-            chunk_values.append(_chunk_targets(top, scored, y1 - y0, w))
-            chunk_frames.append(_chunk_targets(kernel_slots[slot], scored, y1 - y0, w))
-            chunk_locations.append(_chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))
+            top, slot, cell = top_overall(logits, bias, k)  # each (target dims) x k'
+            chunk_values.append(chunk_targets(top, scored, y1 - y0, w))
+            chunk_frames.append(chunk_targets(kernel_slots[slot], scored, y1 - y0, w))
+            chunk_locations.append(chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))
         top, pick = torch.cat(chunk_values, dim=1).topk(min(k, sum(v.shape[1] for v in chunk_values)), dim=-1)
         values.append(top)
         frames.append(torch.cat(chunk_frames, dim=1).gather(1, pick))
@@ -309,29 +266,30 @@ def propagate_with_graph(
     if reason is not None:
         raise ValueError(f"this graph cannot serve the setting: {reason}")
     features = graph.features
-    _check(features, first_labels, cfg)
+    check_inputs(features, first_labels, cfg)
     num_frames, num_labels = features.shape[0], first_labels.shape[0]
     h, w = graph.grid
     num = h * w
-    # Labels as T x N x L (each candidate's label vector is one row: a gather) while propagating.
-    predicted = features.new_empty((num_frames, num, num_labels))
-    predicted[0] = first_labels.to(features.dtype).flatten(1).T
-    carried = predicted if cfg.soft_labels else predicted.clone()  # what later frames copy from
     cells = torch.arange(num, device=features.device)
     ys, xs = cells // w, cells % w
     normalized = None  # the features the fallbacks compare, made on the first fallback
     fallbacks = 0
-    for t in range(1, num_frames):
-        weights, frame, location, served = _select(graph, t, cfg, ys, xs)
-        predicted[t] = torch.einsum("bk,bkl->bl", weights, carried[frame, location])
+
+    def predict(t: int, carried: torch.Tensor) -> torch.Tensor:  # carried: T x N x L
+        nonlocal normalized, fallbacks
+        weights, label_index, served = _select(graph, t, cfg, ys, xs)
+        prediction = soft_copy(weights, label_index, carried.flatten(0, 1))
         missing = (~served).nonzero().squeeze(1)
         if len(missing):
             if normalized is None:
                 normalized = F.normalize(features, dim=1) if cfg.normalize else features
-            predicted[t, missing] = _exact_rows(normalized, carried, t, missing, cfg, (h, w))
+            prediction[missing] = _exact_rows(normalized, carried, t, missing, cfg, (h, w))
             fallbacks += len(missing)
-        if not cfg.soft_labels:
-            carried[t] = F.one_hot(predicted[t].argmax(dim=1), num_labels)
+        return prediction
+
+    # Labels as T x N x L (each candidate's label vector is one row: a gather) while propagating.
+    first = first_labels.to(features.dtype).flatten(1).T
+    predicted = propagate_frames(first, num_frames, predict, cfg.soft_labels, label_dim=1)
     if stats is not None:
         stats["targets"] = stats.get("targets", 0) + (num_frames - 1) * num
         stats["fallbacks"] = stats.get("fallbacks", 0) + fallbacks
@@ -339,7 +297,7 @@ def propagate_with_graph(
 
 
 def _select(graph: Graph, t: int, cfg: PropagationConfig, ys: torch.Tensor, xs: torch.Tensor):
-    """Target frame t's top-k under cfg from the cache: softmax weights, frames and locations (N x k
+    """Target frame t's top-k under cfg from the cache: softmax weights and label rows f*N + i (N x k
     each), and whether each target is served exactly (N bool; else `_exact_rows` computes it).
 
     A candidate enters once per context slot that allows it: the first-frame slot (frame 0, in the
@@ -356,21 +314,21 @@ def _select(graph: Graph, t: int, cfg: PropagationConfig, ys: torch.Tensor, xs: 
     first_slot = real & (frame == 0)
     if cfg.radius > 0 and cfg.window_first_frame:
         first_slot &= inside
-    start = max(0 if cfg.repeat_first_frame else 1, t - cfg.context)
+    start = queue_start(t, cfg.context, cfg.repeat_first_frame)
     queue_slots = real & (frame >= start) & inside  # every cached frame is < t
     count = first_slot.sum(dim=1) + queue_slots.sum(dim=1)
     # A cache with a -inf in its last column holds every candidate its superset has: served whatever the count.
     served = (count >= cfg.topk) | ~real[:, -1]
     logits = value / cfg.temperature
     if start > 0:  # frame 0 is in the first slot only: each candidate enters once
-        top, pick = logits.masked_fill_(~(first_slot | queue_slots), float("-inf")).topk(cfg.topk, dim=1)
+        weights, pick = overall_weights(logits.masked_fill_(~(first_slot | queue_slots), float("-inf")), cfg.topk)
     else:
         both = torch.cat(
             [logits.masked_fill(~first_slot, float("-inf")), logits.masked_fill_(~queue_slots, float("-inf"))], dim=1
         )
-        top, pick = both.topk(cfg.topk, dim=1)  # N x k; serves() guarantees k <= K
+        weights, pick = overall_weights(both, cfg.topk)  # N x k; serves() guarantees k <= K
         pick = pick % graph.k  # the slot copies of one candidate share its frame and location
-    return top.softmax(dim=1), frame.gather(1, pick), location.gather(1, pick), served
+    return weights, frame.gather(1, pick) * graph.value.shape[1] + location.gather(1, pick), served
 
 
 def _exact_rows(
@@ -396,9 +354,7 @@ def _exact_rows(
     h, w = grid
     num = h * w
     context = context_indices(t, cfg.context, cfg.repeat_first_frame)
-    first_windowed = (
-        len(context) if cfg.radius == 0 else (0 if cfg.window_first_frame else 1)
-    )  # as _first_windowed_frame
+    first_windowed = first_windowed_frame(cfg, len(context))
     whole, windowed = context[:first_windowed], context[first_windowed:]
     reach = math.floor(cfg.radius) if windowed else h  # a group's rows may span reach + 1
     flat = features.flatten(2)  # T x C x N
@@ -408,12 +364,13 @@ def _exact_rows(
     out = carried.new_empty((len(rows), carried.shape[2]))
     start = 0
     while start < len(rows):
-        band_top, band_bottom = max(ys[start] - reach, 0), h  # the band's rows [top, bottom)
-        width = len(whole) * num + len(windowed) * (min(ys[start] + 2 * reach + 1, h) - band_top) * w
+        # the band's rows [top, bottom); a group spans at most reach + 1 grid rows
+        band_top, widest = rows_reached(ys[start], ys[start] + reach + 1, reach, h)
+        width = len(whole) * num + len(windowed) * (widest - band_top) * w
         end = start + 1
         while end < len(rows) and ys[end] - ys[start] <= reach and (end - start + 1) * width <= CHUNK_LOGITS:
             end += 1
-        band_bottom = min(ys[end - 1] + reach + 1, h)
+        band_bottom = rows_reached(ys[start], ys[end - 1] + 1, reach, h)[1]
         out[start:end] = _rows_on_band(
             flat, labels, query[:, start:end], rows[start:end], whole, windowed, (band_top, band_bottom), cfg, grid
         )
@@ -448,8 +405,8 @@ def _rows_on_band(flat, labels, query, rows, whole, windowed, band, cfg, grid):
         logits[:, num * len(whole) :].view(len(rows), len(windowed), -1).masked_fill_(
             outside[:, None, :], float("-inf")
         )
-    top_logits, index = logits.topk(min(cfg.topk, logits.shape[1]), dim=1)  # m x k
-    return torch.einsum("bk,bkl->bl", top_logits.softmax(dim=1), labels[torch.cat(label_rows)[index]])
+    weights, pick = overall_weights(logits, cfg.topk)  # m x k
+    return soft_copy(weights, torch.cat(label_rows)[pick], labels)
 
 
 # ---------------------------------------------------------------- on disk, beside the feature cache
@@ -507,12 +464,22 @@ def load_graph(path: Path, features: torch.Tensor) -> Graph:
 
 
 def load_or_build(
-    feature_file: Path, features: torch.Tensor, superset: PropagationConfig, k: int
-) -> tuple[Graph, Path]:
-    """The graph of these features under (superset, k) from beside `feature_file`, built and saved on a miss."""
+    feature_file: Path,
+    features: torch.Tensor | Callable[[], torch.Tensor],
+    superset: PropagationConfig,
+    k: int,
+    load: bool = True,
+) -> tuple[Graph | None, Path]:
+    """The graph of these features under (superset, k) from beside `feature_file`, built and saved on a miss.
+
+    features: the tensor, or a function returning it, called only when it is needed (a build, or a load).
+    load=False: only make sure the file exists (the graph returned is None; the features are not read when
+    the file is there already, as when a resumed sweep finds its graphs)."""
     path = graph_path(feature_file, superset, k)
     if path.is_file():
-        return load_graph(path, features), path
-    graph = build_graph(features, superset, k)
+        if not load:
+            return None, path
+        return load_graph(path, features() if callable(features) else features), path
+    graph = build_graph(features() if callable(features) else features, superset, k)
     save_graph(graph, path)
-    return graph, path
+    return (graph if load else None), path
