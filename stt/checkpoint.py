@@ -140,17 +140,6 @@ def check_finite(tree: Any, what: str) -> None:
         )
 
 
-def load_init(source: str | bytes, what: str, arch: str) -> dict[str, Any]:
-    """Training's `--init`: an stt.train checkpoint, or a published release as {"model": weights}
-    (stt.published maps its keys; the arch must be the run's)."""
-    from stt.published import init_payload  # stt.published reads its files through this module
-
-    checkpoint = read(source, what)
-    loaded = checkpoint if is_stt_checkpoint(checkpoint) else init_payload(checkpoint, what, arch)
-    check_finite(loaded["model"], what)
-    return loaded
-
-
 def config_of(checkpoint: dict[str, Any], what: str) -> Config:
     """The configuration a checkpoint was trained with; a key this version does not know names `what`."""
     return from_dict(checkpoint["config"], source=what)

@@ -95,6 +95,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stt.checkpoint import check_finite, is_stt_checkpoint
 from stt.checkpoint import read as read_checkpoint
 from stt.models import CRW_STRIDE, MAST_ARCH, MAST_STRIDE, VFS_STRIDE, Encoder, MastEncoder
 
@@ -445,3 +446,12 @@ def init_payload(state: Any, what: str, arch: str) -> dict[str, Any]:
             f"set model.arch={overrides['arch']}"
         )
     return {"model": weights}
+
+
+def load_init(source: str | bytes, what: str, arch: str) -> dict[str, Any]:
+    """Training's `--init`: an stt.train checkpoint, or a published release as {"model": weights}
+    (this module maps a release's keys; the arch must be the run's)."""
+    loaded = read_checkpoint(source, what)
+    loaded = loaded if is_stt_checkpoint(loaded) else init_payload(loaded, what, arch)
+    check_finite(loaded["model"], what)
+    return loaded

@@ -49,7 +49,7 @@ import ray
 import ray.train
 import ray.train.torch
 
-from stt import checkpoint, command
+from stt import checkpoint, command, published
 from stt.config import Config, load_config, to_dict
 from stt.data.pipeline import STREAMS, SkippedFrames, check_cpu_budget
 from stt.data.plans import resolve_source
@@ -435,7 +435,7 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
     if tensorboard:
         check_apart("--tensorboard", tensorboard, inputs)
     if init:  # read once here: a bad file is named before Ray starts
-        checkpoint.load_init(init, f"--init {init}", cfg.model.arch)
+        published.load_init(init, f"--init {init}", cfg.model.arch)
     fs, path = checkpoint.filesystem(run_dir)
     try:
         checkpoint.contact(run_dir, lambda: fs.create_dir(path, recursive=True))

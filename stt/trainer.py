@@ -33,7 +33,7 @@ import ray.train.torch
 import torch
 from torch import Tensor, nn
 
-from stt import checkpoint
+from stt import checkpoint, published
 from stt.config import Config
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.observe import MASKS_PNG, progress_text
@@ -175,7 +175,7 @@ def train_loop_per_worker(config: dict) -> str | None:
     device = ray.train.torch.get_device()  # Ray: this worker's GPU, or the CPU
     torch.manual_seed(train.seed + rank)
 
-    init = checkpoint.load_init(config["init"], config["init"], cfg.model.arch) if config["init"] else None
+    init = published.load_init(config["init"], config["init"], cfg.model.arch) if config["init"] else None
     stage = StageModel(spec, init, config["init"], device)
     start_step = 0
     latest = ray.train.get_checkpoint()  # Ray: the run's latest checkpoint, when resuming or restarted after a crash

@@ -415,20 +415,20 @@ def test_unknown_and_ambiguous_files_are_refused(tmp_path):
 
 
 def test_training_init_accepts_a_release_for_the_same_arch(tmp_path):
-    from stt import checkpoint
+    from stt import checkpoint, published
 
     trunk = torchvision_trunk()
     path = tmp_path / "pretrained.pth"
     torch.save(crw_checkpoint(trunk), path)
-    payload = checkpoint.load_init(path.read_bytes(), str(path), "resnet18")
+    payload = published.load_init(path.read_bytes(), str(path), "resnet18")
     assert payload.keys() == {"model"}
     assert_same_trunk(payload["model"], trunk)
     with pytest.raises(ValueError, match="crw weights of a resnet18, but model.arch=resnet50; set model.arch=resnet18"):
-        checkpoint.load_init(path.read_bytes(), str(path), "resnet50")
+        published.load_init(path.read_bytes(), str(path), "resnet50")
     mast = tmp_path / "mast.pt"
     torch.save(mast_checkpoint(), mast)
     with pytest.raises(ValueError, match="a MAST release initialises no stt stage"):
-        checkpoint.load_init(mast.read_bytes(), str(mast), MAST_ARCH)
+        published.load_init(mast.read_bytes(), str(mast), MAST_ARCH)
     bare = tmp_path / "resnet18.pth"
     torch.save(trunk, bare)
     with pytest.raises(ValueError, match="not an stt.train checkpoint"):  # resuming still takes stt's own files only

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from stt import checkpoint
+from stt import checkpoint, published
 from stt.config import Config, to_dict
 from stt.data.layouts import DAVIS, DatasetError
 from stt.data.plans import resolve_source
@@ -47,7 +47,7 @@ def check_sweep_inputs(args: argparse.Namespace, plan: SweepPlan, base: Config) 
             raise DatasetError(f"{option}: {error}") from None
     if args.init:
         args.init = checkpoint.checkpoint_file(args.init, "--init")
-        checkpoint.load_init(args.init, f"--init {args.init}", base.model.arch)
+        published.load_init(args.init, f"--init {args.init}", base.model.arch)
     experiment = Path(args.storage).absolute() / args.name
     check_apart(
         "--storage/--name",

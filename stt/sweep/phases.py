@@ -17,8 +17,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from stt.errors import UsageError
 from stt.config import Config, to_dict
+from stt.errors import UsageError
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.models import feature_stride
 from stt.observe import TrialProgress
