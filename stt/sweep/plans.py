@@ -124,7 +124,8 @@ PLANS = {
     # on real DAVIS, below the copied first mask).
     # One rung, at 50 of 100 steps: bench/rung_correlation.py on this data (BENCHMARKS.md, "Do early rungs rank
     # like full runs?") gave Spearman 0.93 (95 % 0.62-1.0) between J&F at step 50 and at 100 over 8
-    # configurations, 0.64 (-0.22-1.0) at step 25, so a rung at 25 would stop trials on noise. Reduction factor 3: a third of the trials go on to 100.
+    # configurations, 0.64 (-0.22-1.0) at step 25, so a rung at 25 would stop trials on noise. Reduction factor 3:
+    # a third of the trials go on to 100.
     # Measured costs on one core (2-core machine, idle): a step 2.7 s, an evaluation on DAVIS train at 240 165 s
     # (features 108 s, propagation 50 s): the evaluations, not the steps, bound how many trials fit. Measured
     # 2026-12-04: phases 1-3 took 88 min (phase 2 72 min), so the whole plan runs about two hours, not one.
