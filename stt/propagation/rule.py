@@ -21,18 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from stt.config import PropagationConfig
+from stt.config import Aggregation, LabelSampling, PerFrameNorm, PropagationConfig, Window
 
-AGGREGATIONS = ("overall", "per-frame")
-PER_FRAME_NORMS = ("before-mask", "after-mask")
-WINDOWS = ("square", "circle")
-LABEL_SAMPLINGS = ("area", "nearest")
+# the choices, declared once on the configuration's fields
+AGGREGATIONS = get_args(Aggregation)
+PER_FRAME_NORMS = get_args(PerFrameNorm)
+WINDOWS = get_args(Window)
+LABEL_SAMPLINGS = get_args(LabelSampling)
 
 # The authors' window per task and feature stride, in cells (their `neighbor_range` / 2, configs/test/
 # res18_d8.py and res18_d4.py): DAVIS 24 / 70, JHMDB 10 / 24, VIP 32 / 70. `propagation.radius`
