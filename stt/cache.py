@@ -23,3 +23,15 @@ def current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save `state` to `path` through a temporary file and a rename: a killed build never leaves a
+    half-written cache entry (the propagation graphs and per-frame stores beside the feature cache)."""
+    import torch  # on use: the dataset generator imports this module without torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)

@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stt.cache import save_atomically
 from stt.config import PropagationConfig
 
 # The graph is built with the very kernels a trial of stt.propagation runs (stt.propagation.kernels), and its
@@ -430,10 +431,7 @@ def graph_path(feature_file: Path, superset: PropagationConfig, k: int) -> Path:
 
 def save_graph(graph: Graph, path: Path) -> None:
     """The graph's tensors and superset (not the features: they are in the feature cache) via torch.save."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
+    save_atomically(
         {
             "version": GRAPH_VERSION,
             "value": graph.value.cpu(),
@@ -442,9 +440,8 @@ def save_graph(graph: Graph, path: Path) -> None:
             "grid": list(graph.grid),
             "superset": dataclasses.asdict(graph.superset),
         },
-        tmp,
+        path,
     )
-    tmp.replace(path)  # atomic: a killed build never leaves a half-written graph
 
 
 def load_graph(path: Path, features: torch.Tensor) -> Graph:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from stt.cache import save_atomically
 from stt.propagation.rule import check_inputs, inside_window, per_frame_copy, propagate_frames, queue_start
 
 if TYPE_CHECKING:
@@ -230,14 +231,11 @@ def store_path(feature_file: Path, space: PerFrameSpace) -> Path:
 
 
 def save_store(store: PerFrameStore, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    """The store's tensors, grid and space via torch.save (the features are in the feature cache)."""
     state = {f.name: getattr(store, f.name) for f in dataclasses.fields(store) if f.name not in ("grid", "space")}
-    torch.save(
-        {"version": STORE_VERSION, **state, "grid": list(store.grid), "space": dataclasses.asdict(store.space)}, tmp
+    save_atomically(
+        {"version": STORE_VERSION, **state, "grid": list(store.grid), "space": dataclasses.asdict(store.space)}, path
     )
-    tmp.replace(path)  # atomic: a killed build never leaves a half-written store
 
 
 def load_store(path: Path) -> PerFrameStore:
