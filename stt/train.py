@@ -57,6 +57,7 @@ from stt.errors import StorageError, UsageError
 from stt.paths import check_apart
 from stt.recipes import TABLE1_ROWS, StageSpec, recipe_of, stage_spec, table1_config
 from stt.stages import STAGES, NonFiniteStep
+from stt.stages.temporal import missing_teacher
 from stt.trainer import MetricsLogger, train_loop_per_worker
 
 
@@ -436,6 +437,9 @@ def check_inputs(cfg: Config, specs: list[StageSpec], init: str, run_dir: str, t
         check_apart("--tensorboard", tensorboard, inputs)
     if init:  # read once here: a bad file is named before Ray starts
         published.load_init(init, f"--init {init}", cfg.model.arch)
+    # the first stage starts from --init (each later one from the stage before it): its teacher, if it needs one
+    if (missing := missing_teacher(specs[0], bool(init))) is not None:
+        raise UsageError(missing)
     fs, path = checkpoint.filesystem(run_dir)
     try:
         checkpoint.contact(run_dir, lambda: fs.create_dir(path, recursive=True))

@@ -276,6 +276,20 @@ def test_train_checks_data_and_init_before_ray_starts(tmp_path, capsys, monkeypa
     assert code == 1 and expected in line
 
 
+def test_train_refuses_global_distillation_without_a_teacher_before_ray_starts(tiny, tmp_path, capsys, monkeypatch):
+    """The temporal stage of a distilling recipe with no --init failed inside every Ray worker, four times."""
+    import stt.train
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the teacher was checked after Ray or a stage started")
+
+    monkeypatch.setattr(stt.train, "start_ray", too_late)
+    monkeypatch.setattr(stt.train, "run_stage", too_late)
+    argv = ["--storage", str(tmp_path), "--stage", "temporal", f"data.root={tiny['ytvos']}", "temporal.beta=10"]
+    code, line = one_line_error(capsys, train_main, "stt.train", argv)
+    assert code == 2 and "temporal.beta=10.0 (train.recipe=spatial-then-temporal) needs a frozen teacher" in line
+
+
 def test_train_names_unwritable_storage(tmp_path, capsys, tiny):
     blocked = tmp_path / "a-file"  # a file where the storage folder should be: no run folder can be made
     blocked.write_text("x")

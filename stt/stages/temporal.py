@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from stt.recipes import StageSpec
 
 
+def missing_teacher(spec: StageSpec, has_init: bool) -> str | None:
+    """Why the stage `spec` cannot run with this start, or None: global distillation needs a frozen teacher, the
+    earlier stage's encoder (`--init`) or `model.weights`. stt.train asks before Ray starts; the builder again."""
+    cfg = spec.config
+    if not spec.teacher or has_init or cfg.model.weights != "random":
+        return None
+    return (
+        f"temporal.beta={spec.temporal.beta} (train.recipe={cfg.train.recipe}) needs a frozen teacher: pass --init "
+        "SPATIAL_CHECKPOINT, run --stage all, set model.weights to a local state dict, or set temporal.beta=0"
+    )
+
+
 def build_temporal(
     spec: StageSpec, init: dict[str, Tensor] | None, source: str = ""
 ) -> tuple[Encoder, Encoder | None, torch.optim.Optimizer]:
@@ -35,12 +47,8 @@ def build_temporal(
         load_encoder_weights(student, init, source)
     teacher = None
     if spec.teacher:
-        if init is None and cfg.model.weights == "random":
-            raise ValueError(
-                f"temporal.beta={spec.temporal.beta} (train.recipe={cfg.train.recipe}) needs a frozen teacher: "
-                "pass --init "
-                "SPATIAL_CHECKPOINT, run --stage all, set model.weights to a local state dict, or set temporal.beta=0"
-            )
+        if (missing := missing_teacher(spec, init is not None)) is not None:
+            raise ValueError(missing)
         teacher = build_teacher(cfg.model, init if init is not None else student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.temporal.lr)
     return student, teacher, optimizer
