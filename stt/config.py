@@ -159,9 +159,8 @@ class VFSConfig:
     # best); continuous: a random first frame and the second `interval` list steps later (Table 3's delta)
     sampling: VFSSampling = "distant"
     interval: PosInt = 32
-    image_size: PosInt = (
-        224  # each frame: its own random resized crop (area 0.2-1, aspect 3/4-4/3) to this, its own flip
-    )
+    # each frame: its own random resized crop (area 0.2-1, aspect 3/4-4/3) to this, its own flip
+    image_size: PosInt = 224
     crop_scale: Annotated[tuple[float, float], AREA_FRACTIONS] = (0.2, 1.0)
     color_aug: bool = False  # MoCo v2's jitter/grayscale/blur per frame; hurts DAVIS (Table 2: 65.0 -> 61.9)
     # SGD (momentum 0.9) rate for a global batch of `lr_batch` pairs, scaled linearly (paper: 0.05 at 256)
@@ -190,9 +189,8 @@ class PropagationConfig:
     # The authors' evaluator (vanilla_tracker.py), each rule off by default (DESIGN.md says why);
     # `python -m stt.evaluate --preset authors` or configs/authors.yaml turns on all three:
     repeat_first_frame: bool = False  # early targets see the first frame twice (key_start = max(0, t - context))
-    label_sampling: LabelSampling = (
-        "area"  # first labels on the grid: area (fraction of each cell) | nearest (one pixel, PIL)
-    )
+    # first labels on the grid: area (fraction of each cell) | nearest (one pixel, PIL)
+    label_sampling: LabelSampling = "area"
     minmax_normalise: bool = False  # per-frame, per-channel min-max of the upsampled soft labels before the argmax
     chunk_size: PosInt = 2048  # target positions per chunk in the windowed implementation
 
@@ -231,9 +229,8 @@ class DataConfig:
     crop_scale: Annotated[tuple[float, float], AREA_FRACTIONS] = (0.6, 1.0)
     crop_ratio: Annotated[tuple[float, float], WIDTH_OVER_HEIGHT] = (1.5, 2.0)
     frame_gap: PosInt = 1  # in annotated-list steps; YouTube-VOS lists every 5th raw frame
-    data_cpus: PosFloat = (
-        1.0  # CPUs of the Ray Data decode/augment actors, kept free of Train workers (stt.data.pipeline)
-    )
+    # CPUs of the Ray Data decode/augment actors, kept free of Train workers (stt.data.pipeline)
+    data_cpus: PosFloat = 1.0
     # Decode and augment in a background thread of the (single) Train worker instead of in Ray Data tasks:
     # the same stream without Ray Data's start-up, which dominates short runs on a small machine (the
     # quick and laptop sweep plans); --workers 1 only. data_cpus is then not reserved.
@@ -259,9 +256,8 @@ class TrainConfig:
     max_steps: PosInt = 1000
     checkpoint_every: PosInt = 100
     seed: int = 0
-    log_every: PosInt = (
-        10  # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
-    )
+    # steps between ray.train.report calls (a barrier across workers): metrics averaged over them
+    log_every: PosInt = 10
     eval_every: NonNegInt = 500  # steps between DAVIS J&F evaluations on rank 0 (at a checkpoint); 0 disables them
     # More steps to evaluate (and checkpoint) at, whatever eval_every says: the sweep's rungs (stt.sweep.plans)
     eval_steps: Annotated[tuple[int, ...], STEPS] = ()

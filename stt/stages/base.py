@@ -182,9 +182,8 @@ class StageModel:
             self.moco.load_state_dict(payload["moco"])
         else:
             load_encoder_weights(self.encoder, payload["model"])
-        self.optimizer.load_state_dict(
-            payload["optimizer"]
-        )  # after the move: its state lands on the parameters' device
+        # after the model's move to its device: the optimiser's state lands on the parameters' device
+        self.optimizer.load_state_dict(payload["optimizer"])
         return int(payload["step"])
 
     def losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
