@@ -5,6 +5,7 @@ beside the sequence's cached features, so a resumed sweep finds them on disk."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -18,26 +19,39 @@ from stt.propagation.per_frame import PerFrameSpace, build_store, fits, save_sto
 from stt.sweep.space import per_frame_space, superset_config
 
 
-def build_graphs(space: dict, cfg: Config, checkpoint: str, cache: Path, davis_root: str, split: str) -> dict[str, str]:
-    """{sequence: file of its top-K affinity graph} on DAVIS `split`, for the widest setting of the propagation
-    space (`space`: {"propagation.KEY": Ray Tune domain}), saved beside its cached features in `cache`: the
-    trials then filter and gather instead of recomputing affinities. A graph already on disk is kept (its
-    features are not read)."""
+class TuningSplit:
+    """The tuning split's sequences and their features under one checkpoint, read through the feature cache in
+    `cache` (computed where not cached): what both candidate sources are built from."""
+
+    def __init__(self, cfg: Config, checkpoint: str, cache: Path, davis_root: str, split: str):
+        self.extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
+        self.cache = FeatureCache(str(cache))
+        self.dataset = DAVIS(Path(davis_root), split=split)
+        # the trials' base propagation, its radius resolved for this checkpoint's stride
+        self.propagation = for_task(cfg.propagation, "davis", self.extractor.stride)
+
+    def features(self, seq: str):
+        return self.cache.load_or_compute(
+            self.extractor, self.dataset.frame_paths(seq), lambda: self.dataset.read_frames(seq)
+        )
+
+    def feature_file(self, seq: str) -> Path:
+        """Where the sequence's features are cached: its graph and store are saved beside them."""
+        return self.cache.path_for(self.extractor.cache_key, self.dataset.frame_paths(seq))
+
+
+def build_graphs(space: dict, split: TuningSplit) -> dict[str, str]:
+    """{sequence: file of its top-K affinity graph} on the tuning split, for the widest setting of the propagation
+    space (`space`: {"propagation.KEY": Ray Tune domain}), saved beside its cached features: the trials then filter
+    and gather instead of recomputing affinities. A graph already on disk is kept (its features are not read)."""
     started = time.perf_counter()
-    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
-    superset = superset_config(space, for_task(cfg.propagation, "davis", extractor.stride))
-    graph_k, features_cache = default_k(superset), FeatureCache(str(cache))
-    dataset = DAVIS(Path(davis_root), split=split)
+    superset = superset_config(space, split.propagation)
+    graph_k = default_k(superset)
     graphs = {}
     # features extracted where not cached, then each sequence's graph: minutes at native resolution
-    for seq in with_progress(dataset.sequences, "sweep: graphs", "seq", name=str):
-        frame_paths = dataset.frame_paths(seq)
-
-        def features(seq=seq, frame_paths=frame_paths):
-            return features_cache.load_or_compute(extractor, frame_paths, lambda: dataset.read_frames(seq))
-
-        feature_file = features_cache.path_for(extractor.cache_key, frame_paths)
-        graphs[seq] = str(load_or_build(feature_file, features, superset, graph_k, load=False)[1])
+    for seq in with_progress(split.dataset.sequences, "sweep: graphs", "seq", name=str):
+        features = functools.partial(split.features, seq)
+        graphs[seq] = str(load_or_build(split.feature_file(seq), features, superset, graph_k, load=False)[1])
     print(
         f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
         f"{time.perf_counter() - started:.1f} s (context {superset.context}, radius {superset.radius}, "
@@ -46,31 +60,21 @@ def build_graphs(space: dict, cfg: Config, checkpoint: str, cache: Path, davis_r
     return graphs
 
 
-def build_per_frame_stores(
-    space: dict, cfg: Config, checkpoint: str, cache: Path, davis_root: str, split: str
-) -> dict[str, str]:
-    """{sequence: file of its per-frame store} on DAVIS `split` for the space's per-frame trials, saved beside
-    its cached features in `cache`; {} (said in one line) when the space has none or the stores would not fit
-    in memory (stt.propagation.per_frame.fits): those trials then run stt.propagation."""
+def build_per_frame_stores(space: dict, split: TuningSplit) -> dict[str, str]:
+    """{sequence: file of its per-frame store} on the tuning split for the space's per-frame trials, saved beside
+    its cached features; {} (said in one line) when the space has none or the stores would not fit in memory
+    (stt.propagation.per_frame.fits): those trials then run stt.propagation."""
     started = time.perf_counter()
-    extractor = FeatureExtractor(checkpoint, cfg.model, cfg.eval, resolve_device("auto"))
-    wanted = per_frame_space(space, for_task(cfg.propagation, "davis", extractor.stride))
-    features_cache = FeatureCache(str(cache))
-    dataset = DAVIS(Path(davis_root), split=split)
+    wanted = per_frame_space(space, split.propagation)
     if isinstance(wanted, PerFrameSpace):
-        held = {
-            seq: features_cache.load_or_compute(
-                extractor, dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq)
-            )
-            for seq in dataset.sequences
-        }
+        held = {seq: split.features(seq) for seq in split.dataset.sequences}
         wanted = fits(wanted, [(f.shape[0], tuple(f.shape[2:])) for f in held.values()]) or wanted
     if not isinstance(wanted, PerFrameSpace):
         print(f"sweep: per-frame propagation trials run stt.propagation: {wanted}")
         return {}
     stores = {}
-    for seq in with_progress(dataset.sequences, "sweep: per-frame stores", "seq", name=str):
-        path = store_path(features_cache.path_for(extractor.cache_key, dataset.frame_paths(seq)), wanted)
+    for seq in with_progress(split.dataset.sequences, "sweep: per-frame stores", "seq", name=str):
+        path = store_path(split.feature_file(seq), wanted)
         if not path.is_file():
             save_store(build_store(held[seq], wanted), path)
         stores[seq] = str(path)
