@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from stt import command
+from stt.allocator import retain_freed_memory
 from stt.cache import cache_dir
 from stt.config import PRESETS, Config, load_config, to_dict
 from stt.data.layouts import DAVIS, JHMDB, VIP, read_mask
@@ -495,4 +496,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # the activations at 480p: stt.allocator
     sys.exit(command.run(main, "stt.evaluate"))

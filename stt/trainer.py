@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from stt import checkpoint, published
+from stt.allocator import retain_freed_memory
 from stt.config import Config
 from stt.data.batches import local_batches, prefetched, stage_batches
 from stt.observe import MASKS_PNG, progress_text
@@ -168,6 +169,7 @@ def train_loop_per_worker(config: dict) -> str | None:
     Returns None, or the line saying at which step and in what the stage stopped as a loss term or the
     gradient was not finite (Ray Train hands rank 0's to the driver: `check_stopped`).
     """
+    retain_freed_memory()  # the in-training evaluations' activations: stt.allocator
     spec: StageSpec = config["spec"]
     cfg, train = spec.config, spec.config.train
     context = ray.train.get_context()  # Ray: this worker's place in the group

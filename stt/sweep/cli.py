@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 
+from stt.allocator import retain_freed_memory
 from stt.command import parse_args
 from stt.config import Config, load_config
 from stt.data.synthetic import ensure_dataset
@@ -141,6 +142,7 @@ def prepare(args: argparse.Namespace) -> tuple[SweepPlan, Config, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(get_args_parser(), argv)
+    retain_freed_memory()  # phase 3 extracts features and builds graphs here: stt.allocator
     plan, base, space = prepare(args)
     check_sweep_inputs(args, plan, base)  # every path and the experiment folder, before Ray starts
     if not ray.is_initialized():

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from ray import tune
 
+from stt.allocator import retain_freed_memory
 from stt.checkpoint import CHECKPOINT_FILE, join
 from stt.evaluate import evaluate_davis
 from stt.recipes import stage_spec
@@ -63,6 +64,7 @@ def confirmation_trial(
     """Tune trial (config: {"arm", "seed"}): train the arm's configuration with that seed from `init`, as the Ray
     Train run `<runs>/<arm>-seed<seed>` (a resumed sweep resumes it from its checkpoints), then evaluate its last
     checkpoint on the reported split under both propagations; writes `evaluation.json` there, reports the J&F."""
+    retain_freed_memory()  # its evaluations' activations: stt.allocator
     arm, seed = config["arm"], config["seed"]
     cfg = with_params(base, {**(training_params if arm == "tuned" else {}), "train.seed": seed})
     run_dir = join(runs, run_name(arm, seed))

@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
+from stt.allocator import retain_freed_memory
 from stt.checkpoint import join
 from stt.config import from_dict
 from stt.data.layouts import DAVIS
@@ -151,6 +152,7 @@ class PropagationTrial(tune.Trainable):
         graphs: dict[str, str] | None = None,
         stores: dict[str, str] | None = None,
     ) -> None:
+        retain_freed_memory()  # propagation's logits: stt.allocator
         self.params, self.base = config, from_dict(base)
         run = EvaluationRun.open("davis", checkpoint, self.base, "cpu", Path(feature_cache))
         self.stride = run.extractor.stride
