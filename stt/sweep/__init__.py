@@ -3,7 +3,7 @@ weights and entropy selection by default) and label propagation.
 
     python tune/sweep.py --quick                          # minutes on a laptop, embedded synthetic data
     python tune/sweep.py --plan laptop --data-root ../shared/data/ytvos-real/train_all_frames \
-        --davis-root ../shared/data/davis-real data.frame_gap=4   # under an hour on real video, 2 cores
+        --davis-root ../shared/data/davis-real data.frame_gap=4   # about two hours on real video, 2 cores
     python tune/sweep.py                                  # a longer local sweep on the same data
     python tune/sweep.py --data-root YTVOS --davis-root DAVIS --storage /mnt/shared/sweeps --name r18
     python tune/sweep.py --resume --name NAME             # continue an interrupted sweep

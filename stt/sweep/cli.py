@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--plan",
         choices=list(PLANS),
         default="local",
-        help="how much to run: quick (minutes), laptop (~75 min on real video, 2 cores), local (hours)",
+        help="how much to run: quick (minutes), laptop (about two hours on real video, 2 cores), local (hours)",
     )
     parser.add_argument("--samples", type=int, help="training trials (default: the plan's)")
     parser.add_argument("--propagation-samples", type=int, help="propagation trials (default: the plan's)")
