@@ -761,3 +761,14 @@ def test_resume_needs_a_stored_sweep_with_the_same_inputs(tiny_sets, tmp_path, c
     (experiment / "state.json").write_text(json.dumps({"yardsticks": {}}))  # finished: re-read without --resume
     with pytest.raises(RayStarted):
         main(sweep_argv(tiny_sets, storage))
+
+
+def test_trial_lines_count_every_run_of_a_grid():
+    from ray import tune
+
+    from stt.sweep.phases import trial_count
+
+    # the confirmation's space: 2 arms x 3 seeds, one sample each (its lines said "2/1 done" before)
+    grid = {"arm": tune.grid_search(["tuned", "defaults"]), "seed": tune.grid_search([1, 2, 3])}
+    assert trial_count(grid, 1) == 6
+    assert trial_count({"propagation.topk": tune.choice([5, 10])}, 80) == 80

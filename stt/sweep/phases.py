@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -106,7 +107,7 @@ class Sweep:
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(self.experiment),
-                callbacks=[TrialProgress(name, samples)],
+                callbacks=[TrialProgress(name, trial_count(param_space, samples))],
                 # a propagation trial (a class Trainable) is one result, nothing to resume from; Tune's default
                 # for classes would save each one's state at its end
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
@@ -412,6 +413,13 @@ class Sweep:
         rows["first mask copied"] = {"source": "copy", **jf_row(copied)}
         self.save_state(yardsticks=rows)
         return rows
+
+
+def trial_count(param_space: dict, samples: int) -> int:
+    """How many trials Tune runs: `samples` of every combination of the space's grid_search values (the
+    confirmation's arms x seeds), `samples` when it has none."""
+    grids = [v["grid_search"] for v in param_space.values() if isinstance(v, dict) and "grid_search" in v]
+    return samples * math.prod(len(values) for values in grids)
 
 
 def jf_row(summary: dict) -> dict[str, float]:

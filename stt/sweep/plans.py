@@ -127,8 +127,9 @@ PLANS = {
     # configurations, 0.64 (-0.22-1.0) at step 25, so a rung at 25 would stop trials on noise. Reduction factor 3:
     # a third of the trials go on to 100.
     # Measured costs on one core (2-core machine, idle): a step 2.7 s, an evaluation on DAVIS train at 240 165 s
-    # (features 108 s, propagation 50 s): the evaluations, not the steps, bound how many trials fit. Measured
-    # 2026-12-04: phases 1-3 took 88 min (phase 2 72 min), so the whole plan runs about two hours, not one.
+    # (features 108 s, propagation 50 s; 132 s since stt.allocator): the evaluations, not the steps, bound how many
+    # trials fit. Measured 2026-12-04: phases 1-3 took 88 min (phase 2 72 min), so the whole plan runs about two
+    # hours, not one.
     "laptop": SweepPlan(
         name="--plan laptop",
         training_trials=12,
