@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,23 @@ def davis_real_root() -> Path:
 def jhmdb_real_root() -> Path:
     """One real JHMDB clip (40 frames, 15 joints) in the official layout, shipped beside the repository."""
     return shared_data("jhmdb-real", "real JHMDB clip")
+
+
+# A line Ray's log monitor forwards from its processes to the driver's stderr: "(raylet) ...", "(pid=12) ...",
+# "(RayTrainWorker pid=12, ip=...) ...", coloured or not. They come whenever a Ray process logs (a CI machine's disk
+# over 95 % full made the raylet warn in the middle of a sweep's one-line error), so they are not the command's output.
+RAY_FORWARDED = re.compile(r"(?:\x1b\[[0-9;]*m)?\((?:raylet|autoscaler|[^()\n]*\bpid=\d+[^()\n]*)\)")
+
+
+@pytest.fixture
+def stderr(capsys):
+    """Reads what was printed to stderr since the last read, without the lines Ray forwarded from its processes."""
+
+    def read() -> str:
+        lines = capsys.readouterr().err.splitlines(keepends=True)
+        return "".join(line for line in lines if not RAY_FORWARDED.match(line))
+
+    return read
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,9 @@ def tiny(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0, kinds=("davis", "ytvos"))
 
 
-def one_line_error(capsys, main, prog: str, argv: list[str]) -> tuple[int, str]:
+def one_line_error(stderr, main, prog: str, argv: list[str]) -> tuple[int, str]:
     code = command.run(main, prog, argv)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr().strip().splitlines()
     assert code != 0 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
     return code, err[0]
 
@@ -57,7 +57,7 @@ def checkpoint_file(tmp_path, kind: str):
         ("unknown-config-key", "its stored config: unknown config key 'train.learning_speed'", 2),
     ],
 )
-def test_evaluate_names_a_bad_checkpoint_file(tiny, tmp_path, capsys, kind, expected, code):
+def test_evaluate_names_a_bad_checkpoint_file(tiny, tmp_path, stderr, kind, expected, code):
     path = checkpoint_file(tmp_path, kind)
     argv = [
         "davis",
@@ -70,7 +70,7 @@ def test_evaluate_names_a_bad_checkpoint_file(tiny, tmp_path, capsys, kind, expe
         "--device",
         "cpu",
     ]
-    got, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    got, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert got == code and str(path) in line and expected in line
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
@@ -83,17 +83,17 @@ def test_evaluate_names_a_bad_checkpoint_file(tiny, tmp_path, capsys, kind, expe
         ("random:x", "expected random:SEED with an integer seed"),
     ],
 )
-def test_evaluate_names_a_bad_baseline(tiny, tmp_path, capsys, checkpoint, expected):
+def test_evaluate_names_a_bad_baseline(tiny, tmp_path, stderr, checkpoint, expected):
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", checkpoint, "--out", str(tmp_path / "out")]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert code == 2 and f"--checkpoint {checkpoint}" in line and expected in line
 
 
-def test_a_checkpoint_file_named_like_a_baseline_is_read_as_a_file(tiny, tmp_path, capsys, monkeypatch):
+def test_a_checkpoint_file_named_like_a_baseline_is_read_as_a_file(tiny, tmp_path, stderr, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lab_run.pt").write_text("not weights")
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab_run.pt", "--out", str(tmp_path / "out")]
-    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    _, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert "lab_run.pt: not a weights-only torch checkpoint" in line
 
 
@@ -107,7 +107,7 @@ def test_a_checkpoint_file_named_like_a_baseline_is_read_as_a_file(tiny, tmp_pat
         ("propagation.bogus=1", "unknown config key 'propagation.bogus'"),
     ],
 )
-def test_evaluate_refuses_bad_settings_before_any_work(tiny, tmp_path, capsys, override, expected):
+def test_evaluate_refuses_bad_settings_before_any_work(tiny, tmp_path, stderr, override, expected):
     argv = [
         "davis",
         "--davis-root",
@@ -118,23 +118,23 @@ def test_evaluate_refuses_bad_settings_before_any_work(tiny, tmp_path, capsys, o
         str(tmp_path / "out"),
         override,
     ]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert code == 2 and expected in line
 
 
-def test_yaml_syntax_error_names_the_file(tiny, tmp_path, capsys):
+def test_yaml_syntax_error_names_the_file(tiny, tmp_path, stderr):
     config = tmp_path / "broken.yaml"
     config.write_text("propagation:\n  topk: [5\n")
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--config", str(config), "--out", str(tmp_path / "out")]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert code == 2 and f"{config}: not valid YAML" in line
 
 
-def test_score_names_a_results_file_and_a_wrong_sized_mask(tiny, tmp_path, capsys):
+def test_score_names_a_results_file_and_a_wrong_sized_mask(tiny, tmp_path, stderr):
     not_a_folder = tmp_path / "results.txt"
     not_a_folder.write_text("x")
     _, line = one_line_error(
-        capsys,
+        stderr,
         evaluate_main,
         "stt.evaluate",
         ["score", "--davis-root", str(tiny["davis"]), "--results", str(not_a_folder)],
@@ -149,12 +149,12 @@ def test_score_names_a_results_file_and_a_wrong_sized_mask(tiny, tmp_path, capsy
     victim = results / dataset.sequences[-1] / dataset.mask_paths(dataset.sequences[-1])[1].name
     Image.fromarray(np.zeros((7, 9), np.uint8), mode="L").save(victim)
     _, line = one_line_error(
-        capsys, evaluate_main, "stt.evaluate", ["score", "--davis-root", str(tiny["davis"]), "--results", str(results)]
+        stderr, evaluate_main, "stt.evaluate", ["score", "--davis-root", str(tiny["davis"]), "--results", str(results)]
     )
     assert f"{victim}: result mask is 9x7; expected" in line
 
 
-def test_evaluate_refuses_a_first_mask_without_objects_before_writing(tiny, tmp_path, capsys):
+def test_evaluate_refuses_a_first_mask_without_objects_before_writing(tiny, tmp_path, stderr):
     import shutil
 
     root = tmp_path / "davis"
@@ -165,7 +165,7 @@ def test_evaluate_refuses_a_first_mask_without_objects_before_writing(tiny, tmp_
     mask[mask > 0] = 255  # masks saved as 0/255: the object is void
     Image.fromarray(mask, mode="L").save(first)
     argv = ["davis", "--davis-root", str(root), "--checkpoint", "lab:8", "--out", str(tmp_path / "out")]
-    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    _, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert f"{first}: the first annotation holds no object" in line and not (tmp_path / "out").exists()
 
 
@@ -177,15 +177,15 @@ def test_evaluate_refuses_a_first_mask_without_objects_before_writing(tiny, tmp_
         ("temporal.entropy=bogus", "temporal.entropy: expected one of"),
     ],
 )
-def test_train_refuses_bad_settings_before_ray_starts(tmp_path, capsys, override, expected):
-    code, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), override])
+def test_train_refuses_bad_settings_before_ray_starts(tmp_path, stderr, override, expected):
+    code, line = one_line_error(stderr, train_main, "stt.train", ["--storage", str(tmp_path), override])
     assert code == 2 and expected in line and not (tmp_path / "stt").exists()
 
 
-def test_prepare_refuses_options_out_of_range(tiny, tmp_path, capsys):
+def test_prepare_refuses_options_out_of_range(tiny, tmp_path, stderr):
     for option, value in (("--short-side", "0"), ("--quality", "500")):
         code, line = one_line_error(
-            capsys, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(tmp_path / "shards"), option, value]
+            stderr, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(tmp_path / "shards"), option, value]
         )
         assert f"{option}: expected an integer from" in line and f"got {value}" in line
         assert code == 2  # issue 28: a usage error, as README promises (it was 1)
@@ -216,7 +216,7 @@ def test_a_conflicting_resume_is_refused_naming_the_keys(tmp_path):
     check_resume_config(stage_spec(longer, "temporal"), str(tmp_path))
 
 
-def test_errors_inside_ray_workers_reach_the_driver_as_one_line(capsys, monkeypatch):
+def test_errors_inside_ray_workers_reach_the_driver_as_one_line(stderr, monkeypatch):
     from ray.train import WorkerGroupError
 
     def fails_in_a_worker(argv):
@@ -225,7 +225,7 @@ def test_errors_inside_ray_workers_reach_the_driver_as_one_line(capsys, monkeypa
         )
 
     assert command.run(fails_in_a_worker, "stt.train", []) == 1
-    assert capsys.readouterr().err == "stt.train: error: data.root /nowhere: no such folder\n"
+    assert stderr() == "stt.train: error: data.root /nowhere: no such folder\n"
     monkeypatch.setenv("STT_DEBUG", "1")  # the traceback, for developers
     with pytest.raises(WorkerGroupError):
         command.run(fails_in_a_worker, "stt.train", [])
@@ -264,7 +264,7 @@ def test_evaluate_reads_a_checkpoint_through_a_uri(tmp_path):
         ("--init=/nowhere/spatial-final.pt", "--init /nowhere/spatial-final.pt: no such checkpoint file"),
     ],
 )
-def test_train_checks_data_and_init_before_ray_starts(tmp_path, capsys, monkeypatch, option, expected):
+def test_train_checks_data_and_init_before_ray_starts(tmp_path, stderr, monkeypatch, option, expected):
     import stt.train
 
     def too_late(*args, **kwargs):  # Ray may already run in this test session: the check must come first
@@ -272,11 +272,11 @@ def test_train_checks_data_and_init_before_ray_starts(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(stt.train, "start_ray", too_late)
     monkeypatch.setattr(stt.train, "run_stage", too_late)
-    code, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), option])
+    code, line = one_line_error(stderr, train_main, "stt.train", ["--storage", str(tmp_path), option])
     assert code == 1 and expected in line
 
 
-def test_train_refuses_global_distillation_without_a_teacher_before_ray_starts(tiny, tmp_path, capsys, monkeypatch):
+def test_train_refuses_global_distillation_without_a_teacher_before_ray_starts(tiny, tmp_path, stderr, monkeypatch):
     """The temporal stage of a distilling recipe with no --init failed inside every Ray worker, four times."""
     import stt.train
 
@@ -286,14 +286,14 @@ def test_train_refuses_global_distillation_without_a_teacher_before_ray_starts(t
     monkeypatch.setattr(stt.train, "start_ray", too_late)
     monkeypatch.setattr(stt.train, "run_stage", too_late)
     argv = ["--storage", str(tmp_path), "--stage", "temporal", f"data.root={tiny['ytvos']}", "temporal.beta=10"]
-    code, line = one_line_error(capsys, train_main, "stt.train", argv)
+    code, line = one_line_error(stderr, train_main, "stt.train", argv)
     assert code == 2 and "temporal.beta=10.0 (train.recipe=spatial-then-temporal) needs a frozen teacher" in line
 
 
-def test_train_names_unwritable_storage(tmp_path, capsys, tiny):
+def test_train_names_unwritable_storage(tmp_path, stderr, tiny):
     blocked = tmp_path / "a-file"  # a file where the storage folder should be: no run folder can be made
     blocked.write_text("x")
-    _, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(blocked), f"data.root={tiny['ytvos']}"])
+    _, line = one_line_error(stderr, train_main, "stt.train", ["--storage", str(blocked), f"data.root={tiny['ytvos']}"])
     assert f"--storage: cannot write the run folder {blocked}/stt" in line
 
 
@@ -351,7 +351,7 @@ def files_of(root) -> dict:
         ("link-into-annotations", "lies inside the input --davis-root"),  # a symbolic link is followed
     ],
 )
-def test_evaluate_refuses_an_out_folder_in_the_dataset(tiny, tmp_path, capsys, out, expected):
+def test_evaluate_refuses_an_out_folder_in_the_dataset(tiny, tmp_path, stderr, out, expected):
     """Issue 28: `--out D/Annotations/480p` overwrote DAVIS's ground-truth PNGs, exit 0; the next evaluation of D
     scored J&F 1.000."""
     import shutil
@@ -361,39 +361,39 @@ def test_evaluate_refuses_an_out_folder_in_the_dataset(tiny, tmp_path, capsys, o
     (root / "link-into-annotations").symlink_to(root / "Annotations" / "480p" / DAVIS(root).sequences[0])
     before = files_of(root)
     argv = ["davis", "--davis-root", str(root), "--checkpoint", "lab:8", "--out", str(root / out), "--device", "cpu"]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert code == 2 and f"--out {root / out}: {expected} {root}" in line
     assert files_of(root) == before
 
 
-def test_evaluate_refuses_a_feature_cache_in_the_dataset(tiny, tmp_path, capsys):
+def test_evaluate_refuses_a_feature_cache_in_the_dataset(tiny, tmp_path, stderr):
     cache = tiny["davis"] / "features"
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", "lab:8", "--feature-cache", str(cache)]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", [*argv, "--out", str(tmp_path / "out")])
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", [*argv, "--out", str(tmp_path / "out")])
     assert code == 2 and f"--feature-cache {cache}: lies inside the input --davis-root" in line
     assert not cache.exists() and not (tmp_path / "out").exists()
 
 
-def test_score_refuses_a_json_file_among_its_inputs(tiny, tmp_path, capsys):
+def test_score_refuses_a_json_file_among_its_inputs(tiny, tmp_path, stderr):
     results = tmp_path / "results"
     results.mkdir()
     for json_path, option in ((results / "scores.json", "--results"), (tiny["davis"] / "scores.json", "--davis-root")):
         argv = ["score", "--davis-root", str(tiny["davis"]), "--results", str(results), "--json", str(json_path)]
-        code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+        code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
         assert code == 2 and f"--json {json_path}: lies inside the input {option}" in line
         assert not json_path.exists()
 
 
-def test_prepare_refuses_shards_inside_the_source(tiny, capsys):
+def test_prepare_refuses_shards_inside_the_source(tiny, stderr):
     before = files_of(tiny["ytvos"])
     out = tiny["ytvos"] / "shards"
-    code, line = one_line_error(capsys, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(out)])
+    code, line = one_line_error(stderr, prepare.main, "stt.prepare", ["ytvos", str(tiny["ytvos"]), str(out)])
     assert code == 2 and f"OUT {out}: lies inside the input SRC {tiny['ytvos']}" in line
     assert files_of(tiny["ytvos"]) == before
 
 
 @pytest.mark.parametrize("where", ["storage", "tensorboard"])
-def test_train_refuses_a_run_folder_in_its_data(tiny, tmp_path, capsys, monkeypatch, where):
+def test_train_refuses_a_run_folder_in_its_data(tiny, tmp_path, stderr, monkeypatch, where):
     import stt.train
 
     def too_late(*args, **kwargs):
@@ -405,11 +405,11 @@ def test_train_refuses_a_run_folder_in_its_data(tiny, tmp_path, capsys, monkeypa
     option = (
         ["--storage", str(inside)] if where == "storage" else ["--storage", str(tmp_path), "--tensorboard", str(inside)]
     )
-    code, line = one_line_error(capsys, train_main, "stt.train", [*option, f"data.root={tiny['ytvos']}"])
+    code, line = one_line_error(stderr, train_main, "stt.train", [*option, f"data.root={tiny['ytvos']}"])
     assert code == 2 and "lies inside the input data.root" in line and not inside.exists()
 
 
-def test_train_checks_the_evaluation_set_before_ray_starts(tiny, tmp_path, capsys, monkeypatch):
+def test_train_checks_the_evaluation_set_before_ray_starts(tiny, tmp_path, stderr, monkeypatch):
     """Issue 28: a missing train.eval_davis_root was found by the first evaluation, after Ray started and steps ran."""
     import stt.train
 
@@ -419,7 +419,7 @@ def test_train_checks_the_evaluation_set_before_ray_starts(tiny, tmp_path, capsy
     monkeypatch.setattr(stt.train, "start_ray", too_late)
     monkeypatch.setattr(stt.train, "run_stage", too_late)
     argv = ["--storage", str(tmp_path), f"data.root={tiny['ytvos']}", f"train.eval_davis_root={tmp_path / 'nowhere'}"]
-    code, line = one_line_error(capsys, train_main, "stt.train", argv)
+    code, line = one_line_error(stderr, train_main, "stt.train", argv)
     assert code == 1 and f"train.eval_davis_root: {tmp_path / 'nowhere'}" in line
     with pytest.raises(AssertionError, match="after Ray"):  # never evaluated: not checked, the run goes on to Ray
         command.run(train_main, "stt.train", [*argv, "train.eval_every=0"])
@@ -458,7 +458,7 @@ def stt_checkpoint(path, change=None):
     return path
 
 
-def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path, capsys):
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path, stderr):
     """Issue 28: a diverged run's checkpoint evaluated to J&F 0.000, exit 0."""
 
     def diverge(weights):
@@ -467,13 +467,13 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path, c
 
     path = stt_checkpoint(tmp_path / "diverged.pt", diverge)
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(path), "--out", str(tmp_path / "out")]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert code == 1 and f"{path}: 2 of " in line
     assert "hold NaN or infinite values (the first: layer2.0.conv1.weight)" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_missing_half_its_weights_is_one_short_line_naming_it(tiny, tmp_path, capsys):
+def test_a_checkpoint_missing_half_its_weights_is_one_short_line_naming_it(tiny, tmp_path, stderr):
     """Issue 28: one 1,859-character line listing every key, without the file's name."""
 
     def drop_half(weights):
@@ -482,13 +482,13 @@ def test_a_checkpoint_missing_half_its_weights_is_one_short_line_naming_it(tiny,
 
     path = stt_checkpoint(tmp_path / "half.pt", drop_half)
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(path), "--out", str(tmp_path / "out")]
-    _, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    _, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     missing = re.search(r"weights do not fit a resnet18 encoder \(120 tensors\): 60 missing keys \[(.*?)\]", line)
     assert line.startswith(f"stt.evaluate: error: {path}: ") and missing, line
     assert missing.group(1).count(",") == 5 and missing.group(1).endswith("... 55 more") and len(line) < 400
 
 
-def test_evaluate_reads_a_ray_checkpoint_folder_and_names_any_other_folder(tiny, tmp_path, capsys):
+def test_evaluate_reads_a_ray_checkpoint_folder_and_names_any_other_folder(tiny, tmp_path, stderr):
     """Issue 28: a Ray Train checkpoint folder was called "does not exist"; it holds checkpoint.pt, which is read."""
     from stt.features import FeatureExtractor
 
@@ -499,14 +499,14 @@ def test_evaluate_reads_a_ray_checkpoint_folder_and_names_any_other_folder(tiny,
     from_file = FeatureExtractor(str(folder / checkpoint.CHECKPOINT_FILE), Config().model, Config().eval)
     assert from_folder.cache_key == from_file.cache_key
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", str(tmp_path / "temporal")]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", [*argv, "--out", str(tmp_path / "out")])
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", [*argv, "--out", str(tmp_path / "out")])
     assert code == 1 and f"--checkpoint {tmp_path / 'temporal'}: a folder without checkpoint.pt" in line
 
 
 @pytest.mark.parametrize("uri", ["hdfs://namenode/runs/final.pt", "http://example.invalid/final.pt"])
-def test_an_unsupported_uri_scheme_is_refused_at_once(tiny, tmp_path, capsys, uri):
+def test_an_unsupported_uri_scheme_is_refused_at_once(tiny, tmp_path, stderr, uri):
     argv = ["davis", "--davis-root", str(tiny["davis"]), "--checkpoint", uri, "--out", str(tmp_path / "out")]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)
     assert code == 2 and f"{uri}: unsupported URI scheme" in line and "file://, s3://, gs://" in line
 
 
@@ -590,7 +590,7 @@ def test_an_unreachable_object_store_is_one_line_within_the_timeout(tiny, tmp_pa
         ("--cpus-per-worker=nan", "--cpus-per-worker: expected a positive number, got nan"),
     ],
 )
-def test_train_refuses_more_workers_than_cpus_without_a_cluster(tiny, tmp_path, capsys, monkeypatch, option, expected):
+def test_train_refuses_more_workers_than_cpus_without_a_cluster(tiny, tmp_path, stderr, monkeypatch, option, expected):
     """Issue 28: `--workers 999` on 2 cores asked Ray for 999 workers at 0.001 CPU each, with no message."""
     import stt.train
 
@@ -601,25 +601,25 @@ def test_train_refuses_more_workers_than_cpus_without_a_cluster(tiny, tmp_path, 
     monkeypatch.setattr(stt.train, "start_ray", too_late)
     monkeypatch.setattr(stt.train, "run_stage", too_late)
     argv = ["--storage", str(tmp_path), f"data.root={tiny['ytvos']}", option]
-    code, line = one_line_error(capsys, train_main, "stt.train", argv)
+    code, line = one_line_error(stderr, train_main, "stt.train", argv)
     assert code == 2 and expected in line
 
 
-def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, capsys):
+def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, stderr):
     """Issue 28: an override after an option (a second run of them) was "unrecognized arguments"."""
     from stt.evaluate import get_args_parser
 
     argv = ["davis", "propagation.topk=5", "--davis-root", str(tiny["davis"]), "eval.layer=res9", "--out", "o"]
     assert command.parse_args(get_args_parser(), argv).overrides == ["propagation.topk=5", "eval.layer=res9"]
-    code, line = one_line_error(capsys, evaluate_main, "stt.evaluate", argv)  # applied: its value is checked
+    code, line = one_line_error(stderr, evaluate_main, "stt.evaluate", argv)  # applied: its value is checked
     assert code == 2 and "eval.layer: expected one of" in line
     code, line = one_line_error(
-        capsys, train_main, "stt.train", ["train.seed=1", "--storage", str(tmp_path), "temporal.lr=inf"]
+        stderr, train_main, "stt.train", ["train.seed=1", "--storage", str(tmp_path), "temporal.lr=inf"]
     )
     assert code == 2 and "temporal.lr: expected a finite number" in line
     with pytest.raises(SystemExit) as refused:  # anything else left over is still argparse's usage error
         command.parse_args(get_args_parser(), [*argv, "--bogus"])
-    assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert refused.value.code == 2 and "unrecognized arguments: --bogus" in stderr()
 
 
 @pytest.mark.parametrize(
@@ -633,7 +633,7 @@ def test_overrides_are_taken_anywhere_on_the_command_line(tiny, tmp_path, capsys
         ),
     ],
 )
-def test_a_data_root_uri_is_checked_the_same_way(tmp_path, capsys, monkeypatch, root, code, expected):
+def test_a_data_root_uri_is_checked_the_same_way(tmp_path, stderr, monkeypatch, root, code, expected):
     """The training data's shards (data.root) and prepare's OUT go through the same storage module as checkpoints."""
     import stt.train
 
@@ -641,5 +641,5 @@ def test_a_data_root_uri_is_checked_the_same_way(tmp_path, capsys, monkeypatch, 
         raise AssertionError("the data root was checked after Ray or a stage started")
 
     monkeypatch.setattr(stt.train, "start_ray", too_late)
-    got, line = one_line_error(capsys, train_main, "stt.train", ["--storage", str(tmp_path), f"data.root={root}"])
+    got, line = one_line_error(stderr, train_main, "stt.train", ["--storage", str(tmp_path), f"data.root={root}"])
     assert got == code and expected in line

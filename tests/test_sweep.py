@@ -77,14 +77,14 @@ def test_training_trials_sample_the_groups_of_the_recipes_last_stage(overrides, 
         ("spatiotemporal", "spatiotemporal"),
     ],
 )
-def test_a_recipe_whose_last_stage_cannot_be_tuned_is_refused_in_one_line(recipe, last, tmp_path, capsys, monkeypatch):
+def test_a_recipe_whose_last_stage_cannot_be_tuned_is_refused_in_one_line(recipe, last, tmp_path, stderr, monkeypatch):
     def too_late(*args, **kwargs):
         raise AssertionError("the recipe was checked after the sweep started its work")
 
     monkeypatch.setattr(stt.sweep.cli, "start_ray", too_late)
     monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", too_late)
     assert run(main, "sweep", ["--quick", "--storage", str(tmp_path), f"train.recipe={recipe}"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = stderr().strip()
     assert err == (
         f"sweep: error: train.recipe={recipe}: the sweep tunes a recipe's last stage, which must be one of "
         "temporal, vfs (the stages its search space has groups for); "
@@ -203,7 +203,7 @@ def test_space_values_are_checked_against_the_base_config(tmp_path):
     assert load_space(path)["training"]["temporal.alpha"].lower == 0  # an integer range for a float key is fine
 
 
-def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, capsys, monkeypatch):
+def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, stderr, monkeypatch):
     def too_late(*args, **kwargs):  # Ray may already run in this test session: the check must come first
         raise AssertionError("the space was checked after the sweep started its work")
 
@@ -212,7 +212,7 @@ def test_a_bad_space_file_stops_the_command_line_in_one_line(tmp_path, capsys, m
     path = tmp_path / "space.yaml"
     path.write_text("training:\n  temporal.alpha: {loguniform: [0, 10]}\n")
     assert run(main, "sweep", ["--quick", "--space", str(path), "--storage", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = stderr().strip()
     assert err.startswith("sweep: error: ") and str(path) in err and "\n" not in err
 
 
@@ -271,10 +271,10 @@ def test_object_store_storage_is_refused_with_the_reason():
         (["--rungs", "a,b"], "--rungs a,b: expected comma-separated steps"),
     ],
 )
-def test_bad_plan_options_are_one_line_before_anything_starts(argv, message, capsys):
+def test_bad_plan_options_are_one_line_before_anything_starts(argv, message, stderr):
     """A plan's counts, rungs and seeds are checked when the plan is made, before Ray or any data."""
     assert run(main, "sweep", argv) == 2
-    err = capsys.readouterr().err
+    err = stderr()
     assert err.startswith(f"sweep: error: {message}") and err.count("\n") == 1, err
 
 
@@ -652,7 +652,7 @@ def test_ctrl_c_while_the_driver_trains_a_stage_is_an_interrupted_run():
     timer.join()
 
 
-def test_overrides_after_an_option_reach_the_sweep(tmp_path, capsys, monkeypatch):
+def test_overrides_after_an_option_reach_the_sweep(tmp_path, stderr, monkeypatch):
     """Issue 28: `tune/sweep.py --quick a=1 --storage S b=2` called b=2 an unrecognized argument."""
 
     def too_late(*args, **kwargs):
@@ -662,7 +662,7 @@ def test_overrides_after_an_option_reach_the_sweep(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(stt.sweep.cli, "ensure_dataset", too_late)
     argv = ["--quick", "temporal.alpha=5", "--storage", str(tmp_path), "temporal.beta=inf"]
     assert run(main, "sweep", argv) == 2
-    assert capsys.readouterr().err == "sweep: error: temporal.beta: expected a finite number, got 'inf'\n"
+    assert stderr() == "sweep: error: temporal.beta: expected a finite number, got 'inf'\n"
 
 
 # ----------------------------------------------------------------------------------------- issue 28: before Ray
@@ -709,30 +709,30 @@ def sweep_argv(tiny_sets, storage, *extra) -> list[str]:
     ],
 )
 def test_every_sweep_option_is_checked_before_ray_starts(
-    tiny_sets, tmp_path, capsys, before_ray, extra, code, expected
+    tiny_sets, tmp_path, stderr, before_ray, extra, code, expected
 ):
     assert run(main, "sweep", sweep_argv(tiny_sets, tmp_path / "sweeps", *extra)) == code
-    err = capsys.readouterr().err
+    err = stderr()
     assert err.startswith(f"sweep: error: {expected}") and err.count("\n") == 1, err
     assert not (tmp_path / "sweeps" / "s").exists()  # nothing written
 
 
-def test_sweep_storage_is_checked_before_ray_starts(tiny_sets, tmp_path, capsys, before_ray):
+def test_sweep_storage_is_checked_before_ray_starts(tiny_sets, tmp_path, stderr, before_ray):
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
     assert run(main, "sweep", sweep_argv(tiny_sets, blocked)) == 1
-    assert capsys.readouterr().err.startswith(f"sweep: error: --storage {blocked}: cannot write the experiment folder")
+    assert stderr().startswith(f"sweep: error: --storage {blocked}: cannot write the experiment folder")
     inside = tiny_sets["davis"] / "sweeps"
     assert run(main, "sweep", sweep_argv(tiny_sets, inside)) == 2
-    assert "lies inside the input --davis-root" in capsys.readouterr().err and not inside.exists()
+    assert "lies inside the input --davis-root" in stderr() and not inside.exists()
 
 
-def test_resume_needs_a_stored_sweep_with_the_same_inputs(tiny_sets, tmp_path, capsys, before_ray):
+def test_resume_needs_a_stored_sweep_with_the_same_inputs(tiny_sets, tmp_path, stderr, before_ray):
     """Issue 28: --resume of a storage path that did not exist started a fresh sweep; a fresh run over an unfinished
     one (phase 1 or 4 interrupted: no Tune experiment to notice) carried on instead of being refused."""
     storage, experiment = tmp_path / "sweeps", tmp_path / "sweeps" / "s"
     assert run(main, "sweep", sweep_argv(tiny_sets, storage, "--resume")) == 2
-    assert capsys.readouterr().err == (
+    assert stderr() == (
         f"sweep: error: --resume: no sweep is stored at {experiment} to continue; expected the --storage and --name "
         "of an earlier run (without --resume a new sweep starts there)\n"
     )
@@ -746,14 +746,14 @@ def test_resume_needs_a_stored_sweep_with_the_same_inputs(tiny_sets, tmp_path, c
 
     (experiment / "state.json").write_text(json.dumps({"init_checkpoint": "x", "best_training": {}}))  # phase 4 cut
     assert run(main, "sweep", sweep_argv(tiny_sets, storage)) == 2
-    assert capsys.readouterr().err == (
+    assert stderr() == (
         f"sweep: error: {experiment}: an unfinished sweep is stored there; run the same command with --resume to "
         "continue, or give a new --name\n"
     )
     with pytest.raises(RayStarted):
         main(sweep_argv(tiny_sets, storage, "--resume"))
     assert run(main, "sweep", sweep_argv(tiny_sets, storage, "--resume", "--samples", "5", "temporal.alpha=5")) == 2
-    assert capsys.readouterr().err.startswith(
+    assert stderr().startswith(
         f"sweep: error: {experiment}: the sweep stored there was started with other inputs "
         "(plan.training_trials: 3 -> 5, config.temporal.alpha: 1000.0 -> 5.0); run the same command"
     )
