@@ -8,9 +8,10 @@ from each other: the same fp32 near-ties). Not a test.
     python bench/propagation_graph.py --checkpoint CKPT --short-side 480 --sequences 8
 
 Features come from the feature cache (stt.features.FeatureCache, extracted on the first run); the
-graph is built for the superset of stt/sweep/space.yaml's propagation section (as the sweep does), with
-K = stt.propagation.graph.default_k unless --k. Times are wall seconds on this machine,
-`torch.get_num_threads()` threads:
+graph is built for the superset of stt/sweep/space.yaml's propagation section, with K =
+stt.propagation.graph.default_k unless --k; --lattice adds the sweep's graphs, one per (context, radius).
+Times are CPU seconds of this process (time.process_time: with the default one thread they hold on a
+loaded machine, where wall seconds varied 8x between runs; --wall for wall seconds), `--threads` threads:
 "graph s" is propagate_with_graph, "masks s" the upsampling and argmax of its labels at the masks' size.
 """
 
@@ -34,9 +35,9 @@ from stt.config import Config
 from stt.data.layouts import DAVIS
 from stt.features import FeatureCache, FeatureExtractor
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask
-from stt.propagation.graph import build_graph, default_k, propagate_with_graph, serves
+from stt.propagation.graph import build_graph, default_k, pick_graph, propagate_with_graph
 from stt.sweep import SPACE_FILE, load_space
-from stt.sweep.space import superset_config
+from stt.sweep.space import graph_lattice, superset_config
 
 # Settings drawn from stt/sweep/space.yaml's values (window, repeat_first_frame, minmax and hard labels are label-side
 # factors the space may add); the last is per-frame, which the graph refuses: timed on the existing path only.
@@ -68,6 +69,12 @@ def main() -> None:
         help="cached candidates per target, one graph each (default: "
         "stt.propagation.graph.default_k of the superset); the windowed path is timed once for all",
     )
+    parser.add_argument(
+        "--lattice",
+        action="store_true",
+        help="also the sweep's lattice: one graph per (context, radius) of the space, K its largest top-k "
+        "(stt.sweep.space.graph_lattice), each trial on the graph of its own context and radius",
+    )
     parser.add_argument("--cache", default=str(cache_dir() / "features"), help="feature cache folder")
     parser.add_argument(
         "--threads",
@@ -82,8 +89,10 @@ def main() -> None:
         help="also run the dense implementation: how far windowed and "
         "dense differ themselves (fp32 rounding of near-tied affinities)",
     )
+    parser.add_argument("--wall", action="store_true", help="wall seconds instead of CPU seconds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.wall else time.process_time
 
     cfg = Config()
     cfg.eval.max_short_side = args.short_side
@@ -91,15 +100,23 @@ def main() -> None:
     extractor = FeatureExtractor(args.checkpoint, cfg.model, cfg.eval, "cpu")
     cache = FeatureCache(args.cache)
     base = for_task(cfg.propagation, "davis", extractor.stride)
-    superset = superset_config(load_space(Path(args.space))["propagation"], base)
-    ks = args.k or [default_k(superset)]
+    space = load_space(Path(args.space))["propagation"]
+    superset = superset_config(space, base)
+    # each entry: a name and the supersets and K of its graphs (trials pick the first that serves them)
+    kinds = {f"K={k}": ([superset], k) for k in args.k or [default_k(superset)]}
+    if args.lattice:
+        lattice, lattice_k = graph_lattice(space, base) or (None, None)
+        if lattice is None:
+            parser.error(f"--lattice: {args.space} lists no contexts and radii (stt.sweep.space.graph_lattice)")
+        kinds[f"lattice of {len(lattice)}, K={lattice_k}"] = (lattice, lattice_k)
+    ks = list(kinds)
     print(
         f"features: {args.checkpoint}, layer {cfg.eval.layer}, short side {args.short_side}; "
         f"torch threads {torch.get_num_threads()}"
     )
     print(
         f"superset of {Path(args.space).name}: context {superset.context}, radius {superset.radius} {superset.window}, "
-        f"window_first_frame {superset.window_first_frame}; K {ks}"
+        f"window_first_frame {superset.window_first_frame}; graphs: {ks}"
     )
 
     windowed_seconds, dense_diff = dict.fromkeys(SETTINGS, 0.0), {}
@@ -112,59 +129,59 @@ def main() -> None:
     build_seconds, graph_bytes, frames_total = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0), 0
     for seq in dataset.sequences[: args.sequences]:
         frame_paths = dataset.frame_paths(seq)
-        started = time.perf_counter()
+        started = clock()
         features = cache.load_or_compute(extractor, frame_paths, lambda seq=seq: dataset.read_frames(seq))
-        loaded = time.perf_counter() - started
+        loaded = clock() - started
         frames_total += len(features)
         masks = dataset.read_masks(seq)
         first = torch.from_numpy(np.where(masks[0] == 255, 0, masks[0]).astype(np.int64))
         labels = downsample_labels(first, int(first.max()) + 1, tuple(features.shape[-2:]))
         graphs = {}
-        for k in ks:
-            started = time.perf_counter()
-            graphs[k] = build_graph(features, superset, k)
-            seconds = time.perf_counter() - started
-            size = sum(t.numel() * t.element_size() for t in (graphs[k].value, graphs[k].frame, graphs[k].location))
+        for k, (supersets, graph_k) in kinds.items():
+            started = clock()
+            graphs[k] = [build_graph(features, each, graph_k) for each in supersets]
+            seconds = clock() - started
+            size = sum(t.numel() * t.element_size() for g in graphs[k] for t in (g.value, g.frame, g.location))
             build_seconds[k] += seconds
             graph_bytes[k] += size
             print(
                 f"{seq}: {tuple(features.shape)} features (loaded in {loaded:.1f} s), "
-                f"K={k} graph built in {seconds:.1f} s, "
+                f"{k} graphs built in {seconds:.1f} s, "
                 f"{size / 2**20:.1f} MiB"
             )
         for name, changes in SETTINGS.items():
             trial = replace(base, **changes)
-            started = time.perf_counter()
+            started = clock()
             theirs = propagate(features, labels, trial, "windowed")
-            windowed_seconds[name] += time.perf_counter() - started
+            windowed_seconds[name] += clock() - started
             theirs_masks = soft_labels_to_mask(theirs, masks.shape[1:], trial.minmax_normalise)
             if args.dense:
                 dense = propagate(features, labels, trial, "dense")
                 dense_diff[name] = max(dense_diff.get(name, 0.0), (dense - theirs).abs().max().item())
-            for k, graph in graphs.items():
-                reason = serves(graph, trial)
+            for k, held in graphs.items():
+                graph, reason = pick_graph(held, trial)
                 if reason is not None:
                     reasons[name] = reason
                     continue
                 row, stats = totals[k, name], {}
-                started = time.perf_counter()
+                started = clock()
                 ours = propagate_with_graph(graph, labels, trial, stats)
-                row["graph"] += time.perf_counter() - started
+                row["graph"] += clock() - started
                 row["fallbacks"] += stats["fallbacks"]
                 row["targets"] += stats["targets"]
                 row["diff"] = max(row["diff"], (ours - theirs).abs().max().item())
                 if args.dense:
                     row["vs_dense"] = max(row.get("vs_dense", 0.0), (ours - dense).abs().max().item())
-                started = time.perf_counter()
+                started = clock()
                 ours_masks = soft_labels_to_mask(ours, masks.shape[1:], trial.minmax_normalise)
-                row["masks"] += time.perf_counter() - started  # upsampling and argmax at the masks' size
+                row["masks"] += clock() - started  # upsampling and argmax at the masks' size
                 row["differing"] += (ours_masks != theirs_masks).sum().item()
                 row["pixels"] += ours_masks.numel()
 
     sequences = min(args.sequences, len(dataset.sequences))
     for k in ks:
         print(
-            f"\nK={k}: build {build_seconds[k]:.1f} s for {sequences} sequences ({frames_total} frames, "
+            f"\n{k}: build {build_seconds[k]:.1f} s for {sequences} sequences ({frames_total} frames, "
             f"{1000 * build_seconds[k] / frames_total:.0f} ms/frame), graphs {graph_bytes[k] / 2**20:.1f} MiB in all"
         )
         print(

@@ -88,6 +88,7 @@ def main() -> None:
     settings = {"defaults": ({}, None)}
     for size in args.sizes:
         settings[f"tuned at {size}"] = tune_at(size, args, base, space)
+        print(f"tuned at {size}: {settings[f'tuned at {size}']}", flush=True)  # kept if the evaluations are cut
     reported = with_params(base, {"eval.max_short_side": REPORTED_SIZE})
     print(f"\n{args.checkpoint}: J&F on DAVIS val at {REPORTED_SIZE}p (tuned on train, {args.trials} trials per size)")
     print(f"{'setting':<16}{'tuning J&F':>11}{'val J&F':>9}  parameters")

@@ -26,6 +26,7 @@ from stt.propagation.graph import (
     graph_path,
     load_graph,
     load_or_build,
+    pick_graph,
     propagate_with_graph,
     save_graph,
     serves,
@@ -129,6 +130,74 @@ def test_tile_kernel_superset_and_unwindowed_superset():
     ]:
         assert serves(graph, cfg) is None
         assert_same(graph, first, cfg, atol=1e-5)
+
+
+@pytest.mark.parametrize(("channels", "window", "first_windowed"), [(3, "square", False), (8, "circle", True)])
+def test_a_lattice_of_graphs_serves_its_points_without_fallbacks(channels, window, first_windowed):
+    """Issue 25: one graph per (context, radius) of the space, K its largest top-k; a trial at a lattice point
+    meets the graph of exactly its candidates (pick_graph), no target location falls back, and the labels are
+    stt.propagation's. Off the lattice the next wider graph serves, falling back where it must, still exact."""
+    from ray import tune
+
+    from stt.sweep.space import graph_lattice
+
+    features, first = random_video(channels, seed=5)
+    base = replace(SUPERSET, window=window, window_first_frame=first_windowed)
+    space = {
+        "propagation.topk": tune.choice([1, 5, 20]),
+        "propagation.context": tune.choice([4, 1, 0, 2]),
+        "propagation.radius": tune.choice([2.5, 1.0, 4.0]),
+    }
+    supersets, k = graph_lattice(space, base)
+    assert k == 20 and [(s.context, s.radius) for s in supersets] == [
+        (c, r) for c in (0, 1, 2, 4) for r in (1.0, 2.5, 4.0)
+    ]
+    shapes = {(s.window, s.window_first_frame, s.aggregation) for s in supersets}
+    assert shapes == {(window, first_windowed, "overall")}
+    graphs = [build_graph(features, superset, k) for superset in supersets]
+    stats = {}
+    for cfg in trial_grid(60, superset=base):
+        cfg = replace(cfg, window=window, window_first_frame=first_windowed)  # not searched: the lattice's own
+        graph, reason = pick_graph(graphs, cfg)
+        assert reason is None and (graph.superset.context, graph.superset.radius) == (cfg.context, cfg.radius), cfg
+        assert_same(graph, first, cfg, atol=1e-5, stats=stats)
+    assert stats["targets"] > 0 and stats["fallbacks"] == 0
+    between = replace(base, context=3, radius=2.0, topk=20)  # off the lattice: context 4, radius 2.5 serves it
+    graph, reason = pick_graph(graphs, between)
+    assert reason is None and (graph.superset.context, graph.superset.radius) == (4, 2.5)
+    off = {}
+    assert_same(graph, first, between, atol=1e-5, stats=off)
+    assert off["fallbacks"] > 0  # top-20 of a wider window: some locations keep fewer than 20 of the narrower one
+    graph, reason = pick_graph(graphs, replace(base, context=5))
+    assert graph is None and reason == "context=5 exceeds the graph's 4 frames"
+
+
+def test_graph_lattice_needs_listed_contexts_and_radii_and_one_window():
+    from ray import tune
+
+    from stt.sweep.space import graph_lattice, superset_config
+
+    base = replace(PropagationConfig(), radius=12.0)
+    space = {
+        "propagation.aggregation": tune.choice(["overall", "per-frame"]),
+        "propagation.topk": tune.randint(5, 31),
+        "propagation.context": tune.choice([5, 10, 20]),
+        "propagation.radius": tune.choice([6, 12]),
+    }
+    supersets, k = graph_lattice(space, base)
+    assert k == 30 and len(supersets) == 6 and supersets[-1] == superset_config(space, base)  # the widest last
+    assert graph_lattice({**space, "propagation.context": 7}, base)[0][0].context == 7  # a constant is a list of one
+    assert graph_lattice({k: v for k, v in space.items() if k != "propagation.radius"}, base)[0][0].radius == 12.0
+    for changed in (
+        {"propagation.radius": tune.uniform(6, 12)},  # a range: no list of radii to build for
+        {"propagation.context": tune.randint(5, 21)},
+        {"propagation.radius": tune.choice([0, 12])},  # radius 0 (no window) is wider than every radius
+        {"propagation.window": tune.choice(["square", "circle"])},
+        {"propagation.window_first_frame": tune.choice([True, False])},
+    ):
+        assert graph_lattice({**space, **changed}, base) is None, changed
+    with pytest.raises(ValueError, match="for_task"):
+        graph_lattice(space, PropagationConfig())
 
 
 def test_small_k_forces_fallbacks_that_stay_exact():

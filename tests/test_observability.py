@@ -422,7 +422,7 @@ def test_evaluate_and_prepare_print_no_bar_garbage_when_captured(tmp_path, capsy
     count = len(sequences)
     rate = r"(\S+ seq/s|\S+/seq)"
     assert re.fullmatch(
-        rf"davis {count}/{count} seq \(100%\)  {rate}  elapsed \d+s  eta 0s  {sequences[-1]}\n", captured.err
+        rf"davis {count}/{count} seq \(100%\)  {rate}  elapsed (?:\d+m)?\d+s  eta 0s  {sequences[-1]}\n", captured.err
     ), captured.err
 
     settings = prepare.Settings("ytvos", frames_per_row_group=8, row_groups_per_shard=1)
@@ -433,7 +433,7 @@ def test_evaluate_and_prepare_print_no_bar_garbage_when_captured(tmp_path, capsy
     assert captured.out.startswith(f"stt.prepare: {tmp_path / 'shards'}: {shards} shard(s) written")
     rate = r"(\S+ shard/s|\S+/shard)"
     assert re.fullmatch(
-        rf"stt.prepare {shards}/{shards} shard \(100%\)  {rate}  elapsed \d+s  eta 0s\n", captured.err
+        rf"stt.prepare {shards}/{shards} shard \(100%\)  {rate}  elapsed (?:\d+m)?\d+s  eta 0s\n", captured.err
     ), captured.err
 
 
@@ -528,7 +528,7 @@ def test_trial_progress_counts_a_phases_finished_trials_with_an_eta(ray_local, t
     assert len(lines) == 3, lines
     for done, line in enumerate(lines, 1):
         assert re.fullmatch(
-            rf"sweep: training trials {done}/3 done \(\w+ finished\)  elapsed \d+s  eta \d+(m\d\ds|s)", line
+            rf"sweep: training trials {done}/3 done \(\w+ finished\)  elapsed (?:\d+m)?\d\d?s  eta \d+(m\d\ds|s)", line
         ), line
     assert lines[-1].endswith("eta 0s")
 

@@ -24,6 +24,15 @@ context (`_exact_rows`: `predict_dense`'s top-k over the band of grid rows its w
 and counted as a fallback. A location whose superset has at most K candidates at all (tiny grids,
 early frames) is held whole: never a fallback.
 
+A lattice of graphs (issue 25). One superset serves every trial, but at 480p the top-64 of a radius-35 window
+over 20 frames mostly lies outside a radius-6 trial's window: 9-70 % of target locations fell back. The sweep
+therefore builds one graph per (context, radius) pair of its space (stt.sweep.space.graph_lattice), K the
+largest top-k searched, and `pick_graph` gives a trial the first graph that serves it, narrowest first: the one
+built for exactly its context and radius, whose candidates are the trial's own (A = U above): every cached one
+survives the trial's filter, K >= k of them (or all there are), and nothing falls back. A trial off the
+lattice meets the next wider graph and the fallback rule. Cost: (contexts x radii) graphs of K entries each,
+built like the trials at those points (BENCHMARKS.md, "A lattice of graphs at 480p").
+
 Settings the graph cannot serve exactly: per-frame aggregation (its softmax normaliser sums exp(a / T)
 over every cell of a frame or of its window at the trial's temperature: it needs every affinity, and a
 per-frame top-K would give the top-k but not that sum), another `normalize`, other features. `serves`
@@ -166,6 +175,20 @@ def serves(graph: Graph, cfg: PropagationConfig) -> str | None:
                 "and stt.propagation.graph does not know what it changes"
             )
     return None
+
+
+def pick_graph(graphs: list[Graph], cfg: PropagationConfig) -> tuple[Graph | None, str | None]:
+    """The first of `graphs` that serves cfg, or None and the last one's reason.
+
+    graphs: one video's graphs, narrowest superset first (stt.sweep.space.graph_lattice's order: context,
+    then radius): the first that serves a trial is the one built for its context and radius when there is one,
+    whose candidates are exactly the trial's, so none of its target locations falls back."""
+    reason = "no graphs"
+    for graph in graphs:
+        reason = serves(graph, cfg)
+        if reason is None:
+            return graph, None
+    return None, reason
 
 
 # ---------------------------------------------------------------- building
@@ -445,8 +468,10 @@ def save_graph(graph: Graph, path: Path) -> None:
 
 
 def load_graph(path: Path, features: torch.Tensor) -> Graph:
-    """A saved graph (torch.load with weights_only=True), on the device of `features`, the features it was built on."""
-    state = torch.load(path, map_location=features.device, weights_only=True)
+    """A saved graph (torch.load with weights_only=True), on the device of `features`, the features it was built on.
+    On the CPU memory-mapped: the sweep's trial actors share its pages (a lattice of graphs at 480p is gigabytes)."""
+    on_cpu = features.device.type == "cpu"
+    state = torch.load(path, map_location=None if on_cpu else features.device, weights_only=True, mmap=on_cpu)
     if state.get("version") != GRAPH_VERSION:
         raise ValueError(f"{path}: graph format {state.get('version')}, expected {GRAPH_VERSION}")
     grid = tuple(state["grid"])

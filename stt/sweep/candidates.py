@@ -1,7 +1,7 @@
 """The propagation trials' candidate sources, built once per checkpoint on the tuning split before the trials
-start: each sequence's top-K affinity graph (stt.propagation.graph) for the widest "overall" setting of the
-space, and its per-frame store (stt.propagation.per_frame) for the space's per-frame settings, each saved
-beside the sequence's cached features, so a resumed sweep finds them on disk."""
+start: each sequence's top-K affinity graphs (stt.propagation.graph), one per (context, radius) of the space's
+"overall" settings or one for the widest, and its per-frame store (stt.propagation.per_frame) for the space's
+per-frame settings, each saved beside the sequence's cached features, so a resumed sweep finds them on disk."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stt.observe import with_progress
 from stt.propagation import for_task
 from stt.propagation.graph import default_k, load_or_build
 from stt.propagation.per_frame import PerFrameSpace, build_store, fits, save_store, store_path
-from stt.sweep.space import per_frame_space, superset_config
+from stt.sweep.space import graph_lattice, per_frame_space, superset_config
 
 
 class TuningSplit:
@@ -40,22 +40,38 @@ class TuningSplit:
         return self.cache.path_for(self.extractor.cache_key, self.dataset.frame_paths(seq))
 
 
-def build_graphs(space: dict, split: TuningSplit) -> dict[str, str]:
-    """{sequence: file of its top-K affinity graph} on the tuning split, for the widest setting of the propagation
-    space (`space`: {"propagation.KEY": Ray Tune domain}), saved beside its cached features: the trials then filter
-    and gather instead of recomputing affinities. A graph already on disk is kept (its features are not read)."""
+def build_graphs(space: dict, split: TuningSplit) -> dict[str, list[str]]:
+    """{sequence: files of its top-K affinity graphs} on the tuning split, saved beside its cached features: the
+    trials then filter and gather instead of recomputing affinities. One graph per (context, radius) of the
+    propagation space (`space`: {"propagation.KEY": Ray Tune domain}) where stt.sweep.space.graph_lattice allows,
+    so a trial's graph holds exactly its candidates; else one for the widest setting. A graph already on disk is
+    kept (its features are not read)."""
     started = time.perf_counter()
-    superset = superset_config(space, split.propagation)
-    graph_k = default_k(superset)
+    lattice = graph_lattice(space, split.propagation)
+    if lattice is None:
+        superset = superset_config(space, split.propagation)
+        supersets, graph_k = [superset], default_k(superset)
+    else:
+        supersets, graph_k = lattice
     graphs = {}
-    # features extracted where not cached, then each sequence's graph: minutes at native resolution
+    # features extracted where not cached, then each sequence's graphs: minutes at native resolution
     for seq in with_progress(split.dataset.sequences, "sweep: graphs", "seq", name=str):
         features = functools.partial(split.features, seq)
-        graphs[seq] = str(load_or_build(split.feature_file(seq), features, superset, graph_k, load=False)[1])
+        graphs[seq] = [
+            str(load_or_build(split.feature_file(seq), features, superset, graph_k, load=False)[1])
+            for superset in supersets
+        ]
+    size = sum(Path(path).stat().st_size for paths in graphs.values() for path in paths)
+    widest = supersets[-1]
+    if lattice is None:
+        which = f"one for context {widest.context}, radius {widest.radius}"
+    else:
+        contexts, radii = sorted({s.context for s in supersets}), sorted({s.radius for s in supersets})
+        which = f"one per context in {contexts} and radius in {radii}: none falls back"
     print(
         f"sweep: top-{graph_k} affinity graphs of {len(graphs)} sequences ready in "
-        f"{time.perf_counter() - started:.1f} s (context {superset.context}, radius {superset.radius}, "
-        f"first frame {'in' if superset.window_first_frame else 'without'} a window)"
+        f"{time.perf_counter() - started:.1f} s, {size / 2**30:.2f} GiB ({which}; "
+        f"first frame {'in' if widest.window_first_frame else 'without'} a window)"
     )
     return graphs
 

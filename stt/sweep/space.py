@@ -235,6 +235,40 @@ def superset_config(space: dict, base: PropagationConfig) -> PropagationConfig:
     )
 
 
+def graph_lattice(space: dict, base: PropagationConfig) -> tuple[list[PropagationConfig], int] | None:
+    """The sweep's top-K graphs as a lattice: one superset per (context, radius) pair of the space, narrowest first,
+    and their K (the largest top-k); None when the space does not allow it (then one superset_config graph).
+
+    A trial at a lattice point meets the graph built for exactly its context and radius: that graph's candidates are
+    the trial's, so its top-K holds the trial's top-k and no target location falls back to the exact path (issue 25:
+    at 480p one radius-35 superset left 9-70 % of them there). It needs context and radius searched over lists (a
+    choice or a constant), every radius > 0, and window, window_first_frame and normalize not searched (each
+    changes which cells are candidates). Memory: (contexts x radii) graphs of K each, against one of default_k.
+    """
+
+    def values(name: str) -> list | None:  # a choice's or a constant's values; None for a range (randint too)
+        domain = space.get(f"propagation.{name}", getattr(base, name))
+        if isinstance(domain, tune.search.sample.Domain) and not isinstance(domain, tune.search.sample.Categorical):
+            return None
+        return domain_values(domain)
+
+    if base.radius is None:
+        raise ValueError("base.radius: resolve it with stt.propagation.for_task first")
+    contexts, radii = values("context"), values("radius")
+    topks = domain_values(space.get("propagation.topk", base.topk))  # a randint's extremes will do
+    if contexts is None or radii is None or min(radii) <= 0:
+        return None
+    if any(len(values(name) or [0, 1]) != 1 for name in ("window", "window_first_frame", "normalize")):
+        return None
+    widest = superset_config(space, base)
+    lattice = [
+        dataclasses.replace(widest, context=int(context), radius=float(radius), window=base.window)
+        for context in sorted({int(c) for c in contexts})
+        for radius in sorted({float(r) for r in radii})
+    ]
+    return lattice, int(max(topks))
+
+
 def per_frame_space(space: dict, base: PropagationConfig) -> PerFrameSpace | str:
     """The per-frame settings a Ray Tune space's trials can take (stt.propagation.per_frame's store is built
     for exactly these), or why a store cannot serve them.

@@ -25,7 +25,7 @@ from stt.config import from_dict
 from stt.data.layouts import DAVIS
 from stt.evaluate import EvaluationRun, predict_davis_sequence, task_config
 from stt.metrics import evaluate_davis_sequence, summarize_davis
-from stt.propagation.graph import load_graph, propagate_with_graph, serves
+from stt.propagation.graph import load_graph, pick_graph, propagate_with_graph
 from stt.propagation.per_frame import load_store, propagate_per_frame
 from stt.propagation.per_frame import serves as serves_per_frame
 from stt.recipes import stage_spec
@@ -136,8 +136,10 @@ class PropagationTrial(tune.Trainable):
     costs its propagation and scoring, not a checkpoint read and every feature, mask and graph file again.
     A setting the graphs serve filters and gathers from them (the same labels as stt.propagation,
     exactly: stt/propagation/graph.py); one they cannot serve runs stt.propagation and says why in "graph".
-    Memory per actor: the split's features in fp16 (the feature cache's own precision: exact), its ground
-    truth and graphs: on the real DAVIS `train` (396 frames) 0.3 GB + 0.3 GB at short side 240, 1.3 + 1.3 GB at 480p.
+    Memory per actor: the split's features in fp16 (the feature cache's own precision: exact) and its ground
+    truth, on the real DAVIS `train` (396 frames) 0.3 GB + 0.3 GB at short side 240, 1.3 + 1.3 GB at 480p; the
+    graphs are memory-mapped, their pages shared by the actors: the default space's lattice of 18 graphs is about
+    1.7 GiB at 240 and 6.8 GiB at 480p on disk, of which a trial reads its own graph's eighteenth.
     """
 
     def setup(
@@ -149,7 +151,7 @@ class PropagationTrial(tune.Trainable):
         davis_root: str,
         tune_set: str,
         feature_cache: str,
-        graphs: dict[str, str] | None = None,
+        graphs: dict[str, list[str]] | None = None,
         stores: dict[str, str] | None = None,
     ) -> None:
         retain_freed_memory()  # propagation's logits: stt.allocator
@@ -157,12 +159,12 @@ class PropagationTrial(tune.Trainable):
         run = EvaluationRun.open("davis", checkpoint, self.base, "cpu", Path(feature_cache))
         self.stride = run.extractor.stride
         dataset = DAVIS(Path(davis_root), split=tune_set)
-        self.videos = []  # (sequence, features, ground truth, objects, graph or None, per-frame store or None)
+        self.videos = []  # (sequence, features, ground truth, objects, graphs, per-frame store or None)
         for seq in dataset.sequences:
             features = run.features(dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq)).half()
-            graph = load_graph(Path(graphs[seq]), features) if graphs else None
+            seq_graphs = [load_graph(Path(path), features) for path in graphs[seq]] if graphs else []  # memory-mapped
             store = load_store(Path(stores[seq])) if stores else None  # memory-mapped: the actors share its pages
-            self.videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), graph, store))
+            self.videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), seq_graphs, store))
         if run.extractor.network_calls:
             raise RuntimeError(
                 f"propagation trials ran the network {run.extractor.network_calls} times: the feature cache missed"
@@ -178,14 +180,14 @@ class PropagationTrial(tune.Trainable):
         stats = {"targets": 0, "fallbacks": 0}
         per_frame = cfg.propagation.aggregation == "per-frame"
         reason, rows = "no per-frame stores" if per_frame else "no graphs", []
-        for seq, held, gt, num_objects, graph, store in self.videos:
+        for seq, held, gt, num_objects, graphs, store in self.videos:
             features, propagator = held.float(), None  # as FeatureCache.load_or_compute returns them
             if per_frame and store is not None:
                 reason = serves_per_frame(store, cfg.propagation)  # the same for every sequence: one space
                 if reason is None:
                     propagator = functools.partial(_on_store, store)
-            elif not per_frame and graph is not None:
-                reason = serves(graph, cfg.propagation)  # the same for every sequence: one superset
+            elif not per_frame and graphs:
+                graph, reason = pick_graph(graphs, cfg.propagation)  # the same for every sequence: one lattice
                 if reason is None:
                     propagator = functools.partial(_on_graph, dataclasses.replace(graph, features=features), stats)
             rows.extend(
