@@ -73,7 +73,7 @@ def tune_propagation(
     def on_graph(sequence, features, labels, pcfg):
         if sequence not in graphs:
             feature_file = features_cache.path_for(extractor.cache_key, dataset.frame_paths(sequence))
-            graphs[sequence] = load_or_build(feature_file, features, superset, k)[0]
+            (graphs[sequence],), _ = load_or_build(feature_file, features, [superset], k)
         if serves(graphs[sequence], pcfg) is not None:
             return propagate(features, labels, pcfg)
         return propagate_with_graph(graphs[sequence], labels, pcfg)

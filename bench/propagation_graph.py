@@ -35,7 +35,7 @@ from stt.config import Config
 from stt.data.layouts import DAVIS
 from stt.features import FeatureCache, FeatureExtractor
 from stt.propagation import downsample_labels, for_task, propagate, soft_labels_to_mask
-from stt.propagation.graph import build_graph, default_k, pick_graph, propagate_with_graph
+from stt.propagation.graph import build_graphs, default_k, pick_graph, propagate_with_graph
 from stt.sweep import SPACE_FILE, load_space
 from stt.sweep.space import graph_lattice, superset_config
 
@@ -139,7 +139,7 @@ def main() -> None:
         graphs = {}
         for k, (supersets, graph_k) in kinds.items():
             started = clock()
-            graphs[k] = [build_graph(features, each, graph_k) for each in supersets]
+            graphs[k] = build_graphs(features, supersets, graph_k)  # a lattice in one pass
             seconds = clock() - started
             size = sum(t.numel() * t.element_size() for g in graphs[k] for t in (g.value, g.frame, g.location))
             build_seconds[k] += seconds

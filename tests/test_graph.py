@@ -22,6 +22,7 @@ from stt.propagation import (
 )
 from stt.propagation.graph import (
     build_graph,
+    build_graphs,
     default_k,
     graph_path,
     load_graph,
@@ -154,7 +155,17 @@ def test_a_lattice_of_graphs_serves_its_points_without_fallbacks(channels, windo
     ]
     shapes = {(s.window, s.window_first_frame, s.aggregation) for s in supersets}
     assert shapes == {(window, first_windowed, "overall")}
-    graphs = [build_graph(features, superset, k) for superset in supersets]
+    graphs = build_graphs(features, supersets, k)  # one pass: the widest products, each point's frames and window
+    for graph, superset in zip(graphs, supersets):  # the candidates one build per point finds
+        alone = build_graph(features, superset, k)
+        assert graph.superset == superset
+        torch.testing.assert_close(graph.value, alone.value, rtol=0, atol=1e-6)
+        real = torch.isfinite(alone.value)  # -inf pads: where and what is arbitrary
+        assert real.any()
+        assert torch.equal(graph.frame[real], alone.frame[real]), superset
+        assert torch.equal(graph.location[real], alone.location[real]), superset
+    with pytest.raises(ValueError, match="one window"):
+        build_graphs(features, [supersets[0], replace(supersets[-1], window_first_frame=not first_windowed)], k)
     stats = {}
     for cfg in trial_grid(60, superset=base):
         cfg = replace(cfg, window=window, window_first_frame=first_windowed)  # not searched: the lattice's own
@@ -373,7 +384,7 @@ def test_superset_of_a_ray_tune_space():
 def test_saved_graph_is_keyed_by_superset_and_k_and_round_trips(tmp_path):
     features, first = random_video(4, grid=(6, 7), frames=5)
     feature_file = tmp_path / "ab" / "abcdef.npy"
-    graph, path = load_or_build(feature_file, features, SUPERSET, 12)
+    (graph,), (path,) = load_or_build(feature_file, features, [SUPERSET], 12)
     assert path.parent == feature_file.parent and path.name.startswith("abcdef.graph-") and path.is_file()
     assert graph_path(feature_file, replace(SUPERSET, temperature=0.5, topk=3), 12) == path  # label-only fields
     assert (
@@ -387,7 +398,7 @@ def test_saved_graph_is_keyed_by_superset_and_k_and_round_trips(tmp_path):
         )
         == 4
     )
-    loaded, _ = load_or_build(feature_file, features, SUPERSET, 12)  # a hit: torch.load(weights_only=True)
+    (loaded,), _ = load_or_build(feature_file, features, [SUPERSET], 12)  # a hit: torch.load(weights_only=True)
     assert loaded.location.dtype == torch.int16 and loaded.value.dtype == torch.float32 and loaded.superset == SUPERSET
     cfg = replace(SUPERSET, topk=5, context=2)
     assert torch.equal(propagate_with_graph(loaded, first, cfg), propagate_with_graph(graph, first, cfg))
@@ -407,11 +418,18 @@ def test_load_or_build_reads_features_only_when_needed(tmp_path):
         reads.append(1)
         return features
 
-    assert load_or_build(feature_file, read, SUPERSET, 12, load=False) == (None, graph_path(feature_file, SUPERSET, 12))
+    assert load_or_build(feature_file, read, [SUPERSET], 12, load=False) == (
+        None,
+        [graph_path(feature_file, SUPERSET, 12)],
+    )
     assert len(reads) == 1 and graph_path(feature_file, SUPERSET, 12).is_file()
-    assert load_or_build(feature_file, read, SUPERSET, 12, load=False)[0] is None and len(reads) == 1
-    graph, _ = load_or_build(feature_file, read, SUPERSET, 12)
+    assert load_or_build(feature_file, read, [SUPERSET], 12, load=False)[0] is None and len(reads) == 1
+    (graph,), _ = load_or_build(feature_file, read, [SUPERSET], 12)
     assert len(reads) == 2 and torch.equal(graph.value, build_graph(features, SUPERSET, 12).value)
+    narrow = replace(SUPERSET, context=1)  # a lattice with one graph on disk: the other is built, the first loaded
+    graphs, paths = load_or_build(feature_file, read, [narrow, SUPERSET], 12)
+    assert len(reads) == 3 and paths == [graph_path(feature_file, narrow, 12), graph_path(feature_file, SUPERSET, 12)]
+    assert torch.equal(graphs[0].value, build_graph(features, narrow, 12).value) and graphs[1].superset == SUPERSET
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -261,6 +261,34 @@ def test_windowed_tiles_and_chunks_do_not_change_the_result(tile, chunk_size, ch
         assert torch.allclose(windowed, propagate_dense(features, labels, cfg), atol=1e-5), cfg
 
 
+@pytest.mark.parametrize("window", ["square", "circle"])
+def test_tile_kernel_scores_each_window_cell_once_whatever_the_layout(window):
+    """The tile kernel's contract (stt.propagation.kernels): per target, the cells with a finite bias are exactly
+    its window's cells on the grid, each once; each logit is the target's dot product with that cell (against
+    an einsum); frames in channels-last memory (how propagate_windowed passes them) give the same bits."""
+    from stt.propagation.kernels import chunk_targets, window_logits_by_tile
+
+    generator = torch.Generator().manual_seed(4)
+    context, query = torch.randn(3, 16, 11, 13, generator=generator), torch.randn(16, 11, 13, generator=generator)
+    radius, tile, (h, w) = 2.5, 4, (11, 13)
+    for y0, y1 in [(0, 4), (4, 11)]:  # the second chunk is two rows of tiles, the last one past the grid
+        logits, bias, locations = window_logits_by_tile(context, query, y0, y1, radius, window, tile)
+        scored = (math.ceil((y1 - y0) / tile) * tile, math.ceil(w / tile) * tile)
+        logits = torch.stack([chunk_targets(frame, scored, y1 - y0, w) for frame in logits])  # n x B x M
+        bias, locations = chunk_targets(bias, scored, y1 - y0, w), chunk_targets(locations, scored, y1 - y0, w)
+        allowed = window_mask(h, w, radius, window)[y0 * w : y1 * w]  # B x N
+        expected = torch.einsum("cb,fcn->fbn", query[:, y0:y1].flatten(1), context.flatten(2))  # n x B x N
+        for target in range(len(bias)):
+            cells = locations[target][torch.isfinite(bias[target])]
+            assert sorted(cells.tolist()) == allowed[target].nonzero().squeeze(1).tolist()
+            got = logits[:, target][:, torch.isfinite(bias[target])]
+            torch.testing.assert_close(got, expected[:, target, cells], rtol=1e-5, atol=1e-5)
+        channels_last = window_logits_by_tile(
+            context.contiguous(memory_format=torch.channels_last), query, y0, y1, radius, window, tile
+        )[0]
+        assert torch.equal(channels_last, window_logits_by_tile(context, query, y0, y1, radius, window, tile)[0])
+
+
 def test_the_kernel_scoring_fewer_cells_per_target_is_chosen():
     """By hand: at 16 x 29 cells (DAVIS at short side 128, stride 8), radius 12, 256 channels, 21 frames,
     a band of whole rows is the whole frame, 464 cells per target, against (8 + 24)^2 = 1,024 of a tile's

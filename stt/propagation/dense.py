@@ -62,14 +62,19 @@ def predict_dense(
 
 
 def propagate_video(
-    features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig, predict
+    features: torch.Tensor,
+    first_labels: torch.Tensor,
+    cfg: PropagationConfig,
+    predict,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """The recurrence of the dense and windowed implementations over features T x C x h x w (L2-normalised
     iff cfg.normalize) and first_labels L x h x w -> T x L x h x w; `predict` maps one frame's context
-    (features, labels) and target features to its labels, as `predict_dense`."""
+    (features, labels) and target features to its labels, as `predict_dense`, in `memory_format`."""
     check_inputs(features, first_labels, cfg)
     if cfg.normalize:
         features = F.normalize(features, dim=1)
+    features = features.contiguous(memory_format=memory_format)  # after the norms: their sums follow the layout
 
     def frame(t: int, carried: torch.Tensor) -> torch.Tensor:
         context = context_indices(t, cfg.context, cfg.repeat_first_frame)

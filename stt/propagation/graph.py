@@ -31,7 +31,8 @@ largest top-k searched, and `pick_graph` gives a trial the first graph that serv
 built for exactly its context and radius, whose candidates are the trial's own (A = U above): every cached one
 survives the trial's filter, K >= k of them (or all there are), and nothing falls back. A trial off the
 lattice meets the next wider graph and the fallback rule. Cost: (contexts x radii) graphs of K entries each,
-built like the trials at those points (BENCHMARKS.md, "A lattice of graphs at 480p").
+built in one pass (`build_graphs`: the widest products once, each point's top-k from them; BENCHMARKS.md,
+"A lattice of graphs at 480p" and "built in one pass").
 
 Settings the graph cannot serve exactly: per-frame aggregation (its softmax normaliser sums exp(a / T)
 over every cell of a frame or of its window at the trial's temperature: it needs every affinity, and a
@@ -203,75 +204,132 @@ def build_graph(features: torch.Tensor, superset: PropagationConfig, k: int, til
     Memory stays bounded as in stt.propagation.predict_windowed: target rows in chunks of at most
     superset.chunk_size locations and CHUNK_LOGITS logits.
     """
+    return build_graphs(features, [superset], k, tile)[0]
+
+
+def build_graphs(features: torch.Tensor, supersets: list[PropagationConfig], k: int, tile: int = 8) -> list[Graph]:
+    """`build_graph` for each of `supersets` at once: a lattice (stt.sweep.space.graph_lattice) of contexts and radii
+    sharing one window shape, first-frame rule and normalisation.
+
+    One pass: each chunk of target rows is scored once, against the widest context and window of the lattice (the
+    kernel stt.propagation.predict_windowed would choose for it), and each superset takes its top-k from those
+    logits: its frames (their maximum over frames is shared by every radius of a context) and its window's cells
+    (the widest window's bias, -inf also outside its own radius). The candidates are each superset's own, as a
+    build per superset would find them; the products are made once instead of once per lattice point (18 on the
+    default space: on the quick plan's 128-pixel grids the lattice took 24x the products of one graph).
+    """
     if features.dim() != 4 or features.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"features: expected a float32 (or float64) T x C x h x w tensor, "
             f"got {features.dtype} of shape {tuple(features.shape)}"
         )
-    if superset.aggregation != "overall":
-        raise ValueError(f"superset.aggregation: a graph holds the 'overall' top-K, got {superset.aggregation!r}")
-    if superset.radius is None or superset.radius < 0:
-        raise ValueError(f"superset.radius: expected a resolved radius >= 0, got {superset.radius!r}")
-    num_frames, _, h, w = features.shape
+    num_frames, channels, h, w = features.shape
     if k < 1 or num_frames >= 2**15:
         raise ValueError(f"expected k >= 1 and fewer than 32768 frames, got k={k}, {num_frames} frames")
-    if superset.normalize:
-        features_used = F.normalize(features, dim=1)  # exactly as stt.propagation.dense.propagate_video
-    else:
-        features_used = features
+    for superset in supersets:
+        if superset.aggregation != "overall":
+            raise ValueError(f"superset.aggregation: a graph holds the 'overall' top-K, got {superset.aggregation!r}")
+        if superset.radius is None or superset.radius < 0:
+            raise ValueError(f"superset.radius: expected a resolved radius >= 0, got {superset.radius!r}")
+    shared = {(s.window, s.window_first_frame, s.normalize) for s in supersets}
+    if len(shared) != 1 or (len(supersets) > 1 and min(s.radius for s in supersets) == 0):
+        raise ValueError(
+            "supersets: a lattice shares one window, window_first_frame and normalize, every radius > 0; "
+            f"got {sorted(shared)} and radii {[s.radius for s in supersets]}"
+        )
+    widest = dataclasses.replace(
+        supersets[0], context=max(s.context for s in supersets), radius=max(s.radius for s in supersets)
+    )
+    used = F.normalize(features, dim=1) if widest.normalize else features  # exactly as propagate_video
+    used = used.contiguous(memory_format=torch.channels_last)  # as propagate_windowed: the tile kernel's bands
     num = h * w
     rows = max(num_frames - 1, 0)
-    value = features.new_full((rows, num, k), float("-inf"))
-    frame = torch.zeros((rows, num, k), dtype=torch.int16, device=features.device)
-    location = torch.zeros((rows, num, k), dtype=torch.int16 if num < 2**15 else torch.int32, device=features.device)
+    graphs = [
+        Graph(
+            features.new_full((rows, num, k), float("-inf")),
+            torch.zeros((rows, num, k), dtype=torch.int16, device=features.device),
+            torch.zeros((rows, num, k), dtype=torch.int16 if num < 2**15 else torch.int32, device=features.device),
+            (h, w),
+            superset,
+            features,
+        )
+        for superset in supersets
+    ]
+    most = widest.context + 1  # context frames per target at most
+    plan = choose_window_kernel((h, w), most, channels, widest.radius, widest.chunk_size, tile)
+    buffer = plan.buffer(most, used)
     for t in range(1, num_frames):
-        frames = context_indices(t, superset.context)  # [0, max(1, t - context) .. t - 1]: each frame once
-        whole = [f for f in frames if superset.radius == 0 or (f == 0 and not superset.window_first_frame)]
+        frames = context_indices(t, widest.context)  # [0, max(1, t - context) .. t - 1]: each frame once
+        whole = [f for f in frames if widest.radius == 0 or (f == 0 and not widest.window_first_frame)]
         windowed = [f for f in frames if f not in whole]
-        top, top_frame, top_location = _top_candidates(features_used, t, whole, windowed, superset, k, tile)
-        found = top.shape[1]  # < k only where the superset has fewer than k candidates
-        value[t - 1, :, :found], frame[t - 1, :, :found], location[t - 1, :, :found] = top, top_frame, top_location
-    return Graph(value, frame, location, (h, w), superset, features)
+        context = used[windowed]  # n x C x h x w
+        own = [context_indices(t, s.context) for s in supersets]
+        slots = [
+            torch.tensor([windowed.index(f) for f in f_s if f in windowed], dtype=torch.long, device=features.device)
+            for f_s in own
+        ]
+        windowed_frames = torch.tensor(windowed, dtype=torch.long, device=features.device)
+        query = used[t]  # C x h x w: temperature 1
+        for y0 in range(0, h, plan.rows_per_chunk):
+            y1 = min(y0 + plan.rows_per_chunk, h)
+            chunk = slice(y0 * w, y1 * w)
+            targets = query[:, y0:y1].flatten(1)  # C x B
+            whole_top = {f: (targets.T @ used[f].flatten(1)).topk(min(k, num), dim=-1) for f in whole}  # B x k'
+            if windowed:
+                logits, bias, cells, scored = plan.logits(context, query, y0, y1, widest.radius, widest.window, buffer)
+                maxima, biases = {}, {}  # per context's frames, per radius: shared by the lattice points
+            for graph, frames_s, slots_s in zip(graphs, own, slots):
+                superset = graph.superset
+                values = [whole_top[f].values for f in whole if f in frames_s]
+                found_frames = [torch.full_like(whole_top[f].indices, f) for f in whole if f in frames_s]
+                found_cells = [whole_top[f].indices for f in whole if f in frames_s]
+                if len(slots_s):
+                    if superset.radius not in biases:
+                        biases[superset.radius] = _radius_bias(bias, cells, scored, y0, w, superset, widest)
+                    key = tuple(slots_s.tolist())
+                    if key not in maxima:
+                        maxima[key] = _max_over_frames(logits, key)
+                    best = maxima[key] + biases[superset.radius]
+                    top, slot, cell = top_overall(logits, biases[superset.radius], k, slots_s, best)
+                    values.append(chunk_targets(top, scored, y1 - y0, w))
+                    found_frames.append(chunk_targets(windowed_frames[slot], scored, y1 - y0, w))
+                    found_cells.append(chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))
+                top, pick = torch.cat(values, dim=1).topk(min(k, sum(v.shape[1] for v in values)), dim=-1)
+                found = top.shape[1]  # < k only where the superset has fewer than k candidates
+                graph.value[t - 1, chunk, :found] = top
+                graph.frame[t - 1, chunk, :found] = torch.cat(found_frames, dim=1).gather(1, pick).to(torch.int16)
+                graph.location[t - 1, chunk, :found] = (
+                    torch.cat(found_cells, dim=1).gather(1, pick).to(graph.location.dtype)
+                )
+    return graphs
 
 
-def _top_candidates(features, t, whole, windowed, cfg, k, tile):
-    """Target frame t's top-k candidates: values, frames, locations, each N x k' (k' <= k).
+def _radius_bias(bias, cells, scored, y0, w, superset, widest):
+    """The kernel's bias (target dims x M: -inf off the grid and outside the widest window) for `superset`'s
+    narrower window: -inf also where a cell lies outside it. The target dims flatten row-major to `scored`."""
+    if superset.radius == widest.radius:
+        return bias
+    dims = bias.shape[:-1]
+    target_y = (y0 + torch.arange(scored[0], device=bias.device))[:, None].expand(scored).reshape(dims)
+    target_x = torch.arange(scored[1], device=bias.device)[None, :].expand(scored).reshape(dims)
+    inside = inside_window(
+        cells // w - target_y[..., None], cells % w - target_x[..., None], superset.radius, superset.window
+    )
+    return bias.masked_fill(~inside, float("-inf"))
 
-    `whole` frames are scored against every cell, `windowed` ones inside the window only, at
-    temperature 1 (raw affinities), in chunks of target rows as stt.propagation.predict_windowed
-    (whose overall branch this follows, minus the label copy) with the window kernel it would choose
-    (`choose_window_kernel`: on small grids a band of whole rows, not a square wider than the frame).
-    The top-k of all candidates is the top-k of the frames' top-k's, so the merge is exact.
-    """
-    _, channels, h, w = features.shape
-    num = h * w
-    query = features[t]  # C x h x w: temperature 1
-    context = features[windowed]  # n x C x h x w
-    kernel_slots = torch.tensor(windowed, dtype=torch.long, device=features.device)
-    plan = choose_window_kernel((h, w), max(1, len(windowed)), channels, cfg.radius, cfg.chunk_size, tile)
-    buffer = plan.buffer(len(windowed), query)
 
-    values, frames, locations = [], [], []  # per chunk of rows: B x k'
-    for y0 in range(0, h, plan.rows_per_chunk):
-        y1 = min(y0 + plan.rows_per_chunk, h)
-        targets = query[:, y0:y1].flatten(1)  # C x B
-        chunk_values, chunk_frames, chunk_locations = [], [], []
-        for f in whole:
-            top, index = (targets.T @ features[f].flatten(1)).topk(min(k, num), dim=-1)  # B x N -> B x k'
-            chunk_values.append(top)
-            chunk_frames.append(torch.full_like(index, f))
-            chunk_locations.append(index)
-        if windowed:
-            logits, bias, cells, scored = plan.logits(context, query, y0, y1, cfg.radius, cfg.window, buffer)
-            top, slot, cell = top_overall(logits, bias, k)  # each (target dims) x k'
-            chunk_values.append(chunk_targets(top, scored, y1 - y0, w))
-            chunk_frames.append(chunk_targets(kernel_slots[slot], scored, y1 - y0, w))
-            chunk_locations.append(chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))
-        top, pick = torch.cat(chunk_values, dim=1).topk(min(k, sum(v.shape[1] for v in chunk_values)), dim=-1)
-        values.append(top)
-        frames.append(torch.cat(chunk_frames, dim=1).gather(1, pick))
-        locations.append(torch.cat(chunk_locations, dim=1).gather(1, pick))
-    return torch.cat(values), torch.cat(frames), torch.cat(locations)
+def _max_over_frames(logits: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
+    """The maximum over the frames `slots` (sorted) of logits n x ... x M, laid out as one frame: each run of
+    consecutive frames (a lattice point's are the first frame and its last few) is reduced as a view."""
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((slots[start], slots[i - 1] + 1))
+            start = i
+    out = torch.amax(logits[runs[0][0] : runs[0][1]], dim=0, out=torch.empty_like(logits[0]))
+    for first, stop in runs[1:]:
+        torch.maximum(out, torch.amax(logits[first:stop], dim=0), out=out)
+    return out
 
 
 # ---------------------------------------------------------------- one trial
@@ -488,20 +546,24 @@ def load_graph(path: Path, features: torch.Tensor) -> Graph:
 def load_or_build(
     feature_file: Path,
     features: torch.Tensor | Callable[[], torch.Tensor],
-    superset: PropagationConfig,
+    supersets: list[PropagationConfig],
     k: int,
     load: bool = True,
-) -> tuple[Graph | None, Path]:
-    """The graph of these features under (superset, k) from beside `feature_file`, built and saved on a miss.
+) -> tuple[list[Graph] | None, list[Path]]:
+    """The graphs of these features under each of `supersets` (one, or a lattice: `build_graphs`) and k, from
+    beside `feature_file`; those missing are built together and saved.
 
     features: the tensor, or a function returning it, called only when it is needed (a build, or a load).
-    load=False: only make sure the file exists (the graph returned is None; the features are not read when
-    the file is there already, as when a resumed sweep finds its graphs)."""
-    path = graph_path(feature_file, superset, k)
-    if path.is_file():
-        if not load:
-            return None, path
-        return load_graph(path, features() if callable(features) else features), path
-    graph = build_graph(features() if callable(features) else features, superset, k)
-    save_graph(graph, path)
-    return (graph if load else None), path
+    load=False: only make sure the files exist (the graphs returned are None; the features are not read when
+    the files are there already, as when a resumed sweep finds its graphs)."""
+    paths = [graph_path(feature_file, superset, k) for superset in supersets]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    if not missing and not load:
+        return None, paths
+    features = features() if callable(features) else features
+    built = dict(zip(missing, build_graphs(features, [supersets[i] for i in missing], k))) if missing else {}
+    for i, graph in built.items():
+        save_graph(graph, paths[i])
+    if not load:
+        return None, paths
+    return [built[i] if i in built else load_graph(path, features) for i, path in enumerate(paths)], paths

@@ -139,11 +139,17 @@ def window_logits_by_tile(
     tile: int,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Window logits as one matmul per context frame and t x t target tile (many channels).
+    """Window logits as one batched matmul per context frame and row of t x t target tiles (many channels).
 
     Each tile's targets are multiplied with the tile's whole (t + 2R)^2 context patch, the M
-    cells of each of its targets (those outside a target's window get bias -inf). Arguments as
-    `window_logits_by_shift`; returns logits n x a x t x b x t x M (a x b tiles over r x w),
+    cells of each of its targets (those outside a target's window get bias -inf). A patch's cells are
+    ordered column by column (x-major): a row of tiles reads its context from one band of t + 2R grid
+    rows laid out column by column with the channels innermost, where every tile's patch is a plain
+    (t + 2R)^2 x C block and the next tile's starts t columns on. So the batched matmul reads the
+    patches in place: copying them out, each context cell (1 + 2R / t)^2 times, took as long as the
+    products (a third of a 480p evaluation). The logits are the same bits either way (each is one dot
+    product over the channels). Arguments as `window_logits_by_shift`; `context` in any memory layout
+    (channels-last frames copy fastest). Returns logits n x a x t x b x t x M (a x b tiles over r x w),
     bias and locations a x t x b x t x M.
     """
     n, channels, h, w = context.shape
@@ -153,27 +159,29 @@ def window_logits_by_tile(
     in_tile, in_patch = torch.arange(tile, device=context.device), torch.arange(patch, device=context.device)
     tile_y = y0 + tile * torch.arange(a, device=context.device)  # a: first row of each tile
     tile_x = tile * torch.arange(b, device=context.device)  # b
-    context_y = (tile_y[:, None] + in_patch - reach)[:, None, None, None, :, None]  # a x 1 x 1 x 1 x patch x 1
-    context_x = (tile_x[:, None] + in_patch - reach)[:, None, None, None, :]  # b x 1 x 1 x 1 x patch
+    # dims a x b x t (target row) x t (target column) x patch (column) x patch (row): x-major cells
+    context_y = (tile_y[:, None] + in_patch - reach)[:, None, None, None, None, :]  # a x 1 x 1 x 1 x 1 x patch
+    context_x = (tile_x[:, None] + in_patch - reach)[:, None, None, :, None]  # b x 1 x 1 x patch x 1
     target_y = (tile_y[:, None] + in_tile)[:, None, :, None, None, None]  # a x 1 x t x 1 x 1 x 1
-    target_x = (tile_x[:, None] + in_tile)[:, None, :, None, None]  # b x t x 1 x 1
+    target_x = (tile_x[:, None] + in_tile)[:, None, :, None, None]  # b x 1 x t x 1 x 1
     bias = window_bias(
         target_y, target_x, context_y, context_x, (h, w), radius, window
     )  # a x b x t x t x patch x patch
     locations = flat_location(context_y, context_x, (h, w)).reshape(a, 1, b, 1, patch * patch)
 
     target = F.pad(query[:, y0:y1], (0, b * tile - w, 0, a * tile - rows))  # C x a*t x b*t
-    tiles = target.reshape(channels, a, tile, b, tile).permute(1, 3, 2, 4, 0).reshape(a * b, tile * tile, channels)
+    tiles = target.reshape(channels, a, tile, b, tile).permute(1, 3, 2, 4, 0).reshape(a, b, tile * tile, channels)
     logits = buffer_view(out, (n, a, b, tile, tile, patch * patch), context)
-    # One frame's context rows and patches at a time, refilled: fresh memory would cost page faults.
-    band = context.new_zeros(channels, a * tile + 2 * reach, b * tile + 2 * reach)  # zero off the grid
-    patches = context.new_empty(a * b, channels, patch, patch)
+    # Per row of tiles, its band of grid rows: columns -R .. b*t + R, zero off the grid, refilled frame after frame
+    # (fresh memory would cost page faults).
+    bands = context.new_zeros(a, b * tile + 2 * reach, patch, channels)
     for f in range(n):
-        context_band(context[f], y0, y0 + a * tile, reach, b * tile, out=band)
-        patches.view(a, b, channels, patch, patch).copy_(
-            band.unfold(1, patch, tile).unfold(2, patch, tile).permute(1, 2, 0, 3, 4)
-        )
-        torch.bmm(tiles, patches.view(a * b, channels, -1), out=logits[f].view(a * b, tile * tile, -1))
+        for i in range(a):
+            top, bottom = rows_reached(y0 + i * tile, y0 + (i + 1) * tile, reach, h)
+            above = top - (y0 + i * tile - reach)
+            bands[i, reach : reach + w, above : above + bottom - top].copy_(context[f, :, top:bottom].permute(2, 1, 0))
+            patches = bands[i].as_strided((b, patch * patch, channels), (tile * patch * channels, channels, 1))
+            torch.bmm(tiles[i], patches.transpose(1, 2), out=logits[f, i].view(b, tile * tile, -1))
     bias = bias.reshape(a, b, tile, tile, patch * patch).permute(0, 2, 1, 3, 4)
     return logits.permute(0, 1, 3, 2, 4, 5), bias, locations.expand(a, tile, b, tile, -1)
 

@@ -107,19 +107,32 @@ def window_mask(h: int, w: int, radius: float, window: str, device: torch.device
 # ---------------------------------------------------------------- selection
 
 
-def top_overall(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_overall(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    frames: torch.Tensor | None = None,
+    best: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k largest of each target's n*M biased logits (n x ... x M, bias ... x M): values,
-    frames and cells, each ... x k.
+    frames and cells, each ... x k. With `frames` (n' indices into the n) only those frames compete,
+    and `best` must be their biased maximum over frames (... x M; the graph lattice shares it across
+    windows); a returned frame is then one of `frames`.
 
     Each of them lies in one of the k cells with the largest maximum over frames (otherwise k
     larger logits would exist), so the full top-k runs over n*k candidates instead of n*M.
     """
     n, num_cells = logits.shape[0], min(k, logits.shape[-1])
-    best = torch.amax(logits, dim=0, out=torch.empty_like(logits[0])).add_(bias)  # laid out as one frame: one pass
+    if best is None:
+        best = torch.amax(logits, dim=0, out=torch.empty_like(logits[0])).add_(bias)  # laid out as one frame: one pass
     cell = best.topk(num_cells, dim=-1).indices  # ... x k'
-    candidates = logits.gather(-1, cell.expand(n, *cell.shape)) + bias.gather(-1, cell)  # n x ... x k'
-    values, pick = candidates.movedim(0, -2).flatten(-2).topk(min(k, n * num_cells), dim=-1)
-    return values, pick // num_cells, cell.gather(-1, pick % num_cells)
+    candidates = logits.gather(-1, cell.expand(n, *cell.shape))  # n x ... x k'
+    if frames is not None:
+        candidates = candidates[frames]
+    candidates = candidates + bias.gather(-1, cell)
+    values, pick = candidates.movedim(0, -2).flatten(-2).topk(min(k, len(candidates) * num_cells), dim=-1)
+    frame = pick // num_cells
+    return values, frame if frames is None else frames[frame], cell.gather(-1, pick % num_cells)
 
 
 def top_per_frame(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -132,4 +132,6 @@ def propagate_windowed(
     """Same as `propagate_dense`, with affinities only inside the window and memory bounded by
     cfg.chunk_size; `tile` (cells, many channels only) trades wasted window work ((t + 2R)^2 per
     target instead of (2R + 1)^2) against matmul efficiency; `kernel` as `predict_windowed`."""
-    return propagate_video(features, first_labels, cfg, lambda c, y, g: predict_windowed(c, y, g, cfg, tile, kernel))
+    predict = lambda c, y, g: predict_windowed(c, y, g, cfg, tile, kernel)  # noqa: E731
+    # Channels innermost: the tile kernel then lays out its bands of context rows as whole channel vectors.
+    return propagate_video(features, first_labels, cfg, predict, memory_format=torch.channels_last)

@@ -58,8 +58,7 @@ def build_graphs(space: dict, split: TuningSplit) -> dict[str, list[str]]:
     for seq in with_progress(split.dataset.sequences, "sweep: graphs", "seq", name=str):
         features = functools.partial(split.features, seq)
         graphs[seq] = [
-            str(load_or_build(split.feature_file(seq), features, superset, graph_k, load=False)[1])
-            for superset in supersets
+            str(path) for path in load_or_build(split.feature_file(seq), features, supersets, graph_k, load=False)[1]
         ]
     size = sum(Path(path).stat().st_size for paths in graphs.values() for path in paths)
     widest = supersets[-1]
