@@ -73,19 +73,13 @@ def flat_location(context_y: torch.Tensor, context_x: torch.Tensor, grid: tuple[
     return context_y.clamp(0, h - 1) * w + context_x.clamp(0, w - 1)
 
 
-def context_band(
-    context: torch.Tensor, y0: int, y1: int, reach: int, width: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def context_band(context: torch.Tensor, y0: int, y1: int, reach: int, width: int) -> torch.Tensor:
     """Rows [y0 - R, y1 + R) and columns [-R, width + R) of the context frames (... x C x h x w), zero where
-    off the h x w grid: ... x C x (y1 - y0 + 2R) x (width + 2R). With `out` (that shape, zero off the grid
-    already) the grid's part is copied into it: a buffer refilled frame after frame allocates nothing."""
+    off the h x w grid: ... x C x (y1 - y0 + 2R) x (width + 2R)."""
     h, w = context.shape[-2:]
     top, bottom = rows_reached(y0, y1, reach, h)
     above, below = top - (y0 - reach), (y1 + reach) - bottom  # rows of the band off the grid
-    if out is None:
-        return F.pad(context[..., top:bottom, :], (reach, reach + width - w, above, below))
-    out[..., above : above + bottom - top, reach : reach + w].copy_(context[..., top:bottom, :])
-    return out
+    return F.pad(context[..., top:bottom, :], (reach, reach + width - w, above, below))
 
 
 def window_logits_by_shift(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from stt.propagation.dense import propagate_video
-from stt.propagation.kernels import WindowKernel, choose_window_kernel, chunk_targets
+from stt.propagation.kernels import SHIFT_MAX_CHANNELS, WindowKernel, choose_window_kernel, chunk_targets
 from stt.propagation.rule import (
     first_windowed_frame,
     flat_labels,
@@ -133,5 +133,7 @@ def propagate_windowed(
     cfg.chunk_size; `tile` (cells, many channels only) trades wasted window work ((t + 2R)^2 per
     target instead of (2R + 1)^2) against matmul efficiency; `kernel` as `predict_windowed`."""
     predict = lambda c, y, g: predict_windowed(c, y, g, cfg, tile, kernel)  # noqa: E731
-    # Channels innermost: the tile kernel then lays out its bands of context rows as whole channel vectors.
-    return propagate_video(features, first_labels, cfg, predict, memory_format=torch.channels_last)
+    # Channels innermost where the tile kernel may run: it lays out its bands of context rows as whole channel
+    # vectors. The shift kernel (few channels) keeps its frames as they were measured.
+    layout = torch.channels_last if features.shape[1] > SHIFT_MAX_CHANNELS else torch.contiguous_format
+    return propagate_video(features, first_labels, cfg, predict, memory_format=layout)
