@@ -23,7 +23,7 @@ from ray import tune
 from stt.allocator import retain_freed_memory
 from stt.config import load_config, to_dict
 from stt.evaluate import evaluate_davis
-from stt.sweep.candidates import TuningSplit, build_graphs, build_per_frame_stores
+from stt.sweep.candidates import TuningSplit, build_candidates
 from stt.sweep.space import SPACE_FILE, in_domain, load_space, with_params
 from stt.sweep.trials import METRIC, PropagationSearch, PropagationTrial
 
@@ -35,7 +35,7 @@ def tune_at(size: int, args, base, space: dict) -> tuple[dict, float]:
     cfg = with_params(base, {"eval.max_short_side": size})
     cache = Path(args.out) / "features"
     split = TuningSplit(cfg, args.checkpoint, cache, args.davis_root, "train")
-    graphs, stores = build_graphs(space, split), build_per_frame_stores(space, split)
+    graphs, stores = build_candidates(space, split)
     defaults = {key: getattr(cfg.propagation, key.split(".", 1)[1]) for key in space}
     start = [defaults] if all(in_domain(space[k], v) for k, v in defaults.items()) else None
     trainable = tune.with_parameters(  # Ray: the trial actors get these once, through the object store

@@ -79,6 +79,34 @@ def test_store_equals_propagate_on_random_features(window):
     assert torch.allclose(propagate(features, first, cfg, "dense"), propagate_per_frame(store, first, cfg), atol=1e-5)
 
 
+def test_windows_with_fewer_cells_than_k_and_chunks_across_rows():
+    """k = 12 on a 4 x 5 grid: the radius-1 square holds 4 to 9 cells, so its stratum pads with -inf (weight 0);
+    chunks of 7 targets split grid rows. Still windowed propagation's labels."""
+    features, first = random_video(grid=(4, 5), frames=6)
+    space = replace(SPACE, radii=(0.0, 1.0, 2.0), k=12, context=3)
+    store = build_store(features, space, chunk_size=7)
+    assert torch.isinf(store.values[:, :, :, 1, 9:]).all() and torch.isinf(store.values[:, 0, :, 1, 4:]).all()
+    for cfg in itertools.islice(settings(space), 0, None, 3):
+        assert (propagate_per_frame(store, first, cfg) - propagate(features, first, cfg, "windowed")).abs().max() < 1e-5
+
+
+def test_window_rings_by_hand():
+    """A 3 x 3 grid, radii (0, 1): the corner's radius-1 window is its 4 neighbours and itself, and the whole
+    frame adds the other 5; the centre's radius-1 window is the whole grid, so radius 0 adds nothing to it."""
+    from stt.propagation.per_frame import window_rings
+
+    (first, (corner_cells, corner_valid)), (second, (rest_cells, rest_valid)) = window_rings(
+        (3, 3), slice(0, 1), (0.0, 1.0), "square"
+    )
+    assert (first, second) == (1, 0)
+    assert corner_cells.tolist() == [[0, 1, 3, 4]] and corner_valid.all()
+    assert rest_cells.tolist() == [[2, 5, 6, 7, 8]] and rest_valid.all()
+    (_, (centre_cells, _)), (_, nothing) = window_rings((3, 3), slice(4, 5), (0.0, 1.0), "square")
+    assert centre_cells.tolist() == [list(range(9))] and nothing is None
+    (_, (cells, valid)), _ = window_rings((3, 3), slice(0, 5), (0.0, 1.0), "square")  # padded to the widest row
+    assert cells.shape == (5, 9) and valid.sum(dim=1).tolist() == [4, 6, 4, 6, 9]
+
+
 def test_store_in_float64_equals_propagate_to_1e10():
     """In float64 the selection is exactly the windowed path's: no tie sits within rounding of another."""
     features, first = random_video(seed=1)

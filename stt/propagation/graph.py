@@ -258,6 +258,7 @@ def build_graphs(features: torch.Tensor, supersets: list[PropagationConfig], k: 
     most = widest.context + 1  # context frames per target at most
     plan = choose_window_kernel((h, w), most, channels, widest.radius, widest.chunk_size, tile)
     buffer = plan.buffer(most, used)
+    biases = {}  # per (chunk, radius): the window's geometry, the same for every target frame
     for t in range(1, num_frames):
         frames = context_indices(t, widest.context)  # [0, max(1, t - context) .. t - 1]: each frame once
         whole = [f for f in frames if widest.radius == 0 or (f == 0 and not widest.window_first_frame)]
@@ -277,20 +278,20 @@ def build_graphs(features: torch.Tensor, supersets: list[PropagationConfig], k: 
             whole_top = {f: (targets.T @ used[f].flatten(1)).topk(min(k, num), dim=-1) for f in whole}  # B x k'
             if windowed:
                 logits, bias, cells, scored = plan.logits(context, query, y0, y1, widest.radius, widest.window, buffer)
-                maxima, biases = {}, {}  # per context's frames, per radius: shared by the lattice points
+                maxima = {}  # per context's frames: shared by the lattice points
             for graph, frames_s, slots_s in zip(graphs, own, slots):
                 superset = graph.superset
                 values = [whole_top[f].values for f in whole if f in frames_s]
                 found_frames = [torch.full_like(whole_top[f].indices, f) for f in whole if f in frames_s]
                 found_cells = [whole_top[f].indices for f in whole if f in frames_s]
                 if len(slots_s):
-                    if superset.radius not in biases:
-                        biases[superset.radius] = _radius_bias(bias, cells, scored, y0, w, superset, widest)
+                    if (y0, superset.radius) not in biases:
+                        biases[y0, superset.radius] = _radius_bias(bias, cells, scored, y0, w, superset, widest)
                     key = tuple(slots_s.tolist())
                     if key not in maxima:
                         maxima[key] = _max_over_frames(logits, key)
-                    best = maxima[key] + biases[superset.radius]
-                    top, slot, cell = top_overall(logits, biases[superset.radius], k, slots_s, best)
+                    best = maxima[key] + biases[y0, superset.radius]
+                    top, slot, cell = top_overall(logits, biases[y0, superset.radius], k, slots_s, best)
                     values.append(chunk_targets(top, scored, y1 - y0, w))
                     found_frames.append(chunk_targets(windowed_frames[slot], scored, y1 - y0, w))
                     found_cells.append(chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))

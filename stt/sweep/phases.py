@@ -24,7 +24,7 @@ from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.models import feature_stride
 from stt.observe import TrialProgress
 from stt.recipes import recipe_of, stage_spec
-from stt.sweep.candidates import TuningSplit, build_graphs, build_per_frame_stores
+from stt.sweep.candidates import TuningSplit, build_candidates
 from stt.sweep.completion import check_finished, fit_in_driver
 from stt.sweep.confirmation import ARMS, compare, confirmation_trial, read_runs
 from stt.sweep.plans import SweepPlan
@@ -261,7 +261,7 @@ class Sweep:
         )
         space = self.space["propagation"]
         split = TuningSplit(cfg, checkpoint, cache, args.davis_root, args.tune_set)
-        graphs, stores = build_graphs(space, split), build_per_frame_stores(space, split)
+        graphs, stores = build_candidates(space, split)
         trainable = tune.with_parameters(  # Ray: the trial actors get these once, through the object store
             PropagationTrial,
             base=base,

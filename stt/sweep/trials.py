@@ -131,7 +131,7 @@ def training_trial(
 class PropagationTrial(tune.Trainable):
     """Tune trials of propagation settings on the tuning split, held in memory: seconds each.
 
-    Ray: under TuneConfig(reuse_actors=True) one actor runs trial after trial. `setup` loads the split once
+    Ray: under TuneConfig(reuse_actors=True) one actor runs trial after trial. Its first step loads the split
     (cached features, ground truth, top-K graphs) and `reset_config` swaps only the setting, so a trial
     costs its propagation and scoring, not a checkpoint read and every feature, mask and graph file again.
     A setting the graphs serve filters and gathers from them (the same labels as stt.propagation,
@@ -154,28 +154,40 @@ class PropagationTrial(tune.Trainable):
         graphs: dict[str, list[str]] | None = None,
         stores: dict[str, str] | None = None,
     ) -> None:
-        retain_freed_memory()  # propagation's logits: stt.allocator
+        # The split is loaded by the first step, not here: Tune hands a pending trial to an actor that has just
+        # finished one and kills the actor still in `setup` for it, so with half-second trials and a setup of
+        # seconds a second actor never came up (the quick plan's phase 3 ran on one; BENCHMARKS.md).
         self.params, self.base = config, from_dict(base)
+        self.sources = (checkpoint, davis_root, tune_set, feature_cache, graphs, stores)
+        self.videos = None
+
+    def load_split(self) -> None:
+        """The split's cached features, ground truth, graphs and per-frame stores, once per actor."""
+        checkpoint, davis_root, tune_set, feature_cache, graphs, stores = self.sources
+        retain_freed_memory()  # propagation's logits: stt.allocator
         run = EvaluationRun.open("davis", checkpoint, self.base, "cpu", Path(feature_cache))
         self.stride = run.extractor.stride
         dataset = DAVIS(Path(davis_root), split=tune_set)
-        self.videos = []  # (sequence, features, ground truth, objects, graphs, per-frame store or None)
+        videos = []  # (sequence, features, ground truth, objects, graphs, per-frame store or None)
         for seq in dataset.sequences:
             features = run.features(dataset.frame_paths(seq), lambda seq=seq: dataset.read_frames(seq)).half()
             seq_graphs = [load_graph(Path(path), features) for path in graphs[seq]] if graphs else []  # memory-mapped
             store = load_store(Path(stores[seq])) if stores else None  # memory-mapped: the actors share its pages
-            self.videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), seq_graphs, store))
+            videos.append((seq, features, dataset.read_masks(seq), dataset.num_objects(seq), seq_graphs, store))
         if run.extractor.network_calls:
             raise RuntimeError(
                 f"propagation trials ran the network {run.extractor.network_calls} times: the feature cache missed"
             )
+        self.videos = videos
 
     def reset_config(self, new_config: dict) -> bool:
         self.params = new_config
         return True
 
     def step(self) -> dict:
-        started = time.perf_counter()
+        if self.videos is None:
+            self.load_split()
+        started = time.perf_counter()  # the setting's own cost: a trial's seconds leave the split's loading out
         cfg = task_config(with_params(self.base, self.params), "davis", self.stride)
         stats = {"targets": 0, "fallbacks": 0}
         per_frame = cfg.propagation.aggregation == "per-frame"
