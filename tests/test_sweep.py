@@ -773,3 +773,19 @@ def test_trial_lines_count_every_run_of_a_grid():
     grid = {"arm": tune.grid_search(["tuned", "defaults"]), "seed": tune.grid_search([1, 2, 3])}
     assert trial_count(grid, 1) == 6
     assert trial_count({"propagation.topk": tune.choice([5, 10])}, 80) == 80
+
+
+def test_propagation_trial_setup_reads_nothing(tmp_path):
+    """Tune hands a pending trial to an actor that has just finished one and kills the actor still in `setup`
+    for it: with half-second trials a setup that reads the split kept the sweep's phase 3 on one actor
+    (BENCHMARKS.md, session 13). So setup only keeps its arguments, and the first step reads the split."""
+    from stt.config import to_dict
+    from stt.sweep.trials import PropagationTrial
+
+    trial = object.__new__(PropagationTrial)  # the Trainable without Tune's actor machinery
+    missing = tmp_path / "no-such-checkpoint.pt"
+    sources = {"checkpoint": str(missing), "davis_root": str(tmp_path), "tune_set": "train"}
+    PropagationTrial.setup(trial, {}, base=to_dict(load_config(None)), feature_cache=str(tmp_path), **sources)
+    assert trial.videos is None
+    with pytest.raises(Exception, match="no-such-checkpoint"):
+        trial.step()
