@@ -258,7 +258,7 @@ def build_graphs(features: torch.Tensor, supersets: list[PropagationConfig], k: 
     most = widest.context + 1  # context frames per target at most
     plan = choose_window_kernel((h, w), most, channels, widest.radius, widest.chunk_size, tile)
     buffer = plan.buffer(most, used)
-    biases = {}  # per (chunk, radius): the window's geometry, the same for every target frame
+    biases, rings = {}, {}  # per chunk and radii: the windows' geometry, the same for every target frame
     for t in range(1, num_frames):
         frames = context_indices(t, widest.context)  # [0, max(1, t - context) .. t - 1]: each frame once
         whole = [f for f in frames if widest.radius == 0 or (f == 0 and not widest.window_first_frame)]
@@ -279,30 +279,59 @@ def build_graphs(features: torch.Tensor, supersets: list[PropagationConfig], k: 
             if windowed:
                 logits, bias, cells, scored = plan.logits(context, query, y0, y1, widest.radius, widest.window, buffer)
                 maxima = {}  # per context's frames: shared by the lattice points
+                narrower = {}  # per context's frames: the last radius's (radius, best values, their cells)
             for graph, frames_s, slots_s in zip(graphs, own, slots):
-                superset = graph.superset
+                superset, radius = graph.superset, graph.superset.radius
                 values = [whole_top[f].values for f in whole if f in frames_s]
                 found_frames = [torch.full_like(whole_top[f].indices, f) for f in whole if f in frames_s]
                 found_cells = [whole_top[f].indices for f in whole if f in frames_s]
                 if len(slots_s):
-                    if (y0, superset.radius) not in biases:
-                        biases[y0, superset.radius] = _radius_bias(bias, cells, scored, y0, w, superset, widest)
+                    if (y0, radius) not in biases:
+                        biases[y0, radius] = _radius_bias(bias, cells, scored, y0, w, superset, widest)
                     key = tuple(slots_s.tolist())
                     if key not in maxima:
                         maxima[key] = _max_over_frames(logits, key)
-                    best = maxima[key] + biases[y0, superset.radius]
-                    top, slot, cell = top_overall(logits, biases[y0, superset.radius], k, slots_s, best)
+                    # the k cells with the largest maximum over frames (top_overall's first step): from a narrower
+                    # window's k and the cells this one adds to it, where the lattice has one (about one pass over
+                    # the widest window instead of one per radius), else from the whole window
+                    num_cells = min(k, bias.shape[-1])
+                    if key in narrower and narrower[key][0] < radius:
+                        inner, inner_best, inner_cell = narrower[key]
+                        if (y0, inner, radius) not in rings:
+                            rings[y0, inner, radius] = _ring(biases[y0, inner], biases[y0, radius])
+                        index, valid = rings[y0, inner, radius]
+                        added = (maxima[key].gather(-1, index) + biases[y0, radius].gather(-1, index)).masked_fill_(
+                            ~valid, float("-inf")
+                        )
+                        best, pick = torch.cat([inner_best, added], dim=-1).topk(num_cells, dim=-1)
+                        best_cell = torch.cat([inner_cell, index], dim=-1).gather(-1, pick)
+                    else:
+                        best, best_cell = (maxima[key] + biases[y0, radius]).topk(num_cells, dim=-1)
+                    narrower[key] = (radius, best, best_cell)
+                    top, slot, cell = top_overall(logits, biases[y0, radius], k, slots_s, (best, best_cell))
                     values.append(chunk_targets(top, scored, y1 - y0, w))
                     found_frames.append(chunk_targets(windowed_frames[slot], scored, y1 - y0, w))
                     found_cells.append(chunk_targets(cells.gather(-1, cell), scored, y1 - y0, w))
-                top, pick = torch.cat(values, dim=1).topk(min(k, sum(v.shape[1] for v in values)), dim=-1)
+                if len(values) == 1:  # one source, already best first: its top-k is itself
+                    top, found_frames, found_cells = values[0][:, :k], found_frames[0][:, :k], found_cells[0][:, :k]
+                else:
+                    top, pick = torch.cat(values, dim=1).topk(min(k, sum(v.shape[1] for v in values)), dim=-1)
+                    found_frames = torch.cat(found_frames, dim=1).gather(1, pick)
+                    found_cells = torch.cat(found_cells, dim=1).gather(1, pick)
                 found = top.shape[1]  # < k only where the superset has fewer than k candidates
                 graph.value[t - 1, chunk, :found] = top
-                graph.frame[t - 1, chunk, :found] = torch.cat(found_frames, dim=1).gather(1, pick).to(torch.int16)
-                graph.location[t - 1, chunk, :found] = (
-                    torch.cat(found_cells, dim=1).gather(1, pick).to(graph.location.dtype)
-                )
+                graph.frame[t - 1, chunk, :found] = found_frames.to(torch.int16)
+                graph.location[t - 1, chunk, :found] = found_cells.to(graph.location.dtype)
     return graphs
+
+
+def _ring(inner_bias: torch.Tensor, outer_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel cells (columns of the biases, ... x M) inside the outer window but not the inner one: per
+    target, their columns first in order (... x W, padded to the widest target's W) and whether each is one."""
+    ring = torch.isfinite(outer_bias) & ~torch.isfinite(inner_bias)
+    width = max(1, int(ring.sum(dim=-1).max()))
+    index = torch.argsort((~ring).to(torch.uint8), dim=-1, stable=True)[..., :width]
+    return index, ring.gather(-1, index)
 
 
 def _radius_bias(bias, cells, scored, y0, w, superset, widest):

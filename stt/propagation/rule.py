@@ -112,24 +112,28 @@ def top_overall(
     bias: torch.Tensor,
     k: int,
     frames: torch.Tensor | None = None,
-    best: torch.Tensor | None = None,
+    best_cells: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k largest of each target's n*M biased logits (n x ... x M, bias ... x M): values,
-    frames and cells, each ... x k. With `frames` (n' indices into the n) only those frames compete,
-    and `best` must be their biased maximum over frames (... x M; the graph lattice shares it across
-    windows); a returned frame is then one of `frames`.
+    frames and cells, each ... x k. With `frames` (n' indices into the n) only those frames compete;
+    a returned frame is then one of `frames`.
 
-    Each of them lies in one of the k cells with the largest maximum over frames (otherwise k
-    larger logits would exist), so the full top-k runs over n*k candidates instead of n*M.
+    Each of them lies in one of the k cells with the largest biased maximum over frames (otherwise k
+    larger logits would exist), so the full top-k runs over n*k candidates instead of n*M. `best_cells`:
+    those maxima and cells (... x min(k, M) each), where the caller has them (the graph lattice: from a
+    narrower window's). A pick whose maximum is -inf (fewer than k cells allowed) stays -inf here, whatever
+    its cell's bias: merged from a narrower window, such a pick may name a cell that is also picked for real.
     """
     n, num_cells = logits.shape[0], min(k, logits.shape[-1])
-    if best is None:
-        best = torch.amax(logits, dim=0, out=torch.empty_like(logits[0])).add_(bias)  # laid out as one frame: one pass
-    cell = best.topk(num_cells, dim=-1).indices  # ... x k'
+    if best_cells is None:
+        competing = logits if frames is None else logits[frames]
+        best = torch.amax(competing, dim=0, out=torch.empty_like(logits[0])).add_(bias)  # laid out as one frame
+        best_cells = best.topk(num_cells, dim=-1)
+    best, cell = best_cells  # ... x k'
     candidates = logits.gather(-1, cell.expand(n, *cell.shape))  # n x ... x k'
     if frames is not None:
         candidates = candidates[frames]
-    candidates = candidates + bias.gather(-1, cell)
+    candidates = (candidates + bias.gather(-1, cell)).masked_fill_(best == float("-inf"), float("-inf"))
     values, pick = candidates.movedim(0, -2).flatten(-2).topk(min(k, len(candidates) * num_cells), dim=-1)
     frame = pick // num_cells
     return values, frame if frames is None else frames[frame], cell.gather(-1, pick % num_cells)
