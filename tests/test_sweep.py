@@ -23,7 +23,7 @@ from stt.recipes import stage_spec
 from stt.sweep import PLANS, SPACE_FILE, load_space, main
 from stt.sweep.completion import fit_in_driver
 from stt.sweep.space import training_groups, tuned_stage
-from stt.sweep.trials import PrunedAwareOptunaSearch
+from stt.sweep.trials import PrunedAwareOptunaSearch, cluster_concurrency, driving_trial_resources
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
 
@@ -789,3 +789,25 @@ def test_propagation_trial_setup_reads_nothing(tmp_path):
     assert trial.videos is None
     with pytest.raises(Exception, match="no-such-checkpoint"):
         trial.step()
+
+
+def test_as_many_training_trials_as_the_sweep_counts_hold_their_cpus_at_once(ray_local):
+    """A training or confirmation trial is a Tune trial (its own resources) driving a TorchTrainer (its workers'):
+    the sweep runs as many at once as `cluster_concurrency` counts from the workers' CPUs, so all of their
+    placement groups must fit together. With a token CPU share on top of whole-CPU workers, the second trial's
+    workers waited for the first to finish on 2 CPUs (`--plan laptop` trained one trial at a time)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    workers, cpus_per_worker = 1, 1.0  # a real-video plan's trial: one worker that decodes its own pairs
+    concurrency = cluster_concurrency(workers * cpus_per_worker, 0)
+    assert concurrency == 2  # the session's 2-CPU cluster
+    driver, per_worker = driving_trial_resources(workers, cpus_per_worker)
+    groups = []
+    for _ in range(concurrency):  # as Tune places a trial, then Ray Train its worker group
+        groups += [placement_group([driver]), placement_group([{"CPU": per_worker}] * workers)]
+    try:
+        _, pending = ray.wait([group.ready() for group in groups], num_returns=len(groups), timeout=30)
+        assert not pending, "the trials' placement groups do not fit the cluster together"
+    finally:
+        for group in groups:
+            remove_placement_group(group)

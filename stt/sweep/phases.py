@@ -35,6 +35,7 @@ from stt.sweep.trials import (
     PropagationTrial,
     PrunedAwareOptunaSearch,
     cluster_concurrency,
+    driving_trial_resources,
     fail_stale_trials,
     optuna_storage,
     training_trial,
@@ -222,6 +223,7 @@ class Sweep:
         """The training trial with its fixed arguments: the base config for the plan's trial length and
         evaluations, the stage, its initialisation and where its runs go."""
         plan = self.plan
+        driver, cpus_per_worker = driving_trial_resources(plan.workers_per_trial, self.cpus_per_worker)
         base = to_dict(
             replace_train(
                 self.base,
@@ -241,11 +243,10 @@ class Sweep:
                 init=init_checkpoint,
                 runs=str(self.experiment / "training-runs"),
                 workers=plan.workers_per_trial,
-                cpus_per_worker=self.cpus_per_worker,
+                cpus_per_worker=cpus_per_worker,
                 use_gpu=self.use_gpu,
             ),
-            # the trial only drives its TorchTrainer, whose workers hold the real resources (Tune refuses 0)
-            {"CPU": 0.01},
+            driver,
         )
 
     def propagation(self, best_training: dict) -> dict:
@@ -363,6 +364,7 @@ class Sweep:
         reported split; its runs go under `runs`."""
         plan, args = self.plan, self.args
         base = replace_train(self.base, max_steps=plan.trial_steps, eval_every=0, checkpoint_every=plan.trial_steps)
+        driver, cpus_per_worker = driving_trial_resources(plan.workers_per_trial, self.cpus_per_worker)
         return tune.with_resources(
             tune.with_parameters(
                 confirmation_trial,
@@ -373,13 +375,13 @@ class Sweep:
                 init=init_checkpoint,
                 runs=str(runs),
                 workers=plan.workers_per_trial,
-                cpus_per_worker=self.cpus_per_worker,
+                cpus_per_worker=cpus_per_worker,
                 use_gpu=self.use_gpu,
                 davis_root=args.davis_root,
                 report_set=args.report_set,
                 feature_cache=str(self.experiment / "features"),
             ),
-            {"CPU": 0.01},  # as the training trials: the Train workers hold the resources
+            driver,
         )
 
     def yardsticks(self, best_training: dict) -> dict:

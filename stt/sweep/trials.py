@@ -45,7 +45,21 @@ def cluster_concurrency(cpus_per_trial: float, gpus_per_trial: float) -> int:
     fits = [resources.get("CPU", 1.0) / cpus_per_trial]
     if gpus_per_trial:
         fits.append(resources.get("GPU", 0.0) / gpus_per_trial)
-    return max(1, math.floor(min(fits)))
+    # Ray counts resources in units of 1e-4: a float sum such as 0.99 + 0.01 must not lose a whole trial
+    return max(1, math.floor(min(fits) + 1e-6))
+
+
+# A training or confirmation trial's function only drives its TorchTrainer; the Train workers hold the CPUs. Tune
+# refuses a trial of 0 CPUs, so the function takes this token share, out of its workers' (`driving_trial_resources`).
+DRIVER_CPUS = 0.01
+
+
+def driving_trial_resources(workers: int, cpus_per_worker: float) -> tuple[dict, float]:
+    """The Tune resources of a trial that drives a TorchTrainer of `workers` workers, and what each worker asks for:
+    together `workers x cpus_per_worker`, the CPUs `cluster_concurrency` counts a trial at. (With the token on top of
+    whole-CPU workers, two trials needed 2.02 of a 2-core machine's 2 CPUs: the second trial's workers waited for
+    the first trial to finish, so `--plan laptop` trained its trials one at a time.)"""
+    return {"CPU": DRIVER_CPUS}, cpus_per_worker - DRIVER_CPUS / workers
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
