@@ -1,0 +1,151 @@
+"""How close a sweep plan runs to this CPU's arithmetic limit, and the least wall it could take (issue 24).
+
+    python bench/plan_floor.py --davis-root ../shared/data/davis-real [--plan laptop] [--threads 1] [--iters 3]
+
+Counts the floating-point work of the plan's two repeated network calls with torch's FlopCounterMode:
+  step    one temporal training step at the plan's sizes (temporal_batch_loss with the frozen teacher,
+          backward, Adam), as a training or confirmation trial runs it;
+  frame   the encoder's res4 on one DAVIS frame (854 x 480) at the plan's evaluation short side;
+times each on `--threads` threads (a trial's Train worker holds one CPU), and measures the same threads'
+fp32 matrix-multiply rate for reference (oneDNN's convolutions can beat it slightly). Then multiplies by the
+plan's counts:
+phase 2's steps (every trial to the first rung, 1/reduction_factor of them on to the end, as ASHA keeps
+them) and its evaluations on the tuning split, phase 4's one evaluation and phase 5's confirmation runs (steps
+and one feature pass each) on the reported split, with the splits' frame counts read from --davis-root.
+Prints the plan's network work and the core-minutes it takes at the measured speeds and at the matmul rate:
+with every core busy, a bound no scheduling of the trials beats on this machine. Phase 1 (the earlier
+stages), the propagations and phase 3 are not counted, so the floor is a lower bound. Prints one table; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stt.config import load_config
+from stt.features import frames_to_input, resize_short_side
+from stt.models import build_encoder, build_teacher
+from stt.stages import temporal_batch_loss
+from stt.sweep.plans import PLANS
+
+DAVIS_FRAME = (480, 854)  # DAVIS 480p, height x width
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--davis-root", required=True, help="DAVIS-2017 root: its train and val lists give the frames")
+    parser.add_argument("--plan", default="laptop", choices=sorted(PLANS), help="the sweep plan to account for")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads, as one trial's worker (default 1)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores the plan runs on (default: all)")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls of each after one warm-up call")
+    return parser
+
+
+def split_frames(davis_root: Path, split: str) -> int:
+    """Frames of a DAVIS split: every JPEG of its sequences at 480p."""
+    names = (davis_root / "ImageSets" / "2017" / f"{split}.txt").read_text().split()
+    return sum(len(list((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))) for name in names)
+
+
+def timed(call, iters: int) -> float:
+    """Median seconds of `call()` over `iters` calls, after one untimed call."""
+    call()
+    seconds = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return sorted(seconds)[len(seconds) // 2]
+
+
+def flops_of(call) -> int:
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def matmul_rate(iters: int, side: int = 2048) -> float:
+    """fp32 FLOP/s of a square matrix product: what these threads can do at best."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    return 2 * side**3 / timed(lambda: torch.mm(a, b), iters)
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    plan = PLANS[args.plan]
+    cfg = load_config(None, list(plan.overrides))
+    student = build_encoder(cfg.model)
+    teacher = build_teacher(cfg.model, student.state_dict())
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.temporal.lr)
+    size, batch = cfg.data.crop_size, cfg.train.batch_size
+    frames = torch.randint(0, 256, (2, batch, 3, size, size), dtype=torch.uint8)
+    pair = {"target": frames[0], "reference": frames[1]}
+
+    def step() -> None:
+        losses = temporal_batch_loss(student, teacher, pair, cfg.temporal)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    davis = torch.randint(0, 256, (1, *DAVIS_FRAME, 3), dtype=torch.uint8).numpy()
+    encoder = build_encoder(cfg.model).eval()
+
+    @torch.no_grad()
+    def frame() -> None:
+        x = resize_short_side(
+            frames_to_input(davis, cfg.model.input_space, torch.device("cpu")), cfg.eval.max_short_side
+        )
+        encoder(x, layers=(cfg.eval.layer,))
+
+    step_flops, frame_flops = flops_of(step), flops_of(frame)
+    step_s, frame_s = timed(step, args.iters), timed(frame, args.iters)
+    peak = matmul_rate(args.iters)
+
+    root = Path(args.davis_root)
+    tuning, reported = split_frames(root, "train"), split_frames(root, "val")
+    first_rung = plan.rungs[0] if plan.rungs else plan.trial_steps
+    kept = math.ceil(plan.training_trials / plan.reduction_factor) if plan.rungs else plan.training_trials
+    runs = 2 * plan.confirm_seeds  # the tuned and the default training, each seed
+    work = {  # phase: (steps, evaluated frames)
+        "2: training trials": (
+            plan.training_trials * first_rung + kept * (plan.trial_steps - first_rung),
+            (plan.training_trials + kept) * tuning if plan.rungs else plan.training_trials * tuning,
+        ),
+        "4: the chosen configuration": (0, reported),
+        "5: confirmation": (runs * plan.trial_steps, runs * reported),
+    }
+
+    print(
+        f"{plan.name} ({args.threads} thread{'s' * (args.threads > 1)}): step {batch} pairs at {size} px "
+        f"{step_flops / 1e9:.1f} GFLOP in {step_s:.2f} s ({step_flops / step_s / 1e9:.0f} GFLOP/s); "
+        f"frame at short side "
+        f"{cfg.eval.max_short_side} {frame_flops / 1e9:.1f} GFLOP in {frame_s:.3f} s "
+        f"({frame_flops / frame_s / 1e9:.0f} GFLOP/s); fp32 matmul {peak / 1e9:.0f} GFLOP/s"
+    )
+    print(f"DAVIS frames: {tuning} tuning (train), {reported} reported (val)")
+    print("| phase | steps | frames | TFLOP | core-min measured | core-min at matmul rate |")
+    print("|---|---|---|---|---|---|")
+    total_flops = total_measured = 0.0
+    for phase, (steps, evaluated) in work.items():
+        flops = steps * step_flops + evaluated * frame_flops
+        measured = (steps * step_s + evaluated * frame_s) / 60
+        total_flops, total_measured = total_flops + flops, total_measured + measured
+        print(f"| {phase} | {steps} | {evaluated} | {flops / 1e12:.1f} | {measured:.1f} | {flops / peak / 60:.1f} |")
+    print(f"| total | | | {total_flops / 1e12:.1f} | {total_measured:.1f} | {total_flops / peak / 60:.1f} |")
+    trials_at_once = max(1, args.cores // args.threads)  # each as fast as alone: optimistic, so still a floor
+    print(
+        f"On {args.cores} cores, {trials_at_once} trial(s) at once, the network work alone needs >= "
+        f"{total_measured / trials_at_once:.0f} min of wall at these speeds (>= "
+        f"{total_flops / peak / 60 / trials_at_once:.0f} min at the matmul rate), before propagation, phases 1 and 3."
+    )
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
