@@ -53,6 +53,15 @@ def split_frames(davis_root: Path, split: str) -> int:
     return sum(len(list((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))) for name in names)
 
 
+def asha_work(plan) -> tuple[int, int]:
+    """Phase 2's steps and evaluations when ASHA keeps ceil(1/reduction_factor) of the trials at each rung."""
+    running, steps, evaluations, reached = plan.training_trials, 0, 0, 0
+    for rung in plan.rungs:
+        steps, evaluations, reached = steps + running * (rung - reached), evaluations + running, rung
+        running = math.ceil(running / plan.reduction_factor)
+    return steps + running * (plan.trial_steps - reached), evaluations + running
+
+
 def timed(call, iters: int) -> float:
     """Median seconds of `call()` over `iters` calls, after one untimed call."""
     call()
@@ -110,14 +119,10 @@ def main(args: argparse.Namespace) -> None:
 
     root = Path(args.davis_root)
     tuning, reported = split_frames(root, "train"), split_frames(root, "val")
-    first_rung = plan.rungs[0] if plan.rungs else plan.trial_steps
-    kept = math.ceil(plan.training_trials / plan.reduction_factor) if plan.rungs else plan.training_trials
+    trial_steps, evaluations = asha_work(plan)
     runs = 2 * plan.confirm_seeds  # the tuned and the default training, each seed
     work = {  # phase: (steps, evaluated frames)
-        "2: training trials": (
-            plan.training_trials * first_rung + kept * (plan.trial_steps - first_rung),
-            (plan.training_trials + kept) * tuning if plan.rungs else plan.training_trials * tuning,
-        ),
+        "2: training trials": (trial_steps, evaluations * tuning),
         "4: the chosen configuration": (0, reported),
         "5: confirmation": (runs * plan.trial_steps, runs * reported),
     }
