@@ -5,13 +5,13 @@
 Counts the floating-point work of the plan's two repeated network calls with torch's FlopCounterMode:
   step    one temporal training step at the plan's sizes (temporal_batch_loss with the frozen teacher,
           backward, Adam), as a training or confirmation trial runs it;
-  frame   the encoder's res4 on one DAVIS frame (854 x 480) at the plan's evaluation short side;
+  frame   stt.features.FeatureExtractor on one DAVIS frame (854 x 480) at the plan's evaluation short side;
 times each on `--threads` threads (a trial's Train worker holds one CPU), and measures the same threads'
 fp32 matrix-multiply rate for reference (oneDNN's convolutions can beat it slightly). Then multiplies by the
-plan's counts:
-phase 2's steps (every trial to the first rung, 1/reduction_factor of them on to the end, as ASHA keeps
-them) and its evaluations on the tuning split, phase 4's one evaluation and phase 5's confirmation runs (steps
-and one feature pass each) on the reported split, with the splits' frame counts read from --davis-root.
+plan's counts: phase 2's steps and evaluations on the tuning split (every trial up to the first rung, and at each
+rung ceil(1/reduction_factor) of those left go on, as ASHA keeps them), phase 4's one evaluation and phase 5's
+confirmation runs (steps and one feature pass each) on the reported split, with the splits' frames read from
+--davis-root.
 Prints the plan's network work and the core-minutes it takes at the measured speeds and at the matmul rate:
 with every core busy, a bound no scheduling of the trials beats on this machine. Phase 1 (the earlier
 stages), the propagations and phase 3 are not counted, so the floor is a lower bound. Prints one table; not a test.
@@ -23,13 +23,13 @@ import argparse
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stt.config import load_config
-from stt.features import frames_to_input, resize_short_side
+from stt.data.layouts import DAVIS
+from stt.features import FeatureExtractor
 from stt.models import build_encoder, build_teacher
 from stt.stages import temporal_batch_loss
 from stt.sweep.plans import PLANS
@@ -47,10 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_frames(davis_root: Path, split: str) -> int:
-    """Frames of a DAVIS split: every JPEG of its sequences at 480p."""
-    names = (davis_root / "ImageSets" / "2017" / f"{split}.txt").read_text().split()
-    return sum(len(list((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))) for name in names)
+def split_frames(davis_root: str, split: str) -> int:
+    """Frames of a DAVIS split at 480p."""
+    dataset = DAVIS(davis_root, split=split)
+    return sum(len(dataset.frame_paths(seq)) for seq in dataset.sequences)
 
 
 def asha_work(plan) -> tuple[int, int]:
@@ -80,7 +80,7 @@ def flops_of(call) -> int:
 
 
 def matmul_rate(iters: int, side: int = 2048) -> float:
-    """fp32 FLOP/s of a square matrix product: what these threads can do at best."""
+    """fp32 FLOP/s of a square matrix product on these threads."""
     a, b = torch.randn(side, side), torch.randn(side, side)
     return 2 * side**3 / timed(lambda: torch.mm(a, b), iters)
 
@@ -104,21 +104,16 @@ def main(args: argparse.Namespace) -> None:
         optimizer.step()
 
     davis = torch.randint(0, 256, (1, *DAVIS_FRAME, 3), dtype=torch.uint8).numpy()
-    encoder = build_encoder(cfg.model).eval()
+    extractor = FeatureExtractor("random:0", cfg.model, cfg.eval)  # the evaluator's own path: Lab, resize, res4
 
-    @torch.no_grad()
     def frame() -> None:
-        x = resize_short_side(
-            frames_to_input(davis, cfg.model.input_space, torch.device("cpu")), cfg.eval.max_short_side
-        )
-        encoder(x, layers=(cfg.eval.layer,))
+        extractor(davis)
 
     step_flops, frame_flops = flops_of(step), flops_of(frame)
     step_s, frame_s = timed(step, args.iters), timed(frame, args.iters)
     peak = matmul_rate(args.iters)
 
-    root = Path(args.davis_root)
-    tuning, reported = split_frames(root, "train"), split_frames(root, "val")
+    tuning, reported = split_frames(args.davis_root, "train"), split_frames(args.davis_root, "val")
     trial_steps, evaluations = asha_work(plan)
     runs = 2 * plan.confirm_seeds  # the tuned and the default training, each seed
     work = {  # phase: (steps, evaluated frames)
