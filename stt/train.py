@@ -295,11 +295,19 @@ def start_ray(**init_kwargs) -> None:
 
 
 def default_cpus_per_worker(num_workers: int, use_gpu: bool, data_cpus: float) -> float:
-    """One CPU per worker, or on a CPU-only cluster an equal share of what Ray Data leaves (it hangs
-    if training holds every CPU)."""
+    """One CPU per GPU worker. On a CPU-only cluster the CPUs are the compute: each worker gets an equal
+    share of what Ray Data leaves (it hangs if training holds every CPU), at most one node's CPUs.
+
+    A share of one CPU or more is rounded down to whole CPUs: Ray sets a worker's torch threads
+    (OMP_NUM_THREADS) to the whole part, so 1.99 CPUs would compute on one thread while holding two.
+    One worker on 2 cores steps 1.7x faster on both than on one (BENCHMARKS.md, temporal-stage step).
+    """
     if use_gpu:
         return 1.0
-    return min(1.0, (ray.cluster_resources().get("CPU", 1.0) - data_cpus) / num_workers)
+    share = (ray.cluster_resources().get("CPU", 1.0) - data_cpus) / num_workers
+    largest_node = max(node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"])
+    share = min(share, largest_node)
+    return float(math.floor(share)) if share >= 1.0 else share
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -344,7 +352,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cpus-per-worker",
         type=float,
-        help="CPUs reserved per training worker (default: 1, or on CPUs a share of what data.data_cpus leaves)",
+        help="CPUs reserved per training worker, its torch threads on CPUs (default: 1 with GPUs; on CPUs an equal "
+        "share of what data.data_cpus leaves, in whole CPUs from one up)",
     )
     parser.add_argument(
         "--tensorboard", help="TensorBoard folder (default: <storage>/<name>/tensorboard for local storage)"

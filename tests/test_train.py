@@ -28,7 +28,7 @@ from stt.stages import (
     pass_levels,
     train_one_step,
 )
-from stt.train import main, resumed_step
+from stt.train import default_cpus_per_worker, main, resumed_step
 from stt.trainer import learning_rate
 
 TINY = [
@@ -231,6 +231,21 @@ def test_checkpoint_load_names_the_file_when_it_is_not_a_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- on a local Ray cluster
+def test_a_cpu_only_worker_gets_its_whole_share_of_the_cpus_as_torch_threads(ray_local):
+    # The session's cluster has 2 CPUs. One worker that decodes its own pairs computes on both; Ray Data's
+    # reservation comes first; a share of one CPU or more is whole, as Ray gives a worker whole torch threads.
+    assert default_cpus_per_worker(1, False, 0.0) == 2.0
+    assert default_cpus_per_worker(1, False, 0.5) == 1.0  # 1.5 CPUs would still be one thread
+    assert default_cpus_per_worker(2, False, 1.0) == 0.5
+    assert default_cpus_per_worker(2, True, 0.0) == 1.0  # GPU workers: the GPU computes
+
+    @ray_local.remote(num_cpus=default_cpus_per_worker(1, False, 0.0))
+    def torch_threads() -> int:
+        return torch.get_num_threads()
+
+    assert ray_local.get(torch_threads.remote()) == 2
+
+
 def test_skipped_corrupt_frames_are_named_once(ray_local, capfd):
     """Issue 18: corrupt training frames were counted, never named."""
     from stt.data.pipeline import SkippedFrames
