@@ -300,7 +300,7 @@ def default_cpus_per_worker(num_workers: int, use_gpu: bool, data_cpus: float) -
 
     A share of one CPU or more is rounded down to whole CPUs: Ray sets a worker's torch threads
     (OMP_NUM_THREADS) to the whole part, so 1.99 CPUs would compute on one thread while holding two.
-    One worker on 2 cores steps 1.7x faster on both than on one (BENCHMARKS.md, temporal-stage step).
+    One worker on 2 cores steps 1.77x faster on both than on one (BENCHMARKS.md, "One worker on every CPU").
     """
     if use_gpu:
         return 1.0
