@@ -31,7 +31,7 @@ from stt.config import load_config
 from stt.data.layouts import DAVIS
 from stt.features import FeatureExtractor
 from stt.models import build_encoder, build_teacher
-from stt.stages import temporal_batch_loss
+from stt.stages import temporal_batch_loss, train_one_step
 from stt.sweep.plans import PLANS
 
 DAVIS_FRAME = (480, 854)  # DAVIS 480p, height x width
@@ -93,15 +93,15 @@ def main(args: argparse.Namespace) -> None:
     student = build_encoder(cfg.model)
     teacher = build_teacher(cfg.model, student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.temporal.lr)
+    cpu = torch.device("cpu")
     size, batch = cfg.data.crop_size, cfg.train.batch_size
     frames = torch.randint(0, 256, (2, batch, 3, size, size), dtype=torch.uint8)
     pair = {"target": frames[0], "reference": frames[1]}
 
-    def step() -> None:
-        losses = temporal_batch_loss(student, teacher, pair, cfg.temporal)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+    def step() -> None:  # the trials' own step: losses, backward, the finite check, Adam
+        train_one_step(
+            lambda: temporal_batch_loss(student, teacher, pair, cfg.temporal), optimizer, cfg.temporal.lr, cpu
+        )
 
     davis = torch.randint(0, 256, (1, *DAVIS_FRAME, 3), dtype=torch.uint8).numpy()
     extractor = FeatureExtractor("random:0", cfg.model, cfg.eval)  # the evaluator's own path: Lab, resize, res4

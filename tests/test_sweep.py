@@ -525,12 +525,12 @@ def finished_training_trials(experiment: Path) -> list:
 
 def tune_trials(path: Path) -> dict:
     """{trial id: (status, its result.json, empty for a trial not yet started)} of the Tune experiment at `path`."""
-    analysis = tune.ExperimentAnalysis(str(path))
-    results = {t.trial_id: Path(t.path) / "result.json" for t in analysis.trials}
-    return {
-        t.trial_id: (t.status, results[t.trial_id].read_bytes() if results[t.trial_id].is_file() else b"")
-        for t in analysis.trials
-    }
+
+    def result(trial) -> bytes:
+        file = Path(trial.path) / "result.json"
+        return file.read_bytes() if file.is_file() else b""
+
+    return {t.trial_id: (t.status, result(t)) for t in tune.ExperimentAnalysis(str(path)).trials}
 
 
 @pytest.mark.slow
