@@ -5,8 +5,9 @@
 
 Two measurements per architecture, in the same run and on the same random uint8 frame pairs:
   backbone   the student encoder forward (res3, res4, res5) + backward on both frames of each pair;
-  temporal   stt.stages.temporal_batch_loss (Lab conversion, colour bottleneck, student pyramid,
-             frozen teacher, all losses) + backward + Adam step, under the default recipe.
+  temporal   stt.stages.train_one_step of temporal_batch_loss (Lab conversion, colour bottleneck,
+             student pyramid, frozen teacher, all losses; backward, finite check, Adam step), under
+             the default recipe.
 On CUDA both run under bf16 autocast with channels_last; `--compile` adds torch.compile'd rows.
 Each measurement runs in its own process, so "peak" is that process's alone: on CUDA the peak
 of allocated memory, on CPU the peak resident set (which includes ~0.3-0.5 GB of Python, torch
@@ -25,7 +26,7 @@ import torch
 from stt.config import Config
 from stt.features import resolve_device
 from stt.models import LEVELS, build_encoder, build_teacher
-from stt.stages import temporal_batch_loss
+from stt.stages import temporal_batch_loss, train_one_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,11 +72,9 @@ def measure(case: dict) -> dict:
         sum(features.float().mean() for features in pyramid.values()).backward()
         student.zero_grad(set_to_none=True)
 
-    def full_step() -> None:
-        losses = step_losses(forward, teacher, pair, cfg.temporal)  # the default recipe keeps L_gc: beta as configured
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+    def full_step() -> None:  # the trainer's own step: losses, backward, the finite check, Adam
+        # the default recipe keeps L_gc: beta as configured
+        train_one_step(lambda: step_losses(forward, teacher, pair, cfg.temporal), optimizer, cfg.temporal.lr, device)
 
     step = backbone_step if case["what"] == "backbone" else full_step
 
