@@ -128,8 +128,8 @@ PLANS = {
     # a third of the trials go on to 100.
     # Measured costs on one core (2-core machine, idle): a step 2.7 s, an evaluation on DAVIS train at 240 165 s
     # (features 108 s, propagation 50 s; 132 s since stt.allocator): the evaluations, not the steps, bound how many
-    # trials fit. Measured 2026-12-04: phases 1-3 took 88 min (phase 2 72 min), so the whole plan runs about two
-    # hours, not one.
+    # trials fit. Measured 2026-12-07 on an idle 2-core machine: the whole plan in 1 h 59 min (phase 2 60 min, the
+    # confirmation 39 min), not one hour.
     "laptop": SweepPlan(
         name="--plan laptop",
         training_trials=12,
