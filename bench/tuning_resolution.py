@@ -1,10 +1,11 @@
 """Does propagation tuned at short side 240 transfer to native 480p? (issue 25)
 
     python bench/tuning_resolution.py --davis-root ../shared/data/davis-real [--checkpoint lab:8]
-                                      [--sizes 240 480] [--trials 24] [--out DIR] [overrides ...]
+                                      [--sizes 240 480] [--trials 24] [--space FILE] [--out DIR] [overrides ...]
 
-For each tuning size, the sweep's phase 3 as `tune/sweep.py` runs it: the propagation space of
-stt/sweep/space.yaml, its top-K graphs and per-frame stores (where they fit), `PropagationTrial` actors and
+For each tuning size, the sweep's phase 3 as `tune/sweep.py` runs it: the propagation space of `--space`
+(default stt/sweep/space.yaml; configs/propagation-overall.yaml leaves out the per-frame trials, which no store
+serves at 480p), its top-K graphs and per-frame stores (where they fit), `PropagationTrial` actors and
 Optuna's TPE (seeded, starting from the defaults), on DAVIS `train` at that short side. Then the defaults and
 every size's best setting, each evaluated once on `val` at native 480p, the resolution papers report. The
 radius is in feature cells, so a setting tuned at 240 covers twice the pixels at 480p: this is what the table
@@ -76,13 +77,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="lab:8", help="feature source, as stt.evaluate's --checkpoint")
     parser.add_argument("--sizes", type=int, nargs="+", default=[240, REPORTED_SIZE], help="tuning short sides")
     parser.add_argument("--trials", type=int, default=24, help="propagation trials per tuning size")
+    parser.add_argument("--space", default=str(SPACE_FILE), help="search space YAML (its propagation section)")
     parser.add_argument("--out", default="bench-tuning-resolution", help="feature cache, graphs and Tune runs")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. propagation.context=7")
     args = parser.parse_args()
     args.davis_root = str(Path(args.davis_root).resolve())  # Ray's actors run in folders of their own
     retain_freed_memory()
     base = load_config(None, args.overrides)
-    space = load_space(SPACE_FILE, base)["propagation"]
+    space = load_space(args.space, base)["propagation"]
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
 
     settings = {"defaults": ({}, None)}

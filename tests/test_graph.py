@@ -6,6 +6,7 @@ with a reason; the superset of a Ray Tune space; graphs saved beside the feature
 import itertools
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,26 @@ def test_graph_lattice_needs_listed_contexts_and_radii_and_one_window():
         assert graph_lattice({**space, **changed}, base) is None, changed
     with pytest.raises(ValueError, match="for_task"):
         graph_lattice(space, PropagationConfig())
+
+
+def test_the_overall_propagation_space_is_the_default_less_per_frame_and_every_trial_a_lattice_point():
+    """configs/propagation-overall.yaml (bench/tuning_resolution.py --space, at 480p where no per-frame store fits):
+    the default space's propagation entries but aggregation, so the two searches stay comparable."""
+    import yaml
+
+    from stt.config import Config
+    from stt.sweep.space import SPACE_FILE, graph_lattice, load_space, per_frame_space
+
+    overall_file = Path(__file__).resolve().parents[1] / "configs" / "propagation-overall.yaml"
+    default, overall = (yaml.safe_load(path.read_text())["propagation"] for path in (SPACE_FILE, overall_file))
+    assert overall.pop("propagation.aggregation") == {"choice": ["overall"]}
+    assert default.pop("propagation.aggregation") == {"choice": ["overall", "per-frame"]}
+    assert overall == default
+    space = load_space(overall_file, Config())["propagation"]
+    base = replace(PropagationConfig(), radius=12.0)
+    supersets, k = graph_lattice(space, base)
+    assert len(supersets) == 3 * 6 and k == 20
+    assert per_frame_space(space, base) == "no per-frame trial in the space"
 
 
 def test_small_k_forces_fallbacks_that_stay_exact():
