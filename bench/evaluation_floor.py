@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from plan_floor import flops_of, matmul_rate, timed
 
+from stt.allocator import retain_freed_memory
 from stt.config import load_config
 from stt.data.layouts import DAVIS
 from stt.evaluate import task_config
@@ -78,6 +79,7 @@ def network_per_frame(extractor: FeatureExtractor, size: tuple[int, int], batch:
 
 
 def main(args: argparse.Namespace) -> None:
+    retain_freed_memory()  # as python -m stt.evaluate runs (stt.allocator): the activations are not paged in afresh
     torch.set_num_threads(args.threads)
     cfg = load_config(None, args.overrides)
     extractor = FeatureExtractor(args.checkpoint, cfg.model, cfg.eval)
