@@ -42,7 +42,7 @@ from stt.evaluate import evaluate_davis
 from stt.features import FeatureCache, FeatureExtractor, resolve_device
 from stt.propagation import for_task, propagate
 from stt.propagation.graph import default_k, load_or_build, propagate_with_graph, serves
-from stt.sweep.space import in_domain, load_space, superset_config, with_params
+from stt.sweep.space import load_space, starting_point, superset_config, with_params
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "stt" / "sweep" / "space.yaml"
 
@@ -92,13 +92,11 @@ def tune_propagation(
         )
         return float(report["summary"]["J&F-Mean"])
 
-    resolved = for_task(cfg.propagation, "davis", extractor.stride)  # the default radius, in cells
-    defaults = {key: getattr(resolved, key.split(".", 1)[1]) for key in space}
+    start = starting_point(space, for_task(cfg.propagation, "davis", extractor.stride))  # the default radius, in cells
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    start = all(in_domain(space[key], value) for key, value in defaults.items())
     if start:  # the configured defaults are the first trial, where the space holds them (as the sweep)
-        study.enqueue_trial(defaults)
+        study.enqueue_trial(start[0])
     distributions = OptunaSearch.convert_search_space(space)  # the Tune domains as Optuna's, as the sweep's search
     for _ in range(trials):
         trial = study.ask(distributions)

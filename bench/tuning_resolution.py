@@ -25,7 +25,7 @@ from stt.allocator import retain_freed_memory
 from stt.config import load_config, to_dict
 from stt.evaluate import evaluate_davis
 from stt.sweep.candidates import TuningSplit, build_candidates
-from stt.sweep.space import SPACE_FILE, in_domain, load_space, with_params
+from stt.sweep.space import SPACE_FILE, load_space, starting_point, with_params
 from stt.sweep.trials import METRIC, PropagationSearch, PropagationTrial
 
 REPORTED_SIZE = 480  # DAVIS 480p at its native size
@@ -37,8 +37,6 @@ def tune_at(size: int, args, base, space: dict) -> tuple[dict, float]:
     cache = Path(args.out) / "features"
     split = TuningSplit(cfg, args.checkpoint, cache, args.davis_root, "train")
     graphs, stores = build_candidates(space, split)
-    defaults = {key: getattr(cfg.propagation, key.split(".", 1)[1]) for key in space}
-    start = [defaults] if all(in_domain(space[k], v) for k, v in defaults.items()) else None
     trainable = tune.with_parameters(  # Ray: the trial actors get these once, through the object store
         PropagationTrial,
         base=to_dict(cfg),
@@ -55,7 +53,7 @@ def tune_at(size: int, args, base, space: dict) -> tuple[dict, float]:
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
-            search_alg=PropagationSearch(seed=0, points_to_evaluate=start),
+            search_alg=PropagationSearch(seed=0, points_to_evaluate=starting_point(space, split.propagation)),
             num_samples=args.trials,
             max_concurrent_trials=max(1, int(ray.cluster_resources().get("CPU", 1))),
             reuse_actors=True,

@@ -232,6 +232,28 @@ def test_the_overall_propagation_space_is_the_default_less_per_frame_and_every_t
     assert per_frame_space(space, base) == "no per-frame trial in the space"
 
 
+def test_the_propagation_search_starts_from_the_defaults_once_their_radius_is_resolved():
+    """The search's first trial is the base propagation where the space holds it. With the radius left None (the
+    task's default, unresolved) no listed radius matched, and the defaults were never tried."""
+    from stt.config import Config
+    from stt.propagation import for_task
+    from stt.sweep.space import SPACE_FILE, load_space, starting_point
+
+    space = load_space(SPACE_FILE, Config())["propagation"]
+    with pytest.raises(ValueError, match="for_task"):
+        starting_point(space, PropagationConfig())
+    (point,) = starting_point(space, for_task(PropagationConfig(), "davis", 8))
+    assert point == {
+        "propagation.aggregation": "overall",
+        "propagation.topk": 10,
+        "propagation.temperature": 0.07,
+        "propagation.context": 20,
+        "propagation.radius": 12,
+    }
+    assert type(point["propagation.radius"]) is int  # the space's own choice, not the resolved 12.0
+    assert starting_point(space, for_task(PropagationConfig(context=7), "davis", 8)) is None  # the plans' context
+
+
 def test_small_k_forces_fallbacks_that_stay_exact():
     """K = 5: trials with top-20, or a small window, find too few cached candidates at most locations;
     those are computed the usual way, and the result is the same."""

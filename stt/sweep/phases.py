@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from stt.config import Config, to_dict
+from stt.config import Config, PropagationConfig, to_dict
 from stt.errors import UsageError
 from stt.evaluate import copy_first_mask, evaluate_davis
 from stt.models import feature_stride
@@ -28,7 +28,7 @@ from stt.sweep.candidates import TuningSplit, build_candidates
 from stt.sweep.completion import check_finished, fit_in_driver
 from stt.sweep.confirmation import ARMS, compare, confirmation_trial, read_runs
 from stt.sweep.plans import SweepPlan
-from stt.sweep.space import in_domain, training_groups, tuned_stage, with_params
+from stt.sweep.space import starting_point, training_groups, tuned_stage, with_params
 from stt.sweep.trials import (
     METRIC,
     PropagationSearch,
@@ -277,7 +277,7 @@ class Sweep:
             "propagation",
             trainable,
             space,
-            self.propagation_search(),
+            self.propagation_search(split.propagation),
             None,
             cluster_concurrency(1.0, 0),
             plan.propagation_trials,
@@ -295,16 +295,14 @@ class Sweep:
         self.save_state(best_propagation=chosen)
         return chosen
 
-    def propagation_search(self) -> PropagationSearch:
-        """Optuna over the propagation space, starting from the configured defaults where the space holds them."""
-        space = self.space["propagation"]
-        defaults = {key: getattr(self.base.propagation, key.split(".", 1)[1]) for key in space}
-        start = [defaults] if all(in_domain(space[k], v) for k, v in defaults.items()) else None
+    def propagation_search(self, base: PropagationConfig) -> PropagationSearch:
+        """Optuna over the propagation space, starting from `base` (the trials' base propagation, its radius
+        resolved for the checkpoint's stride) where the space holds it."""
         return PropagationSearch(
             seed=self.plan.seed,
             study_name="propagation",
             storage=optuna_storage(self.experiment),
-            points_to_evaluate=start,
+            points_to_evaluate=starting_point(self.space["propagation"], base),
         )
 
     def report(self, best_training: dict, best_propagation: dict) -> dict:

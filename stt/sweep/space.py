@@ -180,6 +180,25 @@ def in_domain(domain, value) -> bool:
     return domain.lower <= value < domain.upper
 
 
+def starting_point(space: dict, base: PropagationConfig) -> list[dict] | None:
+    """`base` as the propagation search's first trial, [{key: value}] over the space's keys, where the space can
+    produce it (each value as the space's own choice gives it); else None.
+
+    base: the trials' base propagation with its radius resolved (stt.propagation.for_task). Its unresolved None
+    stands for the task's radius and is no listed radius, so with it the defaults were never tried.
+    """
+    if base.radius is None:
+        raise ValueError("base.radius: resolve it with stt.propagation.for_task first")
+    point = {}
+    for key, domain in space.items():
+        value = getattr(base, key.split(".", 1)[1])
+        if not in_domain(domain, value):
+            return None
+        categories = domain.categories if isinstance(domain, tune.search.sample.Categorical) else [value]
+        point[key] = next(c for c in categories if c == value)
+    return [point]
+
+
 def with_params(base: Config | dict, params: dict) -> Config:
     """A new Config: `base` (a Config or its `to_dict`) with `params` ({dotted key: value}, typed) set and validated."""
     return set_values(base if isinstance(base, Config) else from_dict(base), params)
