@@ -8,7 +8,8 @@ for every frame of the split at its own size:
   network      stt.features.FeatureExtractor on the frame (torch's FlopCounterMode), as the evaluator extracts it;
   propagation  per target frame, one C-channel dot product per (target cell, allowed context cell): every cell of
                a windowed context frame's window that lies on the grid, every cell of an unwindowed frame (the
-               rule of stt.propagation, context_indices and first_windowed_frame); and, for reference, what the
+               rule of stt.propagation, context_indices and first_windowed_frame; every cell of every frame for
+               per-frame aggregation normalised before the mask, over the whole frame); and, for reference, what the
                windowed kernel chosen for the frame scores (stt.propagation.choose_window_kernel: whole tiles of
                (t + 2R)^2 cells per target, the chunk's rows padded to whole tiles).
 Then divides by the better of two fp32 rates measured on `--threads` threads, the matrix product's
@@ -53,14 +54,18 @@ def propagation_products(frames: int, grid: tuple[int, int], channels: int, cfg)
     h, w = grid
     cells = h * w
     in_window = int(window_mask(h, w, cfg.radius, cfg.window).sum()) if cfg.radius else cells * cells
+    # per-frame aggregation normalised before the mask: the softmax over the whole frame needs every product
+    whole_frame_norm = cfg.aggregation == "per-frame" and cfg.per_frame_norm == "before-mask"
     exact = scored = 0
     for t in range(1, frames):
         n = len(context_indices(t, cfg.context, cfg.repeat_first_frame))
         windowed = n - first_windowed_frame(cfg, n)
-        exact += (n - windowed) * cells * cells + windowed * in_window
+        exact += (n - windowed) * cells * cells + windowed * (cells * cells if whole_frame_norm else in_window)
         scored += (n - windowed) * cells * cells
         if windowed:
             plan = choose_window_kernel(grid, windowed, channels, cfg.radius, cfg.chunk_size, tile=8)
+            if whole_frame_norm and not (plan.name == "band" and plan.cells_per_target == cells):
+                scored += windowed * cells * cells  # the normaliser's own products (a whole-frame band has them)
             for y0 in range(0, h, plan.rows_per_chunk):
                 rows = min(plan.rows_per_chunk, h - y0)
                 if plan.name == "tile":
