@@ -194,8 +194,9 @@ def starting_point(space: dict, base: PropagationConfig) -> list[dict] | None:
         value = getattr(base, key.split(".", 1)[1])
         if not in_domain(domain, value):
             return None
-        categories = domain.categories if isinstance(domain, tune.search.sample.Categorical) else [value]
-        point[key] = next(c for c in categories if c == value)
+        if isinstance(domain, tune.search.sample.Categorical):  # the choice itself: 12, not the resolved 12.0
+            value = next(c for c in domain.categories if c == value)
+        point[key] = value
     return [point]
 
 
