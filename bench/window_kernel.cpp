@@ -67,15 +67,13 @@ inline void micro_tile(const float* __restrict q, int64_t q_channel, const float
 struct Row {
   const float* data;  // column 0 of channel 0
   int64_t channel;    // stride between channels
-  int64_t group;      // stride between groups of G columns
 };
 
 // out[x][dx] (x < w, dx < D, target stride `stride`) = q[:, x] . ctx[:, x + dx - R], 0 where x + dx - R is off
-// the row. ctx reads up to 16 columns either side of the row and q up to G - 1 targets past it (zeros:
-// `window_logits`);
-// `sums` holds ceil(w / G) * blocks micro-tiles' sums.
-void score_row(Row q, Row ctx, int64_t channels, int64_t w, int64_t reach, int64_t size, float* out, int64_t stride,
-               float* sums) {
+// the row. q's micro-tiles lie `q_group` floats apart; ctx reads up to 16 columns either side of the row and q up
+// to G - 1 targets past it (zeros: `window_logits`). `sums` holds ceil(w / G) * blocks micro-tiles' sums.
+void score_row(Row q, int64_t q_group, Row ctx, int64_t channels, int64_t w, int64_t reach, int64_t size, float* out,
+               int64_t stride, float* sums) {
   const int64_t blocks = (kTargets - 1 + size + kBlock - 1) / kBlock, tile = kTargets * kBlock;
   const int64_t groups = (w + kTargets - 1) / kTargets;
   // Channels in slices whose rows stay in L1 across the sweep along the row (the neighbouring micro-tiles
@@ -89,7 +87,7 @@ void score_row(Row q, Row ctx, int64_t channels, int64_t w, int64_t reach, int64
         if (j0 + kBlock <= 0 || j0 >= w) {                      // wholly off the row: its products are 0
           if (k0 == 0) std::fill(tile_sums, tile_sums + tile, 0.0f);
         } else {
-          micro_tile(q.data + k0 * q.channel + g * q.group, q.channel, ctx.data + k0 * ctx.channel + j0, ctx.channel,
+          micro_tile(q.data + k0 * q.channel + g * q_group, q.channel, ctx.data + k0 * ctx.channel + j0, ctx.channel,
                      slice, tile_sums, k0 > 0);
         }
       }
@@ -149,11 +147,11 @@ void window_logits(const torch::Tensor& context, const torch::Tensor& query, int
     std::vector<float> sums(groups * blocks * kTargets * kBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t f = item / reached, yc = top + item % reached;
-      const Row source{ctx + f * context.stride(0) + yc * context.stride(2), context.stride(1), kTargets};
+      const Row source{ctx + f * context.stride(0) + yc * context.stride(2), context.stride(1)};
       for (int64_t y = std::max(y0, yc - reach); y < std::min(y1, yc + reach + 1); ++y) {
-        const Row target{q + y * query.stride(0), query.stride(2), query.stride(1)};
+        const Row target{q + y * query.stride(0), query.stride(2)};
         float* dst = o + (f * rows + y - y0) * w * stride + (yc - y + reach) * size;
-        score_row(target, source, channels, w, reach, size, dst, stride, sums.data());
+        score_row(target, query.stride(1), source, channels, w, reach, size, dst, stride, sums.data());
       }
     }
   });
